@@ -195,25 +195,24 @@ def hf_to_params(hf_dir: str, dtype: str | None = None, progress: bool = True) -
   by_file: dict[str, list] = {}
   for job in jobs:
     by_file.setdefault(wmap[job[0]], []).append(job)
-  bar = tqdm(total=len(jobs), desc="convert", unit="tensor", disable=not progress)
-  for file, file_jobs in by_file.items():
-    with safe_open(file, framework="numpy") as f:
-      for name, layer, (_, path, hf_shape, to_ours, _) in file_jobs:
-        shape = tuple(f.get_slice(name).get_shape())
-        if shape != tuple(hf_shape):
-          raise ConversionError(f"{file}: tensor {name!r} has shape {list(shape)}, config.json implies "
-                                f"{list(hf_shape)}")
-        value = to_ours(f.get_tensor(name))
-        paths, values = ((path,), (value,)) if isinstance(path[0], str) else (path, value)
-        for p, v in zip(paths, values):
-          dst = _get(params, p if layer is None else ("h",) + p)
-          if layer is None:
-            dst[...] = v.astype(out_dtype)
-          else:
-            dst[layer] = v.astype(out_dtype)
-        del value, values
-        bar.update()
-  bar.close()
+  with tqdm(total=len(jobs), desc="convert", unit="tensor", disable=not progress) as bar:
+    for file, file_jobs in by_file.items():
+      with safe_open(file, framework="numpy") as f:
+        for name, layer, (_, path, hf_shape, to_ours, _) in file_jobs:
+          shape = tuple(f.get_slice(name).get_shape())
+          if shape != tuple(hf_shape):
+            raise ConversionError(f"{file}: tensor {name!r} has shape {list(shape)}, config.json implies "
+                                  f"{list(hf_shape)}")
+          value = to_ours(f.get_tensor(name))
+          paths, values = ((path,), (value,)) if isinstance(path[0], str) else (path, value)
+          for p, v in zip(paths, values):
+            dst = _get(params, p if layer is None else ("h",) + p)
+            if layer is None:
+              dst[...] = v  # numpy casts while copying, in small buffers
+            else:
+              dst[layer] = v
+          del value, values
+          bar.update()
   return cfg, params
 
 

@@ -1,0 +1,99 @@
+"""The `rrtf` command line. Handlers are thin; the work lives in importable functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rrtf_jax.config_loading import split_overrides
+
+
+def _convert(args, overrides):
+  from model.convert import convert_hf
+  out = convert_hf(args.hf_dir, args.out, dtype=args.dtype)
+  print(f"wrote {out}")
+
+
+def _export(args, overrides):
+  from model.convert import export_hf
+  out = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+  print(f"wrote {out}")
+
+
+def _plan(args, overrides):
+  from rrtf_jax.config_loading import load_config
+  from rrtf_jax.plan import plan
+  config = load_config(args.config, overrides)
+  result = plan(config, args.topology, mesh_spec=args.mesh, batch_size=args.batch_size, seq_len=args.seq_len)
+  print(result.report())
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result.to_dict(), f, indent=2)
+  return 0 if result.fits is not False else 1
+
+
+def _demo(args, overrides):
+  from rrtf_jax.demo import run_demo
+  run_demo(args.workdir, seed=args.seed, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="rrtf", description="RRTF (PanGu-Coder2) code-model alignment on JAX/TPU.",
+      epilog="Config-driven commands take --config FILE|NAME and overrides such as --config.model.num_layers=2.")
+  sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  s = sub.add_parser("convert", help="HF GPTBigCode/StarCoder safetensors -> our orbax checkpoint")
+  s.add_argument("--hf-dir", required=True, help="directory with config.json, *.safetensors, tokenizer.json")
+  s.add_argument("--out", required=True, help="output checkpoint directory (local or gs://); must not exist")
+  s.add_argument("--dtype", default=None, help="stored dtype (float32, bfloat16, ...); default: the checkpoint's")
+  s.set_defaults(func=_convert)
+
+  s = sub.add_parser("export", help="our checkpoint -> HF safetensors + config.json + tokenizer")
+  s.add_argument("--ckpt", required=True, help="checkpoint directory written by convert or train")
+  s.add_argument("--out", required=True, help="output directory; must not exist")
+  s.add_argument("--dtype", default=None, help="output dtype; default: as stored")
+  s.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors into shards of this size")
+  s.set_defaults(func=_export)
+
+  s = sub.add_parser("plan", help="compile a training step ahead of time for a TPU topology; per-chip memory")
+  s.add_argument("--config", required=True, help="config file (configs/*.py) or name (tiny, starcoder_15b)")
+  s.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4, v5e:2x2, v4:2x2x2")
+  s.add_argument("--mesh", default=None, help="mesh sizes, e.g. fsdp=64 or data=2,fsdp=-1,tensor=4")
+  s.add_argument("--batch-size", type=int, default=None, help="global batch in sequences (default: config)")
+  s.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: config)")
+  s.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  s.set_defaults(func=_plan)
+
+  s = sub.add_parser("demo", help="the tiny model end to end on CPU, as far as the pipeline exists")
+  s.add_argument("--workdir", default="rrtf-demo", help="where outputs go (default: ./rrtf-demo)")
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--quick", action="store_true", help="smallest settings")
+  s.set_defaults(func=_demo)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  argv, overrides = split_overrides(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if overrides and args.command not in ("plan",):
+    parser.error(f"{args.command} takes no --config overrides")
+  from model.convert import ConversionError
+  from rrtf_jax.config_loading import ConfigError
+  try:
+    return int(args.func(args, overrides) or 0)
+  except (ConversionError, ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"rrtf {args.command}: error: {msg}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"rrtf {args.command}: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

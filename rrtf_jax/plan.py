@@ -1,0 +1,225 @@
+"""`rrtf plan`: compile a training step ahead of time for a TPU topology, without a TPU.
+
+libtpu's real XLA TPU compiler partitions and compiles the step for an abstract device set
+(`jax.experimental.topologies`), and the compiled executable reports its per-chip memory and
+FLOPs. Nothing is allocated: parameters and batch are ShapeDtypeStructs with shardings.
+The step compiled here is the forward+backward of next-token cross-entropy; the training
+stage's full step (optimizer state, RRTF loss) replaces it when it lands.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from model import ModelConfig, Transformer, abstract_params
+from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh, replicated
+
+GIB = 1 << 30
+# HBM per chip by JAX device_kind (public Cloud TPU specs).
+HBM_PER_CHIP = {
+    "TPU v2": 16 * GIB, "TPU v3": 32 * GIB, "TPU v4": 32 * GIB, "TPU v4 lite": 8 * GIB,
+    "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB, "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB,
+}
+
+
+class PlanError(ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class Plan:
+  topology: str
+  device_kind: str
+  num_devices: int
+  mesh: dict
+  batch_size: int
+  seq_len: int
+  params: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  hbm_bytes: int | None
+  flops_per_step: float  # analytic model FLOPs of forward+backward
+  compile_seconds: float
+  compiler_error: str | None = None  # the TPU compiler refused the step (out of HBM)
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def fits(self) -> bool | None:
+    if self.compiler_error:
+      return False
+    return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.update(total_bytes=self.total_bytes, fits=self.fits)
+    return d
+
+  def report(self) -> str:
+    g = _bytes
+    hbm = g(self.hbm_bytes) if self.hbm_bytes else "   unknown"
+    mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+    lines = [
+        f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}",
+        f"model        {_count(self.params)} parameters; step: forward+backward, batch {self.batch_size} x "
+        f"{self.seq_len} tokens",
+        f"compiled in  {self.compile_seconds:.1f} s",
+        "per device:",
+        f"  arguments  {g(self.argument_bytes)}   (parameters and batch shards)",
+        f"  outputs    {g(self.output_bytes)}   (gradients and loss)",
+        f"  temporaries{g(self.temp_bytes)}   (activations and workspace)",
+        f"  code       {g(self.code_bytes)}",
+        f"  total      {g(self.total_bytes)}   of {hbm} HBM",
+        f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} per device "
+        "(analytic: 3x forward matmuls and attention)",
+    ]
+    if self.compiler_error:
+      lines[4:9] = [f"  arguments  {g(self.argument_bytes)}   (parameters and batch shards)",
+                    f"  outputs    {g(self.output_bytes)}   (gradients and loss)",
+                    f"  temporaries{g(self.temp_bytes)}   (as the compiler reported them)"]
+      lines.append(f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); add "
+                   "chips, shard more (--mesh), lower the batch, or set --config.model.remat=full")
+    elif self.fits is None:
+      lines.append("verdict      unknown: no HBM figure for this chip")
+    elif self.fits:
+      lines.append(f"verdict      fits ({self.total_bytes / self.hbm_bytes:.0%} of HBM)")
+    else:
+      lines.append(f"verdict      DOES NOT FIT: needs {g(self.total_bytes).strip()} per device, the chip has "
+                   f"{hbm.strip()}; add chips, shard more (--mesh), lower the batch, or set "
+                   "--config.model.remat=full")
+    return "\n".join(lines)
+
+
+# When compiling for TPU from a machine without one (JAX_PLATFORMS=cpu), these stop libtpu from
+# probing for a local TPU and its pod peers, which only prints errors there. Never set on a TPU VM.
+_CPU_HOST_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
+                        "TPU_SKIP_MDS_QUERY": "1",
+                        # several compiling processes (tests, parallel plans) may each load libtpu
+                        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def _bytes(b: float) -> str:
+  for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if b >= size:
+      return f"{b / size:8.2f} {unit}"
+  return f"{b:8.0f} B  "
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.3f}M"
+
+
+def topology_devices(topology: str):
+  import os
+
+  from jax.experimental import topologies
+  if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    for k, v in _CPU_HOST_LIBTPU_ENV.items():
+      os.environ.setdefault(k, v)
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # noqa: BLE001  (libtpu missing, unknown name)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "tpu" in first.lower() and ("not found" in first.lower() or "unknown backend" in first.lower()):
+      raise PlanError(f"cannot compile for TPU here: {first} (install the tpu extra: pip install -e '.[tpu]')") from None
+    raise PlanError(f"unknown or unsupported topology {topology!r}: {first}") from None
+
+
+def hbm_per_device(devices) -> int | None:
+  kind = devices[0].device_kind
+  per_chip = HBM_PER_CHIP.get(kind)
+  if per_chip is None:
+    return None
+  cores = collections.Counter(tuple(getattr(d, "coords", (d.id,))) for d in devices)
+  return per_chip // max(cores.values())
+
+
+def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
+  """Forward+backward FLOPs (3x forward) of the matmuls and attention, as XLA computes them.
+
+  XLA's own cost analysis counts a scanned layer's body once, so it is not used here.
+  """
+  d, n, k, h, f, v = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  per_token = cfg.num_layers * 2 * (d * n * h + d * 2 * k * h + n * h * d + 2 * d * f) + 2 * d * v
+  attention = cfg.num_layers * 2 * 2 * seq_len * seq_len * n * h  # QK^T and PV per sequence, unmasked
+  return 3.0 * batch_size * (seq_len * per_token + attention)
+
+
+def cross_entropy_step(model_cfg: ModelConfig):
+  """loss(params, tokens) and its gradient: the step `rrtf plan` compiles."""
+  model = Transformer(model_cfg)
+
+  def loss_fn(params, tokens):
+    logits = model.apply({"params": params}, tokens)[:, :-1]  # [B, T-1, V] fp32
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+  return jax.value_and_grad(loss_fn)
+
+
+def _shard_bytes(tree) -> int:
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _refused_plan(common: dict, p_abs, error: str, secs: float) -> Plan:
+  """The compiler refuses a step that cannot fit; keep its figure for the temporaries."""
+  import re
+  msg = " ".join(error.split())
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", msg)
+  temp = int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2)]) if m else 0
+  reason = msg.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().split(". ")[0]
+  pbytes = _shard_bytes(p_abs)
+  return Plan(**common, argument_bytes=pbytes, output_bytes=pbytes, alias_bytes=0, temp_bytes=temp, code_bytes=0,
+              compile_seconds=secs, compiler_error=reason)
+
+
+def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None = None,
+         batch_size: int | None = None, seq_len: int | None = None) -> Plan:
+  model_cfg = ModelConfig.from_dict(config.model)
+  batch_size = batch_size or config.train.batch_size
+  seq_len = seq_len or config.train.seq_len
+  if seq_len > model_cfg.max_position_embeddings:
+    raise PlanError(f"seq_len {seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}")
+  devices = topology_devices(topology)
+  mesh = make_mesh(mesh_spec if mesh_spec is not None else (config.mesh or None), devices)
+  data_par = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % data_par:
+    raise PlanError(f"batch {batch_size} is not divisible by data*fsdp = {data_par} on mesh {dict(mesh.shape)}")
+
+  boxed = abstract_params(model_cfg)
+  with nn.logical_axis_rules(LOGICAL_RULES):
+    p_shard = logical_to_sharding(boxed, mesh)
+  p_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), p_shard)
+  tok_abs = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding(mesh))
+  step = jax.jit(cross_entropy_step(model_cfg), out_shardings=(replicated(mesh), p_shard))
+  t0 = time.perf_counter()
+  common = dict(
+      topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
+      mesh=dict(mesh.shape), batch_size=batch_size, seq_len=seq_len,
+      params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)), hbm_bytes=hbm_per_device(devices),
+      flops_per_step=train_flops(model_cfg, batch_size, seq_len))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    lowered = step.lower(p_abs, tok_abs)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      return _refused_plan(common, p_abs, str(e), time.perf_counter() - t0)
+  mem = compiled.memory_analysis()
+  return Plan(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+              alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+              code_bytes=int(mem.generated_code_size_in_bytes), compile_seconds=time.perf_counter() - t0)

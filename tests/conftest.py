@@ -1,0 +1,62 @@
+"""Test setup: CPU JAX with 8 fake devices, quiet libtpu, and tiny HF GPTBigCode checkpoints."""
+
+import os
+
+# Before anything imports jax.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+for _k, _v in {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
+               "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+               "TOKENIZERS_PARALLELISM": "false"}.items():
+  os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Shape of the tiny HF models: D 32, 4 heads of 8, 2 layers, vocab 97 (not a power of 2).
+TINY_HF = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def make_hf_model(multi_query: bool, seed: int = 0, **overrides):
+  """A random GPTBigCodeForCausalLM (torch, fp32) with non-trivial biases and norms."""
+  import torch
+  from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+  torch.manual_seed(seed)
+  cfg = GPTBigCodeConfig(**{**TINY_HF, "multi_query": multi_query, **overrides})
+  model = GPTBigCodeForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():  # init leaves biases at 0 and LN at 1: perturb so every tensor matters
+      p.add_(torch.randn_like(p) * 0.05)
+  return model
+
+
+def save_hf(model, directory, **kw) -> str:
+  model.save_pretrained(directory, safe_serialization=True, **kw)
+  return str(directory)
+
+
+def hf_logits(model, tokens, mask):
+  """HF logits with positions from the mask (transformers 5 does not derive them itself)."""
+  import torch
+  pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+  with torch.no_grad():
+    out = model(torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+  return out.logits.numpy()
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["mqa", "mha"])
+def hf_checkpoint(request, tmp_path_factory):
+  """(torch model, HF dir) for K=1 (multi-query) and K=N (multi-head)."""
+  model = make_hf_model(request.param)
+  d = save_hf(model, tmp_path_factory.mktemp("hf_" + request.node.callspec.id if hasattr(request.node, "callspec")
+                                             else "hf") / "hf")
+  return model, d
+
+
+@pytest.fixture(scope="session")
+def converted(hf_checkpoint, tmp_path_factory):
+  from model.convert import convert_hf
+  model, d = hf_checkpoint
+  out = convert_hf(d, str(tmp_path_factory.mktemp("ours") / "ckpt"), progress=False)
+  return model, d, out

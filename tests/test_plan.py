@@ -1,0 +1,64 @@
+"""`rrtf plan`: real libtpu ahead-of-time compilation for a TPU topology on this CPU machine."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rrtf_jax.config_loading import load_config
+from rrtf_jax.plan import PlanError, plan
+
+
+def test_tiny_on_v5e_2x2():
+  result = plan(load_config("tiny"), "v5e:2x2")
+  assert result.device_kind == "TPU v5 lite" and result.num_devices == 4
+  assert result.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert result.hbm_bytes == 16 << 30 and result.fits
+  # Parameters are split over fsdp=4: a device holds more than a quarter of the fp32 bytes (TPU
+  # tiles pad small dims, and a few biases replicate) but far less than all of them.
+  assert result.params * 4 / 4 <= result.argument_bytes < result.params * 4 * 0.75
+  assert result.flops_per_step > 0 and "verdict      fits" in result.report()
+
+
+def test_cli_reports_and_writes_json(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = subprocess.run([sys.executable, "-m", "rrtf_jax.cli", "plan", "--config", "configs/tiny.py",
+                         "--topology", "v5e:2x2", "--mesh", "fsdp=2,tensor=2", "--config.model.num_layers=3",
+                         "--json", str(out)], capture_output=True, text=True, cwd=_root())
+  assert proc.returncode == 0, proc.stderr
+  assert "mesh data=1,fsdp=2,tensor=2" in proc.stdout and "fits" in proc.stdout
+  assert json.loads(out.read_text())["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+
+
+def test_does_not_fit_verdict():
+  """StarCoder-15B's parameters and gradients alone exceed a v5e chip pair's HBM."""
+  result = plan(load_config("starcoder_15b", ["--config.model.num_layers=2"]), "v5e:2x2", batch_size=4,
+                seq_len=8192)
+  assert result.fits is False
+  assert "DOES NOT FIT" in result.report()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v9z:2x2"], "unknown or unsupported topology 'v9z:2x2'"),
+    (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "has 3 devices, but there are 4"),
+    (["--topology", "v5e:2x2", "--mesh", "tensor=3,fsdp=-1"], "does not divide 4 devices"),
+    (["--topology", "v5e:2x2", "--batch-size", "6"], "batch 6 is not divisible by data*fsdp = 4"),
+    (["--topology", "v5e:2x2", "--config.model.num_layerz=1"], "no field 'model.num_layerz'"),
+])
+def test_bad_inputs_one_line_errors(args, message):
+  proc = subprocess.run([sys.executable, "-m", "rrtf_jax.cli", "plan", "--config", "tiny", *args],
+                        capture_output=True, text=True)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("rrtf plan: error:") and message in lines[0], proc.stderr
+
+
+def test_plan_error_type():
+  with pytest.raises(PlanError):
+    plan(load_config("tiny"), "v5e:2x2", seq_len=100000)
+
+
+def _root():
+  import os
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
