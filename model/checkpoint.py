@@ -4,8 +4,8 @@
   DIR/params/             orbax StandardCheckpointer tree (stacked layers under `h`)
   DIR/tokenizer/          tokenizer files (tokenizer.json or a SentencePiece model), optional
 
-Paths may be local or gs://. Writers build the directory under a temporary sibling name and
-rename it when complete, so a killed run never leaves a directory that looks finished.
+Paths may be local or gs://. A killed write never leaves a directory that looks finished
+(see `save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from model.config import ModelConfig
+
+# orbax reaches gs:// through etils.epath, which prefers tf.io.gfile whenever TensorFlow is
+# installed; route it through fsspec/gcsfs like every other path in the project instead (one
+# GCS client and one set of credentials; tf.io.gfile also cannot reach a GCS emulator).
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -42,17 +47,6 @@ def fs_for(path: str):
 
 def temp_sibling(path: str) -> str:
   return f"{abspath(path)}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-def commit_dir(tmp: str, final: str) -> None:
-  """Renames a finished temporary directory to its final name (replacing nothing)."""
-  fs = fs_for(final)
-  if fs.exists(final):
-    raise FileExistsError(f"{final} already exists")
-  if _is_url(final):
-    fs.mv(tmp, final, recursive=True)
-  else:
-    os.rename(tmp, final)
 
 
 def remove_dir(path: str) -> None:
@@ -84,35 +78,67 @@ def write_params(path: str, params) -> None:
   ckptr.save(f"{abspath(path)}/{PARAMS_DIR}", args=ocp.args.PyTreeSave(params))
 
 
-def save_checkpoint(path: str, config: ModelConfig, params, tokenizer_dir: str | None = None) -> str:
-  """Writes a complete checkpoint directory atomically; returns its path."""
+def check_output(path: str) -> None:
+  """Refuses to overwrite a checkpoint or an unrelated directory; clears a killed write's leftovers."""
   final = abspath(path)
-  tmp = temp_sibling(final)
+  fs = fs_for(final)
+  if not fs.exists(final):
+    return
+  if is_checkpoint(final):
+    raise FileExistsError(f"{final}: output already exists")
+  names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(final, detail=False)}
+  if _is_url(final) and names <= {PARAMS_DIR, TOKENIZER_DIR}:
+    remove_dir(final)  # an object-store write that was killed before its config (the commit marker)
+    return
+  raise FileExistsError(f"{final}: output already exists and is not a checkpoint")
+
+
+def save_checkpoint(path: str, config: ModelConfig, params, tokenizer_dir: str | None = None,
+                    tokenizer_files: tuple[str, ...] = ()) -> str:
+  """Writes a complete checkpoint directory; returns its path.
+
+  Local paths are written under a temporary sibling and renamed when complete. On object
+  stores (gs://), where a rename is a copy, the directory is written in place with
+  model_config.json last: a directory without it is an unfinished write, which
+  `check_output` clears on the next attempt and `load_checkpoint` refuses.
+  """
+  check_output(path)
+  final = abspath(path)
+  work = final if _is_url(final) else temp_sibling(final)
   try:
-    fs = fs_for(tmp)
-    fs.makedirs(tmp, exist_ok=True)
-    with fsspec.open(f"{tmp}/{CONFIG_FILE}", "w") as f:
+    fs = fs_for(work)
+    fs.makedirs(work, exist_ok=True)
+    if tokenizer_dir or tokenizer_files:
+      tok = f"{work}/{TOKENIZER_DIR}"
+      fs.makedirs(tok, exist_ok=True)
+      if tokenizer_dir:
+        copy_tree(tokenizer_dir, tok)
+      for src in tokenizer_files:
+        _copy_file(src, f"{tok}/{os.path.basename(src)}")
+    write_params(work, params)
+    with fsspec.open(f"{work}/{CONFIG_FILE}", "w") as f:
       f.write(config.to_json())
-    if tokenizer_dir:
-      copy_tree(tokenizer_dir, f"{tmp}/{TOKENIZER_DIR}")
-    write_params(tmp, params)
-    commit_dir(tmp, final)
+    if work != final:
+      os.rename(work, final)
   except BaseException:
-    remove_dir(tmp)
+    remove_dir(work)
     raise
   return final
 
 
+def _copy_file(src: str, dst: str) -> None:
+  with fsspec.open(src, "rb") as fi, fsspec.open(dst, "wb") as fo:
+    fo.write(fi.read())
+
+
 def copy_tree(src: str, dst: str) -> None:
   """Copies the files of a flat directory (tokenizer files) between any two filesystems."""
-  sfs, dfs = fs_for(src), fs_for(dst)
-  dfs.makedirs(dst, exist_ok=True)
+  sfs = fs_for(src)
+  fs_for(dst).makedirs(dst, exist_ok=True)
   for name in sorted(sfs.ls(abspath(src), detail=False)):
     base = name.rstrip("/").rsplit("/", 1)[-1]
-    if sfs.isdir(name):
-      continue
-    with sfs.open(name, "rb") as fi, dfs.open(f"{dst}/{base}", "wb") as fo:
-      fo.write(fi.read())
+    if not sfs.isdir(name):
+      _copy_file(sfs.unstrip_protocol(name), f"{dst}/{base}")
 
 
 def load_checkpoint(path: str, *, shardings=None, dtype=None):

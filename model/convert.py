@@ -217,29 +217,11 @@ def hf_to_params(hf_dir: str, dtype: str | None = None, progress: bool = True) -
 
 
 def convert_hf(hf_dir: str, out: str, dtype: str | None = None, progress: bool = True) -> str:
-  """`rrtf convert`: HF GPTBigCode directory -> our checkpoint directory (atomic)."""
-  final = ckpt_lib.abspath(out)
-  if ckpt_lib.fs_for(final).exists(final):
-    raise ConversionError(f"{final}: output already exists")
+  """`rrtf convert`: HF GPTBigCode directory -> our checkpoint directory, tokenizer included."""
+  ckpt_lib.check_output(out)
   cfg, params = hf_to_params(hf_dir, dtype, progress)
-  tok_dir = None
-  names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
-  if names:
-    tok_dir = os.path.join(hf_dir)
-  tmp = ckpt_lib.temp_sibling(final)
-  try:
-    fs = ckpt_lib.fs_for(tmp)
-    fs.makedirs(f"{tmp}/{ckpt_lib.TOKENIZER_DIR}", exist_ok=True)
-    for n in names:
-      fs.put_file(os.path.join(tok_dir, n), f"{tmp}/{ckpt_lib.TOKENIZER_DIR}/{n}")
-    with fs.open(f"{tmp}/{ckpt_lib.CONFIG_FILE}", "w") as f:
-      f.write(cfg.to_json())
-    ckpt_lib.write_params(tmp, params)
-    ckpt_lib.commit_dir(tmp, final)
-  except BaseException:
-    ckpt_lib.remove_dir(tmp)
-    raise
-  return final
+  tok_files = tuple(os.path.join(hf_dir, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n)))
+  return ckpt_lib.save_checkpoint(out, cfg, params, tokenizer_files=tok_files)
 
 
 # ---- ours -> HF -----------------------------------------------------------------------------
@@ -269,7 +251,7 @@ def export_hf(ckpt_dir: str, out: str, dtype: str | None = None, max_shard_bytes
   import jax
   final = os.path.abspath(out)
   if os.path.exists(final):
-    raise ConversionError(f"{final}: output already exists")
+    raise FileExistsError(f"{final}: output already exists")
   cfg, params = ckpt_lib.load_checkpoint(ckpt_dir)
   params = jax.tree.map(np.asarray, params)
   tmp = ckpt_lib.temp_sibling(final)

@@ -168,7 +168,7 @@ class Transformer(nn.Module):
 def init_params(config: ModelConfig, rng, batch: int = 1, length: int = 8):
   """Random parameters as plain arrays (logical-axis boxes removed)."""
   tokens = jnp.zeros((batch, length), jnp.int32)
-  return nn.unbox(Transformer(config).init(rng, tokens)["params"])
+  return nn.unbox(jax.jit(Transformer(config).init)(rng, tokens)["params"])
 
 
 def abstract_params(config: ModelConfig):

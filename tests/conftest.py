@@ -60,3 +60,38 @@ def converted(hf_checkpoint, tmp_path_factory):
   model, d = hf_checkpoint
   out = convert_hf(d, str(tmp_path_factory.mktemp("ours") / "ckpt"), progress=False)
   return model, d, out
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """A bucket on a real gcp-storage-emulator server on 127.0.0.1; yields 'gs://BUCKET'."""
+  import shutil
+  import socket
+  import subprocess
+  import time
+  exe = shutil.which("gcp-storage-emulator")
+  assert exe, "gcp-storage-emulator is part of the test extra"
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+  try:
+    deadline = time.time() + 30
+    while True:
+      try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+      except OSError:
+        if time.time() > deadline:
+          raise RuntimeError("gcp-storage-emulator did not start")
+        time.sleep(0.2)
+    import gcsfs
+    fs = gcsfs.GCSFileSystem(token="anon", project="test")
+    fs.mkdir("rrtf-test")
+    yield "gs://rrtf-test"
+  finally:
+    proc.terminate()
+    proc.wait(timeout=10)

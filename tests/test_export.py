@@ -46,5 +46,5 @@ def test_export_refuses_existing_output(converted, tmp_path):
   from model.convert import ConversionError
   _, _, ckpt = converted
   (tmp_path / "taken").mkdir()
-  with pytest.raises(ConversionError, match="already exists"):
+  with pytest.raises(FileExistsError, match="already exists"):
     export_hf(ckpt, str(tmp_path / "taken"), progress=False)
