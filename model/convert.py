@@ -146,8 +146,8 @@ def read_hf_config(hf_dir: str) -> tuple[ModelConfig, dict]:
     raise ConversionError(f"{path}: {e}") from None
 
 
-def _weight_map(hf_dir: str) -> dict[str, str]:
-  """tensor name -> safetensors file path."""
+def _weight_map(hf_dir: str) -> tuple[dict[str, str], str]:
+  """(tensor name -> safetensors file path, the file that lists the tensors)."""
   index = os.path.join(hf_dir, "model.safetensors.index.json")
   single = os.path.join(hf_dir, "model.safetensors")
   if os.path.exists(index):
@@ -155,11 +155,11 @@ def _weight_map(hf_dir: str) -> dict[str, str]:
       wm = json.load(f).get("weight_map")
     if not isinstance(wm, dict):
       raise ConversionError(f"{index}: no weight_map")
-    return {k: os.path.join(hf_dir, v) for k, v in wm.items()}
+    return {k: os.path.join(hf_dir, v) for k, v in wm.items()}, index
   if os.path.exists(single):
     from safetensors import safe_open
     with safe_open(single, framework="numpy") as f:
-      return {k: single for k in f.keys()}
+      return {k: single for k in f.keys()}, single
   raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
                         "(only safetensors checkpoints convert)")
 
@@ -174,7 +174,7 @@ def hf_to_params(hf_dir: str, dtype: str | None = None, progress: bool = True) -
 
   cfg, hf = read_hf_config(hf_dir)
   out_dtype = _np_dtype(dtype or hf.get("torch_dtype") or hf.get("dtype") or "float32")
-  wmap = _weight_map(hf_dir)
+  wmap, listing = _weight_map(hf_dir)
   prefix = _hf_prefix(wmap)
   jobs = []  # (hf name, layer or None, spec)
   for spec in _global_specs(cfg):
@@ -188,7 +188,7 @@ def hf_to_params(hf_dir: str, dtype: str | None = None, progress: bool = True) -
       raise ConversionError(f"{wmap[name]}: unexpected tensor {name!r} for a {cfg.num_layers}-layer GPTBigCode")
   for name, _, _ in jobs:
     if name not in wmap:
-      raise ConversionError(f"{hf_dir}: missing tensor {name!r}")
+      raise ConversionError(f"{listing}: missing tensor {name!r}")
 
   import jax
   params = jax.tree.map(lambda s: np.empty(s, out_dtype), _our_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))

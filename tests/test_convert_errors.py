@@ -51,7 +51,7 @@ def test_missing_tensor(hf_dir, tmp_path):
   out = str(tmp_path / "out")
   rc, lines = _convert(hf_dir, out)
   assert rc == 2 and len(lines) == 1
-  assert "transformer.h.1.mlp.c_fc.bias" in lines[0] and "missing" in lines[0]
+  assert path in lines[0] and "transformer.h.1.mlp.c_fc.bias" in lines[0] and "missing" in lines[0]
   _assert_no_output(out)
 
 
