@@ -23,7 +23,7 @@ def model_block(**overrides) -> ml_collections.ConfigDict:
   m.pad_token_id = ml_collections.config_dict.placeholder(int)
   m.dtype = "bfloat16"  # compute dtype; softmax, logits and losses are fp32 regardless
   m.param_dtype = "float32"  # master weights
-  m.attention = "xla"  # attention implementation: xla (reference)
+  m.attention = "auto"  # auto (pallas on TPU, xla elsewhere) | pallas (ours) | splash (JAX's) | xla
   m.remat = "none"  # rematerialisation per layer: none | full | dots
   m.update(overrides)
   return m

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 # Attention implementations the dispatch knows about (model/attention.py).
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -38,7 +38,7 @@ class ModelConfig:
   # Numerics and memory.
   dtype: str = "bfloat16"  # compute dtype of matmuls and activations
   param_dtype: str = "float32"  # master weights
-  attention: str = "xla"  # attention dispatch (model/attention.py)
+  attention: str = "auto"  # attention dispatch (model/attention.py): auto = pallas on TPU, else xla
   remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
 
   def __post_init__(self):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from model import ModelConfig, Transformer, abstract_params
+from model.attention import resolve as resolve_attention
 from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh, replicated
 
 GIB = 1 << 30
@@ -42,6 +43,7 @@ class Plan:
   mesh: dict
   batch_size: int
   seq_len: int
+  attention: str  # the attention implementation compiled (auto resolves to pallas on TPU)
   params: int
   argument_bytes: int
   output_bytes: int
@@ -75,7 +77,7 @@ class Plan:
     lines = [
         f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}",
         f"model        {_count(self.params)} parameters; step: forward+backward, batch {self.batch_size} x "
-        f"{self.seq_len} tokens",
+        f"{self.seq_len} tokens; attention: {self.attention}",
         f"compiled in  {self.compile_seconds:.1f} s",
         "per device:",
         f"  arguments  {g(self.argument_bytes)}   (parameters and batch shards)",
@@ -209,6 +211,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None
   common = dict(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
       mesh=dict(mesh.shape), batch_size=batch_size, seq_len=seq_len,
+      attention=resolve_attention(model_cfg.attention, devices[0].platform),
       params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)), hbm_bytes=hbm_per_device(devices),
       flops_per_step=train_flops(model_cfg, batch_size, seq_len))
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
