@@ -25,10 +25,7 @@ Run from the repo root:
 
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"
-for _k, _v in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-               ("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-  os.environ.setdefault(_k, _v)  # keep libtpu from probing for a local TPU
+os.environ["JAX_PLATFORMS"] = "cpu"  # compile for TPU from this host; topology_devices quiets libtpu
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -41,12 +38,12 @@ from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import attention, sharding  # noqa: E402
 from model.flash_attention import flash_attention  # noqa: E402
+from rrtf_jax.plan import topology_devices  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IMPLS = ("pallas", "splash", "xla")
@@ -155,7 +152,7 @@ def main():
   p.add_argument("--quick", action="store_true", help="T=2048 only, skip the CPU interpret timing")
   a = p.parse_args()
   seq_lens = [2048] if a.quick else a.seq_lens
-  devices = topologies.get_topology_desc(platform="tpu", topology_name=a.topology).devices
+  devices = topology_devices(a.topology)
   mesh = sharding.make_mesh(f"tensor={len(devices)}", devices)
   shards = mesh.shape["tensor"]
   print(f"topology {a.topology}: {len(devices)} devices ({devices[0].device_kind}); mesh {dict(mesh.shape)}")

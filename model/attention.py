@@ -114,9 +114,8 @@ def _mesh_specs(mesh, num_kv_heads: int):
   q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
   q_spec = P(q_spec[0], None, q_spec[2], None)
   heads = q_spec[2]
-  head_shards = 1
-  for ax in (heads if isinstance(heads, tuple) else (heads,) if heads else ()):
-    head_shards *= mesh.shape[ax]
+  head_axes = () if heads is None else heads if isinstance(heads, tuple) else (heads,)
+  head_shards = math.prod(mesh.shape[ax] for ax in head_axes)
   if num_kv_heads == 1 or head_shards == 1:
     kv_spec = P(q_spec[0], None, None, None)  # the shared kv head replicated over the head shards
   elif num_kv_heads % head_shards == 0:

@@ -206,11 +206,11 @@ def hf_to_params(hf_dir: str, dtype: str | None = None, progress: bool = True) -
           value = to_ours(f.get_tensor(name))
           paths, values = ((path,), (value,)) if isinstance(path[0], str) else (path, value)
           for p, v in zip(paths, values):
-            dst = _get(params, p if layer is None else ("h",) + p)
+            # numpy casts to the output dtype while copying, in small buffers
             if layer is None:
-              dst[...] = v  # numpy casts while copying, in small buffers
+              _get(params, p)[...] = v
             else:
-              dst[layer] = v
+              _get(params, ("h",) + p)[layer] = v
           del value, values
           bar.update()
   return cfg, params
@@ -259,8 +259,7 @@ def export_hf(ckpt_dir: str, out: str, dtype: str | None = None, max_shard_bytes
   try:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = total = 0
-    total_tensors = 4 + 12 * cfg.num_layers
-    for name, value in tqdm(params_to_hf(cfg, params, dtype), total=total_tensors, desc="export",
+    for name, value in tqdm(params_to_hf(cfg, params, dtype), total=expected_tensor_count(cfg), desc="export",
                             unit="tensor", disable=not progress):
       if size and size + value.nbytes > max_shard_bytes:
         shards.append({})

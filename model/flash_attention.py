@@ -79,7 +79,7 @@ def _fwd_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
   # Causal: skip key blocks that start after this query block's last query.
-  run = (j * bk <= i * bq + bq - 1 + offset) if causal else True
+  run = (j <= _last_kv_block(i, bq, bk, offset)) if causal else True
 
   @pl.when(run)
   def _compute():
@@ -117,18 +117,27 @@ def _fwd_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc
     lax.fori_loop(0, groups, head, None)
 
 
+def _layout_q(x, kh, tp):
+  """[B,T,N,H] -> [B,K,G,Tp,H] (queries, outputs and their cotangents), zero-padded to Tp."""
+  b, t, n, h = x.shape
+  xt = x.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+  return jnp.pad(xt, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
+
+
 def _layout(q, k, v, q_seg, kv_seg, bq, bk):
   """[B,T,N,H] -> [B,K,G,Tp,H]; [B,S,K,H] -> [B,K,Sp,H]; segment ids padded with sentinels."""
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  t, s, kh = q.shape[1], k.shape[1], k.shape[2]
   tp, sp = _round_up(t, bq), _round_up(s, bk)
-  qt = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
-  qt = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
   kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   vt = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=_Q_PAD)
   kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, sp - s)), constant_values=_KV_PAD)
-  return qt, kt, vt, q_seg, kv_seg
+  return _layout_q(q, kh, tp), kt, vt, q_seg, kv_seg
+
+
+def _last_kv_block(i, bq, bk, offset):
+  """The last key block that query block i attends to causally (later ones are skipped)."""
+  return (i * bq + bq - 1 + offset) // bk
 
 
 def _unlayout_q(x, t):
@@ -172,7 +181,7 @@ def _cost(*, b, n, tp, sp, h, bq, bk, offset, causal, matmuls, exps, args, outs)
   """FLOPs of the tiles actually computed (causal skipping included), for XLA's cost analysis."""
   nq, nk = tp // bq, sp // bk
   if causal:
-    tiles = sum(min(nk, (i * bq + bq - 1 + offset) // bk + 1) for i in range(nq))
+    tiles = sum(min(nk, _last_kv_block(i, bq, bk, offset) + 1) for i in range(nq))
   else:
     tiles = nq * nk
   pairs = b * n * tiles * bq * bk  # (query, key) score entries computed
@@ -181,7 +190,8 @@ def _cost(*, b, n, tp, sp, h, bq, bk, offset, causal, matmuls, exps, args, outs)
 
 
 def _pallas(kernel, *args, interpret, semantics, tile_elems, **kw):
-  """pallas_call compiled by Mosaic, or run by Pallas's TPU interpreter (CPU tests).
+  """pallas_call compiled by Mosaic, or run by Pallas's generic interpreter (CPU tests; the TPU
+  interpreter deadlocks under shard_map over several CPU devices).
 
   The [G, bq, H] blocks of MQA (G = 48 for StarCoder) can pass Mosaic's default 16 MiB of
   scoped VMEM, so the limit is raised to what the blocks need, within every chip's VMEM.
@@ -204,10 +214,8 @@ def _forward(q, k, v, q_seg, kv_seg, *, causal, sm_scale, bq, bk, interpret):
   nq, nk = tp // bq, sp // bk
   offset = s - t
 
-  def kv_block(i, j):
-    if not causal:
-      return j
-    return jnp.minimum(j, (i * bq + bq - 1 + offset) // bk)  # repeat the last needed block: no DMA
+  def kv_block(i, j):  # skipped causal blocks repeat the last needed block: no DMA
+    return jnp.minimum(j, _last_kv_block(i, bq, bk, offset)) if causal else j
 
   kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, bq=bq, bk=bk, offset=offset,
                              groups=g, num_k_blocks=nk)
@@ -246,7 +254,7 @@ def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  run = (j * bk <= i * bq + bq - 1 + offset) if causal else True
+  run = (j <= _last_kv_block(i, bq, bk, offset)) if causal else True
 
   @pl.when(run)
   def _compute():
@@ -282,7 +290,7 @@ def _dkv_kernel(kv_seg_ref, q_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
   # Causal: skip query blocks that end before this key block starts.
-  run = (i * bq + bq - 1 + offset >= j * bk) if causal else True
+  run = (j <= _last_kv_block(i, bq, bk, offset)) if causal else True
 
   @pl.when(run)
   def _compute():
@@ -314,16 +322,15 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
   qt, kt, vt, q_seg_p, kv_seg_p = _layout(q, k, v, q_seg, kv_seg, bq, bk)
-  dot = _layout(do, k, v, q_seg, kv_seg, bq, bk)[0]
-  ot = _layout(out, k, v, q_seg, kv_seg, bq, bk)[0]
   tp, sp = qt.shape[3], kt.shape[2]
+  dot, ot = _layout_q(do, kh, tp), _layout_q(out, kh, tp)
   nq, nk = tp // bq, sp // bk
   offset = s - t
   di = jnp.sum(ot.astype(jnp.float32) * dot.astype(jnp.float32), axis=-1)  # [B,K,G,Tp]
   common = dict(sm_scale=sm_scale, causal=causal, bq=bq, bk=bk, offset=offset, groups=g)
 
   def kv_block(i, j):
-    return jnp.minimum(j, (i * bq + bq - 1 + offset) // bk) if causal else j
+    return jnp.minimum(j, _last_kv_block(i, bq, bk, offset)) if causal else j
 
   q_spec = pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, i, j: (bi, hi, 0, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0))
@@ -409,7 +416,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
     sm_scale: score scale; default 1/sqrt(H).
     block_q, block_k: tile sizes, multiples of 128 (defaults from `default_block_sizes`);
       clamped to the padded sequence lengths.
-    interpret: True: Pallas's TPU interpreter; False: Mosaic; None (default): Mosaic when the
+    interpret: True: Pallas's interpreter; False: Mosaic; None (default): Mosaic when the
       target platform (`target_platform()`) is TPU, the interpreter otherwise.
   Returns:
     [B, T, N, H] in q's dtype.

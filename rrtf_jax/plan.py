@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import time
 
 import flax.linen as nn
@@ -82,26 +83,25 @@ class Plan:
         "per device:",
         f"  arguments  {g(self.argument_bytes)}   (parameters and batch shards)",
         f"  outputs    {g(self.output_bytes)}   (gradients and loss)",
-        f"  temporaries{g(self.temp_bytes)}   (activations and workspace)",
-        f"  code       {g(self.code_bytes)}",
-        f"  total      {g(self.total_bytes)}   of {hbm} HBM",
-        f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} per device "
-        "(analytic: 3x forward matmuls and attention)",
     ]
+    if self.compiler_error:  # no executable: only what the compiler said, no code size or total
+      lines.append(f"  temporaries{g(self.temp_bytes)}   (as the compiler reported them)")
+    else:
+      lines += [f"  temporaries{g(self.temp_bytes)}   (activations and workspace)",
+                f"  code       {g(self.code_bytes)}",
+                f"  total      {g(self.total_bytes)}   of {hbm} HBM"]
+    lines.append(f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} "
+                 "per device (analytic: 3x forward matmuls and attention)")
+    advice = "add chips, shard more (--mesh), lower the batch, or set --config.model.remat=full"
     if self.compiler_error:
-      lines[4:9] = [f"  arguments  {g(self.argument_bytes)}   (parameters and batch shards)",
-                    f"  outputs    {g(self.output_bytes)}   (gradients and loss)",
-                    f"  temporaries{g(self.temp_bytes)}   (as the compiler reported them)"]
-      lines.append(f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); add "
-                   "chips, shard more (--mesh), lower the batch, or set --config.model.remat=full")
+      lines.append(f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); {advice}")
     elif self.fits is None:
       lines.append("verdict      unknown: no HBM figure for this chip")
     elif self.fits:
       lines.append(f"verdict      fits ({self.total_bytes / self.hbm_bytes:.0%} of HBM)")
     else:
       lines.append(f"verdict      DOES NOT FIT: needs {g(self.total_bytes).strip()} per device, the chip has "
-                   f"{hbm.strip()}; add chips, shard more (--mesh), lower the batch, or set "
-                   "--config.model.remat=full")
+                   f"{hbm.strip()}; {advice}")
     return "\n".join(lines)
 
 
@@ -125,8 +125,7 @@ def _count(n: int) -> str:
 
 
 def topology_devices(topology: str):
-  import os
-
+  """The abstract devices of a TPU topology ('v5p:2x2x1'), from any host with libtpu."""
   from jax.experimental import topologies
   if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     for k, v in _CPU_HOST_LIBTPU_ENV.items():

@@ -5,9 +5,8 @@ import os
 # Before anything imports jax.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-for _k, _v in {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
-               "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TOKENIZERS_PARALLELISM": "false"}.items():
+# (libtpu's own settings for compiling from a CPU host come from rrtf_jax.plan.topology_devices.)
+for _k, _v in {"TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
   os.environ.setdefault(_k, _v)
 
 import numpy as np  # noqa: E402
@@ -49,8 +48,7 @@ def hf_logits(model, tokens, mask):
 def hf_checkpoint(request, tmp_path_factory):
   """(torch model, HF dir) for K=1 (multi-query) and K=N (multi-head)."""
   model = make_hf_model(request.param)
-  d = save_hf(model, tmp_path_factory.mktemp("hf_" + request.node.callspec.id if hasattr(request.node, "callspec")
-                                             else "hf") / "hf")
+  d = save_hf(model, tmp_path_factory.mktemp("mqa" if request.param else "mha") / "hf")
   return model, d
 
 

@@ -25,6 +25,15 @@ def _convert(hf_dir, out):
   return proc.returncode, lines
 
 
+def _edit_tensors(hf_dir, edit):
+  """Rewrites model.safetensors after `edit(tensors)`; returns its path."""
+  path = os.path.join(hf_dir, "model.safetensors")
+  tensors = load_file(path)
+  edit(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+  return path
+
+
 def _assert_no_output(out):
   parent = os.path.dirname(out)
   assert not os.path.exists(out)
@@ -44,10 +53,7 @@ def test_not_gpt_bigcode(hf_dir, tmp_path):
 
 
 def test_missing_tensor(hf_dir, tmp_path):
-  path = os.path.join(hf_dir, "model.safetensors")
-  tensors = load_file(path)
-  del tensors["transformer.h.1.mlp.c_fc.bias"]
-  save_file(tensors, path, metadata={"format": "pt"})
+  path = _edit_tensors(hf_dir, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
   out = str(tmp_path / "out")
   rc, lines = _convert(hf_dir, out)
   assert rc == 2 and len(lines) == 1
@@ -56,10 +62,8 @@ def test_missing_tensor(hf_dir, tmp_path):
 
 
 def test_shape_disagrees_with_config(hf_dir, tmp_path):
-  path = os.path.join(hf_dir, "model.safetensors")
-  tensors = load_file(path)
-  tensors["transformer.h.0.attn.c_attn.weight"] = np.zeros((40, 32), np.float32)  # MHA-sized rows in an MQA model
-  save_file(tensors, path, metadata={"format": "pt"})
+  mha_rows = np.zeros((40, 32), np.float32)  # MHA-sized c_attn in an MQA model
+  path = _edit_tensors(hf_dir, lambda t: t.update({"transformer.h.0.attn.c_attn.weight": mha_rows}))
   out = str(tmp_path / "out")
   rc, lines = _convert(hf_dir, out)
   assert rc == 2 and len(lines) == 1

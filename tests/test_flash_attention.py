@@ -138,13 +138,13 @@ def test_unavailable_choices_fail_with_one_line():
                          ids=["v5e-heads-sharded", "v5p-heads-sharded", "v5e-48-heads-per-chip"])
 def test_aot_compiles_for_tpu_at_starcoder_shape(topology, mesh_spec):
   """Forward+backward at B=1 (4 with data=4), T=8192, N=48, K=1, H=128, bf16, compiled by libtpu."""
-  from jax.experimental import topologies
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   from model.attention import dot_product_attention
   from model.sharding import LOGICAL_RULES, make_mesh
-  devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  from rrtf_jax.plan import topology_devices
+  devices = topology_devices(topology)
   mesh = make_mesh(mesh_spec, devices)
   b = mesh.shape["data"]
   t, n, h = 8192, 48, 128
