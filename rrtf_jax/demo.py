@@ -1,9 +1,10 @@
 """`rrtf demo`: the tiny model through every stage that exists so far, on CPU, in seconds.
 
 Stages today: tokenizer training, model initialisation, checkpoint save/load, export to HF
-format and conversion back (checked bit-exact), and a forward pass scoring held-out code.
-Sampling, ranking, RRTF training and evaluation are later stages of the pipeline; the demo
-says so instead of pretending.
+format and conversion back (checked bit-exact), a forward pass scoring held-out code, and
+the ranking engine (the sandbox and scores of `rrtf rank`) on hand-written responses.
+Sampling, RRTF training and evaluation are later stages of the pipeline; the demo says so
+instead of pretending.
 """
 
 from __future__ import annotations
@@ -20,7 +21,21 @@ import numpy as np
 
 from rrtf_jax.config_loading import load_config
 
-PENDING = ("evolve", "sample", "rank", "train (RRTF loss)", "evaluate (pass@k)")
+PENDING = ("evolve", "sample", "train (RRTF loss)", "evaluate (pass@k)")
+
+# One problem and responses of every class, including one that tries to fake a pass.
+DEMO_PROBLEM = dict(
+    task_id="demo/clamp", entry_point="clamp",
+    prompt='def clamp(x, lo, hi):\n    """Return x limited to the range [lo, hi]."""\n',
+    test="def check(candidate):\n    assert candidate(5, 0, 10) == 5\n    assert candidate(-1, 0, 10) == 0\n"
+         "    assert candidate(11, 0, 10) == 10\n    assert candidate(0, 0, 0) == 0\n")
+DEMO_RESPONSES = [  # (source, code appended to the prompt)
+    ("teacher", "    return max(lo, min(x, hi))\n"),
+    ("student", "    return min(x, hi)\n"),
+    ("student", "    return max(lo, min(x, hi)\n"),
+    ("student", "    import sys\n    sys.exit(0)\n"),
+    ("student", "import os\nos._exit(0)\n"),
+]
 
 
 def _step(msg: str):
@@ -69,8 +84,13 @@ def run_demo(workdir: str, seed: int = 0, quick: bool = False) -> dict:
   _step(f"scored {rows}x{seq_len} held-out tokens: loss {nll:.3f} nats/token (untrained: ln V = "
         f"{math.log(cfg.vocab_size):.3f})")
 
+  ranked = _rank_demo()
+  for source, outcome, passed, total, score in ranked:
+    _step(f"  rank: {source:8s} {outcome:14s} {passed}/{total} tests  score {score:.3f}")
+
   summary = {
-      "stages_run": ["tokenizer", "init", "checkpoint", "export", "convert"],
+      "stages_run": ["tokenizer", "init", "checkpoint", "export", "convert", "rank"],
+      "rank_demo": [dict(zip(("source", "outcome", "tests_passed", "tests_total", "score"), r)) for r in ranked],
       "stages_pending": list(PENDING), "params": n_params, "roundtrip_identical": same,
       "heldout_loss": nll, "seconds": time.perf_counter() - t0, "seed": seed, "quick": quick,
   }
@@ -81,3 +101,16 @@ def run_demo(workdir: str, seed: int = 0, quick: bool = False) -> dict:
   if not same:
     raise RuntimeError("export/convert round trip changed the parameters")
   return summary
+
+
+def _rank_demo() -> list[tuple]:
+  """Ranks DEMO_RESPONSES through the code path of `rrtf rank` (sandbox, scores)."""
+  from rrtf_jax.rank import rank_records
+  from rrtf_jax.sandbox import Sandbox
+  codes = [code for _, code in DEMO_RESPONSES]
+  record = dict(DEMO_PROBLEM, exec_prefix=DEMO_PROBLEM["prompt"], responses=codes, codes=codes,
+                sources=[s for s, _ in DEMO_RESPONSES], is_teacher=[int(s == "teacher") for s, _ in DEMO_RESPONSES])
+  with Sandbox(workers=2, quiet=True) as box:
+    _step(f"ranking {len(codes)} responses to {DEMO_PROBLEM['task_id']} in the sandbox (isolation: {box.isolation})")
+    (out, _), = rank_records([record], box)
+  return list(zip(out["sources"], out["outcomes"], out["tests_passed"], out["tests_total"], out["scores"]))

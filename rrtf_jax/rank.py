@@ -3,7 +3,8 @@
 Scores (higher is better; PanGu-Coder2's four classes, a teacher above a student within
 a class, and within "some tests pass" ordered by the fraction of tests passed):
   syntax error            0      teacher 0.5
-  runtime error/timeout   1      teacher 1.5
+  runtime error/timeout   1      teacher 1.5   (failed to load, died, hung, or raised
+                                               and passed no test)
   some tests pass         2 + 0.49 f   teacher 2.5 + 0.49 f   (f = passed / total < 1)
   all tests pass          3      teacher 3.5
 So the class decides first, the source second, the fraction third, and score gaps stay

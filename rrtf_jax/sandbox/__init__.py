@@ -5,12 +5,14 @@
 
 The supervisor (this module, in the caller's process) starts one fork server per pool
 (`_server.py`, a fresh stdlib-only interpreter) and talks to it over a control socket.
-For each job the server forks a candidate and a judge into a free slot and hands back
-one socket to each; the program goes to the candidate, the tests to the judge, and only
-the judge's report comes back. The wall-clock deadline is kept here, outside the
-sandbox; when it passes or the report arrives, the server kills everything the slot's
-uids still run and wipes its scratch dir. See `_runtime.py` for why the verdict cannot
-be forged by the program.
+For each job the server forks a candidate into a free slot (and a judge, unless the
+slot's judge already holds the same tests: a problem's samples share one; jobs go to
+that slot when it is free) and hands back sockets; the program goes to the candidate,
+the tests to the judge, and only the judge's report comes back. The wall-clock deadline
+is kept here, outside the sandbox; when the report arrives the server kills everything
+the candidate's uid still runs and wipes its scratch dir; when the deadline passes or
+the judge fails, the judge goes too. See `_runtime.py` for why the verdict cannot be
+forged by the program.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import queue
 import shutil
 import socket
 import struct
@@ -153,9 +154,9 @@ class Sandbox:
       if note not in _printed_notes and not quiet:
         print(f"rrtf sandbox: {note}", file=sys.stderr)
       _printed_notes.add(note)
-    self._free: queue.Queue[int] = queue.Queue()
-    for k in range(self.workers):
-      self._free.put(k)
+    self._judges: list[dict] = [{} for _ in range(self.workers)]  # per slot: key, stream, handoff
+    self._free = list(range(self.workers))
+    self._slots_free = threading.Condition()
 
   def slot_uids(self) -> list[int]:
     """The uids samples run under (empty when not root)."""
@@ -172,30 +173,65 @@ class Sandbox:
     return json.loads(data), [socket.socket(fileno=fd) for fd in fds]
 
   def run(self, job: Job) -> Verdict:
-    slot = self._free.get()
+    key = (job.prefix, job.test, job.entry_point)
+    with self._slots_free:
+      while not self._free:
+        self._slots_free.wait()
+      # Prefer the slot whose judge already holds these tests.
+      slot = next((k for k in self._free if self._judges[k].get("key") == key), self._free[0])
+      self._free.remove(slot)
     try:
       return self._run_in(slot, job)
     finally:
-      self._free.put(slot)
+      with self._slots_free:
+        self._free.append(slot)
+        self._slots_free.notify()
 
   def _run_in(self, slot: int, job: Job) -> Verdict:
     deadline = time.monotonic() + self.limits.timeout
-    _, (to_candidate, to_judge) = self._request({"op": "spawn", "slot": slot}, nfds=2)
+    judge = self._judges[slot]
+    key = (job.prefix, job.test, job.entry_point)
+    if judge.get("key") != key:  # a fresh judge; it then serves this problem's next samples too
+      self._drop_judge(slot)
+      _, (judge["stream"], judge["handoff"]) = self._request({"op": "judge", "slot": slot}, nfds=2)
+      with contextlib.suppress(OSError):  # a judge that died is noticed when no report comes
+        _runtime.send_frame(judge["stream"].fileno(),
+                            {"prefix": job.prefix, "test": job.test, "entry_point": job.entry_point})
+        judge["key"] = key
+    _, (to_candidate, judge_end) = self._request({"op": "candidate", "slot": slot}, nfds=2)
+    clean = False
     try:
       with contextlib.suppress(OSError):  # a dead candidate is the judge's to report
         _runtime.send_frame(to_candidate.fileno(), job.program)
       to_candidate.close()
       try:
-        _runtime.send_frame(to_judge.fileno(), {"prefix": job.prefix, "test": job.test,
-                                                "entry_point": job.entry_point})
-        return _verdict(_recv_frame(to_judge, deadline))
+        socket.send_fds(judge["handoff"], [b"next"], [judge_end.fileno()])
+        judge_end.close()
+        verdict = _verdict(_recv_frame(judge["stream"], deadline))
+        clean = True
+        return verdict
       except TimeoutError:
         return Verdict("timeout", 0, 0, f"timed out after {self.limits.timeout:g} s")
       except (OSError, _runtime.ChannelClosed, ValueError, UnicodeDecodeError):
         return Verdict("runtime_error", 0, 0, "the judge died (tests crashed or exhausted a limit)")
     finally:
-      to_judge.close()
-      self._request({"op": "reap", "slot": slot})
+      to_candidate.close()
+      judge_end.close()
+      if not clean:  # a judge that missed its deadline or failed may still be mid-report
+        self._drop_judge(slot)
+      self._request({"op": "reap", "slot": slot, "judge": not clean})
+
+  def _drop_judge(self, slot: int) -> None:
+    judge = self._judges[slot]
+    for name in ("stream", "handoff"):
+      if judge.get(name) is not None:
+        judge.pop(name).close()
+    judge.pop("key", None)
+
+  def cpu_seconds(self) -> dict:
+    """CPU time so far: the fork server's own, and its candidates' and judges' (waited for)."""
+    reply, _ = self._request({"op": "stats"})
+    return {k: reply[k] for k in ("server", "candidate", "judge")}
 
   def map(self, jobs: Iterable[Job], on_done=None) -> Iterator[Verdict]:
     """Verdicts in the order of `jobs`, computed `workers` at a time. `on_done()` per job."""
@@ -213,6 +249,8 @@ class Sandbox:
   def close(self) -> None:
     if self._proc is None:
       return
+    for slot in range(self.workers):
+      self._drop_judge(slot)
     self._ctl.close()  # the server reaps every slot and exits on EOF
     try:
       self._proc.wait(timeout=30)

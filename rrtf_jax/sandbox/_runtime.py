@@ -22,6 +22,7 @@ import ast
 import builtins
 import json
 import os
+import socket
 import struct
 
 MAX_FRAME = 16 << 20  # bytes; a bigger reply is malformed
@@ -198,6 +199,7 @@ class CandidateChannel:
   def __init__(self, fd: int):
     self.fd = fd
     self.dead: str | None = None
+    self.raised = ""  # the first exception a call raised in the candidate
 
   def call(self, name: str, args: tuple, kwargs: dict):
     if self.dead:
@@ -217,6 +219,7 @@ class CandidateChannel:
       except (ValueError, TypeError, RecursionError) as e:
         raise CandidateError(f"malformed reply: {e}") from None
     if type(reply) is dict and set(reply) == {"raise", "error"} and type(reply["raise"]) is str:
+      self.raised = self.raised or f"{reply['raise']}: {reply['error']}"[:500]
       raise _builtin_exception(reply["raise"])(str(reply["error"]))
     self.dead = "malformed reply"
     raise CandidateError(self.dead)
@@ -258,59 +261,76 @@ def _free_names(tree: ast.AST) -> set[str]:
   return loaded - bound - set(dir(builtins))
 
 
-def judge_tests(prefix: str, test: str, entry_point: str, channel: CandidateChannel) -> dict:
-  """Run the tests against the candidate; returns {"passed": p, "total": n, "error": str}."""
-  namespace: dict = {"__name__": "tests", "__builtins__": builtins}
-  if prefix.strip():
-    # The problem's own code (imports, helpers such as HumanEval/38's encode_cyclic, the
-    # entry point's signature) is problem data, not candidate code.
+class PreparedTests:
+  """The tests parsed, assert-rewritten and compiled once; run against many candidates."""
+
+  def __init__(self, prefix: str, test: str, entry_point: str):
+    self.entry_point = entry_point
+    self.prefix_code = None
+    if prefix.strip():
+      # The problem's own code (imports, helpers such as HumanEval/38's encode_cyclic, the
+      # entry point's signature) is problem data, not candidate code.
+      try:
+        self.prefix_code = compile(prefix, "<prompt>", "exec")
+      except (SyntaxError, ValueError):  # an instruction-style prompt is not Python
+        pass
+    self.error = ""
     try:
-      exec(compile(prefix, "<prompt>", "exec"), namespace)
-    except BaseException:  # noqa: BLE001 - an instruction-style prompt is not Python
-      namespace = {"__name__": "tests", "__builtins__": builtins}
-  try:
-    tree = ast.parse(test, "<tests>")
-  except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-    return {"passed": 0, "total": 1, "error": f"the tests do not compile: {e}"}
-  counter = _AssertCounter()
-  tree = ast.fix_missing_locations(counter.visit(tree))
-  results: dict[int, bool] = {}
+      tree = ast.parse(test, "<tests>")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+      self.error, self.sites, self.code, self.free = f"the tests do not compile: {e}", 0, None, set()
+      return
+    counter = _AssertCounter()
+    tree = ast.fix_missing_locations(counter.visit(tree))
+    self.sites = counter.sites
+    self.code = compile(tree, "<tests>", "exec")
+    self.free = _free_names(tree)
 
-  def record(site: int, thunk) -> None:
+  def run(self, channel: CandidateChannel) -> dict:
+    """{"passed": p, "total": n, "error": str} for one candidate, in a fresh namespace."""
+    if self.code is None:
+      return {"passed": 0, "total": 1, "error": self.error}
+    namespace: dict = {"__name__": "tests", "__builtins__": builtins}
+    if self.prefix_code is not None:
+      try:
+        exec(self.prefix_code, namespace)
+      except BaseException:  # noqa: BLE001 - problem code that fails leaves no helpers
+        namespace = {"__name__": "tests", "__builtins__": builtins}
+    results: dict[int, bool] = {}
+
+    def record(site: int, thunk) -> None:
+      try:
+        ok = bool(thunk())
+      except Exception:  # noqa: BLE001 - a failing call fails this site only
+        ok = False
+      results[site] = results.get(site, True) and ok
+
+    for name in self.free - set(namespace):
+      namespace[name] = Proxy(channel, name)
+    entry = namespace[self.entry_point] = Proxy(channel, self.entry_point)
+    namespace["_rrtf_record"] = record
+    error = ""
     try:
-      ok = bool(thunk())
-    except Exception:  # noqa: BLE001 - a failing call fails this site only
-      ok = False
-    results[site] = results.get(site, True) and ok
-
-  for name in _free_names(tree) - set(namespace):
-    namespace[name] = Proxy(channel, name)
-  namespace[entry_point] = Proxy(channel, entry_point)
-  namespace["_rrtf_record"] = record
-  error = ""
-  try:
-    exec(compile(tree, "<tests>", "exec"), namespace)
-    check = namespace.get("check")
-    if entry_point and callable(check) and not isinstance(check, Proxy):
-      check(namespace[entry_point])
-    completed = True
-  except Exception as e:  # noqa: BLE001
-    completed, error = False, f"{_exception_name(e)}: {e}"[:500]
-  passed = sum(1 for s in range(counter.sites) if results.get(s, False))
-  total = counter.sites
-  if total == 0:  # tests that raise instead of assert: the whole test is one check
-    total, passed = 1, int(completed)
-  elif not completed:  # an error outside any assert: never a full pass
-    passed = min(passed, total - 1)
-  if not error and passed < total:
-    failed = [s for s in range(counter.sites) if not results.get(s, False)]
-    error = f"AssertionError: {len(failed)} of {total} assertions failed"
-  return {"passed": passed, "total": total, "error": error}
+      exec(self.code, namespace)
+      check = namespace.get("check")
+      if self.entry_point and callable(check) and not isinstance(check, Proxy):
+        check(entry)
+      completed = True
+    except Exception as e:  # noqa: BLE001
+      completed, error = False, f"{_exception_name(e)}: {e}"[:500]
+    passed = sum(1 for s in range(self.sites) if results.get(s, False))
+    total = self.sites
+    if total == 0:  # tests that raise instead of assert: the whole test is one check
+      total, passed = 1, int(completed)
+    elif not completed:  # an error outside any assert: never a full pass
+      passed = min(passed, total - 1)
+    if not error and passed < total:
+      error = f"AssertionError: {total - passed} of {total} assertions failed"
+    return {"passed": passed, "total": total, "error": error}
 
 
-def run_judge(supervisor_fd: int, candidate_fd: int) -> None:
-  """Receive the tests from the supervisor, wait for the program to load, judge, report."""
-  job = recv_frame(supervisor_fd)
+def judge_candidate(tests: PreparedTests, candidate_fd: int) -> dict:
+  """Wait for the program to load, run the tests against it, return the report."""
   channel = CandidateChannel(candidate_fd)
   try:
     status = recv_frame(candidate_fd)
@@ -318,12 +338,30 @@ def run_judge(supervisor_fd: int, candidate_fd: int) -> None:
     status = {"load": "runtime_error", "error": "the program's process died while loading"}
   load = status.get("load") if type(status) is dict else None
   if load == "ok":
-    result = judge_tests(job["prefix"], job["test"], job["entry_point"], channel)
-    result["status"] = "runtime_error" if channel.dead else "ok"
-    if channel.dead:
-      result["error"] = channel.dead
-  elif load in ("syntax_error", "runtime_error"):
-    result = {"status": load, "passed": 0, "total": 0, "error": str(status.get("error", ""))[:500]}
-  else:
-    result = {"status": "runtime_error", "passed": 0, "total": 0, "error": "malformed load report"}
-  send_frame(supervisor_fd, result)
+    result = tests.run(channel)
+    result["status"] = "ok"
+    if channel.dead:  # the process died mid-tests
+      result["status"], result["error"] = "runtime_error", channel.dead
+    elif channel.raised and result["passed"] == 0:  # it raised and never got anything right
+      result["status"], result["error"] = "runtime_error", channel.raised
+    return result
+  if load in ("syntax_error", "runtime_error"):
+    return {"status": load, "passed": 0, "total": 0, "error": str(status.get("error", ""))[:500]}
+  return {"status": "runtime_error", "passed": 0, "total": 0, "error": "malformed load report"}
+
+
+def run_judge(supervisor_fd: int, handoff_fd: int) -> None:
+  """Receive the tests, then judge candidates one after another: each candidate's channel
+  arrives on `handoff_fd` (SCM_RIGHTS), each report goes back on `supervisor_fd`."""
+  job = recv_frame(supervisor_fd)
+  tests = PreparedTests(job["prefix"], job["test"], job["entry_point"])
+  handoff = socket.socket(fileno=handoff_fd)
+  while True:
+    _, fds, _, _ = socket.recv_fds(handoff, 64, 1)
+    if not fds:
+      return
+    try:
+      result = judge_candidate(tests, fds[0])
+    finally:
+      os.close(fds[0])
+    send_frame(supervisor_fd, result)

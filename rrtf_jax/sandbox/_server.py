@@ -1,21 +1,27 @@
 """The sandbox fork server: one interpreter, started once per pool, that forks jobs.
 
 Run as `python -I -S _server.py` by `rrtf_jax.sandbox.Sandbox` with a control socket
-(AF_UNIX SOCK_SEQPACKET) and a JSON config on stdin. Standard library only; it never
-receives test data (tests go straight from the supervisor to the judge over a socket
-this server creates and hands back with SCM_RIGHTS), so nothing it forks can find them.
+(AF_UNIX SOCK_SEQPACKET) and a JSON config on stdin. Standard library only. It never
+receives programs or tests: it creates the sockets of the processes it forks and hands
+the supervisor's ends back with SCM_RIGHTS, so nothing it forks inherits test data.
 
 Set-up, once:
-  as root    new mount and network namespaces (no interfaces but a down loopback), a new
+  as root    new mount and network namespaces (no interface but a down loopback); a new
              root on tmpfs holding only read-only binds of the Python standard library and
-             shared libraries (no site-packages, no project files, no data) and /dev/null,
-             /dev/zero, /dev/urandom; chroot into it; become the subreaper of orphans.
-  otherwise  the same inside a user namespace (plus a PID namespace, so samples cannot
-             signal anything outside the pool), without per-slot uids.
-Per job in slot k: a fresh size-limited tmpfs scratch dir, a candidate process (uid
-base+2k) and a judge process (uid base+2k+1), each with rlimits, no-new-privs, no
-capabilities and a new session. Reaping kills every process of the slot's uids (a child
-that drops to the uid and loops kill(-1, SIGKILL)) and unmounts the scratch dir.
+             the shared libraries (no site-packages, no project files, no data), and
+             /dev/null, /dev/zero, /dev/urandom; chroot into it; subreaper of orphans.
+  otherwise  the same inside a user namespace, plus a PID namespace so samples cannot
+             signal anything outside the pool; no per-slot uids.
+Slot k has a candidate uid (base+2k) and a judge uid (base+2k+1). Ops:
+  judge k      kill the slot's processes; fork a judge (it reads the tests, then judges
+               the candidates handed to it one by one: a problem's R samples share one)
+  candidate k  kill the previous candidate; mount a fresh size-limited tmpfs scratch dir;
+               fork a candidate; return its channel and the judge's end of its socket
+  reap k       kill the candidate (and the judge) and whatever they started; unmount
+Every forked process gets rlimits, a new session, no-new-privs, no capabilities and one
+CPU (shared by the slot's candidate and judge, which take turns). The kill of whatever a
+job started uses that every survivor becomes a child of ours, and a tiny helper process
+that drops to the slot's uids and calls kill(-1, SIGKILL).
 """
 
 import os
@@ -171,9 +177,10 @@ class Server:
     self.cfg, self.ctl = config, ctl
     self.privileged = config["privileged"]
     self.namespaced = config["namespaced"]
-    self.slots = {}  # slot -> [pids]
+    self.slots = {}  # slot -> {"candidate": pid, "judge": pid}
     self.scratch_mounted = set()
     self.exited = set()  # children we reaped; pruned when their slot is reaped
+    self.cpu = {"candidate": 0.0, "judge": 0.0}  # seconds used by the processes we waited for
     self.cpus = sorted(os.sched_getaffinity(0))
     self.proc_fd = config.get("proc_fd")  # opened before the chroot; never inherited by jobs
 
@@ -231,9 +238,22 @@ class Server:
     finally:
       os._exit(code)
 
-  def spawn(self, slot: int) -> tuple[socket.socket, socket.socket]:
-    """Fork the slot's candidate and judge; returns the supervisor's ends of their channels."""
-    self.reap(slot)
+  def spawn_judge(self, slot: int) -> tuple[socket.socket, socket.socket]:
+    """A fresh judge for the slot (its candidate and old judge die first). Returns the
+    supervisor's ends: a stream (tests in, reports out) and a seqpacket socket that
+    carries each candidate's channel in."""
+    self.reap(slot, judge=True)
+    sup_stream, judge_stream = socket.socketpair()
+    sup_seq, judge_seq = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with judge_stream, judge_seq:
+      pid = self._child(slot, True, [judge_stream.fileno(), judge_seq.fileno()], _runtime.run_judge)
+    self.slots.setdefault(slot, {})["judge"] = pid
+    return sup_stream, sup_seq
+
+  def spawn_candidate(self, slot: int) -> tuple[socket.socket, socket.socket]:
+    """A fresh candidate in a fresh scratch dir (the previous one dies first). Returns the
+    supervisor's end of its channel and the judge's end of the candidate-judge channel."""
+    self.reap(slot, judge=False)
     uid = self.uid(slot, False)
     lim = self.cfg["limits"]
     scratch = self.scratch(slot)
@@ -246,12 +266,10 @@ class Server:
       os.chown(scratch, uid, uid)
     cand_judge, judge_cand = socket.socketpair()
     sup_cand, cand_sup = socket.socketpair()
-    sup_judge, judge_sup = socket.socketpair()
-    with cand_judge, judge_cand, cand_sup, judge_sup:
-      c = self._child(slot, False, [cand_judge.fileno(), cand_sup.fileno()], _runtime.run_candidate)
-      j = self._child(slot, True, [judge_sup.fileno(), judge_cand.fileno()], _runtime.run_judge)
-    self.slots[slot] = [c, j]
-    return sup_cand, sup_judge
+    with cand_judge, cand_sup:
+      pid = self._child(slot, False, [cand_judge.fileno(), cand_sup.fileno()], _runtime.run_candidate)
+    self.slots.setdefault(slot, {})["candidate"] = pid
+    return sup_cand, judge_cand
 
   def scratch(self, slot: int) -> str:
     return f"/scratch/{slot}" if self.namespaced else os.path.join(self.cfg["root_dir"], str(slot))
@@ -261,26 +279,30 @@ class Server:
     if os.read(_kill_replies, 1) != b"k":
       raise RuntimeError("the killer process died")
 
-  def reap(self, slot: int) -> None:
-    pids = self.slots.pop(slot, None)
-    if pids is not None:
-      # Our own children: a pid is not reused before we wait for it, and `exited` holds
-      # those already waited for (with another slot's zombies), which we must not signal.
-      live = [pid for pid in pids if pid not in self.exited]
-      self.exited.difference_update(pids)
-      for pid in live:
-        os.kill(pid, signal.SIGKILL)
-      for pid in live:
-        os.waitpid(pid, 0)
-      if self.privileged:
-        if self._strays(slot):
-          self._kill_uids(self.uid(slot, False), self.uid(slot, True))
-      else:
-        for pid in pids:  # without slot uids only the sessions we started can be found
-          try:
-            os.killpg(pid, signal.SIGKILL)
-          except ProcessLookupError:
-            pass
+  def reap(self, slot: int, judge: bool) -> None:
+    """Kills the slot's candidate (and with `judge`, its judge) and everything they left."""
+    procs = self.slots.get(slot, {})
+    roles = ("candidate", "judge") if judge else ("candidate",)
+    pids = {role: procs.pop(role) for role in roles if procs.get(role)}
+    # Our own children: a pid is not reused before we wait for it, and `exited` holds
+    # those already waited for (with another slot's zombies), which we must not signal.
+    live = {role: pid for role, pid in pids.items() if pid not in self.exited}
+    self.exited.difference_update(pids.values())
+    for pid in live.values():
+      os.kill(pid, signal.SIGKILL)
+    for role, pid in live.items():
+      ru = os.wait4(pid, 0)[2]
+      self.cpu[role] += ru.ru_utime + ru.ru_stime
+    if pids and self.privileged:
+      uids = [self.uid(slot, role == "judge") for role in roles]
+      if self._strays(set(uids)):
+        self._kill_uids(uids[0], uids[-1])
+    elif pids:
+      for pid in pids.values():  # without slot uids only the sessions we started can be found
+        try:
+          os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
     self._reap_zombies()
     if slot in self.scratch_mounted:
       _check(_libc.umount2(self.scratch(slot).encode(), MNT_DETACH), "umount scratch")
@@ -288,11 +310,11 @@ class Server:
     elif not self.namespaced and os.path.isdir(self.scratch(slot)):
       shutil.rmtree(self.scratch(slot), ignore_errors=True)
 
-  def _strays(self, slot: int) -> bool:
-    """Whether a process of the slot's uids outlived its candidate and judge.
+  def _strays(self, ours: set[int]) -> bool:
+    """Whether a process of the uids `ours` outlived the candidate (or judge) just reaped.
 
-    We are the subreaper: once the slot's two processes are dead, every survivor descends
-    from a direct child of ours. So reading our children list (and their uids) finds any
+    We are the subreaper: once those processes are dead, every survivor descends from a
+    direct child of ours. So reading our children list (and their uids) finds any
     survivor without scanning the process table; only then do we pay for the kill.
     """
     if self.proc_fd is None:
@@ -304,8 +326,7 @@ class Server:
         children = {int(p) for p in os.read(fd, 1 << 20).split()}
       finally:
         os.close(fd)
-      known = {pid for pids in self.slots.values() for pid in pids} | {_killer}
-      ours = {self.uid(slot, False), self.uid(slot, True)}
+      known = {pid for procs in self.slots.values() for pid in procs.values()} | {_killer}
       for pid in children - known:
         try:
           fd = os.open(f"{pid}/status", os.O_RDONLY, dir_fd=self.proc_fd)
@@ -330,29 +351,33 @@ class Server:
         return
       if pid == 0:
         return
-      if any(pid in pids for pids in self.slots.values()):
+      if any(pid in procs.values() for procs in self.slots.values()):
         self.exited.add(pid)
 
   def serve(self) -> None:
     while True:
       try:
-        data = self.ctl.recv(1 << 26)
+        data = self.ctl.recv(1 << 16)
       except ConnectionResetError:
         data = b""
       if not data:
         for slot in list(self.slots):
-          self.reap(slot)
+          self.reap(slot, judge=True)
         return
       req = json.loads(data)
-      if req["op"] == "spawn":
-        ends = self.spawn(req["slot"])
+      op = req["op"]
+      if op in ("judge", "candidate"):
+        ends = (self.spawn_judge if op == "judge" else self.spawn_candidate)(req["slot"])
         with ends[0], ends[1]:
           socket.send_fds(self.ctl, [b'{"ok": true}'], [e.fileno() for e in ends])
-      elif req["op"] == "reap":
-        self.reap(req["slot"])
+      elif op == "reap":
+        self.reap(req["slot"], judge=req["judge"])
         self.ctl.send(b'{"ok": true}')
+      elif op == "stats":
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.ctl.send(json.dumps({"ok": True, "server": ru.ru_utime + ru.ru_stime, **self.cpu}).encode())
       else:
-        self.ctl.send(json.dumps({"ok": False, "error": f"unknown op {req['op']!r}"}).encode())
+        self.ctl.send(json.dumps({"ok": False, "error": f"unknown op {op!r}"}).encode())
 
 
 def main() -> None:
