@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -118,6 +119,43 @@ def _verdict(report) -> Verdict:
   return Verdict("passed" if passed == total > 0 else "wrong_answer", passed, total, error)
 
 
+def _make_cgroups(memory_bytes: int, pids: int) -> tuple[list[str], str | None]:
+  """Memory and pids caps for the whole pool (the server joins; children inherit them, so
+  no per-job cost). cgroup v1 or v2, under this process's own cgroup. ([dirs], note)."""
+  name = f"rrtf-sandbox-{os.getpid()}-{next(_pool_ids)}"
+  try:
+    lines = [line.split(":", 2) for line in open("/proc/self/cgroup").read().splitlines()]
+  except OSError as e:
+    return [], f"no cgroups ({e}); the pool's memory is bounded only by rlimits"
+  v1 = {c: path for _, controllers, path in lines for c in controllers.split(",") if c}
+  if "memory" in v1 and "pids" in v1:
+    plan = [(f"/sys/fs/cgroup/memory{v1['memory']}", {"memory.limit_in_bytes": memory_bytes}),
+            (f"/sys/fs/cgroup/pids{v1['pids']}", {"pids.max": pids})]
+  else:
+    unified = next((path for hid, controllers, path in lines if hid == "0" and not controllers), None)
+    if unified is None:
+      return [], "no memory/pids cgroups found; the pool's memory is bounded only by rlimits"
+    plan = [(f"/sys/fs/cgroup{unified}", {"memory.max": memory_bytes, "pids.max": pids})]
+  made = []
+  try:
+    for parent, settings in plan:
+      group = os.path.join(parent, name)
+      os.mkdir(group)
+      made.append(group)
+      for key, value in settings.items():
+        with open(os.path.join(group, key), "w") as f:
+          f.write(str(value))
+  except OSError as e:
+    for group in made:
+      with contextlib.suppress(OSError):
+        os.rmdir(group)
+    return [], f"cannot create cgroups ({e}); the pool's memory is bounded only by rlimits"
+  return made, None
+
+
+_pool_ids = itertools.count()
+
+
 class Sandbox:
   """A pool of `workers` slots backed by one fork server. Thread-safe; use as a context manager."""
 
@@ -129,12 +167,17 @@ class Sandbox:
     self.uid_base = uid_base if uid_base is not None else 200_000 + (os.getpid() % 50_000) * 64
     if self.workers > 32:
       raise ValueError(f"at most 32 sandbox workers, got {self.workers}")
+    self._cgroups, cgroup_note = [], None
+    if os.geteuid() == 0 and not force_unprivileged:
+      self._cgroups, cgroup_note = _make_cgroups(
+          memory_bytes=self.workers * limits.memory_bytes + (512 << 20),
+          pids=self.workers * (limits.processes + 8) + 16)
     self._root = tempfile.mkdtemp(prefix="rrtf-sandbox-")
     os.chmod(self._root, 0o755)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     config = {
         "slots": self.workers, "uid_base": self.uid_base, "root_dir": self._root,
-        "ctl_fd": theirs.fileno(), "force_unprivileged": force_unprivileged,
+        "ctl_fd": theirs.fileno(), "force_unprivileged": force_unprivileged, "cgroups": self._cgroups,
         "limits": {**dataclasses.asdict(limits), "cpu_seconds": int(math.ceil(limits.timeout)) + 1},
     }
     # A clean environment: nothing of the caller's (API keys included) reaches a sample.
@@ -149,7 +192,7 @@ class Sandbox:
     if not line:
       raise SandboxError("the sandbox server failed to start (see the error above)")
     ready = json.loads(line)
-    self.isolation, self.notes = ready["isolation"], ready["notes"]
+    self.isolation, self.notes = ready["isolation"], ready["notes"] + ([cgroup_note] if cgroup_note else [])
     for note in self.notes:
       if note not in _printed_notes and not quiet:
         print(f"rrtf sandbox: {note}", file=sys.stderr)
@@ -260,6 +303,15 @@ class Sandbox:
     self._proc.stdout.close()
     self._proc = None
     shutil.rmtree(self._root, ignore_errors=True)
+    for group in self._cgroups:  # empty once the server and its children are gone
+      for _ in range(100):
+        try:
+          os.rmdir(group)
+          break
+        except FileNotFoundError:
+          break
+        except OSError:
+          time.sleep(0.02)
 
   def __enter__(self) -> "Sandbox":
     return self

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ast
 import builtins
 import json
+from collections.abc import Iterator as _Iterator
+from itertools import islice as _islice
 import os
 import socket
 import struct
@@ -66,9 +68,13 @@ def recv_frame(fd: int, limit: int = MAX_FRAME):
 # Scalars map to JSON scalars; containers are tagged lists so tuples stay tuples.
 
 _SCALARS = (type(None), bool, int, float, str)
+MAX_ITEMS = 1_000_000  # a returned iterator is materialised up to this many items
 
 
 def encode(x, depth: int = 0):
+  """Plain data of exact builtin types. Subclasses of builtins (Counter, OrderedDict,
+  namedtuple, an int subclass with a rigged __eq__) are converted to the builtin they
+  extend, so what crosses is their real value; iterators are materialised ("i")."""
   if depth > 100:
     raise ValueError("value nested deeper than 100")
   t = type(x)
@@ -83,6 +89,14 @@ def encode(x, depth: int = 0):
     return ["b", x.hex()]
   if t is complex:
     return ["c", x.real, x.imag]
+  for base in (bool, int, float, str, bytes, complex, dict, list, tuple, frozenset, set):
+    if isinstance(x, base):  # bool before int: bool is an int subclass
+      return encode(base(x), depth)
+  if isinstance(x, _Iterator):
+    items = list(_islice(x, MAX_ITEMS + 1))
+    if len(items) > MAX_ITEMS:
+      raise ValueError(f"returned an iterator of more than {MAX_ITEMS} items")
+    return ["i", [encode(v, depth + 1) for v in items]]
   raise TypeError(f"cannot send a {t.__name__}: only plain builtin data crosses the sandbox")
 
 
@@ -121,11 +135,17 @@ def decode(x, depth: int = 0):
     return set(items)
   if tag == "f":
     return frozenset(items)
+  if tag == "i":
+    return iter(items)
   raise ValueError(f"unknown tag {tag!r}")
 
 
 def _exception_name(e: BaseException) -> str:
-  return type(e).__name__
+  """The nearest builtin exception class: a program's ValueError subclass is a ValueError."""
+  for cls in type(e).__mro__:
+    if getattr(builtins, cls.__name__, None) is cls:
+      return cls.__name__
+  return "Exception"
 
 
 # -------------------------------------------------------------------------- candidate
@@ -228,9 +248,11 @@ class CandidateChannel:
 class _AssertCounter(ast.NodeTransformer):
   """Rewrites every `assert test, msg` into a recorded check that never stops the tests.
 
-  A site passes when every execution of it passed; a site never reached fails. So a
-  HumanEval `check` with 7 asserts has 7 tests whatever the candidate does, and an
-  assert inside a loop is one test.
+  A site fails when any execution of it failed. A site never reached fails only when the
+  tests stopped early (an exception outside any assert); when they ran to the end it did
+  not fail (`else: assert False` after an expected exception). So a HumanEval `check`
+  with 7 asserts has 7 tests whatever the candidate does, and an assert inside a loop is
+  one test.
   """
 
   def __init__(self):
@@ -318,12 +340,14 @@ class PreparedTests:
       completed = True
     except Exception as e:  # noqa: BLE001
       completed, error = False, f"{_exception_name(e)}: {e}"[:500]
-    passed = sum(1 for s in range(self.sites) if results.get(s, False))
     total = self.sites
+    failed = sum(1 for ok in results.values() if not ok)
     if total == 0:  # tests that raise instead of assert: the whole test is one check
       total, passed = 1, int(completed)
-    elif not completed:  # an error outside any assert: never a full pass
-      passed = min(passed, total - 1)
+    elif completed:  # an assert the tests never reached (`else: assert False`) did not fail
+      passed = total - failed
+    else:  # stopped early: what was not reached is not passed, and never a full pass
+      passed = min(sum(1 for ok in results.values() if ok), total - 1)
     if not error and passed < total:
       error = f"AssertionError: {total - passed} of {total} assertions failed"
     return {"passed": passed, "total": total, "error": error}

@@ -75,6 +75,7 @@ import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 
+_STDLIB_PATHS = [p for p in sys.path if p]  # -I -S: the standard library only
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _runtime  # noqa: E402  (must load before the chroot hides this file)
 
@@ -85,7 +86,8 @@ PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "hea
            "string", "random", "copy", "operator")
 
 _libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
@@ -136,7 +138,7 @@ def build_root(root: str, slots: int) -> None:
       os.symlink(os.readlink(top), root + top)
     elif os.path.isdir(top):
       libdirs.append(top)
-  stdlib = {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}  # -I -S: stdlib only
+  stdlib = {os.path.realpath(p) for p in _STDLIB_PATHS if os.path.isdir(p)}
   for path in libdirs + sorted(p for p in stdlib if not any(p.startswith(d + "/") for d in libdirs)):
     _bind(root, path)
   for path in sorted(stdlib):  # site-packages holds installed projects and their data
@@ -194,6 +196,8 @@ class Server:
                         ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", 4 if judge else lim["processes"])):
       if name == "RLIMIT_NPROC" and not self.privileged:
         continue  # counts every process of the user; only meaningful under a slot uid
+      if name == "RLIMIT_CPU" and judge:
+        continue  # a judge serves many samples; the deadline kept outside bounds each one
       resource.setrlimit(getattr(resource, name), (value, value))
 
   def _child(self, slot: int, judge: bool, keep: list[int], body) -> int:
@@ -219,6 +223,8 @@ class Server:
       os.environ.clear()
       os.environ.update({"HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "PATH": "/nonexistent"})
       self._limits(judge)
+      if self.namespaced:  # SysV IPC and POSIX queues die with the process, not the pool
+        _check(_libc.unshare(CLONE_NEWIPC), "unshare ipc")
       if self.privileged:
         uid = self.uid(slot, judge)
         os.setgroups([])
@@ -381,12 +387,16 @@ class Server:
 
 
 def main() -> None:
+  sys.set_int_max_str_digits(0)  # big ints cross the JSON channel (children inherit this)
   for name in PRELOAD:
     __import__(name)
   config = json.loads(sys.stdin.readline())
   ctl = socket.socket(fileno=config["ctl_fd"])
   notes = []
   privileged = os.geteuid() == 0 and not config.get("force_unprivileged")
+  for group in config.get("cgroups", []):  # the pool's memory and pids caps; children inherit them
+    with open(os.path.join(group, "cgroup.procs"), "w") as f:
+      f.write(str(os.getpid()))
   try:
     if privileged:
       _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare")
