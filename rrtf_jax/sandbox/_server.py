@@ -376,9 +376,8 @@ class Server:
         ends = (self.spawn_judge if op == "judge" else self.spawn_candidate)(req["slot"])
         with ends[0], ends[1]:
           socket.send_fds(self.ctl, [b'{"ok": true}'], [e.fileno() for e in ends])
-      elif op == "reap":
+      elif op == "reap":  # no reply: the supervisor does not wait for it
         self.reap(req["slot"], judge=req["judge"])
-        self.ctl.send(b'{"ok": true}')
       elif op == "stats":
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self.ctl.send(json.dumps({"ok": True, "server": ru.ru_utime + ru.ru_stime, **self.cpu}).encode())
