@@ -617,3 +617,21 @@ def test_map_keeps_input_order(box):
   for i, v in enumerate(verdicts):
     if i % 4 == 3:
       assert f"job {i}" in v.error, (i, v)
+
+
+def test_scratch_dir_is_wiped_between_programs():
+  """A program's scratch dir (its cwd) reaches the next program of the slot empty and
+  unchanged: files, subdirectories, a changed mode or timestamps force a fresh tmpfs."""
+  look = ("import os\ndef f(x):\n    st = os.stat('.')\n"
+          "    return sorted(os.listdir('.')), oct(st.st_mode & 0o777)\n")
+  leave = [
+      "open('note.txt', 'w').write('from the previous sample')\ndef f(x):\n    return x\n",
+      "import os\nos.mkdir('d')\ndef f(x):\n    return x\n",
+      "import os\nos.chmod('.', 0o755)\ndef f(x):\n    return x\n",
+      "import os\nopen('t', 'w').close()\nos.remove('t')\nos.utime('.', (0, 0))\ndef f(x):\n    return x\n",
+  ]
+  with Sandbox(workers=1, quiet=True) as b:
+    for program in leave:
+      assert b.run(Job(program, "assert f(1) == 1\n", "f")).passed
+      v = b.run(Job(look, "assert f(1) == ([], '0o700')\n", "f"))
+      assert v.passed, (program, v)

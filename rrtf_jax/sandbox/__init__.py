@@ -279,18 +279,35 @@ class Sandbox:
     reply, _ = self._request({"op": "stats"})
     return {k: reply[k] for k in ("server", "candidate", "judge")}
 
-  def map(self, jobs: Iterable[Job], on_done=None) -> Iterator[Verdict]:
-    """Verdicts in the order of `jobs`, computed `workers` at a time. `on_done()` per job."""
+  def map(self, jobs: Iterable[Job], on_done=None, chunk: int = 16) -> Iterator[Verdict]:
+    """Verdicts in the order of `jobs`, computed `workers` at a time; `on_done()` per job.
+
+    Consecutive jobs with the same tests (a problem's samples) run as one chunk of up to
+    `chunk` in one slot, so its judge is forked once for them rather than once per slot.
+    """
+    def run_chunk(chunk_jobs: list[Job]) -> list[Verdict]:
+      out = []
+      for job in chunk_jobs:
+        out.append(self.run(job))
+        if on_done is not None:
+          on_done()
+      return out
+
     with ThreadPoolExecutor(self.workers) as pool:
       pending: list = []
-      for job in jobs:
-        pending.append(pool.submit(self.run, job))
-        if on_done is not None:
-          pending[-1].add_done_callback(lambda _: on_done())
+      current: list[Job] = []
+      for job in itertools.chain(jobs, [None]):
+        if current and (job is None or len(current) >= chunk or
+                        (job.prefix, job.test, job.entry_point) != (current[0].prefix, current[0].test,
+                                                                   current[0].entry_point)):
+          pending.append(pool.submit(run_chunk, current))
+          current = []
+        if job is not None:
+          current.append(job)
         while len(pending) > 4 * self.workers:
-          yield pending.pop(0).result()
+          yield from pending.pop(0).result()
       for fut in pending:
-        yield fut.result()
+        yield from fut.result()
 
   def close(self) -> None:
     if self._proc is None:

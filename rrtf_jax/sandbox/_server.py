@@ -91,7 +91,7 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 15, 36, 38
 
 
 def _check(ret: int, what: str) -> None:
@@ -180,7 +180,7 @@ class Server:
     self.privileged = config["privileged"]
     self.namespaced = config["namespaced"]
     self.slots = {}  # slot -> {"candidate": pid, "judge": pid}
-    self.scratch_mounted = set()
+    self.scratch_mounted = {}  # slot -> the dir's state right after mounting
     self.exited = set()  # children we reaped; pruned when their slot is reaped
     self.cpu = {"candidate": 0.0, "judge": 0.0}  # seconds used by the processes we waited for
     self.cpus = sorted(os.sched_getaffinity(0))
@@ -217,6 +217,7 @@ class Server:
       # A slot's judge and candidate take turns (call, reply, call...): on one CPU each
       # hand-over is a cheap switch rather than a cross-CPU wake-up (5x faster here).
       os.sched_setaffinity(0, {self.cpus[slot % len(self.cpus)]})
+      _libc.prctl(PR_SET_NAME, b"rrtf-judge" if judge else b"rrtf-candidate", 0, 0, 0)  # for ps/top
       os.setsid()
       scratch = self.scratch(slot)
       os.chdir("/" if judge else scratch)
@@ -264,9 +265,10 @@ class Server:
     lim = self.cfg["limits"]
     scratch = self.scratch(slot)
     if self.namespaced:
-      _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-             f"size={lim['scratch_bytes']},nr_inodes={lim['scratch_inodes']},mode=0700,uid={uid},gid={uid}")
-      self.scratch_mounted.add(slot)
+      if slot not in self.scratch_mounted:
+        _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               f"size={lim['scratch_bytes']},nr_inodes={lim['scratch_inodes']},mode=0700,uid={uid},gid={uid}")
+        self.scratch_mounted[slot] = self._dir_state(scratch)
     else:
       os.makedirs(scratch, mode=0o700)
       os.chown(scratch, uid, uid)
@@ -276,6 +278,11 @@ class Server:
       pid = self._child(slot, False, [cand_judge.fileno(), cand_sup.fileno()], _runtime.run_candidate)
     self.slots.setdefault(slot, {})["candidate"] = pid
     return sup_cand, judge_cand
+
+  @staticmethod
+  def _dir_state(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_ctime_ns, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid, st.st_nlink, len(os.listdir(path))
 
   def scratch(self, slot: int) -> str:
     return f"/scratch/{slot}" if self.namespaced else os.path.join(self.cfg["root_dir"], str(slot))
@@ -310,9 +317,11 @@ class Server:
         except ProcessLookupError:
           pass
     self._reap_zombies()
-    if slot in self.scratch_mounted:
+    # A scratch dir the program left untouched is kept for the next one: any change to it
+    # (a file made or removed, chmod, utime, an xattr) moves its ctime. Else a fresh tmpfs.
+    if slot in self.scratch_mounted and (judge or self._dir_state(self.scratch(slot)) != self.scratch_mounted[slot]):
       _check(_libc.umount2(self.scratch(slot).encode(), MNT_DETACH), "umount scratch")
-      self.scratch_mounted.discard(slot)
+      del self.scratch_mounted[slot]
     elif not self.namespaced and os.path.isdir(self.scratch(slot)):
       shutil.rmtree(self.scratch(slot), ignore_errors=True)
 
@@ -422,6 +431,7 @@ def main() -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
   sys.stdout.write(json.dumps({"ready": True, "isolation": isolation, "notes": notes}) + "\n")
   sys.stdout.flush()
+  _libc.prctl(PR_SET_NAME, b"rrtf-sandbox", 0, 0, 0)
   gc.collect()
   gc.freeze()  # forked children then leave the server's objects untouched (no copy-on-write)
   Server(config, ctl).serve()
