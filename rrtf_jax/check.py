@@ -10,9 +10,22 @@ from __future__ import annotations
 
 import collections
 import json
-import os
+import uuid
 
 from data.problems import InputError, load_problems, load_samples
+
+
+def _write_jsonl_atomic(path: str, rows) -> None:
+  """Local or gs:// (fsspec): written under a temporary name, then moved into place."""
+  import fsspec
+  fs, target = fsspec.core.url_to_fs(path)
+  parent = target.rsplit("/", 1)[0] if "/" in target else "."
+  tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{target.rsplit('/', 1)[-1]}"
+  fs.makedirs(parent, exist_ok=True)
+  with fs.open(tmp, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  fs.mv(tmp, target)
 
 
 def check_samples(problems: str, samples_path: str, out_path: str, *, workers: int | None = None,
@@ -30,15 +43,9 @@ def check_samples(problems: str, samples_path: str, out_path: str, *, workers: i
   with Sandbox(workers, Limits(timeout=timeout)) as box, \
        tqdm(total=len(jobs), desc="check", unit="sample", disable=not progress, dynamic_ncols=True) as bar:
     verdicts = list(box.map(jobs, on_done=lambda: bar.update(1)))
-  out_dir = os.path.dirname(os.path.abspath(out_path))
-  os.makedirs(out_dir, exist_ok=True)
-  tmp = os.path.join(out_dir, ".tmp-" + os.path.basename(out_path))
-  with open(tmp, "w") as f:
-    for s, v in zip(samples, verdicts):
-      row = dict(s, result=v.result(), passed=v.passed, outcome=v.outcome,
-                 tests_passed=v.tests_passed, tests_total=v.tests_total)
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, out_path)
+  _write_jsonl_atomic(out_path, (dict(s, result=v.result(), passed=v.passed, outcome=v.outcome,
+                                       tests_passed=v.tests_passed, tests_total=v.tests_total)
+                                  for s, v in zip(samples, verdicts)))
   per_task = collections.defaultdict(list)
   for s, v in zip(samples, verdicts):
     per_task[s["task_id"]].append(v.passed)

@@ -219,3 +219,24 @@ def test_check_bad_problems(tmp_path):
   assert r.returncode == 2 and "p.jsonl:1: field 'entry_point' must be a string" in r.stderr
   r, out = _check(tmp_path, str(tmp_path / "none.jsonl"), "", check=False)
   assert r.returncode == 2 and "none.jsonl: no such file" in r.stderr and not out.exists()
+
+
+def test_check_reads_and_writes_gs(gcs_bucket, tmp_path):
+  """Problems, samples and results all on gs:// (a gcp-storage-emulator bucket)."""
+  import fsspec
+
+  from rrtf_jax.check import check_samples
+  problems = [{"task_id": "t/0", "prompt": PREFIX, "test": ADD_TEST, "entry_point": "add"}]
+  samples = [{"task_id": "t/0", "completion": CODES["right"]}, {"task_id": "t/0", "completion": CODES["partial"]}]
+  for name, rows in (("problems.jsonl", problems), ("samples.jsonl", samples)):
+    with fsspec.open(f"{gcs_bucket}/check/{name}", "w") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in rows))
+  out = f"{gcs_bucket}/check/out/results.jsonl"
+  summary = check_samples(f"{gcs_bucket}/check/problems.jsonl", f"{gcs_bucket}/check/samples.jsonl", out,
+                          workers=2, progress=False)
+  with fsspec.open(out) as f:
+    results = [json.loads(line) for line in f]
+  assert [r["passed"] for r in results] == [True, False] and summary["pass@1"] == 0.5
+  assert results[1]["tests_passed"] == 2 and results[1]["tests_total"] == 4
+  fs = fsspec.filesystem("gs")
+  assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{gcs_bucket}/check/out", refresh=True)] == ["results.jsonl"]
