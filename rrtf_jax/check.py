@@ -16,16 +16,19 @@ from data.problems import InputError, load_problems, load_samples
 
 
 def _write_jsonl_atomic(path: str, rows) -> None:
-  """Local or gs:// (fsspec): written under a temporary name, then moved into place."""
+  """Readers never see a partial file: locally it is written under a temporary name and
+  renamed; an object store (gs://) publishes an object only once its upload completes."""
   import fsspec
   fs, target = fsspec.core.url_to_fs(path)
+  local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
   parent = target.rsplit("/", 1)[0] if "/" in target else "."
-  tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{target.rsplit('/', 1)[-1]}"
+  tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{target.rsplit('/', 1)[-1]}" if local else target
   fs.makedirs(parent, exist_ok=True)
   with fs.open(tmp, "w") as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")
-  fs.mv(tmp, target)
+  if local:
+    fs.mv(tmp, target)
 
 
 def check_samples(problems: str, samples_path: str, out_path: str, *, workers: int | None = None,
