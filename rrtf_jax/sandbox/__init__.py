@@ -186,10 +186,12 @@ class Sandbox:
         pass_fds=[theirs.fileno()], env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"})
     theirs.close()
     self._ctl, self._ctl_lock = ours, threading.Lock()
+    self._judges: list[dict] = [{} for _ in range(self.workers)]  # per slot: key, stream, handoff
     self._proc.stdin.write((json.dumps(config) + "\n").encode())
     self._proc.stdin.close()
     line = self._proc.stdout.readline()
     if not line:
+      self.close()  # removes the cgroups and the root dir
       raise SandboxError("the sandbox server failed to start (see the error above)")
     ready = json.loads(line)
     self.isolation, self.notes = ready["isolation"], ready["notes"] + ([cgroup_note] if cgroup_note else [])
@@ -197,7 +199,6 @@ class Sandbox:
       if note not in _printed_notes and not quiet:
         print(f"rrtf sandbox: {note}", file=sys.stderr)
       _printed_notes.add(note)
-    self._judges: list[dict] = [{} for _ in range(self.workers)]  # per slot: key, stream, handoff
     self._free = list(range(self.workers))
     self._slots_free = threading.Condition()
 
