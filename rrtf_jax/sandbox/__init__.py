@@ -63,6 +63,11 @@ class Job:
   entry_point: str      # the function the tests call as `candidate`
   prefix: str = ""      # problem code the tests may use (HumanEval prompt helpers); not run in the candidate
 
+  @property
+  def tests_key(self) -> tuple:
+    """Jobs with equal keys can share a judge (a problem's samples)."""
+    return self.prefix, self.test, self.entry_point
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
@@ -219,7 +224,7 @@ class Sandbox:
     return json.loads(data), [socket.socket(fileno=fd) for fd in fds]
 
   def run(self, job: Job) -> Verdict:
-    key = (job.prefix, job.test, job.entry_point)
+    key = job.tests_key
     with self._slots_free:
       while not self._free:
         self._slots_free.wait()
@@ -236,7 +241,7 @@ class Sandbox:
   def _run_in(self, slot: int, job: Job) -> Verdict:
     deadline = time.monotonic() + self.limits.timeout
     judge = self._judges[slot]
-    key = (job.prefix, job.test, job.entry_point)
+    key = job.tests_key
     if judge.get("key") != key:  # a fresh judge; it then serves this problem's next samples too
       self._drop_judge(slot)
       _, (judge["stream"], judge["handoff"]) = self._request({"op": "judge", "slot": slot}, nfds=2)
@@ -275,11 +280,6 @@ class Sandbox:
         judge.pop(name).close()
     judge.pop("key", None)
 
-  def cpu_seconds(self) -> dict:
-    """CPU time so far: the fork server's own, and its candidates' and judges' (waited for)."""
-    reply, _ = self._request({"op": "stats"})
-    return {k: reply[k] for k in ("server", "candidate", "judge")}
-
   def map(self, jobs: Iterable[Job], on_done=None, chunk: int = 16) -> Iterator[Verdict]:
     """Verdicts in the order of `jobs`, computed `workers` at a time; `on_done()` per job.
 
@@ -298,9 +298,7 @@ class Sandbox:
       pending: list = []
       current: list[Job] = []
       for job in itertools.chain(jobs, [None]):
-        if current and (job is None or len(current) >= chunk or
-                        (job.prefix, job.test, job.entry_point) != (current[0].prefix, current[0].test,
-                                                                   current[0].entry_point)):
+        if current and (job is None or len(current) >= chunk or job.tests_key != current[0].tests_key):
           pending.append(pool.submit(run_chunk, current))
           current = []
         if job is not None:

@@ -182,7 +182,6 @@ class Server:
     self.slots = {}  # slot -> {"candidate": pid, "judge": pid}
     self.scratch_mounted = {}  # slot -> the dir's state right after mounting
     self.exited = set()  # children we reaped; pruned when their slot is reaped
-    self.cpu = {"candidate": 0.0, "judge": 0.0}  # seconds used by the processes we waited for
     self.cpus = sorted(os.sched_getaffinity(0))
     self.proc_fd = config.get("proc_fd")  # opened before the chroot; never inherited by jobs
 
@@ -299,13 +298,12 @@ class Server:
     pids = {role: procs.pop(role) for role in roles if procs.get(role)}
     # Our own children: a pid is not reused before we wait for it, and `exited` holds
     # those already waited for (with another slot's zombies), which we must not signal.
-    live = {role: pid for role, pid in pids.items() if pid not in self.exited}
+    live = [pid for pid in pids.values() if pid not in self.exited]
     self.exited.difference_update(pids.values())
-    for pid in live.values():
+    for pid in live:
       os.kill(pid, signal.SIGKILL)
-    for role, pid in live.items():
-      ru = os.wait4(pid, 0)[2]
-      self.cpu[role] += ru.ru_utime + ru.ru_stime
+    for pid in live:
+      os.waitpid(pid, 0)
     if pids and self.privileged:
       uids = [self.uid(slot, role == "judge") for role in roles]
       if self._strays(set(uids)):
@@ -387,9 +385,6 @@ class Server:
           socket.send_fds(self.ctl, [b'{"ok": true}'], [e.fileno() for e in ends])
       elif op == "reap":  # no reply: the supervisor does not wait for it
         self.reap(req["slot"], judge=req["judge"])
-      elif op == "stats":
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        self.ctl.send(json.dumps({"ok": True, "server": ru.ru_utime + ru.ru_stime, **self.cpu}).encode())
       else:
         self.ctl.send(json.dumps({"ok": False, "error": f"unknown op {op!r}"}).encode())
 
