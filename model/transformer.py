@@ -147,7 +147,11 @@ class Transformer(nn.Module):
     wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, cfg.weight_dtype)
     wpe = _param(self, "wpe", ("length", "embed"), (cfg.max_position_embeddings, cfg.embed_dim), _INIT,
                  cfg.weight_dtype)
-    x = jnp.take(wte, tokens, axis=0).astype(cd) + jnp.take(wpe, positions, axis=0).astype(cd)  # [B, T, D]
+    # Gather the tables over `embed` first, as FSDP does for every weight before use: a lookup
+    # into an embed-sharded table yields embed-sharded rows, which SPMD cannot move to the
+    # batch-sharded activation layout without replicating them.
+    table = lambda w: nn.with_logical_constraint(w.astype(cd), ("vocab" if w is wte else "length", None))  # noqa: E731
+    x = jnp.take(table(wte), tokens, axis=0) + jnp.take(table(wpe), positions, axis=0)  # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     block = Block
