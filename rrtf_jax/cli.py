@@ -34,6 +34,29 @@ def _plan(args, overrides):
   return 0 if result.fits is not False else 1
 
 
+def _prepare(args, overrides):
+  from data.pipeline import prepare_stage
+  summary = prepare_stage(args.ranked, args.out, args.tokenizer, shard=args.shard, num_shards=args.num_shards,
+                          progress=not args.quiet)
+  print(summary.report())
+
+
+def _train(args, overrides):
+  from rrtf_jax.config_loading import load_config
+  from rrtf_jax.train import train_and_evaluate
+  config = load_config(args.config, overrides)
+  result = train_and_evaluate(config, args.workdir, progress=not args.quiet)
+  last = result.history[-1] if result.history else None
+  where = f"resumed from step {result.resumed_from}" if result.resumed_from is not None else "from the start"
+  figures = (f"; loss {last['loss']:.4f}, ranking accuracy {last['ranking_accuracy']:.3f}" if last else "")
+  if result.preempted:
+    print(f"SIGTERM: saved a checkpoint at step {result.step} in {args.workdir} ({where}); rerun the same command "
+          "to go on", file=sys.stderr)
+    return 143
+  print(f"trained to step {result.step} ({where}){figures}; checkpoints in {args.workdir}/checkpoints")
+  return 0
+
+
 def _demo(args, overrides):
   from rrtf_jax.demo import run_demo
   run_demo(args.workdir, seed=args.seed, quick=args.quick)
@@ -80,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors into shards of this size")
   s.set_defaults(func=_export)
 
-  s = sub.add_parser("plan", help="compile a training step ahead of time for a TPU topology; per-chip memory")
+  s = sub.add_parser("plan", help="compile the RRTF train step ahead of time for a TPU topology; per-chip memory")
   s.add_argument("--config", required=True, help="config file (configs/*.py) or name (tiny, starcoder_15b)")
   s.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4, v5e:2x2, v4:2x2x2")
   s.add_argument("--mesh", default=None, help="mesh sizes, e.g. fsdp=64 or data=2,fsdp=-1,tensor=4")
-  s.add_argument("--batch-size", type=int, default=None, help="global batch in sequences (default: config)")
+  s.add_argument("--batch-size", type=int, default=None, help="global batch in prompts (default: config train.batch_size)")
   s.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: config)")
   s.add_argument("--json", default=None, help="also write the figures to this JSON file")
   s.set_defaults(func=_plan)
@@ -107,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sandbox_args(s)
   s.set_defaults(func=_rank)
 
+  s = sub.add_parser("prepare", help="tokenise a ranked dataset for training (the paper's format) -> TFDS dataset")
+  s.add_argument("--ranked", required=True, help="directory of the ranked TFDS dataset (from rrtf rank)")
+  s.add_argument("--out", required=True, help="output directory for the prepared TFDS dataset")
+  s.add_argument("--tokenizer", required=True, help="a tokenizer directory or a model checkpoint with tokenizer/")
+  s.add_argument("--shard", type=int, default=0, help="this process's index among --num-shards")
+  s.add_argument("--num-shards", type=int, default=1, help="processes sharing the input files")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+  s.set_defaults(func=_prepare)
+
+  s = sub.add_parser("train", help="RRTF fine-tuning on a prepared dataset; resumes from the workdir's newest checkpoint")
+  s.add_argument("--config", required=True, help="config file (configs/*.py) or name (tiny, starcoder_15b)")
+  s.add_argument("--workdir", required=True, help="checkpoints, TensorBoard events and config.json (local or gs://)")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+  s.set_defaults(func=_train)
+
   s = sub.add_parser("demo", help="the tiny model end to end on CPU, as far as the pipeline exists")
   s.add_argument("--workdir", default="rrtf-demo", help="where outputs go (default: ./rrtf-demo)")
   s.add_argument("--seed", type=int, default=0)
@@ -120,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
   argv, overrides = split_overrides(argv)
   parser = build_parser()
   args = parser.parse_args(argv)
-  if overrides and args.command not in ("plan",):
+  if overrides and args.command not in ("plan", "train"):
     parser.error(f"{args.command} takes no --config overrides")
   try:
     return int(args.func(args, overrides) or 0)

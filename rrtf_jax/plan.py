@@ -3,8 +3,9 @@
 libtpu's real XLA TPU compiler partitions and compiles the step for an abstract device set
 (`jax.experimental.topologies`), and the compiled executable reports its per-chip memory and
 FLOPs. Nothing is allocated: parameters and batch are ShapeDtypeStructs with shardings.
-The step compiled here is the forward+backward of next-token cross-entropy; the training
-stage's full step (optimizer state, RRTF loss) replaces it when it lands.
+The step compiled is the training stage's own (rrtf_jax/train.py): the RRTF loss over R
+responses per prompt, gradient accumulation over micro-batches, AdamW with fp32 moments,
+the state donated, exactly as `rrtf train` jits it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from model import ModelConfig, Transformer, abstract_params
+from model import ModelConfig
 from model.attention import resolve as resolve_attention
-from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh, replicated
+from model.sharding import LOGICAL_RULES, make_mesh
 
 GIB = 1 << 30
 # HBM per chip by JAX device_kind (public Cloud TPU specs).
@@ -42,8 +42,10 @@ class Plan:
   device_kind: str
   num_devices: int
   mesh: dict
-  batch_size: int
+  batch_size: int  # prompts per optimizer step
+  responses: int  # R sequences per prompt
   seq_len: int
+  microbatches: int
   attention: str  # the attention implementation compiled (auto resolves to pallas on TPU)
   params: int
   argument_bytes: int
@@ -77,12 +79,13 @@ class Plan:
     mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
     lines = [
         f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}",
-        f"model        {_count(self.params)} parameters; step: forward+backward, batch {self.batch_size} x "
-        f"{self.seq_len} tokens; attention: {self.attention}",
+        f"model        {_count(self.params)} parameters; attention: {self.attention}",
+        f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x {self.responses} "
+        f"responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
         f"compiled in  {self.compile_seconds:.1f} s",
         "per device:",
-        f"  arguments  {g(self.argument_bytes)}   (parameters and batch shards)",
-        f"  outputs    {g(self.output_bytes)}   (gradients and loss)",
+        f"  arguments  {g(self.argument_bytes)}   (parameters, optimizer state and batch shards)",
+        f"  outputs    {g(self.output_bytes)}   (the new state, in place of the donated one, and metrics)",
     ]
     if self.compiler_error:  # no executable: only what the compiler said, no code size or total
       lines.append(f"  temporaries{g(self.temp_bytes)}   (as the compiler reported them)")
@@ -92,7 +95,8 @@ class Plan:
                 f"  total      {g(self.total_bytes)}   of {hbm} HBM"]
     lines.append(f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} "
                  "per device (analytic: 3x forward matmuls and attention)")
-    advice = "add chips, shard more (--mesh), lower the batch, or set --config.model.remat=full"
+    advice = ("add chips, shard more (--mesh), raise --config.train.microbatches, or set "
+              "--config.model.remat=full")
     if self.compiler_error:
       lines.append(f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); {advice}")
     elif self.fits is None:
@@ -159,68 +163,57 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
   return 3.0 * batch_size * (seq_len * per_token + attention)
 
 
-def cross_entropy_step(model_cfg: ModelConfig):
-  """loss(params, tokens) and its gradient: the step `rrtf plan` compiles."""
-  model = Transformer(model_cfg)
-
-  def loss_fn(params, tokens):
-    logits = model.apply({"params": params}, tokens)[:, :-1]  # [B, T-1, V] fp32
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-
-  return jax.value_and_grad(loss_fn)
-
-
 def _shard_bytes(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _refused_plan(common: dict, p_abs, error: str, secs: float) -> Plan:
+def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
   """The compiler refuses a step that cannot fit; keep its figure for the temporaries."""
   import re
   msg = " ".join(error.split())
   m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", msg)
   temp = int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2)]) if m else 0
   reason = msg.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().split(". ")[0]
-  pbytes = _shard_bytes(p_abs)
-  return Plan(**common, argument_bytes=pbytes, output_bytes=pbytes, alias_bytes=0, temp_bytes=temp, code_bytes=0,
-              compile_seconds=secs, compiler_error=reason)
+  sbytes = _shard_bytes(state_abs)
+  return Plan(**common, argument_bytes=sbytes, output_bytes=sbytes, alias_bytes=sbytes, temp_bytes=temp,
+              code_bytes=0, compile_seconds=secs, compiler_error=reason)
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None = None,
          batch_size: int | None = None, seq_len: int | None = None) -> Plan:
+  from rrtf_jax.train import TrainError, abstract_batch, check_batch_layout, jit_train_step, make_optimizer
+  from rrtf_jax.train import state_shardings
   model_cfg = ModelConfig.from_dict(config.model)
-  batch_size = batch_size or config.train.batch_size
-  seq_len = seq_len or config.train.seq_len
-  if seq_len > model_cfg.max_position_embeddings:
-    raise PlanError(f"seq_len {seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}")
+  tc = config.train.copy_and_resolve_references()
+  tc.batch_size = batch_size or tc.batch_size
+  tc.seq_len = seq_len or tc.seq_len
+  if tc.seq_len > model_cfg.max_position_embeddings:
+    raise PlanError(f"seq_len {tc.seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}")
   devices = topology_devices(topology)
   mesh = make_mesh(mesh_spec if mesh_spec is not None else (config.mesh or None), devices)
-  data_par = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % data_par:
-    raise PlanError(f"batch {batch_size} is not divisible by data*fsdp = {data_par} on mesh {dict(mesh.shape)}")
+  try:
+    check_batch_layout(tc, mesh)
+  except TrainError as e:
+    raise PlanError(str(e)) from None
 
-  boxed = abstract_params(model_cfg)
-  with nn.logical_axis_rules(LOGICAL_RULES):
-    p_shard = logical_to_sharding(boxed, mesh)
-  p_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), p_shard)
-  tok_abs = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding(mesh))
-  step = jax.jit(cross_entropy_step(model_cfg), out_shardings=(replicated(mesh), p_shard))
+  tx = make_optimizer(tc)
+  state_abs, state_shard = state_shardings(model_cfg, tx, mesh)
+  batch_abs = abstract_batch(tc.batch_size, tc.responses, tc.seq_len, mesh)
   t0 = time.perf_counter()
   common = dict(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
-      mesh=dict(mesh.shape), batch_size=batch_size, seq_len=seq_len,
-      attention=resolve_attention(model_cfg.attention, devices[0].platform),
-      params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)), hbm_bytes=hbm_per_device(devices),
-      flops_per_step=train_flops(model_cfg, batch_size, seq_len))
+      mesh=dict(mesh.shape), batch_size=tc.batch_size, responses=tc.responses, seq_len=tc.seq_len,
+      microbatches=tc.microbatches, attention=resolve_attention(model_cfg.attention, devices[0].platform),
+      params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)), hbm_bytes=hbm_per_device(devices),
+      flops_per_step=train_flops(model_cfg, tc.batch_size * tc.responses, tc.seq_len))
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    lowered = step.lower(p_abs, tok_abs)
+    lowered = jit_train_step(model_cfg, tc, tx, mesh, state_shard).lower(state_abs, batch_abs)
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      return _refused_plan(common, p_abs, str(e), time.perf_counter() - t0)
+      return _refused_plan(common, state_abs, str(e), time.perf_counter() - t0)
   mem = compiled.memory_analysis()
   return Plan(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
               alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),

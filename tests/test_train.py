@@ -1,0 +1,243 @@
+"""RRTF training: a sharded step equal to one device and learning, bit-exact resume after
+SIGKILL, a checkpoint on SIGTERM, a stop on a non-finite loss, bad configs, and `rrtf plan`
+compiling the real train step for StarCoder-15B on v5p:4x4x4."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from data import records
+from rrtf_jax.config_loading import load_config
+
+RRTF = [sys.executable, "-m", "rrtf_jax.cli"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+OPS = [("plus", "+"), ("minus", "-"), ("times", "*")]
+
+
+def _ranked_records(n: int = 24):
+  """Problems with a teacher's right answer, a student's right and wrong answers and a syntax error."""
+  recs = []
+  for i in range(n):
+    name, op = OPS[i % 3]
+    k = i // 3 + 2
+    prompt = f"Write a function f(x) that returns x {name} {k}."
+    good = f"def f(x):\n    return x {op} {k}\n"
+    bad = f"def f(x):\n    return x {OPS[(i + 1) % 3][1]} {k + 1}\n"
+    broken = f"def f(x)\n    return x {op} {k}\n"
+    codes = [good, good.replace("return", "y ="), broken, bad]
+    recs.append(dict(
+        task_id=f"toy/{i}", prompt=prompt, test=f"assert f(3) == 3 {op} {k}\n", entry_point="f", exec_prefix="",
+        responses=codes, codes=codes, sources=["teacher", "student", "student", "student"], is_teacher=[1, 0, 0, 0],
+        outcomes=["passed", "runtime_error", "syntax_error", "wrong_answer"], tests_passed=[1, 0, 0, 0],
+        tests_total=[1, 1, 0, 1], scores=[3.5, 1.0, 0.0, 2.0]))
+  return recs
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """A prepared dataset (rrtf prepare) of 24 toy problems, tokenised by the tiny SentencePiece model."""
+  from data.pipeline import prepare_stage
+  from data.tokenizer import builtin_corpus, train_sentencepiece
+  root = tmp_path_factory.mktemp("data")
+  tok_dir = str(root / "tokenizer")
+  train_sentencepiece(builtin_corpus(), tok_dir, vocab_size=1024)
+  ranked = root / "ranked"
+  ranked.mkdir()
+  recs = _ranked_records()
+  for j in range(2):
+    records.write_atomic(str(ranked / records.shard_name(records.RANKED_NAME, "train", j, 2)), recs[j::2], ranked=True)
+  records.write_ranked_metadata(str(ranked))
+  out = str(root / "prepared")
+  prepare_stage(str(ranked), out, tok_dir, progress=False)
+  return out
+
+
+def _config(data_dir, **train):
+  c = load_config("tiny")
+  c.data.dir = data_dir
+  c.train.update(train)
+  return c
+
+
+def _train_args(data_dir, workdir, *extra):
+  return [*RRTF, "train", "--config", "tiny", "--workdir", str(workdir), "--quiet",
+          f"--config.data.dir={data_dir}", *extra]
+
+
+# Training subprocesses see 2 CPU devices (the mesh default puts both on fsdp): sharded, but
+# cheaper than 8 on a 2-core machine.
+TWO_DEVICES = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def _run(args):
+  return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=TWO_DEVICES)
+
+
+def _start(args):
+  return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env=TWO_DEVICES)
+
+
+def _final_params(workdir):
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  mngr.close()
+  return step, restored["state"]["params"], restored["data"]
+
+
+@pytest.mark.slow
+def test_sharded_run_equals_one_device_and_learns(prepared, tmp_path):
+  from rrtf_jax.train import train_and_evaluate
+  steps = 12
+  sharded = _config(prepared, steps=steps, microbatches=2)
+  sharded.mesh = "data=2,fsdp=2,tensor=2"
+  a = train_and_evaluate(sharded, str(tmp_path / "sharded"), progress=False)
+  one = _config(prepared, steps=steps, microbatches=2)
+  one.mesh = "fsdp=1"
+  b = train_and_evaluate(one, str(tmp_path / "one"), progress=False, devices=jax.devices()[:1])
+  la, lb = [h["loss"] for h in a.history], [h["loss"] for h in b.history]
+  assert len(la) == steps and a.step == steps
+  np.testing.assert_allclose(la, lb, rtol=2e-5)
+  np.testing.assert_allclose([h["ranking_accuracy"] for h in a.history],
+                             [h["ranking_accuracy"] for h in b.history], atol=1e-6)
+  # It learns: the loss falls and the responses come to be ordered as their scores.
+  assert np.mean(la[-3:]) < 0.8 * la[0]
+  acc = [h["ranking_accuracy"] for h in a.history]
+  assert np.mean(acc[-3:]) > np.mean(acc[:3]) + 0.1 and np.mean(acc[-3:]) > 0.75, acc
+  margin = [h["margin"] for h in a.history]  # mean p_better - p_worse over scored pairs
+  assert np.mean(margin[-3:]) > np.mean(margin[:3]) + 0.05, margin
+  for h in a.history:
+    assert set(h) >= {"rank_loss", "ft_loss", "margin", "grad_norm", "param_norm", "update_norm", "learning_rate",
+                      "padding_fraction"}
+    assert 0 <= h["padding_fraction"] < 1
+  # Metrics went to TensorBoard event files.
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "sharded" / "tensorboard"))
+
+
+def _wait_for(predicate, proc, timeout=300):
+  end = time.time() + timeout
+  while time.time() < end:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.02)
+  return False
+
+
+@pytest.mark.slow
+def test_preemption_sigterm_then_sigkill_then_rerun_is_bit_exact(prepared, tmp_path):
+  """SIGTERM saves the current step and exits; a rerun resumes, is SIGKILLed after a checkpoint;
+  a third run finishes. The final parameters equal an uninterrupted run's bit for bit."""
+  from rrtf_jax.train import train_and_evaluate
+  steps, every = 24, 4
+  extra = [f"--config.train.steps={steps}", f"--config.train.checkpoint_every={every}", "--config.train.log_every=2"]
+  work = tmp_path / "work"
+
+  # 1. SIGTERM once it is training (TensorBoard events come after the first logged steps).
+  proc = _start(_train_args(prepared, work, *extra))
+  assert _wait_for(lambda: (work / "tensorboard").is_dir() and any((work / "tensorboard").iterdir()), proc), \
+      proc.communicate()[1][-2000:]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  m = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", err)
+  assert m, err[-2000:]
+  term_step = int(m.group(1))
+  saved, _, data = _final_params(str(work))
+  assert 0 < term_step < steps and saved == term_step
+  assert data["epoch"] * 3 + data["batch"] == term_step  # 24 prompts: 3 batches of 8 per epoch
+
+  # 2. Resume, then SIGKILL right after the next scheduled checkpoint.
+  target = (term_step // every + 1) * every
+  assert target < steps
+  proc = _start(_train_args(prepared, work, *extra))
+  assert _wait_for(lambda: (work / "checkpoints" / str(target)).is_dir(), proc), proc.communicate()[1][-2000:]
+  proc.kill()
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at, _, _ = _final_params(str(work))
+  assert target <= killed_at < steps  # killed mid-run, after a checkpoint
+
+  # 3. Rerun to the end.
+  proc = _run(_train_args(prepared, work, *extra))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"resumed from step {killed_at}" in proc.stdout
+
+  # The same run uninterrupted, here, on 2 devices as the subprocesses had.
+  c = _config(prepared, steps=steps, checkpoint_every=every, log_every=2)
+  clean = train_and_evaluate(c, str(tmp_path / "clean"), progress=False, devices=jax.devices()[:2])
+  step_a, params_a, data_a = _final_params(str(tmp_path / "clean"))
+  step_b, params_b, data_b = _final_params(str(work))
+  assert step_a == step_b == clean.step == steps and data_a == data_b
+  leaves_a, leaves_b = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    assert np.array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+  # Keep-N: only the newest checkpoints remain.
+  assert len([n for n in os.listdir(work / "checkpoints") if n.isdigit()]) <= 3
+
+
+def test_non_finite_loss_stops_naming_the_step(prepared, tmp_path):
+  from rrtf_jax.train import TrainError, train_and_evaluate
+  c = _config(prepared, learning_rate=1e30, warmup_steps=0, grad_clip=0.0, steps=6, checkpoint_every=1)
+  c.mesh = "fsdp=1"
+  with pytest.raises(TrainError) as e:
+    train_and_evaluate(c, str(tmp_path / "w"), progress=False, devices=jax.devices()[:1])
+  msg = str(e.value)
+  assert re.match(r"non-finite loss \(\S+\) at step ([2-6]); stopping without saving this step", msg), msg
+  bad = int(re.search(r"at step (\d+)", msg).group(1))
+  # Every step before the bad one was checked and saved; the bad one was not.
+  assert sorted(int(n) for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit())[-1] == bad - 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "config.data.dir is empty"),
+    (["--config.data.dir=/nonexistent/prepared"], "/nonexistent/prepared"),
+    (["--config.data.dir={data}", "--config.train.batch_size=5"], "does not split over data*fsdp = 2"),
+    (["--config.data.dir={data}", "--config.train.microbatches=3"], "not a multiple of train.microbatches=3"),
+    (["--config.data.dir={data}", "--config.train.schedule=exp"], "train.schedule='exp'"),
+    (["--config.data.dir={data}", "--config.train.seq_len=4096"], "exceeds model.max_position_embeddings"),
+    (["--config.data.dir={data}", "--config.init_from=/nonexistent/ckpt"], "not a model checkpoint"),
+])
+def test_bad_configs_one_line_errors(prepared, tmp_path, extra, message):
+  args = [*RRTF, "train", "--config", "tiny", "--workdir", str(tmp_path / "w"), "--quiet",
+          *[e.format(data=prepared) for e in extra]]
+  proc = _run(args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("rrtf train: error:") and message in lines[-1], proc.stderr[-2000:]
+
+
+def test_init_from_a_converted_checkpoint(prepared, tmp_path):
+  """Training starts from a model checkpoint's parameters (rrtf convert output format)."""
+  from model import ModelConfig, init_params, save_checkpoint
+  from rrtf_jax.train import train_and_evaluate
+  c = _config(prepared, steps=1)
+  c.mesh = "fsdp=1"
+  cfg = ModelConfig.from_dict(c.model)
+  base = save_checkpoint(str(tmp_path / "base"), cfg, init_params(cfg, jax.random.PRNGKey(7)))
+  c.init_from = base
+  c.train.learning_rate = 0.0  # the first step then leaves the parameters as loaded
+  c.train.warmup_steps = 0
+  c.train.schedule = "constant"
+  result = train_and_evaluate(c, str(tmp_path / "w"), progress=False, devices=jax.devices()[:1])
+  want = init_params(cfg, jax.random.PRNGKey(7))
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(result.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  c2 = _config(prepared, steps=1)
+  c2.init_from = base
+  c2.model.num_layers = 3
+  with pytest.raises(ValueError, match="num_layers"):
+    train_and_evaluate(c2, str(tmp_path / "w2"), progress=False)
