@@ -232,11 +232,21 @@ class TrainResult:
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() on a multi-host pod (several TPU workers) or when asked to."""
+  """jax.distributed.initialize() on a multi-host pod, or when asked to through the environment.
+
+  Cloud TPU VMs with several workers (TPU_WORKER_HOSTNAMES lists them) are detected by JAX
+  itself. Elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID on every process (CPU processes then share one device set over gloo).
+  """
   hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or len(hosts) > 1:
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize()
+  if jax.distributed.is_initialized() or not (os.environ.get("JAX_COORDINATOR_ADDRESS") or len(hosts) > 1):
+    return
+  kw = {}
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    kw = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # (jax.default_backend() would start the backend too early)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kw)
 
 
 def _agree_length(t: int) -> int:
