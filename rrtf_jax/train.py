@@ -424,6 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
       flush()
     mngr.wait_until_finished()
     bar.close()
+    batches.close()
     if old_handler is not None:
       signal.signal(signal.SIGTERM, old_handler)
     return TrainResult(step=step, resumed_from=latest, preempted=preempted, history=history, params=state.params)
