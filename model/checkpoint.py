@@ -74,12 +74,15 @@ def write_params(path: str, params) -> None:
   from orbax.checkpoint import type_handlers as th
   registry = th.create_type_handler_registry(
       (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, th.ArrayHandler()))
-  # OCDBT (one database per checkpoint instead of a directory per array) is orbax's default;
-  # RRTF_ORBAX_OCDBT=0 turns it off (tests on gcp-storage-emulator, which serves some OCDBT
-  # manifest reads with generations tensorstore rejects).
-  use_ocdbt = os.environ.get("RRTF_ORBAX_OCDBT", "1") != "0"
-  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=use_ocdbt))
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=use_ocdbt()))
   ckptr.save(f"{abspath(path)}/{PARAMS_DIR}", args=ocp.args.PyTreeSave(params))
+
+
+def use_ocdbt() -> bool:
+  """OCDBT (one database per checkpoint instead of a directory per array) is orbax's default;
+  RRTF_ORBAX_OCDBT=0 turns it off (tests on gcp-storage-emulator, which serves some OCDBT
+  manifest reads with generations tensorstore rejects)."""
+  return os.environ.get("RRTF_ORBAX_OCDBT", "1") != "0"
 
 
 def check_output(path: str) -> None:

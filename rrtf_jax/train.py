@@ -21,6 +21,7 @@ workdir, and saves at the current step on SIGTERM (what a TPU VM gets before pre
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -266,10 +267,49 @@ def _preempted(stop: threading.Event, step: int) -> bool:
 
 def _checkpoint_manager(workdir: str, tc):
   import orbax.checkpoint as ocp
+
+  from model.checkpoint import use_ocdbt
   opts = ocp.CheckpointManagerOptions(max_to_keep=int(tc.keep_checkpoints),
                                       save_interval_steps=int(tc.checkpoint_every),
                                       enable_async_checkpointing=bool(tc.async_checkpoints))
-  return ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR), options=opts)
+  handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt()), "data": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR), options=opts, item_handlers=handlers)
+
+
+class _ObjectStoreEventFile:
+  """An event file on an object store (gs://) for tensorboardX, through fsspec/gcsfs like every
+  other path here (tensorboardX's own gs:// writer needs google-cloud-storage). Objects cannot
+  be appended to, so each flush uploads the whole file; metrics files stay small."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    import fsspec
+    with fsspec.open(self.path, "wb") as f:
+      f.write(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectStoreEventFiles:
+  def open(self, path: str) -> _ObjectStoreEventFile:
+    return _ObjectStoreEventFile(path)
+
+  def directory_check(self, path: str) -> None:  # object stores need no directories
+    pass
+
+
+def _summary_writer(logdir: str, purge_step: int | None):
+  from tensorboardX import SummaryWriter
+  from tensorboardX.record_writer import register_writer_factory
+  if "://" in logdir:
+    register_writer_factory(logdir.split("://", 1)[0], _ObjectStoreEventFiles())
+  return SummaryWriter(logdir, purge_step=purge_step)
 
 
 def _join(a: str, b: str) -> str:
@@ -347,8 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         window=int(config.data.window), process_index=proc, process_count=n_proc, agree_length=_agree_length)
 
     if proc == 0:
-      from tensorboardX import SummaryWriter
-      writer = SummaryWriter(_join(workdir, TENSORBOARD_DIR), purge_step=start + 1 if start else None)
+      writer = _summary_writer(_join(workdir, TENSORBOARD_DIR), purge_step=start + 1 if start else None)
     stop = threading.Event()
     old_handler = None
     if threading.current_thread() is threading.main_thread():

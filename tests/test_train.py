@@ -275,3 +275,35 @@ def test_init_from_a_converted_checkpoint(prepared, tmp_path):
   c2.model.num_layers = 3
   with pytest.raises(ValueError, match="num_layers"):
     train_and_evaluate(c2, str(tmp_path / "w2"), progress=False)
+
+
+@pytest.mark.slow
+def test_workdir_on_gcs(prepared, gcs_bucket, tmp_path):
+  """A gs:// workdir (what TPU VMs use): orbax checkpoints, TensorBoard events and config.json
+  land in the bucket, and a rerun resumes from there."""
+  import fsspec
+  from rrtf_jax.train import train_and_evaluate
+  work = f"{gcs_bucket}/run1"
+  c = _config(prepared, steps=3, checkpoint_every=2)
+  c.mesh = "fsdp=1"
+  first = train_and_evaluate(c, work, progress=False, devices=jax.devices()[:1])
+  assert first.step == 3 and first.resumed_from is None
+  c.train.steps = 4
+  second = train_and_evaluate(c, work, progress=False, devices=jax.devices()[:1])
+  assert second.resumed_from == 3 and [h["step"] for h in second.history] == [4]
+  fs, _ = fsspec.core.url_to_fs(work)
+  names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{work}/checkpoints", detail=False)}
+  assert {"2", "3", "4"} <= names
+  events = fs.ls(f"{work}/tensorboard", detail=False)
+  assert len(events) == 2 and all("events.out.tfevents" in e for e in events)
+  import tensorflow as tf
+  steps = set()
+  for e in events:
+    local = str(tmp_path / e.rsplit("/", 1)[-1])
+    with fsspec.open(f"gs://{e}", "rb") as f, open(local, "wb") as out:
+      out.write(f.read())
+    for ev in tf.compat.v1.train.summary_iterator(local):
+      steps |= {ev.step for v in ev.summary.value if v.tag == "train/loss"}
+  assert steps == {1, 2, 3, 4}
+  with fsspec.open(f"{work}/config.json") as f:
+    assert json.load(f)["train"]["steps"] == 4
