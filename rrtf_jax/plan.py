@@ -56,7 +56,8 @@ class Plan:
   hbm_bytes: int | None
   flops_per_step: float  # analytic model FLOPs of forward+backward
   compile_seconds: float
-  compiler_error: str | None = None  # the TPU compiler refused the step (out of HBM)
+  compiler_error: str | None = None  # why the TPU compiler refused the step (out of HBM or VMEM)
+  remat: str = "none"
 
   @property
   def total_bytes(self) -> int:
@@ -95,9 +96,13 @@ class Plan:
                 f"  total      {g(self.total_bytes)}   of {hbm} HBM"]
     lines.append(f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} "
                  "per device (analytic: 3x forward matmuls and attention)")
-    advice = ("add chips, shard more (--mesh), raise --config.train.microbatches, or set "
-              "--config.model.remat=full")
-    if self.compiler_error:
+    advice = "add chips, shard more (--mesh), raise --config.train.microbatches"
+    advice += ", or set --config.model.remat=full" if self.remat != "full" else ""
+    if self.compiler_error and "vmem" in self.compiler_error.lower():
+      lines.append(f"verdict      DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM "
+                   f"({self.compiler_error}); split the heads over --mesh ...,tensor=N or try "
+                   "--config.model.attention=splash")
+    elif self.compiler_error:
       lines.append(f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); {advice}")
     elif self.fits is None:
       lines.append("verdict      unknown: no HBM figure for this chip")
@@ -173,7 +178,14 @@ def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
   msg = " ".join(error.split())
   m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", msg)
   temp = int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2)]) if m else 0
-  reason = msg.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().split(". ")[0]
+  sentences = msg.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().split(". ")
+  # Keep what ran out and by how much ("Ran out of memory in memory space vmem", "Used 16.91M of
+  # 16.00M vmem"), not the generic "XLA:TPU compile permanent error", plus the kernel named.
+  useful = [x for x in sentences if x.startswith(("Ran out of memory", "Used ", "Exceeded "))][:2]
+  reason = ". ".join(useful) or sentences[0]
+  kernel = re.search(r"/(\w+)/pallas_call", msg)
+  if kernel and "vmem" in reason.lower():
+    reason += f" in {kernel.group(1)}"
   sbytes = _shard_bytes(state_abs)
   return Plan(**common, argument_bytes=sbytes, output_bytes=sbytes, alias_bytes=sbytes, temp_bytes=temp,
               code_bytes=0, compile_seconds=secs, compiler_error=reason)
@@ -203,7 +215,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None
   common = dict(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
       mesh=dict(mesh.shape), batch_size=tc.batch_size, responses=tc.responses, seq_len=tc.seq_len,
-      microbatches=tc.microbatches, attention=resolve_attention(model_cfg.attention, devices[0].platform),
+      microbatches=tc.microbatches, remat=model_cfg.remat, attention=resolve_attention(model_cfg.attention, devices[0].platform),
       params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)), hbm_bytes=hbm_per_device(devices),
       flops_per_step=train_flops(model_cfg, tc.batch_size * tc.responses, tc.seq_len))
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):

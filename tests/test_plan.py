@@ -83,6 +83,24 @@ def test_starcoder_15b_full_train_step_on_v5p_4x4x4(tmp_path):
   assert 0 < r["temp_bytes"] and "per device:" in proc.stdout and "total" in proc.stdout
 
 
+# What libtpu 0.0.42.1 said compiling StarCoder-15B's step for v4:2x4x4 at fsdp=64 (recorded by
+# benchmarks/train_step.py; the compile takes two minutes, so the test parses the record).
+V4_VMEM_REFUSAL = 'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space vmem. Used 16.91M of 16.00M vmem. Exceeded vmem capacity by 928.0K. Program vmem requirement 16.91M: scoped 16.91M Largest program allocations in vmem: 1. Size: 3.00M Operator: op_name="jit(train_step)/while/body/closed_call/jvp(Transformer)/while/body/closed_call/h/attn/shard_map/mqa_flash_fwd/pallas_call" Shape: f32[48,128,128]{2,1,0:T(8,128)} Unpadded size: 3.00M Tag: scratch operand XLA label: mqa_flash_fwd.2 = custom-call(custom-call.51, copy-done.45, fusion.499, get-tuple-element.4153, ...(+1)), custom_call_target="tpu_custom_call", operand_layout_constraints={s32[4,2048,128]{2,1,0}, s32[4,8,2048]{2,1,0}, bf16[4,1,48,2048,128]{4,3,2,1,0}, bf16[4,1,2048,128]{3,2,1,0}, bf16[4,1,2048,128]{3,2,1,0}}, frontend_attributes={kernel_metadata={}} Allocation type: scoped ========================== 2. Size: 3.00M Operator: op_name="jit(train_step)/while/body/closed_call/jvp(Transformer)/while/body/closed_c'
+
+
+def test_vmem_refusal_is_reported_as_vmem_not_hbm():
+  from rrtf_jax import plan as plan_lib
+  common = dict(topology="v4:2x4x4", device_kind="TPU v4", num_devices=64, mesh={"data": 1, "fsdp": 64, "tensor": 1},
+                batch_size=512, responses=4, seq_len=2048, microbatches=8, remat="full", attention="pallas",
+                params=10, hbm_bytes=16 << 30, flops_per_step=1.0)
+  r = plan_lib._refused_plan(common, {}, V4_VMEM_REFUSAL, 1.0)
+  assert r.fits is False
+  assert r.compiler_error == ("Ran out of memory in memory space vmem. Used 16.91M of 16.00M vmem in mqa_flash_fwd")
+  report = r.report()
+  assert "DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM" in report and "HBM (" not in report
+  assert "tensor=N" in report and "remat=full" not in report  # remat is already full
+
+
 def _root():
   import os
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
