@@ -345,7 +345,11 @@ def _exists(path: str) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                        devices=None) -> TrainResult:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; see the module docstring."""
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; see the module docstring.
+
+  The name follows the Flax examples' convention; evaluation (pass@k of checkpoints) belongs to
+  `rrtf evaluate`, which is not built yet.
+  """
   import orbax.checkpoint as ocp
   from tqdm import tqdm
 
