@@ -284,7 +284,7 @@ def test_workdir_on_gcs(prepared, gcs_bucket, tmp_path):
   import fsspec
   from rrtf_jax.train import train_and_evaluate
   work = f"{gcs_bucket}/run1"
-  c = _config(prepared, steps=3, checkpoint_every=2)
+  c = _config(prepared, steps=3, checkpoint_every=3)  # one save per run: the emulator is slow
   c.mesh = "fsdp=1"
   first = train_and_evaluate(c, work, progress=False, devices=jax.devices()[:1])
   assert first.step == 3 and first.resumed_from is None
@@ -293,7 +293,7 @@ def test_workdir_on_gcs(prepared, gcs_bucket, tmp_path):
   assert second.resumed_from == 3 and [h["step"] for h in second.history] == [4]
   fs, _ = fsspec.core.url_to_fs(work)
   names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{work}/checkpoints", detail=False)}
-  assert {"2", "3", "4"} <= names
+  assert {"3", "4"} <= names
   events = fs.ls(f"{work}/tensorboard", detail=False)
   assert len(events) == 2 and all("events.out.tfevents" in e for e in events)
   import tensorflow as tf
