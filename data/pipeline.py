@@ -108,24 +108,13 @@ def prepare_record(record: dict, tokenizer) -> dict:
 
 def serialize(example: dict, feats=None) -> bytes:
   """A prepared record as tf.train.Example bytes (`feats`: features(encoder=True))."""
-  import tensorflow as tf
-  data = (feats or features(encoder=True)).serialize_example(example)
-  # Protobuf map order varies between processes; sorted keys make reruns byte-identical.
-  return tf.train.Example.FromString(data).SerializeToString(deterministic=True)
+  return records.deterministic((feats or features(encoder=True)).serialize_example(example))
 
 
 def write_atomic(path: str, examples, feats=None) -> int:
   """Writes prepared records to `path` under a temporary name, renamed when complete."""
-  import tensorflow as tf
   feats = feats or features(encoder=True)
-  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  n = 0
-  with tf.io.TFRecordWriter(tmp) as w:
-    for ex in examples:
-      w.write(serialize(ex, feats))
-      n += 1
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return n
+  return records.write_tfrecord_atomic(path, (serialize(ex, feats) for ex in examples))
 
 
 def prompt_lengths(paths: Sequence[str]) -> np.ndarray:

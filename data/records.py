@@ -60,11 +60,15 @@ def validate(record: dict, ranked: bool, where: str = "record") -> None:
 def serialize(record: dict, ranked: bool, feats=None) -> bytes:
   validate(record, ranked)
   feats = feats or features(ranked)
-  import tensorflow as tf
   names = TEXT_FIELDS + tuple(RANKED_LISTS if ranked else SAMPLE_LISTS)
-  data = feats.serialize_example({name: record[name] for name in names})
-  # Protobuf map order varies between processes; sorted keys make reruns byte-identical.
-  return tf.train.Example.FromString(data).SerializeToString(deterministic=True)
+  return deterministic(feats.serialize_example({name: record[name] for name in names}))
+
+
+def deterministic(example_bytes: bytes) -> bytes:
+  """Re-serialises a tf.train.Example with sorted map keys: protobuf map order varies between
+  processes, and reruns must be byte-identical."""
+  import tensorflow as tf
+  return tf.train.Example.FromString(example_bytes).SerializeToString(deterministic=True)
 
 
 def parse(data: bytes, ranked: bool) -> dict:
@@ -93,15 +97,20 @@ def read(path: str, ranked: bool = False) -> Iterator[dict]:
 
 
 def write_atomic(path: str, records: Iterable[dict], ranked: bool) -> int:
+  """Writes samples or ranked records to `path` atomically (`write_tfrecord_atomic`)."""
+  feats = features(ranked)
+  return write_tfrecord_atomic(path, (serialize(record, ranked, feats) for record in records))
+
+
+def write_tfrecord_atomic(path: str, serialized: Iterable[bytes]) -> int:
   """Writes `path` under a temporary name and renames it when complete; returns the count.
   A killed write leaves only the temporary file, which the next attempt overwrites."""
   import tensorflow as tf
-  feats = features(ranked)
   tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
   n = 0
   with tf.io.TFRecordWriter(tmp) as w:
-    for record in records:
-      w.write(serialize(record, ranked, feats))
+    for data in serialized:
+      w.write(data)
       n += 1
   tf.io.gfile.rename(tmp, path, overwrite=True)
   return n

@@ -84,6 +84,11 @@ def _add_sandbox_args(s) -> None:
   s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_shard_args(s) -> None:
+  s.add_argument("--shard", type=int, default=0, help="this process's index among --num-shards")
+  s.add_argument("--num-shards", type=int, default=1, help="processes sharing the input files")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="rrtf", description="RRTF (PanGu-Coder2) code-model alignment on JAX/TPU.",
@@ -123,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
   s = sub.add_parser("rank", help="execute sampled responses, score and rank them -> TFDS dataset")
   s.add_argument("--samples", required=True, help="directory of samples TFRecords (from rrtf sample)")
   s.add_argument("--out", required=True, help="output directory for the ranked TFDS dataset")
-  s.add_argument("--shard", type=int, default=0, help="this process's index among --num-shards")
-  s.add_argument("--num-shards", type=int, default=1, help="processes sharing the input files")
+  _add_shard_args(s)
   s.add_argument("--keep-student-wins", action="store_true",
                  help="keep problems where a student response beats every teacher (the paper drops them)")
   _add_sandbox_args(s)
@@ -134,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--ranked", required=True, help="directory of the ranked TFDS dataset (from rrtf rank)")
   s.add_argument("--out", required=True, help="output directory for the prepared TFDS dataset")
   s.add_argument("--tokenizer", required=True, help="a tokenizer directory or a model checkpoint with tokenizer/")
-  s.add_argument("--shard", type=int, default=0, help="this process's index among --num-shards")
-  s.add_argument("--num-shards", type=int, default=1, help="processes sharing the input files")
+  _add_shard_args(s)
   s.add_argument("--quiet", action="store_true", help="no progress bar")
   s.set_defaults(func=_prepare)
 

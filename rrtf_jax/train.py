@@ -320,10 +320,10 @@ def _initial_state(config, model_cfg, tx, abstract, shard, mesh) -> TrainState:
   init_params_fn = lambda rng: nn.unbox(Transformer(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])  # noqa: E731
   if config.init_from:
     from model import load_checkpoint
-    from model.checkpoint import read_config
-    src = read_config(config.init_from) if _exists(config.init_from) else None
-    if src is None:
+    from model.checkpoint import is_checkpoint, read_config
+    if not is_checkpoint(config.init_from):
       raise TrainError(f"config.init_from={config.init_from}: not a model checkpoint")
+    src = read_config(config.init_from)
     diff = [f for f in SHAPE_FIELDS if getattr(src, f) != getattr(model_cfg, f)]
     if diff:
       raise TrainError(f"config.init_from={config.init_from}: model shape differs from the config in "
@@ -333,14 +333,6 @@ def _initial_state(config, model_cfg, tx, abstract, shard, mesh) -> TrainState:
     params = jax.jit(init_params_fn, out_shardings=shard.params)(jax.random.PRNGKey(int(config.seed)))
   opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shard.step), params=params, opt_state=opt_state)
-
-
-def _exists(path: str) -> bool:
-  from model.checkpoint import is_checkpoint
-  try:
-    return is_checkpoint(path)
-  except Exception:  # noqa: BLE001
-    return False
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -353,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   import orbax.checkpoint as ocp
   from tqdm import tqdm
 
-  from data.pipeline import DataState, open_prepared, train_batches
+  from data.pipeline import DataState, open_prepared, padding_fraction, train_batches
 
   maybe_initialize_distributed()
   model_cfg = validate_config(config)
@@ -453,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         step += 1
         seg = local["segment_ids"]
         pending.append((step, metrics, {"tokens": int(seg.sum()) * n_proc, "seq_len": seg.shape[-1],
-                                        "padding_fraction": 1.0 - float(seg.mean())}))
+                                        "padding_fraction": padding_fraction(local)}))
         if step % int(tc.log_every) == 0 or step == int(tc.steps):
           flush()
         if _preempted(stop, step):
