@@ -56,6 +56,32 @@ def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_sca
   return out.reshape(b, t, n, h)
 
 
+def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_mask, *, sm_scale=1.0):
+  """Decoding attention: T new queries over S cached keys (where `cache_mask`) and, causally,
+  the T new keys; one softmax over both parts without concatenating the cache.
+
+  Args:
+    q: [B, T, N, H]; k_new, v_new: [B, T, K, H]; k_cache, v_cache: [B, S, K, H];
+    cache_mask: [B, S], nonzero where the cache holds a real token.
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kh = k_new.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+  neg = jnp.finfo(jnp.float32).min
+  s_old = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+  s_old = jnp.where(cache_mask.astype(bool)[:, None, None, None, :], s_old * sm_scale, neg)
+  s_new = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_new, preferred_element_type=jnp.float32) * sm_scale
+  s_new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s_new, neg)
+  m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+  p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
+  denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+  out = (jnp.einsum("BKGTS,BSKH->BTKGH", (p_old / denom).astype(v_new.dtype), v_cache.astype(v_new.dtype))
+         + jnp.einsum("BKGTS,BSKH->BTKGH", (p_new / denom).astype(v_new.dtype), v_new))
+  return out.reshape(b, t, n, h)
+
+
 def splash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, block=512,
                      interpret=None):
   """JAX's splash attention kernels (self-attention, T == S), MQA per kv head or MHA."""

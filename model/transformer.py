@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import dot_product_attention
+from model.attention import cached_attention, dot_product_attention
 from model.config import ModelConfig
 
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -53,7 +53,12 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, segment_ids):
+  def __call__(self, x, segment_ids, cache=None):
+    """x [B, T, D] -> ([B, T, D], (key, value) [B, T, K, H] each, for a KV cache).
+
+    With `cache` = (k [B, S, K, H], v [B, S, K, H], mask [B, S]) the T new tokens attend to the
+    cached ones where mask is set, then causally among themselves (decoding).
+    """
     cfg = self.config
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     wd, cd = cfg.weight_dtype, cfg.compute_dtype
@@ -72,10 +77,13 @@ class Attention(nn.Module):
     kv = kv + kv_bias.astype(cd)[:, None, None]
     key, value = kv[0], kv[1]  # [B, T, K, H] each
     scale = h**-0.5 if cfg.scale_attn_weights else 1.0
-    out = dot_product_attention(q, key, value, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                causal=True, sm_scale=scale, impl=cfg.attention)  # [B, T, N, H]
+    if cache is None:
+      out = dot_product_attention(q, key, value, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                  causal=True, sm_scale=scale, impl=cfg.attention)  # [B, T, N, H]
+    else:
+      out = cached_attention(q, key, value, *cache, sm_scale=scale)  # [B, T, N, H]
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("BTNH,NHD->BTD", out, o_kernel.astype(cd)) + o_bias.astype(cd)  # [B, T, D]
+    return jnp.einsum("BTNH,NHD->BTD", out, o_kernel.astype(cd)) + o_bias.astype(cd), (key, value)
 
 
 class Mlp(nn.Module):
@@ -102,12 +110,18 @@ class Block(nn.Module):
 
   config: ModelConfig
 
+  return_kv: bool = False
+
   @nn.compact
-  def __call__(self, x, segment_ids):
-    x = x + Attention(self.config, name="attn")(_layer_norm(self.config, "ln_1")(x), segment_ids)
+  def __call__(self, x, segment_ids, cache_kv=None, cache_mask=None):
+    """cache_kv: this layer's cached (k, v) [B, S, K, H] when decoding; returns (x, ys) with ys
+    this layer's new (k, v) when `return_kv` (stacked over layers by the scan), else None."""
+    cache = None if cache_kv is None else (*cache_kv, cache_mask)
+    a, kv = Attention(self.config, name="attn")(_layer_norm(self.config, "ln_1")(x), segment_ids, cache)
+    x = x + a
     x = x + Mlp(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B, T, D]
-    return x, None
+    return x, (kv if self.return_kv else None)
 
 
 _REMAT_POLICY = {
@@ -123,7 +137,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, attention_mask=None, *, segment_ids=None, positions=None,
-               return_hidden=False):
+               return_hidden=False, cache=None, return_kv=False):
     """Runs the decoder.
 
     Args:
@@ -134,6 +148,10 @@ class Transformer(nn.Module):
         not shift them.
       return_hidden: return the final-LayerNorm hidden states [B, T, D] instead of logits
         (for losses that compute log-probs in chunks).
+      cache: decoding: (k [L, B, S, K, H], v [L, B, S, K, H], mask [B, S]) of earlier tokens;
+        `tokens` are the next T tokens and `positions` must be given (model/decode.py).
+      return_kv: also return this call's keys and values, (k, v) [L, B, T, K, H] each, to
+        fill or extend a cache: the result is then (logits or hidden, (k, v)).
     """
     cfg = self.config
     if isinstance(cfg, dict) or not isinstance(cfg, ModelConfig):
@@ -155,18 +173,22 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     block = Block
-    if cfg.remat != "none":
+    if cfg.remat != "none" and cache is None:
       block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
-    x, _ = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+    cache_kv, cache_mask = (None, None) if cache is None else (cache[:2], cache[2])
+    x, kv = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, 0, nn.broadcast),  # the cache is per layer, the rest shared
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, name="h")(x, segment_ids)
+    )(cfg, return_kv=return_kv, name="h")(x, segment_ids, cache_kv, cache_mask)
     x = _layer_norm(cfg, "ln_f")(x)  # [B, T, D]
     if return_hidden:
-      return x
-    # Tied LM head; bf16 inputs, fp32 accumulation and output.
-    logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(cd), preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))  # [B, T, V]
+      out = x
+    else:
+      # Tied LM head; bf16 inputs, fp32 accumulation and output.
+      logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(cd), preferred_element_type=jnp.float32)
+      out = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))  # [B, T, V]
+    return (out, kv) if return_kv else out
 
 
 def init_params(config: ModelConfig, rng, batch: int = 1, length: int = 8):

@@ -96,3 +96,25 @@ def gcs_bucket():
   finally:
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory):
+  """The tiny config's SentencePiece tokenizer (trained from shipped text), as a directory."""
+  from data.tokenizer import builtin_corpus, train_sentencepiece
+  d = str(tmp_path_factory.mktemp("spm"))
+  train_sentencepiece(builtin_corpus(), d, vocab_size=1024)
+  return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(spm_dir, tmp_path_factory):
+  """A random-init checkpoint of configs/tiny.py with its tokenizer: the student and teacher of
+  the sampling tests (it writes nonsense, which is enough to test the mechanics)."""
+  import jax
+
+  from model import ModelConfig, init_params, save_checkpoint
+  from rrtf_jax.config_loading import load_config
+  cfg = ModelConfig.from_dict(load_config("tiny").model)
+  return save_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), cfg, init_params(cfg, jax.random.PRNGKey(0)),
+                         tokenizer_dir=spm_dir)
