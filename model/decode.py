@@ -196,7 +196,7 @@ class Decoder:
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, dtype: str | None = None, **kw) -> "Decoder":
     """Loads a checkpoint (sharded over `mesh` when given) and its tokenizer, if it has one."""
-    from data.tokenizer import load_tokenizer
+    from data.pipeline import resolve_tokenizer
     from model.checkpoint import load_checkpoint, read_config, tokenizer_path
     from model.sharding import logical_to_sharding
     from model.transformer import abstract_params
@@ -208,8 +208,8 @@ class Decoder:
       with nn.logical_axis_rules(LOGICAL_RULES):
         shardings = logical_to_sharding(abstract_params(cfg), mesh)
     _, params = load_checkpoint(path, shardings=shardings)
-    tok_dir = tokenizer_path(path)
-    return cls(cfg, params, load_tokenizer(tok_dir) if tok_dir else None, mesh=mesh, **kw)
+    tok_dir = tokenizer_path(path)  # local or gs://
+    return cls(cfg, params, resolve_tokenizer(tok_dir) if tok_dir else None, mesh=mesh, **kw)
 
   def encode(self, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
@@ -238,6 +238,8 @@ class Decoder:
       if r.temperature < 0 or not 0 < r.top_p <= 1 or r.top_k < 0:
         raise ValueError(f"bad sampling settings: temperature={r.temperature} (>= 0), top_p={r.top_p} "
                          f"(in (0, 1]), top_k={r.top_k} (>= 0)")
+      if not 0 <= r.seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {r.seed}")
       if r.stop and self.tokenizer is None:
         raise ValueError("stop sequences need a tokenizer")
     ids = [self.encode(r.prompt) for r in reqs]
@@ -283,16 +285,16 @@ class Decoder:
     n = len(reqs)
     b = min(_bucket(n, 1), max(self.max_batch, n))
     p = min(_bucket(max(map(len, ids)), MIN_PROMPT_BUCKET), self.config.max_position_embeddings)
-    most = max(r.max_new_tokens for r in reqs)
-    m = -(-most // self.chunk) * self.chunk
+    limit = self.config.max_position_embeddings
+    budgets = [min(r.max_new_tokens, limit - len(row)) for r, row in zip(reqs, ids)]  # no row outgrows the model
+    m = -(-max(budgets) // self.chunk) * self.chunk
     tokens = np.full((b, p), self.pad_id, np.int32)
     mask = np.zeros((b, p), np.int32)
     for i, row in enumerate(ids):
       tokens[i, p - len(row):] = row
       mask[i, p - len(row):] = 1
-    limit = self.config.max_position_embeddings
     max_new = np.zeros((b,), np.int32)
-    max_new[:n] = [min(r.max_new_tokens, limit - len(row)) for r, row in zip(reqs, ids)]
+    max_new[:n] = budgets
     col = lambda f, dtype: np.array([f(r) for r in reqs] + [0] * (b - n), dtype)  # noqa: E731
     row_seeds = col(lambda r: r.seed, np.uint32)
     base = jax.random.key(self.seed)
