@@ -105,3 +105,20 @@ def load_samples(path: str, problems: dict[str, Problem]) -> list[dict]:
       raise InputError(f"{path}:{lineno}: unknown task_id {r['task_id']!r}")
     samples.append(r)
   return samples
+
+
+def write_jsonl_atomic(path: str, rows) -> None:
+  """Readers never see a partial file: locally it is written under a temporary name and
+  renamed; an object store (gs://) publishes an object only once its upload completes."""
+  import fsspec
+  import uuid
+  fs, target = fsspec.core.url_to_fs(path)
+  local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+  parent = target.rsplit("/", 1)[0] if "/" in target else "."
+  tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{target.rsplit('/', 1)[-1]}" if local else target
+  fs.makedirs(parent, exist_ok=True)
+  with fs.open(tmp, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  if local:
+    fs.mv(tmp, target)

