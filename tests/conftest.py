@@ -118,3 +118,28 @@ def tiny_ckpt(spm_dir, tmp_path_factory):
   cfg = ModelConfig.from_dict(load_config("tiny").model)
   return save_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), cfg, init_params(cfg, jax.random.PRNGKey(0)),
                          tokenizer_dir=spm_dir)
+
+
+@pytest.fixture(scope="session")
+def serve_teacher(tiny_ckpt, tmp_path_factory):
+  """A real `rrtf serve` process for the tiny checkpoint on 127.0.0.1, serving as a teacher;
+  yields (base URL, request log path)."""
+  import subprocess
+  import sys
+  import time
+  log = str(tmp_path_factory.mktemp("serve") / "requests.jsonl")
+  proc = subprocess.Popen([sys.executable, "-m", "rrtf_jax.cli", "serve", "--ckpt", tiny_ckpt, "--port", "0",
+                           "--model-name", "tiny-teacher", "--chunk", "8", "--request-log", log],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline:
+      line = proc.stdout.readline()
+      if line.startswith("serving") or proc.poll() is not None:
+        break
+    assert line.startswith("serving"), f"rrtf serve did not start: {line!r}"
+    yield line.split(" on ")[1].strip(), log
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
