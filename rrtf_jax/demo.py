@@ -3,8 +3,9 @@
 Stages today: tokenizer training, model initialisation, checkpoint save/load, export to HF
 format and conversion back (checked bit-exact), a forward pass scoring held-out code, and
 the ranking engine (the sandbox and scores of `rrtf rank`) on hand-written responses.
-Sampling and evaluation are later stages of the pipeline, and RRTF training (built) waits for
-sampled responses to train on; the demo says so instead of pretending.
+Evaluation is a later stage of the pipeline; evolve, sample, serve, prepare and train are
+built but not yet run here (the full loop is the demo's next step); the demo says so instead
+of pretending.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import numpy as np
 
 from rrtf_jax.config_loading import load_config
 
-PENDING = ("evolve", "sample", "evaluate (pass@k)")
-# Built, but the demo has no sampled responses to train on until `sample` exists.
-NOT_IN_DEMO = ("prepare", "train (RRTF loss)")
+PENDING = ("evaluate (pass@k)",)
+# Built, not yet chained into the demo.
+NOT_IN_DEMO = ("evolve", "sample", "serve", "prepare", "train (RRTF loss)")
 
 # One problem and responses of every class, including one that tries to fake a pass.
 DEMO_PROBLEM = dict(
@@ -99,8 +100,7 @@ def run_demo(workdir: str, seed: int = 0, quick: bool = False) -> dict:
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   _step("not built yet (later stages of the pipeline): " + ", ".join(PENDING))
-  _step("built but not run here (they need sampled responses): " + ", ".join(NOT_IN_DEMO)
-        + "; see `rrtf prepare` and `rrtf train` in the README")
+  _step("built but not run here yet: " + ", ".join(NOT_IN_DEMO) + "; see the README's sampling and training sections")
   _step(f"done in {summary['seconds']:.1f} s; summary in {os.path.join(workdir, 'summary.json')}")
   if not same:
     raise RuntimeError("export/convert round trip changed the parameters")
