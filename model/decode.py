@@ -82,10 +82,27 @@ class DecodeState(struct.PyTreeNode):
 
 def sample_tokens(logits, keys, step, temperature, top_p, top_k):
   """[B, V] fp32 logits -> [B] tokens: greedy where temperature == 0, else temperature, top-k
-  (0 = off), top-p (the smallest set of tokens whose probability reaches p), categorical."""
-  v = logits.shape[-1]
-  greedy = jnp.argmax(logits, axis=-1)
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  (0 = off), top-p (the smallest set of tokens whose probability reaches p), categorical.
+
+  The sort that top-k/top-p need (the costliest part of a small model's step) runs only when
+  some row asks for them, and nothing but an argmax runs when every row is greedy."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  sampling = temperature > 0
+
+  def draw(_):
+    scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
+    filtered = jax.lax.cond(jnp.any(sampling & ((top_p < 1) | (top_k > 0))),
+                            lambda x: _top_k_top_p(x, top_p, top_k), lambda x: x, scaled)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    sampled = jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
+    return jnp.where(sampling, sampled, greedy)
+
+  return jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
+
+
+def _top_k_top_p(scaled, top_p, top_k):
+  """Logits outside each row's top-k, then outside its top-p nucleus, set to -inf."""
+  v = scaled.shape[-1]
   desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
   rank = jnp.arange(v)[None]
   k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None]
@@ -94,10 +111,7 @@ def sample_tokens(logits, keys, step, temperature, top_p, top_k):
   keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) & (rank < k)  # the top token always
   n_keep = jnp.maximum(keep.sum(-1, keepdims=True), 1)
   threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)  # [B, 1]
-  masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-  row_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-  sampled = jax.vmap(jax.random.categorical)(row_keys, masked)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
 def _head(params, cfg: ModelConfig, hidden):
