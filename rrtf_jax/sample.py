@@ -108,7 +108,8 @@ def teacher_code(problem: SampleProblem, response: str, chat: bool) -> str:
   return code
 
 
-def _seed(*parts) -> int:
+def derive_seed(*parts) -> int:
+  """A 32-bit seed from any parts (e.g. seed, task_id, sample index), stable across runs."""
   return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
@@ -136,7 +137,7 @@ class Teacher:
       prompt = CHAT_INSTRUCTION.format(instruction=problem.prompt)
     stop = list(COMPLETION_STOPS) if problem.completion_style and not chat else None
     return dict(prompt=prompt, n=self.samples, temperature=self.temperature, top_p=self.top_p,
-                max_tokens=self.max_tokens, stop=stop, seed=_seed(seed, "teacher", problem.task_id))
+                max_tokens=self.max_tokens, stop=stop, seed=derive_seed(seed, "teacher", problem.task_id))
 
 
 def load_teacher_file(path: str, problems: list[SampleProblem]) -> dict:
@@ -235,7 +236,7 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
         rows = [Request(p.student_text(), max_new_tokens=max_new_tokens,
                         temperature=temperatures[i % len(temperatures)], top_p=top_p,
                         stop=tuple(stop) if stop is not None else COMPLETION_STOPS if p.completion_style else (),
-                        seed=_seed(seed, "student", p.task_id, i))
+                        seed=derive_seed(seed, "student", p.task_id, i))
                 for p in chunk for i in range(num_samples)]
         gens = []
         step = 4 * getattr(decoder, "max_batch", 16)
