@@ -108,17 +108,22 @@ def load_samples(path: str, problems: dict[str, Problem]) -> list[dict]:
 
 
 def write_jsonl_atomic(path: str, rows) -> None:
+  """One JSON object per line, written with `write_text_atomic`."""
+  write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_text_atomic(path: str, text: str | bytes) -> None:
   """Readers never see a partial file: locally it is written under a temporary name and
   renamed; an object store (gs://) publishes an object only once its upload completes."""
-  import fsspec
   import uuid
+
+  import fsspec
   fs, target = fsspec.core.url_to_fs(path)
   local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
   parent = target.rsplit("/", 1)[0] if "/" in target else "."
   tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{target.rsplit('/', 1)[-1]}" if local else target
   fs.makedirs(parent, exist_ok=True)
-  with fs.open(tmp, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+  with fs.open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
+    f.write(text)
   if local:
     fs.mv(tmp, target)

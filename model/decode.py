@@ -240,11 +240,11 @@ class Decoder:
     return ids
 
   def generate(self, requests: Sequence[Request | str], *, on_chunk: Callable | None = None,
-               **defaults) -> list[Generation]:
+               on_batch: Callable | None = None, **defaults) -> list[Generation]:
     """Generations for `requests` (Request objects, or prompts with `defaults` as Request fields),
     in order. Rows are batched by prompt length. `on_chunk(i, text, finished)` is called after
     every chunk for each live row i with its text so far, held back where a stop sequence
-    might still begin (for streaming)."""
+    might still begin (for streaming); `on_batch(rows)` after each batch (a progress bar)."""
     reqs = [r if isinstance(r, Request) else Request(r, **defaults) for r in requests]
     for r in reqs:
       if r.max_new_tokens < 1:
@@ -264,6 +264,8 @@ class Decoder:
       cb = None if on_chunk is None else (lambda j, text, fin, rows=rows: on_chunk(rows[j], text, fin))
       for i, g in zip(rows, self._run_batch([reqs[i] for i in rows], [ids[i] for i in rows], cb)):
         results[i] = g
+      if on_batch is not None:
+        on_batch(len(rows))
     return results
 
   # ---- one batch ---------------------------------------------------------------------------

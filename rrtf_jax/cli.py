@@ -95,7 +95,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _sample(args, overrides):
-  from rrtf_jax.sample import Teacher, default_cache_dir, load_problems, load_teacher_file, sample_stage
+  from rrtf_jax.sample import Preempted, Teacher, default_cache_dir, load_problems, load_teacher_file, sample_stage
   temps = _floats(args.temperature, "--temperature")
   teacher = None
   if args.teacher and args.teacher_file:
@@ -119,6 +119,10 @@ def _sample(args, overrides):
                            stop=tuple(args.stop) if args.stop else None, teacher=teacher, seed=args.seed,
                            problems_per_file=args.problems_per_file, shard=args.shard, num_shards=args.num_shards,
                            student_name=args.student_name, progress=not args.quiet)
+  except Preempted:
+    print(f"SIGTERM: stopped; finished files stay in {args.out} and every teacher answer received is cached; "
+          "rerun the same command to go on", file=sys.stderr)
+    return 143
   finally:
     if teacher is not None and teacher.client is not None:
       teacher.client.close()

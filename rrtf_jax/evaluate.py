@@ -36,11 +36,11 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 from typing import Sequence
 
-from data.problems import HUMANEVAL, InputError, Problem, load_problems, read_jsonl, write_jsonl_atomic
+from data.problems import (HUMANEVAL, InputError, Problem, load_problems, read_jsonl, write_jsonl_atomic,
+                           write_text_atomic)
 from rrtf_jax.sample import COMPLETION_STOPS, SampleProblem, derive_seed
 
 PROMPT_FORMATS = ("rrtf", "raw")
@@ -148,8 +148,8 @@ def write_outputs(out_dir: str, samples: Sequence[dict], results: Sequence[dict]
   """samples.jsonl, results.jsonl, summary.json and report.md, each atomically."""
   write_jsonl_atomic(f"{out_dir}/samples.jsonl", samples)
   write_jsonl_atomic(f"{out_dir}/results.jsonl", results)
-  _write_text(f"{out_dir}/summary.json", json.dumps(summary, indent=2) + "\n")
-  _write_text(f"{out_dir}/report.md", report_markdown(summary))
+  write_text_atomic(f"{out_dir}/summary.json", json.dumps(summary, indent=2) + "\n")
+  write_text_atomic(f"{out_dir}/report.md", report_markdown(summary))
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -231,7 +231,7 @@ def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None, te
         if m >= limit:
           raise InputError(f"{problems}: problem {p.task_id}: its prompt ({prompt_format} format) is {m} tokens, "
                            f"which leaves no room in the model's {limit} positions")
-  _write_text(f"{out_dir}/parts/settings.json", json.dumps(settings, indent=2) + "\n")
+  write_text_atomic(f"{out_dir}/parts/settings.json", json.dumps(settings, indent=2) + "\n")
   with contextlib.ExitStack() as stack:
     box = None
     for j in mine:
@@ -318,12 +318,8 @@ def _sample_part(decoder, chunk: Sequence[Problem], n, temperature, top_p, max_n
   reqs = [Request(problem_prompt(p, prompt_format), max_new_tokens=max_new_tokens, temperature=temperature,
                   top_p=top_p, stop=COMPLETION_STOPS, seed=derive_seed(seed, p.task_id, i))
           for p in chunk for i in range(n)]
-  gens = []
-  step = 4 * getattr(decoder, "max_batch", 16)
   with tqdm(total=len(reqs), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
-    for start in range(0, len(reqs), step):
-      gens += decoder.generate(reqs[start:start + step])
-      bar.update(len(reqs[start:start + step]))
+    gens = decoder.generate(reqs, on_batch=bar.update)
   return [dict(task_id=p.task_id, completion=g.text, finish_reason=g.finish_reason)
           for p, g in zip((p for p in chunk for _ in range(n)), gens)]
 
@@ -340,22 +336,6 @@ def _exists(path: str) -> bool:
   import fsspec
   fs, target = fsspec.core.url_to_fs(path)
   return fs.exists(target)
-
-
-def _write_text(path: str, text: str | bytes) -> None:
-  """Atomically, like data.problems.write_jsonl_atomic."""
-  import uuid
-
-  import fsspec
-  fs, target = fsspec.core.url_to_fs(path)
-  local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-  parent = target.rsplit("/", 1)[0] if "/" in target else "."
-  tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{target.rsplit('/', 1)[-1]}" if local else target
-  fs.makedirs(parent, exist_ok=True)
-  with fs.open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
-    f.write(text)
-  if local:
-    fs.mv(tmp, target)
 
 
 # ---------------------------------------------------------------------------------- compare
@@ -387,9 +367,9 @@ def compare(dir_a: str, dir_b: str, out_dir: str | None = None) -> dict:
       "per_problem": per_problem,
   }
   if out_dir is not None:
-    _write_text(f"{out_dir}/compare.json", json.dumps(result, indent=2) + "\n")
-    _write_text(f"{out_dir}/compare.md", compare_markdown(result, per_problem=True))
-    _write_text(f"{out_dir}/compare.png", venn_png(result))
+    write_text_atomic(f"{out_dir}/compare.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(f"{out_dir}/compare.md", compare_markdown(result, per_problem=True))
+    write_text_atomic(f"{out_dir}/compare.png", venn_png(result))
   return result
 
 

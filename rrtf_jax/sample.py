@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
+import signal
+import threading
 
 from data import records
 from data.pipeline import prompt_text
@@ -42,6 +45,30 @@ CHAT_COMPLETION = ("Complete the following Python function. Reply with the whole
                    "included, in one ```python code block.\n\n```python\n{prompt}```\n")
 CHAT_INSTRUCTION = "{instruction}\n\nWrite the solution in Python, in one ```python code block.\n"
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+class Preempted(Exception):
+  """SIGTERM arrived: finished files are kept and every teacher answer received is cached."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops(cancel: threading.Event):
+  """SIGTERM (a preempted VM, `kill`) raises Preempted in the main thread and sets `cancel`;
+  a second SIGTERM kills at once."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    cancel.set()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Preempted()
+
+  old = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,46 +249,45 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
   if todo:
     tf.io.gfile.makedirs(out_dir)
   pool = concurrent.futures.ThreadPoolExecutor(1)
+  cancel = threading.Event()
   try:
-    for j in todo:
-      chunk = problems[j * problems_per_file:(j + 1) * problems_per_file]
-      asks = teacher is not None and teacher.client is not None
-      total = len(chunk) * num_samples + (len(chunk) if asks else 0)
-      with tqdm(total=total, desc=f"sample file {j + 1}/{count}", unit="response", disable=not progress,
-                dynamic_ncols=True) as bar:
-        pending = None
-        if asks:  # teacher requests go out while the student decodes
-          reqs = [teacher.request(p, seed) for p in chunk]
-          pending = pool.submit(teacher.client.map, reqs, lambda: bar.update(1))
-        rows = [Request(p.student_text(), max_new_tokens=max_new_tokens,
-                        temperature=temperatures[i % len(temperatures)], top_p=top_p,
-                        stop=tuple(stop) if stop is not None else COMPLETION_STOPS if p.completion_style else (),
-                        seed=derive_seed(seed, "student", p.task_id, i))
-                for p in chunk for i in range(num_samples)]
-        gens = []
-        step = 4 * getattr(decoder, "max_batch", 16)
-        for start in range(0, len(rows), step):
-          gens += decoder.generate(rows[start:start + step])
-          bar.update(len(rows[start:start + step]))
-        answers = pending.result() if pending is not None else None
-      recs = []
-      for k, p in enumerate(chunk):
-        out = [(student_name, g.text, g.text if p.completion_style else extract_code(g.text), 0)
-               for g in gens[k * num_samples:(k + 1) * num_samples]]
-        if answers is not None:
-          chat = teacher.client.api == "chat"
-          out += [(teacher.name, t, teacher_code(p, t, chat), 1) for t in answers[k]]
-        if teacher is not None and teacher.answers is not None:
-          out += [(src, t, teacher_code(p, t, is_chat), 1) for src, t, is_chat in teacher.answers.get(p.task_id, ())]
-        recs.append(dict(task_id=p.task_id, prompt=p.prompt, test=p.test, entry_point=p.entry_point,
-                         exec_prefix=p.exec_prefix, sources=[o[0] for o in out], responses=[o[1] for o in out],
-                         codes=[o[2] for o in out], is_teacher=[o[3] for o in out]))
-        summary.student_responses += sum(1 for o in out if not o[3])
-        summary.teacher_responses += sum(1 for o in out if o[3])
-      records.write_atomic(outputs[j], recs, ranked=False)
-      summary.problems += len(chunk)
-      summary.files_done.append(j)
-  finally:
+    with _sigterm_stops(cancel):
+      for j in todo:
+        chunk = problems[j * problems_per_file:(j + 1) * problems_per_file]
+        asks = teacher is not None and teacher.client is not None
+        total = len(chunk) * num_samples + (len(chunk) if asks else 0)
+        with tqdm(total=total, desc=f"sample file {j + 1}/{count}", unit="response", disable=not progress,
+                  dynamic_ncols=True) as bar:
+          pending = None
+          if asks:  # teacher requests go out while the student decodes
+            reqs = [teacher.request(p, seed) for p in chunk]
+            pending = pool.submit(teacher.client.map, reqs, lambda: bar.update(1), cancel)
+          rows = [Request(p.student_text(), max_new_tokens=max_new_tokens,
+                          temperature=temperatures[i % len(temperatures)], top_p=top_p,
+                          stop=tuple(stop) if stop is not None else COMPLETION_STOPS if p.completion_style else (),
+                          seed=derive_seed(seed, "student", p.task_id, i))
+                  for p in chunk for i in range(num_samples)]
+          gens = decoder.generate(rows, on_batch=bar.update) if rows else []
+          answers = pending.result() if pending is not None else None
+        recs = []
+        for k, p in enumerate(chunk):
+          out = [(student_name, g.text, g.text if p.completion_style else extract_code(g.text), 0)
+                 for g in gens[k * num_samples:(k + 1) * num_samples]]
+          if answers is not None:
+            chat = teacher.client.api == "chat"
+            out += [(teacher.name, t, teacher_code(p, t, chat), 1) for t in answers[k]]
+          if teacher is not None and teacher.answers is not None:
+            out += [(src, t, teacher_code(p, t, is_chat), 1) for src, t, is_chat in teacher.answers.get(p.task_id, ())]
+          recs.append(dict(task_id=p.task_id, prompt=p.prompt, test=p.test, entry_point=p.entry_point,
+                           exec_prefix=p.exec_prefix, sources=[o[0] for o in out], responses=[o[1] for o in out],
+                           codes=[o[2] for o in out], is_teacher=[o[3] for o in out]))
+          summary.student_responses += sum(1 for o in out if not o[3])
+          summary.teacher_responses += sum(1 for o in out if o[3])
+        records.write_atomic(outputs[j], recs, ranked=False)
+        summary.problems += len(chunk)
+        summary.files_done.append(j)
+  finally:  # on any exit, teacher requests not yet sent are dropped; those in flight land in the cache
+    cancel.set()
     pool.shutdown(wait=True, cancel_futures=True)
   stats1 = _teacher_stats(teacher)
   summary.teacher_requests = stats1[0] - stats0[0]

@@ -119,17 +119,19 @@ class TeacherClient:
     """The n choice texts for one prompt (from the cache when present)."""
     return self._complete(self._body(prompt, n, temperature, top_p, max_tokens, stop, seed), threading.Event())
 
-  def map(self, requests: list[dict], on_done=None) -> list[list[str]]:
+  def map(self, requests: list[dict], on_done=None, cancel: threading.Event | None = None) -> list[list[str]]:
     """`complete(**r)` for every r, up to `concurrency` at once; results in input order.
 
     `on_done()` is called (in this thread) once per finished request. The first failure
     stops the rest (queued ones never start, in-flight ones stop retrying) and is raised.
+    Setting `cancel` from outside does the same: requests already sent still finish and are
+    cached, and map raises TeacherError("cancelled").
     """
     reqs = list(requests)
     if not reqs:
       return []
     bodies = [self._body(**r) for r in reqs]  # a bad key fails here, before any request
-    cancel = threading.Event()
+    cancel = cancel if cancel is not None else threading.Event()
 
     def run(body):
       if cancel.is_set():

@@ -43,7 +43,6 @@ def test_export_shards_and_dtype(converted, tmp_path):
 
 
 def test_export_refuses_existing_output(converted, tmp_path):
-  from model.convert import ConversionError
   _, _, ckpt = converted
   (tmp_path / "taken").mkdir()
   with pytest.raises(FileExistsError, match="already exists"):

@@ -1,6 +1,5 @@
 """Model structure: parameter counts without allocation, positions, remat, scanned compile."""
 
-import time
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,6 @@
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
