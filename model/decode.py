@@ -239,6 +239,23 @@ class Decoder:
       raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's {limit} positions")
     return ids
 
+  def validate(self, r: Request) -> list[int]:
+    """Checks one request (ValueError naming what is wrong) and returns its prompt's ids."""
+    if r.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
+    if not (math.isfinite(r.temperature) and r.temperature >= 0) or not 0 < r.top_p <= 1 or r.top_k < 0:
+      raise ValueError(f"bad sampling settings: temperature={r.temperature} (>= 0), top_p={r.top_p} "
+                       f"(in (0, 1]), top_k={r.top_k} (>= 0)")
+    if not 0 <= r.seed < 2**32:
+      raise ValueError(f"seed must be in [0, 2**32), got {r.seed}")
+    if r.stop and self.tokenizer is None:
+      raise ValueError("stop sequences need a checkpoint with a tokenizer")
+    ids = self.encode(r.prompt)
+    vocab = self.config.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+      raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    return ids
+
   def generate(self, requests: Sequence[Request | str], *, on_chunk: Callable | None = None,
                on_batch: Callable | None = None, **defaults) -> list[Generation]:
     """Generations for `requests` (Request objects, or prompts with `defaults` as Request fields),
@@ -246,17 +263,7 @@ class Decoder:
     every chunk for each live row i with its text so far, held back where a stop sequence
     might still begin (for streaming); `on_batch(rows)` after each batch (a progress bar)."""
     reqs = [r if isinstance(r, Request) else Request(r, **defaults) for r in requests]
-    for r in reqs:
-      if r.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
-      if r.temperature < 0 or not 0 < r.top_p <= 1 or r.top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={r.temperature} (>= 0), top_p={r.top_p} "
-                         f"(in (0, 1]), top_k={r.top_k} (>= 0)")
-      if not 0 <= r.seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {r.seed}")
-      if r.stop and self.tokenizer is None:
-        raise ValueError("stop sequences need a tokenizer")
-    ids = [self.encode(r.prompt) for r in reqs]
+    ids = [self.validate(r) for r in reqs]
     order = sorted(range(len(reqs)), key=lambda i: (len(ids[i]), i))
     results: list[Generation | None] = [None] * len(reqs)
     for start in range(0, len(order), self.max_batch):

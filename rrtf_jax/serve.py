@@ -139,28 +139,14 @@ class Engine:
     self.close()
 
   def _check(self, rows: Sequence[Request]) -> list[Request]:
-    """The decoder's own checks, done here so they fail one submission, not a batch; max_new_tokens
-    is capped at the model's context (the decoder sizes its buffers by the largest asked)."""
-    dec, out, seen = self.decoder, [], set()
-    limit, vocab = dec.config.max_position_embeddings, dec.config.vocab_size
+    """The decoder's checks, done here so that they fail one submission, not a batch;
+    max_new_tokens is capped at the model's context."""
+    dec, out = self.decoder, []
+    limit = dec.config.max_position_embeddings
     for r in rows:
       if not isinstance(r, Request):
         raise TypeError(f"rows must be Request objects, got {type(r).__name__}")
-      if r.max_new_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {r.max_new_tokens}")
-      if not (math.isfinite(r.temperature) and r.temperature >= 0) or not 0 < r.top_p <= 1 or r.top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={r.temperature} (>= 0), top_p={r.top_p} "
-                         f"(in (0, 1]), top_k={r.top_k} (>= 0)")
-      if not 0 <= r.seed < 2**32:
-        raise ValueError(f"a row seed must be in [0, 2**32), got {r.seed}")
-      if r.stop and dec.tokenizer is None:
-        raise ValueError("stop sequences need a checkpoint with a tokenizer")
-      key = r.prompt if isinstance(r.prompt, str) else tuple(r.prompt)
-      if key not in seen:  # n choices share a prompt: encode it once
-        ids = dec.encode(r.prompt)  # ValueError when too long for the context
-        if not all(0 <= t < vocab for t in ids):
-          raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        seen.add(key)
+      dec.validate(r)  # ValueError, e.g. a prompt too long for the context
       out.append(dataclasses.replace(r, max_new_tokens=min(r.max_new_tokens, limit)))
     return out
 

@@ -115,6 +115,8 @@ class _FakeDecoder:
   def __init__(self):
     self.calls, self.entered, self.gate = [], threading.Event(), threading.Event()
 
+  validate = Decoder.validate  # the real checks, on this fake's encode
+
   def encode(self, prompt):
     return [5] * len(prompt)
 
