@@ -25,10 +25,7 @@ how many rows' greedy tokens agree exactly between the sides (and where the firs
 falls). Then a profile of ours: one extra call per batch and chunk with prefill and each loop
 call timed (blocked on), the rest being host work; the cost of the sampling step the loop runs
 every step (`model.decode.sample_tokens` at temperature 0) against a bare argmax on the same
-[B, V] logits: greedy rows should cost no more than the argmax (a version that sorted the
-logits for every row cost 31 ms of a 74 ms step at B=16, V=8192); and a what-if timed with the
-others: the same Decoder loop traced with `jnp.argmax` in place of `sample_tokens` (not shipped
-code: the floor for greedy decoding with this loop).
+[B, V] logits: greedy rows should cost no more than the argmax.
 
 Run from the repo root (small: ~3-5 minutes on 2 cores):
   python benchmarks/decode.py                      # small: D512 L8 N8 MQA V8192, B 1 and 16
@@ -44,7 +41,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -61,9 +57,9 @@ import transformers  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import model.decode  # noqa: E402
+import results_io  # noqa: E402  (benchmarks/, this script's directory)
 from model.convert import convert_hf  # noqa: E402
-from model.decode import Decoder, decode_chunk, sample_tokens  # noqa: E402
+from model.decode import Decoder, sample_tokens  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "decode.json")
 
@@ -84,7 +80,7 @@ def parse_args():
   p.add_argument("--chunks", type=int, nargs="+", default=[32, 128],
                  help="Decoder chunk sizes to time; the first is the headline (32 = Decoder's default)")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per side and batch (median reported)")
-  p.add_argument("--no-profile", action="store_true", help="skip the profile of ours and the argmax what-if")
+  p.add_argument("--no-profile", action="store_true", help="skip the profile of ours")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=RESULTS, help="JSON path; Markdown goes beside it (.md)")
   p.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --out's JSON, run nothing")
@@ -238,26 +234,6 @@ def profile_ours(dec: Decoder, prompts, new_tokens: int) -> dict:
           "host_s": total - calls["prefill"][0] - sum(calls["decode"])}
 
 
-def _argmax_tokens(logits, keys, step, temperature, top_p, top_k):
-  """sample_tokens' signature, greedy only: [B, V] -> [B] int32."""
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def _decode_chunk_argmax(params, cfg, state, stop_at, *, eos_id, pad_id):
-  # model.decode looks sample_tokens up when tracing, so swapping the module attribute for the
-  # trace changes this jitted copy only (its own jax.jit cache, keyed on this function)
-  from unittest import mock
-  with mock.patch.object(model.decode, "sample_tokens", _argmax_tokens):
-    return decode_chunk(params, cfg, state, stop_at, eos_id=eos_id, pad_id=pad_id)
-
-
-def argmax_whatif(dec: Decoder) -> Decoder:
-  """A Decoder on dec's parameters whose loop runs argmax in place of sample_tokens."""
-  alt = Decoder(dec.config, dec.params, dec.tokenizer, chunk=dec.chunk, max_batch=dec.max_batch)
-  alt._decode = jax.jit(_decode_chunk_argmax, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
-  return alt
-
-
 def sampling_cost(batch: int, vocab: int, reps: int = 20) -> dict:
   """Median ms of the jitted greedy sampling step the loop runs (sample_tokens at temperature 0)
   against a bare argmax over the same [B, V] fp32 logits."""
@@ -285,7 +261,6 @@ def run(a) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     hf, decoders = build(a.size, a.seed, tmp, chunks, max(a.batches))
   cfg = decoders[chunks[0]].config
-  whatif = argmax_whatif(decoders[chunks[0]])
   n_params = sum(p.numel() for p in hf.parameters())
   print(f"[{a.size}] L={cfg.num_layers} D={cfg.embed_dim} N={cfg.num_heads} K={cfg.num_kv_heads} F={cfg.mlp_dim} "
         f"V={cfg.vocab_size} {cfg.dtype}; {n_params / 1e6:.1f}M params; prompts <= {a.prompt_len}, "
@@ -297,8 +272,6 @@ def run(a) -> dict:
     ids, mask = hf_inputs(prompts)
     fns = {f"ours_chunk{c}": (lambda d=d: ours_generate(d, prompts, a.new_tokens)) for c, d in decoders.items()}
     fns["hf"] = lambda: hf_generate(hf, ids, mask, a.new_tokens)
-    if not a.no_profile:
-      fns["whatif_argmax"] = lambda: ours_generate(whatif, prompts, a.new_tokens)
     load_before = _load()
     first, times, toks = time_interleaved(fns, a.repeats)
     row = {"prompt_lengths": [len(p) for p in prompts], "load_before": load_before, "load_after": _load()}
@@ -311,9 +284,6 @@ def run(a) -> dict:
       row[f"ours_chunk{c}"]["ratio_over_hf"] = row[f"ours_chunk{c}"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     row["agreement_ours_vs_hf"] = agreement(toks[f"ours_chunk{chunks[0]}"], toks["hf"])
     row["chunks_agree"] = all(toks[f"ours_chunk{c}"] == toks[f"ours_chunk{chunks[0]}"] for c in chunks)
-    if "whatif_argmax" in fns:
-      row["whatif_argmax"]["same_tokens_as_ours"] = toks["whatif_argmax"] == toks[f"ours_chunk{chunks[0]}"]
-      row["whatif_argmax"]["ratio_over_hf"] = row["whatif_argmax"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     if not a.no_profile:
       row["profile"] = {f"chunk{c}": profile_ours(d, prompts, a.new_tokens) for c, d in decoders.items()}
       row["profile"]["sampling"] = sampling_cost(_bucket_batch(b, max(a.batches)), cfg.vocab_size)
@@ -378,21 +348,17 @@ def markdown(result: dict) -> str:
            f"EOS off. Median of {s['repeats']} interleaved calls after one untimed call; tok/s = generated tokens / "
            f"wall seconds of the whole `generate` call (prefill included). {_code_line(env.get('code'))}", "",
            "| batch | " + " | ".join(f"ours tok/s (chunk {c})" for c in chunks) + " | HF tok/s | "
-           + " | ".join(f"ours/HF (chunk {c})" for c in chunks) + " | identical rows | ours first call s | "
-           "what-if: argmax loop tok/s (/HF) | load after |",
-           "|---" * (5 + 2 * len(chunks) + 1) + "|"]
+           + " | ".join(f"ours/HF (chunk {c})" for c in chunks) + " | identical rows | ours first call s | load after |",
+           "|---" * (5 + 2 * len(chunks)) + "|"]
   for b, r in result["batches"].items():
-    ag, w = r["agreement_ours_vs_hf"], r.get("whatif_argmax")
-    whatif = "-" if w is None else (f"{w['tokens_per_s']:,.1f} ({w['ratio_over_hf']:.2f}x"
-                                    + ("" if w["same_tokens_as_ours"] else ", other tokens") + ")")
+    ag = r["agreement_ours_vs_hf"]
     lines.append(f"| {b} | " + " | ".join(f"{r[f'ours_chunk{c}']['tokens_per_s']:,.1f}" for c in chunks)
                  + f" | {r['hf']['tokens_per_s']:,.1f} | "
                  + " | ".join(f"{r[f'ours_chunk{c}']['ratio_over_hf']:.2f}x" for c in chunks)
                  + f" | {ag['identical_rows']}/{ag['rows']} | {r[f'ours_chunk{c0}']['first_call_s']:.1f} | "
-                 f"{whatif} | {r['load_after']} |")
+                 f"{r['load_after']} |")
   lines += ["", "Load is the 1/5/15-minute load average, this benchmark's own threads included (about 2 while it "
-            "runs). The what-if is the same Decoder loop traced with `jnp.argmax` in place of "
-            "`model.decode.sample_tokens`, timed interleaved with the rest: not shipped code."]
+            "runs)."]
   prof = [(b, r["profile"]) for b, r in result["batches"].items() if "profile" in r]
   if prof:
     lines += ["", "Profile of ours (one extra call, each jitted call blocked on): seconds of the call, of the "
@@ -412,20 +378,10 @@ def markdown(result: dict) -> str:
 
 def main():
   a = parse_args()
-  md_path = os.path.splitext(a.out)[0] + ".md"
   if a.report_only:
-    with open(a.out) as f:
-      result = json.load(f)
+    results_io.rewrite_markdown(a.out, markdown)
   else:
-    result = run(a)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-      json.dump(result, f, indent=2)
-  md = markdown(result)
-  with open(md_path, "w") as f:
-    f.write(md)
-  print("\n" + md)
-  print(f"wrote {md_path}" if a.report_only else f"wrote {a.out} and {md_path}")
+    results_io.write(a.out, run(a), markdown)
 
 
 if __name__ == "__main__":

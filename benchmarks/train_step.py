@@ -57,7 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model  # noqa: E402
+import results_io  # noqa: E402  (benchmarks/, this script's directory)
 from model.sharding import LOGICAL_RULES, make_mesh  # noqa: E402
 from rrtf_jax import train  # noqa: E402
 from rrtf_jax.config_loading import load_config  # noqa: E402
@@ -375,13 +375,8 @@ def markdown(result: dict) -> str:
 
 def main():
   a = parse_args()
-  md_path = os.path.splitext(a.out)[0] + ".md"
   if a.report_only:
-    with open(a.out) as f:
-      md = markdown(json.load(f))
-    with open(md_path, "w") as f:
-      f.write(md)
-    print(md + f"\nwrote {md_path}")
+    results_io.rewrite_markdown(a.out, markdown)
     return
   result = {"benchmark": "train_step: RRTF train step, CPU tokens/s and MFU estimate; StarCoder-15B TPU plans"}
   if a.only and os.path.exists(a.out):
@@ -393,14 +388,7 @@ def main():
   if a.only in (None, "tpu"):
     result["tpu"] = run_tpu(a)
   result["env"] = env_info()
-  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(result, f, indent=2)
-  md = markdown(result)
-  with open(md_path, "w") as f:
-    f.write(md)
-  print("\n" + md)
-  print(f"wrote {a.out} and {md_path}")
+  results_io.write(a.out, result, markdown)
 
 
 if __name__ == "__main__":

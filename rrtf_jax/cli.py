@@ -87,6 +87,14 @@ def _teacher_client(args, cache_dir: str):
                        cache_dir=args.teacher_cache or cache_dir)
 
 
+def _decoder(args):
+  """The student's Decoder from --ckpt and the decoder flags (_add_decoder_args)."""
+  from model.decode import Decoder
+  from model.sharding import make_mesh
+  return Decoder.from_checkpoint(args.ckpt, mesh=make_mesh(args.mesh) if args.mesh else None, dtype=args.dtype,
+                                 chunk=args.chunk, max_batch=args.batch_size)
+
+
 def _floats(text: str, flag: str) -> tuple[float, ...]:
   try:
     return tuple(float(x) for x in text.split(","))
@@ -109,10 +117,7 @@ def _sample(args, overrides):
   if args.num_samples:
     if not args.ckpt:
       raise ValueError("student samples need --ckpt (or --num-samples 0 for teacher responses only)")
-    from model.decode import Decoder
-    from model.sharding import make_mesh
-    decoder = Decoder.from_checkpoint(args.ckpt, mesh=make_mesh(args.mesh) if args.mesh else None, dtype=args.dtype,
-                                      chunk=args.chunk, max_batch=args.batch_size)
+    decoder = _decoder(args)
   try:
     summary = sample_stage(args.problems, args.out, decoder=decoder, num_samples=args.num_samples,
                            temperatures=temps, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -158,17 +163,12 @@ def _evaluate(args, overrides):
   if missing:
     raise ValueError(f"needs {', '.join(missing)} (or --compare A B)")
 
-  def load_decoder():
-    from model.decode import Decoder
-    from model.sharding import make_mesh
-    return Decoder.from_checkpoint(args.ckpt, mesh=make_mesh(args.mesh) if args.mesh else None, dtype=args.dtype,
-                                   chunk=args.chunk, max_batch=args.batch_size)
-
   summary = ev.evaluate(args.ckpt, args.problems, args.out, n=args.n, temperature=args.temperature, top_p=args.top_p,
                         ks=ev.parse_ks(args.k) if args.k else None, greedy=args.greedy,
                         prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         problems_per_file=args.problems_per_file, shard=args.shard, num_shards=args.num_shards,
-                        workers=args.workers, timeout=args.timeout, decoder=load_decoder, progress=not args.quiet)
+                        workers=args.workers, timeout=args.timeout, decoder=lambda: _decoder(args),
+                        progress=not args.quiet)
   print(summary.report())
 
 
