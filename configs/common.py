@@ -58,6 +58,7 @@ def base_config(**model_overrides) -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
   c.train.weighting = "gap"  # pair weights: gap (PanGu-Coder2, r_j - r_i) | uniform (RRHF)
   c.train.ft_weight = 1.0  # lambda in L = L_rank + lambda * L_ft
+  c.train.rank_weight = 1.0  # factor of L_rank; 0 = fine-tune on the best response only (ablation)
   c.train.logprob_chunk = 256  # positions per chunk of the [N, C, V] logits
   c.train.log_every = 10  # steps between metric writes (TensorBoard) and non-finite checks
   c.train.checkpoint_every = 100  # steps between checkpoints

@@ -9,7 +9,8 @@ p_i = mean over y_i's tokens of log P(y_i,t | x, y_i,<t):
            pairs with equal scores do not count.
   L_ft   = - sum over the tokens of the best response of log P  (best: highest score, ties
            to a teacher, then to the first)
-  L      = L_rank + ft_weight * L_ft, averaged over prompts.
+  L      = rank_weight * L_rank + ft_weight * L_ft, averaged over prompts (rank_weight 0:
+           fine-tuning on the best response only, the ablation of `rrtf demo --ablation`).
 The mean in p_i is over the response's own tokens (the paper's formula; the official RRHF
 code divides by the padded length).
 """
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 
 def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap",
-              ft_weight: float = 1.0):
+              ft_weight: float = 1.0, rank_weight: float = 1.0):
   """Returns (loss, metrics) for one batch.
 
   Args:
@@ -32,6 +33,8 @@ def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap
     is_teacher: [B, R] bool, breaks ties when choosing the best response.
     weighting: "gap" (w_ij = r_j - r_i, the paper's) or "uniform" (w_ij = 1, RRHF's).
     ft_weight: lambda in L = L_rank + lambda * L_ft.
+    rank_weight: the factor of L_rank; 0 turns the ranking loss off (its metrics are still
+      reported, so an ablation shows how ranking accuracy moves without it).
   """
   if weighting not in ("gap", "uniform"):
     raise ValueError(f"weighting must be 'gap' or 'uniform', got {weighting!r}")
@@ -71,7 +74,7 @@ def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap
       "pairs": n_pairs,
       "response_tokens": mask.sum(),
   }
-  loss = rank_loss + ft_weight * ft_loss
+  loss = rank_weight * rank_loss + ft_weight * ft_loss
   metrics["loss"] = loss
   return loss, metrics
 

@@ -105,3 +105,19 @@ def test_token_logprobs_from_model_hidden_equal_model_logits():
   want = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1)[..., 0]
   got = token_logprobs(hidden[:, :-1], params["wte"], tokens[:, 1:], chunk=8)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_weight_zero_is_fine_tuning_on_the_best_response_only():
+  # The demo's ablation: gradient only on the best response's tokens, equal to its plain
+  # cross-entropy; the ranking metrics are still reported.
+  logp, mask, scores, teacher = random_batch(3)
+  (loss, m), grad = jax.value_and_grad(
+      lambda lp: rrtf_loss(lp, mask, scores, teacher, rank_weight=0.0), has_aux=True)(logp)
+  assert m["pairs"] > 0 and m["rank_loss"] > 0 and loss == pytest.approx(float(m["ft_loss"]))
+  _, _, ft, acc = reference(logp, mask, scores, teacher)
+  assert float(m["ft_loss"]) == pytest.approx(ft, rel=1e-5) and float(m["ranking_accuracy"]) == pytest.approx(acc)
+  g = np.asarray(grad)
+  rows = np.abs(g).sum(-1)  # [B, R]: responses that get any gradient
+  assert ((rows > 0).sum(-1) <= 1).all() and (rows > 0).sum() > 0
+  full = np.asarray(jax.grad(lambda lp: rrtf_loss(lp, mask, scores, teacher)[0])(logp))
+  assert np.abs(full - g).sum() > 0  # with the ranking term on, other responses get gradient too
