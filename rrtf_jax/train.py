@@ -91,16 +91,9 @@ def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformatio
 
 # ---- the step ----------------------------------------------------------------------------------
 
-def make_train_step(model_cfg: ModelConfig, tc: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation) -> Callable:
-  """train_step(state, batch) -> (state, metrics), pure.
-
-  batch: inputs, targets [B, R, T] int32; loss_mask [B, R, T] (1 on response targets);
-  segment_ids [B, R, T] int32 (1 real, 0 padding); scores [B, R] float32; is_teacher [B, R] bool.
-  """
+def make_loss_fn(model_cfg: ModelConfig, tc: ml_collections.ConfigDict) -> Callable:
+  """loss_fn(params, batch) -> (loss, rrtf_loss metrics), with the batch layout of make_train_step."""
   model = Transformer(model_cfg)
-  micro = int(tc.microbatches)
-  schedule = learning_rate_schedule(tc)
 
   def loss_fn(params, batch):
     b, r, t = batch["inputs"].shape
@@ -109,7 +102,52 @@ def make_train_step(model_cfg: ModelConfig, tc: ml_collections.ConfigDict,
                          return_hidden=True)  # [B*R, T, D]
     logp = token_logprobs(hidden, params["wte"], flat(batch["targets"]), chunk=int(tc.logprob_chunk))
     return rrtf_loss(logp.reshape(b, r, t), batch["loss_mask"], batch["scores"], batch["is_teacher"],
-                     weighting=tc.weighting, ft_weight=float(tc.ft_weight))
+                     weighting=tc.weighting, ft_weight=float(tc.ft_weight), rank_weight=float(tc.rank_weight))
+
+  return loss_fn
+
+
+def ranking_metrics(model_cfg: ModelConfig, tc: ml_collections.ConfigDict, params: dict, data_dir: str, *,
+                    responses: int) -> dict:
+  """One pass over a prepared dataset for each of several parameter sets (name -> params), a
+  prompt at a time with up to `responses` responses each: the fraction of scored pairs
+  (better, worse) where the model gives the better response the higher length-normalised
+  log-probability (what the ranking loss trains), and the mean fine-tuning loss of the best
+  response. tc gives seq_len and logprob_chunk. Returns name -> metrics.
+  """
+  from data.pipeline import train_batches
+  loss_fn = make_loss_fn(model_cfg, tc)
+  metrics_fn = jax.jit(lambda p, b: loss_fn(p, b)[1])
+  pad_id = next((i for i in (model_cfg.pad_token_id, model_cfg.eos_token_id) if i is not None), 0)
+  batches = train_batches(data_dir, batch_size=1, responses=responses, seq_len=int(tc.seq_len), pad_id=pad_id,
+                          window=1, process_index=0, process_count=1)
+  try:
+    data = [next(batches)[0] for _ in range(batches.batches_per_epoch)]
+  finally:
+    batches.close()
+  out = {}
+  for name, p in params.items():
+    correct = pairs = ft = 0.0
+    for batch in data:
+      m = jax.device_get(metrics_fn(p, batch))
+      correct += float(m["ranking_accuracy"]) * float(m["pairs"])
+      pairs += float(m["pairs"])
+      ft += float(m["ft_loss"])
+    out[name] = {"ranking_accuracy": correct / max(pairs, 1.0), "pairs": int(pairs), "prompts": len(data),
+                 "ft_loss": ft / max(len(data), 1)}
+  return out
+
+
+def make_train_step(model_cfg: ModelConfig, tc: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation) -> Callable:
+  """train_step(state, batch) -> (state, metrics), pure.
+
+  batch: inputs, targets [B, R, T] int32; loss_mask [B, R, T] (1 on response targets);
+  segment_ids [B, R, T] int32 (1 real, 0 padding); scores [B, R] float32; is_teacher [B, R] bool.
+  """
+  micro = int(tc.microbatches)
+  schedule = learning_rate_schedule(tc)
+  loss_fn = make_loss_fn(model_cfg, tc)
 
   def grads_and_metrics(params, batch):
     (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
