@@ -1,6 +1,5 @@
-"""The `rrtf` console script, config files and overrides, and the demo."""
+"""The `rrtf` console script, config files and overrides (the demo: test_demo.py)."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -41,12 +40,3 @@ def test_overrides_are_typed():
 def test_split_overrides():
   rest, over = split_overrides(["plan", "--config", "tiny", "--config.model.num_layers", "3", "--config.seed=1"])
   assert rest == ["plan", "--config", "tiny"] and over == ["--config.model.num_layers=3", "--config.seed=1"]
-
-
-def test_demo_quick(tmp_path):
-  from rrtf_jax.demo import run_demo
-  summary = run_demo(str(tmp_path / "demo"), quick=True)
-  assert summary["roundtrip_identical"]
-  saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
-  assert saved["stages_pending"] and abs(saved["heldout_loss"] - 6.93) < 0.5  # untrained: about ln(1024)
-  run_demo(str(tmp_path / "demo"), quick=True)  # rerunnable over its own workdir
