@@ -143,3 +143,60 @@ def serve_teacher(tiny_ckpt, tmp_path_factory):
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+_INIT_FNS = {}
+
+
+def init_params_one_compile(cfg, seed: int):
+  """model.init_params(cfg, PRNGKey(seed)), compiled once per config for every seed:
+  init_params jits a new function on each call, so each call compiles the initialiser again
+  (~3-5 s on 2 cores even for the tiny model)."""
+  import jax
+
+  from model import init_params
+  if cfg not in _INIT_FNS:
+    _INIT_FNS[cfg] = jax.jit(lambda rng: init_params(cfg, rng))
+  return _INIT_FNS[cfg](jax.random.PRNGKey(seed))
+
+
+# Runs `rrtf` commands (cli.main, what `python -m rrtf_jax.cli` and the console script call) in ONE
+# fresh process, each with its own file as file descriptor 2, and prints [[exit code, stderr], ...]:
+# what a process per command would show (Python's and C++ libraries' stderr alike), without a
+# process start-up (JAX, TensorFlow, ... imports: seconds each) per command.
+_CLI_DRIVER = """
+import json, os, sys, tempfile, traceback
+from rrtf_jax.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+  with tempfile.TemporaryFile("w+") as err:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(err.fileno(), 2)
+    try:
+      code = main(argv)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+      traceback.print_exc()
+      code = 1
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+    err.seek(0)
+    results.append([code, err.read()])
+print(json.dumps(results))
+"""
+
+
+def cli_runs_in_one_process(argvs: list[list[str]], **popen_kw) -> list[tuple[int, str]]:
+  """(exit code, stderr) of `rrtf ARGV...` for each argv, all in one subprocess (for commands
+  that fail or finish quickly: their cost is the start-up)."""
+  import json
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(argvs)], capture_output=True, text=True,
+                        **popen_kw)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,11 +15,14 @@ def hf_dir(tmp_path):
   return save_hf(make_hf_model(True, seed=2), tmp_path / "hf")
 
 
-def _convert(hf_dir, out):
-  proc = subprocess.run([sys.executable, "-m", "rrtf_jax.cli", "convert", "--hf-dir", str(hf_dir), "--out", str(out)],
-                        capture_output=True, text=True)
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("rrtf convert:")]
-  return proc.returncode, lines
+def _convert(hf_dir, out, capfd):
+  """`rrtf convert` through cli.main (what the console script runs) in this process, its stderr
+  captured at the file descriptor: a subprocess per case paid ~2 s of start-up for a failure."""
+  from rrtf_jax.cli import main
+  capfd.readouterr()
+  code = main(["convert", "--hf-dir", str(hf_dir), "--out", str(out)])
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("rrtf convert:")]
+  return code, lines
 
 
 def _edit_tensors(hf_dir, edit):
@@ -39,32 +40,32 @@ def _assert_no_output(out):
   assert not [n for n in os.listdir(parent) if n.startswith(os.path.basename(out))], os.listdir(parent)
 
 
-def test_not_gpt_bigcode(hf_dir, tmp_path):
+def test_not_gpt_bigcode(hf_dir, tmp_path, capfd):
   cfg_path = os.path.join(hf_dir, "config.json")
   cfg = json.load(open(cfg_path))
   cfg["model_type"] = "llama"
   json.dump(cfg, open(cfg_path, "w"))
   out = str(tmp_path / "out")
-  rc, lines = _convert(hf_dir, out)
+  rc, lines = _convert(hf_dir, out, capfd)
   assert rc == 2 and len(lines) == 1
   assert cfg_path in lines[0] and "llama" in lines[0] and "gpt_bigcode" in lines[0]
   _assert_no_output(out)
 
 
-def test_missing_tensor(hf_dir, tmp_path):
+def test_missing_tensor(hf_dir, tmp_path, capfd):
   path = _edit_tensors(hf_dir, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
   out = str(tmp_path / "out")
-  rc, lines = _convert(hf_dir, out)
+  rc, lines = _convert(hf_dir, out, capfd)
   assert rc == 2 and len(lines) == 1
   assert path in lines[0] and "transformer.h.1.mlp.c_fc.bias" in lines[0] and "missing" in lines[0]
   _assert_no_output(out)
 
 
-def test_shape_disagrees_with_config(hf_dir, tmp_path):
+def test_shape_disagrees_with_config(hf_dir, tmp_path, capfd):
   mha_rows = np.zeros((40, 32), np.float32)  # MHA-sized c_attn in an MQA model
   path = _edit_tensors(hf_dir, lambda t: t.update({"transformer.h.0.attn.c_attn.weight": mha_rows}))
   out = str(tmp_path / "out")
-  rc, lines = _convert(hf_dir, out)
+  rc, lines = _convert(hf_dir, out, capfd)
   assert rc == 2 and len(lines) == 1
   assert path in lines[0] and "transformer.h.0.attn.c_attn.weight" in lines[0] and "[40, 32]" in lines[0]
   _assert_no_output(out)
@@ -85,16 +86,16 @@ def test_failure_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypatch):
   _assert_no_output(out)
 
 
-def test_no_safetensors(hf_dir, tmp_path):
+def test_no_safetensors(hf_dir, tmp_path, capfd):
   os.remove(os.path.join(hf_dir, "model.safetensors"))
-  rc, lines = _convert(hf_dir, tmp_path / "out")
+  rc, lines = _convert(hf_dir, tmp_path / "out", capfd)
   assert rc == 2 and len(lines) == 1 and "no model.safetensors" in lines[0]
 
 
-def test_existing_output_is_not_touched(hf_dir, tmp_path):
+def test_existing_output_is_not_touched(hf_dir, tmp_path, capfd):
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("x")
-  rc, lines = _convert(hf_dir, out)
+  rc, lines = _convert(hf_dir, out, capfd)
   assert rc == 2 and "already exists" in lines[0]
   assert (out / "keep.txt").read_text() == "x"

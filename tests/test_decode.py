@@ -17,11 +17,10 @@ def _prompts(seed=0):
   return [rng.randint(3, 97, n).tolist() for n in PROMPT_LENS]
 
 
-def _recompute_greedy(cfg, params, prompt, new, eos):
+def _recompute_greedy(apply, params, prompt, new, eos):
   """The definition: run the whole sequence through the model for every new token (right-padded
-  to one length, which a causal model ignores, so it compiles once)."""
+  to one length, which a causal model ignores, so `apply` compiles once for every prompt)."""
   width = 32
-  apply = jax.jit(lambda p, t, i: Transformer(cfg).apply({"params": p}, t)[0, i])
   seq, out = list(prompt), []
   for _ in range(new):
     tok = int(jnp.argmax(apply(params, jnp.asarray([seq + [0] * (width - len(seq))]), len(seq) - 1)))
@@ -43,8 +42,9 @@ def decoder(converted):
 def test_cached_greedy_equals_recomputation(decoder):
   _, dec = decoder
   gens = dec.generate(_prompts(), max_new_tokens=NEW)
+  apply = jax.jit(lambda p, t, i: Transformer(dec.config).apply({"params": p}, t)[0, i])
   for prompt, g in zip(_prompts(), gens):
-    assert g.tokens == _recompute_greedy(dec.config, dec.params, prompt, NEW, dec.eos_id)
+    assert g.tokens == _recompute_greedy(apply, dec.params, prompt, NEW, dec.eos_id)
     assert g.prompt_tokens == len(prompt)
     assert g.finish_reason == ("stop" if g.tokens[-1] == dec.eos_id else "length")
 
@@ -90,11 +90,14 @@ def test_sample_tokens_filters():
   logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]] * 4096))
   keys = jax.vmap(jax.random.key)(jnp.arange(4096))
   b = logits.shape[0]
+  # Jitted as the decode loop runs it: one compile serves every setting below (called eagerly,
+  # each call traced and compiled its lax.conds again).
+  sample = jax.jit(sample_tokens)
 
   def draw(temperature, top_p, top_k):
     full = lambda x, dt: jnp.full((b,), x, dt)  # noqa: E731
-    return np.asarray(sample_tokens(logits, keys, 0, full(temperature, jnp.float32), full(top_p, jnp.float32),
-                                    full(top_k, jnp.int32)))
+    return np.asarray(sample(logits, keys, 0, full(temperature, jnp.float32), full(top_p, jnp.float32),
+                             full(top_k, jnp.int32)))
 
   assert set(draw(0.0, 1.0, 0)) == {0}  # greedy
   assert set(draw(1.0, 1.0, 2)) == {0, 1}  # top-k

@@ -1,13 +1,16 @@
 """Our Pallas MQA/GQA flash attention (interpret mode on CPU) against the XLA reference and
 JAX's splash kernels, inside the model, and compiled ahead of time for TPU with libtpu."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig, Transformer, init_params
+from conftest import init_params_one_compile
+from model import ModelConfig, Transformer
 from model.attention import resolve, splash_attention, xla_attention
 from model.flash_attention import flash_attention
 
@@ -31,6 +34,9 @@ def _segments(b, length, packed):
   return jnp.stack([first, second] + [first] * (b - 2))[:b].astype(jnp.int32)
 
 
+# Jitted: one program per case (run op by op, the many small compiles of the eager XLA
+# reference took longer than the computation).
+@functools.partial(jax.jit, static_argnums=0)
 def _vjp(fn, q, k, v, do):
   out, pullback = jax.vjp(fn, q, k, v)
   return (out, *pullback(do))
@@ -88,7 +94,7 @@ def _tiny(attention, **kw):
 
 
 def test_tiny_model_pallas_equals_xla_logits_and_grads():
-  params = init_params(_tiny("xla"), jax.random.PRNGKey(0))
+  params = init_params_one_compile(_tiny("xla"), 0)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 150), 0, 128)
   mask = jnp.ones_like(tokens).at[1, :37].set(0)  # left padding
 
@@ -96,8 +102,9 @@ def test_tiny_model_pallas_equals_xla_logits_and_grads():
     logits = Transformer(_tiny(impl)).apply({"params": p}, tokens, mask)
     return (jax.nn.log_softmax(logits) * mask[..., None]).mean(), logits
 
-  (l_x, logits_x), g_x = jax.value_and_grad(loss, has_aux=True)(params, "xla")
-  (l_p, logits_p), g_p = jax.value_and_grad(loss, has_aux=True)(params, "pallas")
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)  # one program each, not op by op
+  (l_x, logits_x), g_x = grad(params, "xla")
+  (l_p, logits_p), g_p = grad(params, "pallas")
   np.testing.assert_allclose(logits_p, logits_x, atol=1e-5)
   np.testing.assert_allclose(l_p, l_x, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_p)):
@@ -109,7 +116,9 @@ def test_sharded_model_with_pallas_equals_xla():
   from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh
   from model import abstract_params
   cfg = _tiny("pallas")
-  params = init_params(cfg, jax.random.PRNGKey(2))
+  # The parameters do not depend on the attention implementation: the XLA config's initialiser,
+  # compiled once for this file, gives them (init_params(cfg) would compile the kernel too).
+  params = init_params_one_compile(cfg.replace(attention="xla"), 2)
   tokens = jax.random.randint(jax.random.PRNGKey(3), (4, 40), 0, 128)
   expected = Transformer(cfg.replace(attention="xla")).apply({"params": params}, tokens)
   mesh = make_mesh("data=2,fsdp=2,tensor=2")

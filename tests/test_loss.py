@@ -94,10 +94,11 @@ def test_chunked_token_logprobs_equal_full_logits(t, chunk):
 
 
 def test_token_logprobs_from_model_hidden_equal_model_logits():
-  from model import ModelConfig, Transformer, init_params
+  from conftest import init_params_one_compile
+  from model import ModelConfig, Transformer
   from rrtf_jax.config_loading import load_config
   cfg = ModelConfig.from_dict(load_config("tiny").model)
-  params = init_params(cfg, jax.random.PRNGKey(0))
+  params = init_params_one_compile(cfg, 0)  # the tiny initialiser compiles once for the session
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size)
   model = Transformer(cfg)
   hidden = model.apply({"params": params}, tokens, return_hidden=True)

@@ -1,11 +1,13 @@
 """Model structure: parameter counts without allocation, positions, remat, scanned compile."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_params_one_compile
 from model import ModelConfig, Transformer, count_params, init_params
 from model.transformer import positions_from_segments
 from rrtf_jax.config_loading import load_config
@@ -35,7 +37,7 @@ def test_positions_from_segments():
 
 def test_packed_segments_equal_separate_sequences():
   cfg = _cfg("tiny")
-  params = init_params(cfg, jax.random.PRNGKey(0))
+  params = init_params_one_compile(cfg, 0)  # the tiny model's initialiser compiles once for this file
   apply = jax.jit(lambda t, s=None: Transformer(cfg).apply({"params": params}, t, segment_ids=s))
   a, b = jnp.arange(5)[None] + 7, jnp.arange(4)[None] + 50
   packed = jnp.concatenate([a, b], axis=1)
@@ -45,16 +47,20 @@ def test_packed_segments_equal_separate_sequences():
   np.testing.assert_allclose(out[:, 5:], apply(b), atol=1e-5)
 
 
+def _loss(p, c, tokens):
+  return Transformer(c).apply({"params": p}, tokens).mean()
+
+
+# One jitted function for both remat tests: the gradient without remat compiles once for the two.
+_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_same_values_and_grads(remat):
   cfg = _cfg("tiny")
-  params = init_params(cfg, jax.random.PRNGKey(1))
+  params = init_params_one_compile(cfg, 1)
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg.vocab_size)
-
-  def loss(p, c):
-    return Transformer(c).apply({"params": p}, tokens).mean()
-
-  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  grad = functools.partial(_grad, tokens=tokens)
   v0, g0 = grad(params, cfg)
   v1, g1 = grad(params, cfg.replace(remat=remat))
   np.testing.assert_allclose(v0, v1, rtol=1e-6)
@@ -65,7 +71,7 @@ def test_remat_same_values_and_grads(remat):
 def test_layers_are_scanned():
   """Parameters are stacked per layer, and lowering a 40-layer model costs no more than a 2-layer one."""
   cfg = _cfg("tiny")
-  params = init_params(cfg, jax.random.PRNGKey(0))
+  params = init_params_one_compile(cfg, 0)
   assert params["h"]["attn"]["q_kernel"].shape == (2, 64, 4, 16)
   assert params["h"]["attn"]["kv_kernel"].shape == (2, 64, 2, 1, 16)
 

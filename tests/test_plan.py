@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import cli_runs_in_one_process
 from rrtf_jax.config_loading import load_config
 from rrtf_jax.plan import PlanError, plan
 
@@ -46,20 +47,30 @@ def test_does_not_fit_verdict():
   assert "DOES NOT FIT" in result.report()
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUTS = [
     (["--topology", "v9z:2x2"], "unknown or unsupported topology 'v9z:2x2'"),
     (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "has 3 devices, but there are 4"),
     (["--topology", "v5e:2x2", "--mesh", "tensor=3,fsdp=-1"], "does not divide 4 devices"),
     (["--topology", "v5e:2x2", "--batch-size", "6"], "micro-batch of 6 prompts"),
     (["--topology", "v5e:2x2", "--config.train.microbatches=3"], "not a multiple of train.microbatches=3"),
     (["--topology", "v5e:2x2", "--config.model.num_layerz=1"], "no field 'model.num_layerz'"),
-])
-def test_bad_inputs_one_line_errors(args, message):
-  proc = subprocess.run([sys.executable, "-m", "rrtf_jax.cli", "plan", "--config", "tiny", *args],
-                        capture_output=True, text=True)
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("rrtf plan: error:") and message in lines[0], proc.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs():
+  """(exit code, stderr) of `rrtf plan` for each of BAD_INPUTS, all in one subprocess (each fails
+  in well under a second; a process per case paid ~2 s of start-up each)."""
+  return cli_runs_in_one_process([["plan", "--config", "tiny", *args] for args, _ in BAD_INPUTS])
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[m for _, m in BAD_INPUTS])
+def test_bad_inputs_one_line_errors(bad_input_runs, case):
+  message = BAD_INPUTS[case][1]
+  code, stderr = bad_input_runs[case]
+  assert code == 2, stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("rrtf plan: error:") and message in lines[0], stderr
 
 
 def test_plan_error_type():

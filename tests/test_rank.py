@@ -88,11 +88,6 @@ def _shards():
   ]
 
 
-def _rank(samples, out, *extra, check=True):
-  return subprocess.run(RRTF + ["rank", "--samples", samples, "--out", out, "--workers", "2", "--quiet", *extra],
-                        capture_output=True, text=True, check=check)
-
-
 def _rank_here(capsys, samples, out, *extra):
   """In this process (no TensorFlow start-up): (exit code, stdout, stderr)."""
   from rrtf_jax.cli import main
@@ -106,13 +101,15 @@ def _outputs(out):
 
 
 @pytest.mark.slow
-def test_rank_writes_tfds_dataset_and_survives_kill(tmp_path):
+def test_rank_writes_tfds_dataset_and_survives_kill(tmp_path, capsys):
+  """The killed run is a CLI subprocess; the clean run and the rerun are the same command in
+  this process (cli.main, without a subprocess's TensorFlow start-up each)."""
   import tensorflow_datasets as tfds
   samples = str(tmp_path / "samples")
   _write_samples(samples, _shards())
   clean = str(tmp_path / "clean")
-  r = _rank(samples, clean)
-  assert "TFDS metadata written" in r.stdout, r.stdout + r.stderr
+  code, stdout, stderr = _rank_here(capsys, samples, clean)
+  assert code == 0 and "TFDS metadata written" in stdout, stdout + stderr
 
   builder = tfds.builder_from_directory(clean)
   assert builder.info.splits["train"].num_examples == 4  # t0 dropped
@@ -137,8 +134,8 @@ def test_rank_writes_tfds_dataset_and_survives_kill(tmp_path):
   partial = _outputs(killed)
   assert 1 <= len(partial) < 4, "the kill should land between shards"
   assert not os.path.exists(os.path.join(killed, "dataset_info.json"))
-  r = _rank(samples, killed)
-  assert "skipped, already done: [0" in r.stdout, r.stdout
+  code, stdout, stderr = _rank_here(capsys, samples, killed)
+  assert code == 0 and "skipped, already done: [0" in stdout, stdout + stderr
   assert _outputs(killed) == _outputs(clean)
   assert not [n for n in os.listdir(killed) if n.startswith(".tmp-")]
 

@@ -3,8 +3,9 @@
 import jax
 import numpy as np
 
+from conftest import init_params_one_compile
 from data import records
-from model import ModelConfig, Transformer, init_params
+from model import ModelConfig, Transformer
 from rrtf_jax.config_loading import load_config
 
 
@@ -32,7 +33,7 @@ def test_ranking_accuracy_equals_full_logits_reference(tmp_path):
 
   config = load_config("tiny")
   cfg = ModelConfig.from_dict(config.model)
-  params = {f"seed{s}": init_params(cfg, jax.random.PRNGKey(s)) for s in (0, 1)}
+  params = {f"seed{s}": init_params_one_compile(cfg, s) for s in (0, 1)}  # one compile for both seeds
   got = ranking_metrics(cfg, config.train, params, str(tmp_path / "prepared"), responses=5)
 
   apply = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x))

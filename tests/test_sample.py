@@ -133,11 +133,14 @@ def _log(path):
 
 
 @pytest.mark.slow
-def test_sample_against_rrtf_serve_killed_and_rerun(tiny_ckpt, serve_teacher, tmp_path):
+def test_sample_against_rrtf_serve_killed_and_rerun(tiny_ckpt, serve_teacher, tmp_path, capsys):
   """The tiny model as student and `rrtf serve` (the same tiny model) as teacher. A run killed
   (SIGTERM, as a preempted VM gets) after its first file and rerun writes what an
   uninterrupted run writes, and the teacher never sees the same request twice: requests in
-  flight at the kill still land in the cache, queued ones are never sent."""
+  flight at the kill still land in the cache, queued ones are never sent. The killed run is a
+  CLI subprocess; the rerun and the uninterrupted run are the same command in this process
+  (cli.main, without a subprocess's start-up each)."""
+  from rrtf_jax import cli
   url, log_path = serve_teacher
   probs = tmp_path / "p.jsonl"
   probs.write_text("\n".join(_humaneval_lines(6)) + "\n")
@@ -160,9 +163,10 @@ def test_sample_against_rrtf_serve_killed_and_rerun(tiny_ckpt, serve_teacher, tm
   assert proc.returncode == 143 and "SIGTERM: stopped" in stderr, stderr
   done_at_kill = [os.path.exists(p) for p in output_files(out, 3)]
   assert done_at_kill[0] and not all(done_at_kill), done_at_kill  # killed midway
-  rerun = _run_sample(args(out))
-  stdout, stderr = rerun.communicate(timeout=300)
-  assert rerun.returncode == 0, stderr
+  capsys.readouterr()
+  code = cli.main(["sample", *args(out)])
+  stdout, stderr = capsys.readouterr()
+  assert code == 0, stderr
   assert "skipped, already done: [0" in stdout
   sent = _log(log_path)[before:]
   hashes = [e["sha256"] for e in sent]
@@ -170,9 +174,8 @@ def test_sample_against_rrtf_serve_killed_and_rerun(tiny_ckpt, serve_teacher, tm
   assert all(e["status"] == 200 and e["path"] == "/v1/chat/completions" for e in sent)
 
   ref = str(tmp_path / "uninterrupted")
-  full = _run_sample(args(ref))
-  _, stderr = full.communicate(timeout=300)
-  assert full.returncode == 0, stderr
+  code = cli.main(["sample", *args(ref)])
+  assert code == 0, capsys.readouterr().err
   got, want = _read_all(out), _read_all(ref)
   assert [r["task_id"] for r in got] == [json.loads(line)["task_id"] for line in _humaneval_lines(6)]
   assert got == want
