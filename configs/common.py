@@ -41,6 +41,9 @@ def base_config(**model_overrides) -> ml_collections.ConfigDict:
   c.data.dir = ""  # the prepared dataset (rrtf prepare), local or gs://
   c.data.window = 8  # batches sorted by length together (bucketing), then shuffled
   c.data.buckets = ""  # batch lengths, e.g. "512,1024,2048"; empty = powers of 2 up to seq_len
+  # Parts the data is cut into, each read by one host (0 = one per process). Fix it (a multiple
+  # of every host count you will use) to keep the same global batches on slices of other sizes.
+  c.data.splits = 0
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 512  # global batch in prompts per optimizer step (the paper: 512)
   c.train.responses = 4  # R responses per prompt, ranked against each other

@@ -337,18 +337,39 @@ class TrainBatches:
   batches_per_epoch: every host's batches per epoch (the least over hosts).
   examples: this host's prompts per epoch; long_prompts: those skipped (prompt >= seq_len).
   buckets: the batch lengths T it may use.
+  parts: the data parts (of `splits`) this host reads; task_ids_read: the task ids of the
+  prompts it has drawn from them so far (what `rrtf train` records per host).
   """
 
-  def __init__(self, data_dir: str, *, start: DataState | None = None, **kw):
+  def __init__(self, data_dir: str, *, start: DataState | None = None, batch_size: int, pad_id: int,
+               process_index: int | None, process_count: int | None, splits: int | None,
+               agree_length: Callable[[int], int] | None, **kw):
     start = start or DataState()
     if start.epoch < 0 or start.batch < 0:
       raise ValueError(f"start must not be negative, got {start}")
-    reader = _Reader(data_dir, **kw)
-    self.batches_per_epoch, self.examples = reader.batches_per_epoch, reader.examples
-    self.long_prompts, self.buckets = reader.long_prompts, reader.buckets
-    # The generator holds the reader, nothing holds this object: dropping it frees the tf.data
-    # iterator at once (live ones slow down interpreter exit by seconds each).
-    self._it = reader.generate(start)
+    if process_index is None or process_count is None:
+      import jax
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in [0, process_count {process_count})")
+    splits = splits or process_count
+    if splits % process_count:
+      raise ValueError(f"data splits {splits} do not divide over {process_count} processes")
+    k = splits // process_count
+    if batch_size < 1 or batch_size % k:
+      raise ValueError(f"a host's batch of {batch_size} prompts does not split over its {k} data parts")
+    self.parts = list(range(process_index * k, (process_index + 1) * k))
+    self.task_ids_read: set[str] = set()
+    readers = [_Reader(data_dir, batch_size=batch_size // k, pad_id=pad_id, process_index=part,
+                       process_count=splits, seen=self.task_ids_read, **kw) for part in self.parts]
+    self.batches_per_epoch = readers[0].batches_per_epoch  # the same for every part: the least of all
+    self.examples = sum(r.examples for r in readers)
+    self.long_prompts = sum(r.long_prompts for r in readers)
+    self.buckets = readers[0].buckets
+    # The generator holds the readers, nothing holds this object: dropping it frees the tf.data
+    # iterators at once (live ones slow down interpreter exit by seconds each).
+    self._it = _merged([r.generate(start) for r in readers], agree_length, int(pad_id))
 
   def __iter__(self):
     return self
@@ -360,12 +381,39 @@ class TrainBatches:
     self._it.close()
 
 
+_PAD_WITH_ID = ("inputs", "targets")  # token fields padded with pad_id; the masks with 0
+
+
+def _merged(gens: list, agree_length: Callable[[int], int] | None, pad_id: int) -> Iterator[tuple[dict, DataState]]:
+  """The parts' batches side by side, padded to one length T: the longest part's bucket, or the
+  longer length every host agrees on (`agree_length`)."""
+  for items in zip(*gens):
+    batches = [b for b, _ in items]
+    t = max(b["inputs"].shape[-1] for b in batches)
+    if agree_length is not None:
+      agreed = int(agree_length(t))
+      if agreed < t:
+        raise ValueError(f"agree_length returned {agreed}, shorter than this host's batch length {t}")
+      t = agreed
+    out = {}
+    for name in batches[0]:
+      arrays = []
+      for b in batches:
+        x = b[name]
+        if name in _PAD_WITH_ID or name in ("loss_mask", "segment_ids"):
+          fill = pad_id if name in _PAD_WITH_ID else 0
+          x = np.pad(x, ((0, 0), (0, 0), (0, t - x.shape[-1])), constant_values=fill)
+        arrays.append(x)
+      out[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    yield out, items[0][1]
+
+
 class _Reader:
   """A host's view of a prepared dataset: epochs in (seed, epoch) order, cut into batches."""
 
   def __init__(self, data_dir: str, *, batch_size: int, responses: int, seq_len: int, pad_id: int,
-               seed: int, buckets: Sequence[int] | None, window: int, process_index: int | None,
-               process_count: int | None, agree_length: Callable[[int], int] | None, shuffle_buffer: int):
+               seed: int, buckets: Sequence[int] | None, window: int, process_index: int, process_count: int,
+               shuffle_buffer: int, seen: set[str]):
     import tensorflow_datasets as tfds
     for name, v in (("batch_size", batch_size), ("responses", responses), ("seq_len", seq_len),
                     ("window", window), ("shuffle_buffer", shuffle_buffer)):
@@ -373,14 +421,8 @@ class _Reader:
         raise ValueError(f"{name} must be >= 1, got {v}")
     if seed < 0:
       raise ValueError(f"seed must be >= 0, got {seed}")
-    if process_index is None or process_count is None:
-      import jax
-      process_index = jax.process_index() if process_index is None else process_index
-      process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} is not in [0, process_count {process_count})")
     self.data_dir, self.b, self.r, self.seq_len, self.pad_id = data_dir, batch_size, responses, seq_len, int(pad_id)
-    self.seed, self.window, self.shuffle_buffer, self.agree_length = seed, window, shuffle_buffer, agree_length
+    self.seed, self.window, self.shuffle_buffer, self.seen = seed, window, shuffle_buffer, seen
     self.buckets = sorted({int(t) for t in (buckets or default_buckets(seq_len)) if 0 < t < seq_len} | {seq_len})
     self.builder = open_prepared(data_dir)
     splits = [tfds.split_for_jax_process(SPLIT, process_index=p, process_count=process_count, drop_remainder=True)
@@ -436,7 +478,6 @@ class _Reader:
       seq_len = self.seq_len
       ds = ds.filter(lambda ex: ex["prompt_length"] < seq_len)
     ds = ds.skip(skip)  # resuming: whole windows never reach Python
-    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "task_id"})
     return ds.prefetch(tf.data.AUTOTUNE)
 
   def _example(self, ex: dict) -> _Example:
@@ -460,11 +501,6 @@ class _Reader:
     b, r = len(exs), self.r
     longest = max(max(e.length - 1, 0) for e in exs)
     t = bucket_length(longest, self.buckets)
-    if self.agree_length is not None:
-      agreed = int(self.agree_length(t))
-      if agreed < t:
-        raise ValueError(f"agree_length returned {agreed}, shorter than this host's batch length {t}")
-      t = agreed
     inputs = np.full((b, r, t), self.pad_id, np.int32)  # [b, R, T]
     targets = np.full((b, r, t), self.pad_id, np.int32)  # [b, R, T]
     loss_mask = np.zeros((b, r, t), np.float32)  # [b, R, T]
@@ -487,6 +523,7 @@ class _Reader:
     it = self._dataset(epoch, first * w * b).as_numpy_iterator()
     for wi in itertools.count(first):
       raw = list(itertools.islice(it, w * b))
+      self.seen.update(ex["task_id"].decode() for ex in raw)
       full = len(raw) // b  # a final partial window keeps its full batches only
       if full == 0 or wi * w >= n:
         return
@@ -513,7 +550,7 @@ class _Reader:
 def train_batches(data_dir: str, *, batch_size: int, responses: int, seq_len: int, pad_id: int,
                   seed: int = 0, start: DataState | None = None, buckets: Sequence[int] | None = None,
                   window: int = 8, process_index: int | None = None, process_count: int | None = None,
-                  agree_length: Callable[[int], int] | None = None,
+                  splits: int | None = None, agree_length: Callable[[int], int] | None = None,
                   shuffle_buffer: int = SHUFFLE_BUFFER) -> TrainBatches:
   """Endless (batch, DataState after it) pairs of this host's share of a prepared dataset.
 
@@ -521,8 +558,15 @@ def train_batches(data_dir: str, *, batch_size: int, responses: int, seq_len: in
   where the target is a response token (its EOS included); segment_ids [b, R, T] int32, 1 on
   real input tokens; scores [b, R] float32; is_teacher [b, R] bool. Responses beyond R are
   thinned over the score order, missing ones are empty (mask 0). `start` resumes exactly.
+
+  The dataset is cut into `splits` equal parts (default: one per process), each read, shuffled
+  and bucketed on its own; a process reads only its splits / process_count parts and its batch
+  is theirs side by side. So with `splits` fixed, the global batches (every host's rows in
+  process order) do not depend on how many processes share them: a run resumed on a slice with
+  another host count sees the same data, and one process equals several.
   """
   return TrainBatches(data_dir, batch_size=batch_size, responses=responses, seq_len=seq_len, pad_id=pad_id,
                       seed=seed, start=start, buckets=buckets, window=window, process_index=process_index,
-                      process_count=process_count, agree_length=agree_length, shuffle_buffer=shuffle_buffer)
+                      process_count=process_count, splits=splits, agree_length=agree_length,
+                      shuffle_buffer=shuffle_buffer)
 

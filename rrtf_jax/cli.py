@@ -34,17 +34,26 @@ def _plan(args, overrides):
   return 0 if result.fits is not False else 1
 
 
+def _shard(args) -> tuple[int, int]:
+  """--shard/--num-shards, or this host's index and the host count on a multi-host slice."""
+  from rrtf_jax.multihost import work_shard
+  return work_shard(args.shard, args.num_shards, stage=args.command)
+
+
 def _prepare(args, overrides):
   from data.pipeline import prepare_stage
-  summary = prepare_stage(args.ranked, args.out, args.tokenizer, shard=args.shard, num_shards=args.num_shards,
+  shard, num_shards = _shard(args)
+  summary = prepare_stage(args.ranked, args.out, args.tokenizer, shard=shard, num_shards=num_shards,
                           progress=not args.quiet)
   print(summary.report())
 
 
 def _train(args, overrides):
   from rrtf_jax.config_loading import load_config
+  from rrtf_jax.multihost import initialize
   from rrtf_jax.train import train_and_evaluate
   config = load_config(args.config, overrides)
+  initialize(args.coordinator_address, args.num_processes, args.process_id)
   result = train_and_evaluate(config, args.workdir, progress=not args.quiet)
   last = result.history[-1] if result.history else None
   where = f"resumed from step {result.resumed_from}" if result.resumed_from is not None else "from the start"
@@ -78,7 +87,8 @@ def _check(args, overrides):
 
 def _rank(args, overrides):
   from rrtf_jax.rank import rank_stage
-  summary = rank_stage(args.samples, args.out, shard=args.shard, num_shards=args.num_shards,
+  shard, num_shards = _shard(args)
+  summary = rank_stage(args.samples, args.out, shard=shard, num_shards=num_shards,
                        workers=args.workers, timeout=args.timeout,
                        keep_student_wins=args.keep_student_wins, progress=not args.quiet)
   print(summary.report())
@@ -94,10 +104,14 @@ def _teacher_client(args, cache_dir: str):
 
 
 def _decoder(args):
-  """The student's Decoder from --ckpt and the decoder flags (_add_decoder_args)."""
+  """The student's Decoder from --ckpt and the decoder flags (_add_decoder_args), on this host's
+  own devices (a per-host stage: every worker of a slice decodes its own share)."""
+  import jax
+
   from model.decode import Decoder
   from model.sharding import make_mesh
-  return Decoder.from_checkpoint(args.ckpt, mesh=make_mesh(args.mesh) if args.mesh else None, dtype=args.dtype,
+  mesh = make_mesh(args.mesh, jax.local_devices()) if args.mesh else None
+  return Decoder.from_checkpoint(args.ckpt, mesh=mesh, dtype=args.dtype,
                                  chunk=args.chunk, max_batch=args.batch_size)
 
 
@@ -119,6 +133,7 @@ def _sample(args, overrides):
                       temperature=args.teacher_temperature, top_p=args.top_p, max_tokens=args.teacher_max_tokens)
   elif args.teacher_file:
     teacher = Teacher(answers=load_teacher_file(args.teacher_file, load_problems(args.problems)))
+  shard, num_shards = _shard(args)
   decoder = None
   if args.num_samples:
     if not args.ckpt:
@@ -128,7 +143,7 @@ def _sample(args, overrides):
     summary = sample_stage(args.problems, args.out, decoder=decoder, num_samples=args.num_samples,
                            temperatures=temps, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                            stop=tuple(args.stop) if args.stop else None, teacher=teacher, seed=args.seed,
-                           problems_per_file=args.problems_per_file, shard=args.shard, num_shards=args.num_shards,
+                           problems_per_file=args.problems_per_file, shard=shard, num_shards=num_shards,
                            student_name=args.student_name, progress=not args.quiet)
   except Preempted:
     print(f"SIGTERM: stopped; finished files stay in {args.out} and every teacher answer received is cached; "
@@ -168,11 +183,12 @@ def _evaluate(args, overrides):
   missing = [flag for flag, v in (("--ckpt", args.ckpt), ("--problems", args.problems), ("--out", args.out)) if not v]
   if missing:
     raise ValueError(f"needs {', '.join(missing)} (or --compare A B)")
+  shard, num_shards = _shard(args)
 
   summary = ev.evaluate(args.ckpt, args.problems, args.out, n=args.n, temperature=args.temperature, top_p=args.top_p,
                         ks=ev.parse_ks(args.k) if args.k else None, greedy=args.greedy,
                         prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                        problems_per_file=args.problems_per_file, shard=args.shard, num_shards=args.num_shards,
+                        problems_per_file=args.problems_per_file, shard=shard, num_shards=num_shards,
                         workers=args.workers, timeout=args.timeout, decoder=lambda: _decoder(args),
                         progress=not args.quiet)
   print(summary.report())
@@ -206,8 +222,11 @@ def _add_sandbox_args(s) -> None:
 
 
 def _add_shard_args(s) -> None:
-  s.add_argument("--shard", type=int, default=0, help="this process's index among --num-shards")
-  s.add_argument("--num-shards", type=int, default=1, help="processes sharing the input files")
+  s.add_argument("--shard", type=int, default=None,
+                 help="this process's index among --num-shards (default: this worker's index on a multi-host "
+                      "TPU slice, or JAX_PROCESS_ID; else 0)")
+  s.add_argument("--num-shards", type=int, default=None,
+                 help="processes sharing the input files (default: the slice's workers, or JAX_NUM_PROCESSES; else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--config", required=True, help="config file (configs/*.py) or name (tiny, starcoder_15b)")
   s.add_argument("--workdir", required=True, help="checkpoints, TensorBoard events and config.json (local or gs://)")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
+  s.add_argument("--coordinator-address", default=None,
+                 help="host:port of process 0 to join a multi-process job (default: JAX_COORDINATOR_ADDRESS; "
+                      "found by JAX itself on a multi-host TPU slice)")
+  s.add_argument("--num-processes", type=int, default=None, help="processes in the job (default: JAX_NUM_PROCESSES)")
+  s.add_argument("--process-id", type=int, default=None, help="this process's index (default: JAX_PROCESS_ID)")
   s.set_defaults(func=_train)
 
   s = sub.add_parser("demo", help="the whole RRTF loop on synthetic problems with the tiny model, on CPU "

@@ -24,7 +24,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -40,6 +39,7 @@ import optax
 
 from model import ModelConfig, Transformer, abstract_params
 from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh, replicated
+from rrtf_jax import multihost
 from rrtf_jax.loss import rrtf_loss, token_logprobs
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -270,24 +270,6 @@ class TrainResult:
   params: Any = None  # final parameters (jax arrays)
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() on a multi-host pod, or when asked to through the environment.
-
-  Cloud TPU VMs with several workers (TPU_WORKER_HOSTNAMES lists them) are detected by JAX
-  itself. Elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID on every process (CPU processes then share one device set over gloo).
-  """
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  if jax.distributed.is_initialized() or not (os.environ.get("JAX_COORDINATOR_ADDRESS") or len(hosts) > 1):
-    return
-  kw = {}
-  if os.environ.get("JAX_NUM_PROCESSES"):
-    kw = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
-  if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # (jax.default_backend() would start the backend too early)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kw)
-
-
 def _agree_length(t: int) -> int:
   """Every host must compile the same batch length: the longest any host asked for."""
   if jax.process_count() == 1:
@@ -385,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
   from data.pipeline import DataState, open_prepared, padding_fraction, train_batches
 
-  maybe_initialize_distributed()
+  multihost.initialize()  # a no-op unless this is one of several processes (rrtf_jax/multihost.py)
   model_cfg = validate_config(config)
   tc = config.train
   if not config.data.dir:
@@ -418,7 +400,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     batches = train_batches(
         config.data.dir, batch_size=int(tc.batch_size) // n_proc, responses=int(tc.responses),
         seq_len=int(tc.seq_len), pad_id=pad_id, seed=int(config.seed), start=data_state, buckets=buckets,
-        window=int(config.data.window), process_index=proc, process_count=n_proc, agree_length=_agree_length)
+        window=int(config.data.window), process_index=proc, process_count=n_proc,
+        splits=int(config.data.get("splits", 0)) or None, agree_length=_agree_length)
 
     if proc == 0:
       writer = _summary_writer(_join(workdir, TENSORBOARD_DIR), purge_step=start + 1 if start else None)
@@ -497,6 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
       flush()
     mngr.wait_until_finished()
     bar.close()
+    _write_data_read(workdir, batches, start, step)
     batches.close()
     if old_handler is not None:
       signal.signal(signal.SIGTERM, old_handler)
@@ -506,6 +490,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     mngr.close()
     if writer is not None:
       writer.close()
+
+
+DATA_READ_DIR = "data_read"
+
+
+def _write_data_read(workdir: str, batches, start: int, step: int) -> None:
+  """What this host read in this run (its data parts and the task ids drawn from them):
+  data_read/process-I-of-N.json, rewritten by every run."""
+  import fsspec
+  n, i = jax.process_count(), jax.process_index()
+  fs, root = fsspec.core.url_to_fs(_join(workdir, DATA_READ_DIR))
+  fs.makedirs(root, exist_ok=True)
+  with fs.open(f"{root}/process-{i}-of-{n}.json", "w") as f:
+    json.dump({"process_index": i, "process_count": n, "parts": batches.parts, "steps": [start, step],
+               "task_ids": sorted(batches.task_ids_read)}, f)
 
 
 def _write_config(workdir: str, config) -> None:

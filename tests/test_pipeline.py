@@ -371,6 +371,33 @@ def test_hosts_split_disjoint_and_covering(prepared):
   assert seen[0] | seen[1] == {pipeline.prompt_text(p["prompt"]) for p in probs}
 
 
+def test_fixed_splits_make_batches_independent_of_the_host_count(prepared):
+  """With data splits fixed, one process's batches are the hosts' batches side by side (each
+  padded to the longer length, as the hosts agree on), so a run is the same on any host count."""
+  out, _ = prepared
+  kw = dict(responses=2, seq_len=64, pad_id=3, window=2, seed=4)
+  one = train_batches(out, batch_size=4, process_index=0, process_count=1, splits=2, **kw)
+  assert one.parts == [0, 1] and one.batches_per_epoch == 12
+  hosts = [train_batches(out, batch_size=2, process_index=h, process_count=2, splits=2,
+                         agree_length=lambda t: 64, **kw) for h in range(2)]
+  for (b, state), (b0, s0), (b1, s1) in zip(_take(one, 8), _take(hosts[0], 8), _take(hosts[1], 8)):
+    assert state == s0 == s1
+    for k in b:
+      pad = 3 if k in ("inputs", "targets") else 0
+      x = b[k] if b[k].ndim == 2 else np.pad(b[k], ((0, 0), (0, 0), (0, 64 - b[k].shape[-1])), constant_values=pad)
+      np.testing.assert_array_equal(x, np.concatenate([b0[k], b1[k]]), err_msg=k)
+  assert one.task_ids_read == hosts[0].task_ids_read | hosts[1].task_ids_read
+  assert not hosts[0].task_ids_read & hosts[1].task_ids_read
+  # One split (the default for one process) orders the data differently: the knob matters.
+  default = train_batches(out, batch_size=4, process_index=0, process_count=1, **kw)
+  assert default.parts == [0]
+  assert any(not np.array_equal(a["scores"], b["scores"]) or a["inputs"].shape != b["inputs"].shape
+             or not np.array_equal(a["inputs"], b["inputs"]) for (a, _), (b, _) in zip(_take(default, 6), _take(
+                 train_batches(out, batch_size=4, process_index=0, process_count=1, splits=2, **kw), 6)))
+  with pytest.raises(ValueError, match="do not divide over 2 processes"):
+    train_batches(out, batch_size=4, process_index=0, process_count=2, splits=3, **kw)
+
+
 def test_hosts_step_together_when_long_prompts_are_skipped(tmp_path):
   # Long prompts only in the first half: host 0 has fewer usable prompts than host 1.
   probs = [_problem(k, long_every=1 if k < 6 else 0) for k in range(24)]

@@ -145,30 +145,69 @@ def _wait_for(predicate, proc, timeout=300):
   return False
 
 
+def _tensorboard(workdir, tag="train/loss") -> dict:
+  """step -> value of `tag` in a run's TensorBoard events."""
+  import tensorflow as tf
+  out = {}
+  for name in sorted(os.listdir(workdir / "tensorboard")):
+    for ev in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name)):
+      out.update({ev.step: v.simple_value for v in ev.summary.value if v.tag == tag})
+  return out
+
+
 @pytest.mark.slow
-def test_two_processes_one_global_batch(prepared, tmp_path):
-  """Multi-host: 2 processes (jax.distributed over gloo), each reading its half of the data and
-  contributing its rows to global arrays; both report the same global loss and one checkpoint."""
+def test_two_processes_equal_one_process_of_eight_devices(prepared, tmp_path):
+  """Multi-host: two `rrtf train` processes joined by jax.distributed on 127.0.0.1 (CPU backend,
+  gloo collectives), 4 devices each, one global 8-device mesh, each reading its half of the
+  data. Their loss curve equals one process training on 8 devices, each process read only its
+  share, and the checkpoint both wrote restores to the same parameters."""
   import socket
+
+  import tensorflow_datasets as tfds
+  from rrtf_jax.train import train_and_evaluate
+  steps = 4
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  work = tmp_path / "work"
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(_train_args(prepared, work, "--config.train.steps=4",
-                                              "--config.train.checkpoint_every=2"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env))
-  outs = [p.communicate(timeout=300) for p in procs]
+  work = tmp_path / "two"
+  # data.splits=2 fixes the data order whatever the host count: the reference reads both halves.
+  extra = [f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.data.splits=2"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [_start(_train_args(prepared, work, *extra, "--coordinator-address", f"127.0.0.1:{port}",
+                              "--num-processes", "2", "--process-id", str(i)), env) for i in range(2)]
+  ref = _config(prepared, steps=steps, checkpoint_every=2)  # meanwhile: one process, this one's 8 devices
+  ref.data.splits = 2
+  one = train_and_evaluate(ref, str(tmp_path / "one"), progress=False)
+  outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-2000:]
+    assert p.returncode == 0, err[-3000:]
   lines = [out.strip().splitlines()[-1] for out, _ in outs]
-  assert lines[0] == lines[1] and lines[0].startswith("trained to step 4 (from the start); loss ")
+  assert lines[0] == lines[1] and lines[0].startswith(f"trained to step {steps} (from the start); loss ")
+
+  losses = _tensorboard(work)
+  assert sorted(losses) == list(range(1, steps + 1))
+  np.testing.assert_allclose([losses[s] for s in sorted(losses)], [h["loss"] for h in one.history], rtol=2e-5)
+  acc = _tensorboard(work, "train/ranking_accuracy")
+  np.testing.assert_allclose([acc[s] for s in sorted(acc)], [h["ranking_accuracy"] for h in one.history], atol=1e-6)
+
+  # Each process read its own half (TFDS's split for its part), nothing of the other's.
+  builder = tfds.builder_from_directory(prepared)
+  halves = [{ex["task_id"].numpy().decode() for ex in builder.as_dataset(
+      split=tfds.split_for_jax_process("train", process_index=i, process_count=2, drop_remainder=True))}
+      for i in range(2)]
+  assert halves[0] and not halves[0] & halves[1]
+  for i in range(2):
+    read = json.loads((work / "data_read" / f"process-{i}-of-2.json").read_text())
+    assert read["parts"] == [i] and read["steps"] == [0, steps] and set(read["task_ids"]) == halves[i]
+  read = json.loads((tmp_path / "one" / "data_read" / "process-0-of-1.json").read_text())
+  assert read["parts"] == [0, 1] and set(read["task_ids"]) == halves[0] | halves[1]
+
+  # The checkpoint both processes wrote (each its shards) restores, equal to the reference's.
   step, params, data = _final_params(str(work))
-  assert step == 4 and data == {"epoch": 1, "batch": 1}  # a host: 12 prompts, batches of 4, 3 per epoch
-  assert params["wte"].shape == (1024, 64)
+  step1, params1, data1 = _final_params(str(tmp_path / "one"))
+  assert step == step1 == steps and data == data1
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params1)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)  # gloo vs in-process sums
 
 
 def _logged_a_step(workdir) -> bool:
