@@ -66,6 +66,12 @@ def _train(args, overrides):
   return 0
 
 
+def _params(args, overrides):
+  from rrtf_jax.train import save_model
+  out, step = save_model(args.workdir, args.out, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer)
+  print(f"wrote {out}: the parameters of step {step} of {args.workdir}")
+
+
 def _demo(args, overrides):
   from rrtf_jax.demo import run_demo
   from rrtf_jax.sample import Preempted
@@ -361,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--num-processes", type=int, default=None, help="processes in the job (default: JAX_NUM_PROCESSES)")
   s.add_argument("--process-id", type=int, default=None, help="this process's index (default: JAX_PROCESS_ID)")
   s.set_defaults(func=_train)
+
+  s = sub.add_parser("params", help="a training run's checkpoint -> a model checkpoint (parameters only) for "
+                     "serve, sample, evaluate and export")
+  s.add_argument("--workdir", required=True, help="the `rrtf train` workdir (local or gs://)")
+  s.add_argument("--out", required=True, help="output model checkpoint directory; must not exist")
+  s.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
+  s.add_argument("--dtype", default=None, help="stored dtype, e.g. bfloat16 (default: the master weights' float32)")
+  s.add_argument("--tokenizer", default=None,
+                 help="tokenizer directory to include (default: the one of the run's config.init_from checkpoint)")
+  s.set_defaults(func=_params)
 
   s = sub.add_parser("demo", help="the whole RRTF loop on synthetic problems with the tiny model, on CPU "
                                   "(about 10 minutes; --quick about 2): base vs RRTF pass@k")

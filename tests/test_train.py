@@ -209,6 +209,19 @@ def test_two_processes_equal_one_process_of_eight_devices(prepared, tmp_path):
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params1)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)  # gloo vs in-process sums
 
+  # `rrtf params`: the run's parameters as a model checkpoint (what evaluate and serve read).
+  from model import load_checkpoint
+  from rrtf_jax.cli import main
+  assert main(["params", "--workdir", str(work), "--out", str(tmp_path / "model"), "--dtype", "bfloat16"]) == 0
+  cfg, model = load_checkpoint(str(tmp_path / "model"))
+  assert cfg.param_dtype == "bfloat16" and cfg.num_layers == 2
+  for x, y in zip(jax.tree.leaves(model), jax.tree.leaves(params)):
+    assert x.dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y).astype(jax.numpy.bfloat16))
+  assert main(["params", "--workdir", str(work), "--out", str(tmp_path / "m2"), "--step", "3"]) == 2
+  assert main(["params", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "m3")]) == 2
+  assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
 
 def _logged_a_step(workdir) -> bool:
   tb = workdir / "tensorboard"
