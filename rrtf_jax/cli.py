@@ -67,6 +67,9 @@ def _train(args, overrides):
 
 
 def _params(args, overrides):
+  # Host work: keep JAX off the accelerators (one worker of a multi-host slice cannot start
+  # the TPU backend alone).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from rrtf_jax.train import save_model
   out, step = save_model(args.workdir, args.out, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer)
   print(f"wrote {out}: the parameters of step {step} of {args.workdir}")
