@@ -14,19 +14,21 @@ One record per problem:
   is_teacher        [R] int32
 Like `rank_stage` it writes one output shard per input shard under a temporary name, skips
 finished shards on a rerun, splits input files i, i+n, ... over `--shard i --num-shards n`,
-and writes the TFDS metadata (with the longest prompt) once every shard exists.
+and writes the TFDS metadata (with the longest prompt) once every shard exists. Its paths
+may be local or gs:// (fsspec/gcsfs, through the helpers of data/records.py).
 
 `train_batches` reads it back per host (`tfds.split_for_jax_process`), shuffled by (seed,
 epoch), and yields padded [b, R, T] batches whose T is a bucket chosen per batch; examples
 are sorted by length inside windows of `window` batches to keep padding low. Each batch
 comes with the `DataState` after it, from which a restarted iterator continues exactly.
+The loader reads through TensorFlow (tf.io.gfile, tf.data, tfds): a gs:// dataset is read by
+TensorFlow's own GCS filesystem, which cannot reach a GCS emulator, so the loader is tested
+on local paths only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import itertools
 import logging
 import math
@@ -118,7 +120,7 @@ def write_atomic(path: str, examples, feats=None) -> int:
 
 
 def prompt_lengths(paths: Sequence[str]) -> np.ndarray:
-  """[N] prompt_length of every record of prepared shards, in order, reading only that field."""
+  """[N] prompt_length of every record of local prepared shards, in order, reading only that field."""
   import tensorflow as tf
   if not paths:
     return np.zeros(0, np.int64)
@@ -128,14 +130,22 @@ def prompt_lengths(paths: Sequence[str]) -> np.ndarray:
 
 
 def write_metadata(out_dir: str, paths: Sequence[str]) -> None:
-  """dataset_info.json, features.json and metadata.json (max_prompt_length) for complete shards."""
+  """dataset_info.json, features.json and metadata.json (max_prompt_length) for complete shards
+  (local or a URL: records.write_tfds_metadata)."""
   import tensorflow_datasets as tfds
-  meta = tfds.core.MetadataDict(max_prompt_length=int(prompt_lengths(paths).max(initial=0)))
-  # It narrates split detection on stdout and draws a progress bar on stderr.
-  with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-    tfds.folder_dataset.write_metadata(
-        data_dir=out_dir, features=features(), check_data=False, metadata=meta,
-        description="RRTF training token ids (rrtf-jax `rrtf prepare`).")
+  infos = None
+  if records.is_url(out_dir):  # one download per shard for both its prompt lengths and its counts
+    lengths, infos = [], []
+    for path in paths:
+      with records.local_copy(path) as local:
+        lengths.append(prompt_lengths([local]))
+        infos.append(records.shard_info(local))
+    longest = max((int(x.max(initial=0)) for x in lengths), default=0)
+  else:
+    longest = int(prompt_lengths(paths).max(initial=0))
+  records.write_tfds_metadata(out_dir, paths, features(), shard_infos=infos,
+                              metadata=tfds.core.MetadataDict(max_prompt_length=longest),
+                              description="RRTF training token ids (rrtf-jax `rrtf prepare`).")
 
 
 @dataclasses.dataclass
@@ -160,13 +170,13 @@ class PrepareSummary:
 
 def ranked_files(ranked_dir: str) -> list[str]:
   """The shards of a complete `rrtf rank` output, in order."""
-  import tensorflow as tf
-  if not tf.io.gfile.isdir(ranked_dir):
+  if not records.isdir(ranked_dir):
     raise InputError(f"{ranked_dir}: no such directory")
   prefix = f"{records.RANKED_NAME}-{SPLIT}.tfrecord-"
-  names = sorted(n for n in tf.io.gfile.listdir(ranked_dir) if n.startswith(prefix))
+  listing = records.listdir(ranked_dir)
+  names = sorted(n for n in listing if n.startswith(prefix))
   if not names:
-    prepared = any(n.startswith(PREPARED_NAME) for n in tf.io.gfile.listdir(ranked_dir))
+    prepared = any(n.startswith(PREPARED_NAME) for n in listing)
     hint = " (it holds a prepared dataset)" if prepared else ""
     raise InputError(f"{ranked_dir}: no ranked TFRecords ({prefix}*){hint}; run `rrtf rank` first")
   counts = {n.rsplit("-of-", 1)[-1] for n in names}
@@ -202,8 +212,8 @@ def _check_ranked(path: str) -> int:
 
 def prepare_stage(ranked_dir: str, out_dir: str, tokenizer, *, shard: int = 0, num_shards: int = 1,
                   progress: bool = True) -> PrepareSummary:
-  """`rrtf prepare`: ranked TFDS dataset -> prepared TFDS dataset `out_dir` (PREPARED_NAME)."""
-  import tensorflow as tf
+  """`rrtf prepare`: ranked TFDS dataset -> prepared TFDS dataset `out_dir` (PREPARED_NAME);
+  both local or URLs (gs://, through fsspec: data/records.py)."""
   from tqdm import tqdm
   if not 0 <= shard < num_shards:
     raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
@@ -213,14 +223,14 @@ def prepare_stage(ranked_dir: str, out_dir: str, tokenizer, *, shard: int = 0, n
   summary = PrepareSummary()
   todo = []
   for j in range(shard, len(inputs), num_shards):
-    (summary.shards_skipped if tf.io.gfile.exists(outputs[j]) else todo).append(j)
+    (summary.shards_skipped if records.exists(outputs[j]) else todo).append(j)
   # Check every input before writing anything: bad input fails fast and writes nothing.
   sizes = {j: _check_ranked(inputs[j]) for j in todo}
   if todo:
     tok = resolve_tokenizer(tokenizer)
     if tok.eos_id is None:
       raise InputError(f"{getattr(tok, 'path', tokenizer)}: the tokenizer has no EOS token")
-    tf.io.gfile.makedirs(out_dir)
+    records.makedirs(out_dir)
     feats = features(encoder=True)
     for j in todo:
       with tqdm(total=sizes[j], desc=f"prepare shard {j + 1}/{len(inputs)}", unit="problem",
@@ -238,7 +248,7 @@ def prepare_stage(ranked_dir: str, out_dir: str, tokenizer, *, shard: int = 0, n
             yield ex
         write_atomic(outputs[j], examples(), feats)
       summary.shards_done.append(j)
-  if all(tf.io.gfile.exists(p) for p in outputs):
+  if all(records.exists(p) for p in outputs):
     write_metadata(out_dir, outputs)
     summary.metadata_written = True
   return summary
@@ -287,6 +297,9 @@ def padding_fraction(batch: dict) -> float:
 
 def open_prepared(data_dir: str):
   """The tfds builder of a prepared dataset, or a one-line InputError saying what it is instead."""
+  # tf.io.gfile, not data/records.py's fsspec helpers: tfds reads the dataset through
+  # TensorFlow anyway (real GCS: TensorFlow's gs:// filesystem; tested on local paths only,
+  # since TensorFlow cannot reach the GCS emulator).
   import tensorflow as tf
   import tensorflow_datasets as tfds
   if not tf.io.gfile.isdir(data_dir):

@@ -20,12 +20,19 @@ Ranked (written by `rrtf rank`) adds, per response:
   tests_passed   [R] int   assertions passed
   tests_total    [R] int   assertions in the tests (0 when the program did not load)
   scores         [R] float RRTF score, higher is better (see rrtf_jax/rank.py)
+
+Paths may be local or URLs (gs://): `exists`, `isdir`, `listdir`, `makedirs`, `local_copy`,
+`write_tfrecord_atomic` and `write_tfds_metadata` (bottom of this file) are what the sample,
+rank and prepare stages use for every file, through fsspec (gcsfs) for URLs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable, Iterator
+import posixpath
+import tempfile
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -91,9 +98,15 @@ def parse(data: bytes, ranked: bool) -> dict:
 
 
 def read(path: str, ranked: bool = False) -> Iterator[dict]:
-  import tensorflow as tf
-  for data in tf.data.TFRecordDataset(path).as_numpy_iterator():
+  for data in tfrecord_payloads(path):
     yield parse(data, ranked)
+
+
+def tfrecord_payloads(path: str) -> Iterator[bytes]:
+  """The records of a TFRecord file, local or a URL (read from a local copy: `local_copy`)."""
+  import tensorflow as tf
+  with local_copy(path) as local:
+    yield from tf.data.TFRecordDataset(local).as_numpy_iterator()
 
 
 def write_atomic(path: str, records: Iterable[dict], ranked: bool) -> int:
@@ -103,16 +116,31 @@ def write_atomic(path: str, records: Iterable[dict], ranked: bool) -> int:
 
 
 def write_tfrecord_atomic(path: str, serialized: Iterable[bytes]) -> int:
-  """Writes `path` under a temporary name and renames it when complete; returns the count.
-  A killed write leaves only the temporary file, which the next attempt overwrites."""
+  """Writes the TFRecord file `path` (local or a URL) so that it appears only when complete;
+  returns the record count. Locally it is written under a temporary name and renamed: a
+  killed write leaves only the temporary file, which the next attempt overwrites. A URL's
+  file is written to a local temporary file and uploaded to its name: an object store
+  (gs://) publishes an object only once its upload completes."""
   import tensorflow as tf
+
+  def write(local: str) -> int:
+    n = 0
+    with tf.io.TFRecordWriter(local) as w:
+      for data in serialized:
+        w.write(data)
+        n += 1
+    return n
+
+  if is_url(path):
+    fs, target = _fs(path)
+    with tempfile.TemporaryDirectory(prefix="rrtf-") as d:
+      local = os.path.join(d, posixpath.basename(target))
+      n = write(local)
+      fs.put_file(local, target)
+    return n
   tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  n = 0
-  with tf.io.TFRecordWriter(tmp) as w:
-    for data in serialized:
-      w.write(data)
-      n += 1
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  n = write(tmp)
+  os.replace(tmp, path)
   return n
 
 
@@ -122,12 +150,137 @@ def shard_name(name: str, split: str, index: int, count: int) -> str:
 
 
 def write_ranked_metadata(out_dir: str, description: str = "") -> None:
-  """dataset_info.json + features.json for the complete shards in `out_dir`."""
+  """dataset_info.json + features.json for the complete shards in `out_dir` (local or a URL)."""
+  paths = [posixpath.join(out_dir, n) for n in sorted(listdir(out_dir))
+           if n.startswith(RANKED_NAME + "-") and ".tfrecord-" in n]
+  write_tfds_metadata(out_dir, paths, features(ranked=True),
+                      description=description or "RRTF ranked responses (rrtf-jax `rrtf rank`).")
+
+
+# ------------------------------------------------------------------- TFDS metadata on any path
+
+def shard_info(path: str) -> tuple[int, int]:
+  """(records, payload bytes) of a TFRecord file: what tfds counts per shard for its split info."""
+  import tensorflow as tf
+  with local_copy(path) as local:
+    ds = tf.data.TFRecordDataset(local).map(lambda x: tf.strings.length(x)).batch(4096)
+    sizes = np.concatenate([np.zeros(0, np.int64), *(b.astype(np.int64) for b in ds.as_numpy_iterator())])
+  return len(sizes), int(sizes.sum())
+
+
+def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
+                        shard_infos: Sequence[tuple[int, int]] | None = None, **info) -> None:
+  """tfds.folder_dataset.write_metadata (dataset_info.json, features.json, ...; `info`: its
+  DatasetInfo arguments) for the complete TFDS-named TFRecord shards `paths` of `out_dir`.
+
+  Locally tfds reads the shards itself. tfds reaches a URL only through tf.io.gfile (which,
+  among other things, cannot reach a GCS emulator), so for a URL the metadata is built in a
+  local staging directory holding empty stand-ins of the shards (tfds finds the splits by
+  file name) with split infos from `shard_infos` ((records, payload bytes) per path, as
+  `shard_info` counts them, which is what tfds counts), and then uploaded, dataset_info.json
+  last: the files are the same as a local run's."""
   import contextlib
   import io
 
   import tensorflow_datasets as tfds
-  with contextlib.redirect_stdout(io.StringIO()):  # it narrates split detection on stdout
-    tfds.folder_dataset.write_metadata(
-        data_dir=out_dir, features=features(ranked=True), check_data=False,
-        description=description or "RRTF ranked responses (rrtf-jax `rrtf rank`).")
+
+  def write(data_dir: str, **kw) -> None:
+    # It narrates split detection on stdout and may draw a progress bar on stderr.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+      tfds.folder_dataset.write_metadata(data_dir=data_dir, features=feats, check_data=False, **kw, **info)
+
+  if not is_url(out_dir):
+    write(out_dir)
+    return
+  from tensorflow_datasets.core import naming
+  if shard_infos is None:
+    shard_infos = [shard_info(p) for p in paths]
+  names = [posixpath.basename(p) for p in paths]
+  fs, target = _fs(out_dir)
+  with tempfile.TemporaryDirectory(prefix="rrtf-metadata-") as d:
+    # The same directory name: tfds takes the version from it when it is one ("1.0.0").
+    staging = os.path.join(d, posixpath.basename(target.rstrip("/")) or "dataset")
+    os.makedirs(staging)
+    for name in names:
+      open(os.path.join(staging, name), "wb").close()
+    template = naming.ShardedFileTemplate(data_dir=staging, template=naming.DEFAULT_FILENAME_TEMPLATE)
+    shards: dict[str, list] = {}
+    for name, counts in zip(names, shard_infos):
+      fi = template.parse_filename_info(name)
+      if fi is None:
+        raise ValueError(f"{posixpath.join(out_dir, name)}: not a TFDS shard name")
+      shards.setdefault(fi.split, []).append((fi, counts))
+    split_infos = []
+    for split, items in sorted(shards.items()):
+      items.sort(key=lambda item: item[0].shard_index)
+      fi = items[0][0]
+      split_infos.append(tfds.core.SplitInfo(
+          name=split, shard_lengths=[n for _, (n, _) in items], num_bytes=sum(b for _, (_, b) in items),
+          filename_template=template.replace(dataset_name=fi.dataset_name, split=split,
+                                             filetype_suffix=fi.filetype_suffix)))
+    write(staging, split_infos=split_infos)
+    written = sorted((n for n in os.listdir(staging) if n not in names), key=lambda n: n == "dataset_info.json")
+    for name in written:
+      fs.put_file(os.path.join(staging, name), posixpath.join(target, name))
+
+
+# ------------------------------------------------------- paths: local, or a URL through fsspec
+# The stages' files go through these: local paths as before (os, tf.io on local files), URLs
+# (gs://: gcsfs, which honours STORAGE_EMULATOR_HOST) through fsspec. tf.io.gfile is not
+# used: TensorFlow's GCS client cannot reach a GCS emulator and has its own credentials.
+
+def is_url(path) -> bool:
+  return "://" in str(path)
+
+
+def _fs(path: str):
+  """(fsspec filesystem, path within it) of a URL."""
+  import fsspec
+  return fsspec.core.url_to_fs(str(path))
+
+
+def exists(path: str) -> bool:
+  if not is_url(path):
+    return os.path.exists(path)
+  fs, target = _fs(path)
+  fs.invalidate_cache(target)  # another process may have written it since a listing was cached
+  return fs.exists(target)
+
+
+def isdir(path: str) -> bool:
+  if not is_url(path):
+    return os.path.isdir(path)
+  fs, target = _fs(path)
+  fs.invalidate_cache(target)
+  return fs.isdir(target)
+
+
+def listdir(path: str) -> list[str]:
+  """The names in a directory (on an object store: under a prefix, one level)."""
+  if not is_url(path):
+    return os.listdir(path)
+  fs, target = _fs(path)
+  return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(target, detail=False, refresh=True)]
+
+
+def makedirs(path: str) -> None:
+  """Locally os.makedirs; a no-op on object stores, which have no directories."""
+  if not is_url(path):
+    os.makedirs(path, exist_ok=True)
+    return
+  fs, target = _fs(path)
+  fs.makedirs(target, exist_ok=True)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+  """A local path with the contents of `path`: itself when local; for a URL a temporary
+  download, removed on exit (tf.data reads local files; see the note above)."""
+  if not is_url(path):
+    yield path
+    return
+  fs, target = _fs(path)
+  with tempfile.TemporaryDirectory(prefix="rrtf-") as d:
+    local = os.path.join(d, posixpath.basename(target.rstrip("/")))
+    fs.get_file(target, local)
+    yield local

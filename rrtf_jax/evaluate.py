@@ -23,6 +23,7 @@ Work goes in parts of `problems_per_file` problems, OUT/parts/{samples,results}-
 each written atomically when complete: a rerun never re-samples a part whose samples exist nor
 re-executes one whose results exist; process i of n takes parts i, i+n, ... OUT/parts/settings.json
 holds the settings a rerun must match (--k may change: the summary is recomputed from the results).
+Every path (checkpoint, problems, OUT) may be local or gs://.
 
 `compare` puts two outputs side by side: a problem counts as solved when its pass@1 estimate
 c/n is at least 0.5 (for greedy: the greedy sample passes).
@@ -333,9 +334,8 @@ def _read_part(path: str, chunk: Sequence[Problem], n: int, fields: tuple[str, .
 
 
 def _exists(path: str) -> bool:
-  import fsspec
-  fs, target = fsspec.core.url_to_fs(path)
-  return fs.exists(target)
+  from data.records import exists  # local or a URL (gs://), fresh from the store
+  return exists(path)
 
 
 # ---------------------------------------------------------------------------------- compare

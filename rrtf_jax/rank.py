@@ -16,7 +16,7 @@ response scores below the best student response is dropped (as in the paper) unl
 output shard per input file, written to a temporary name and renamed when complete, so a
 rerun skips finished shards and a killed run leaves nothing partial; with
 `shard/num_shards`, process i takes input files i, i+n, ...; TFDS metadata is written once
-every shard exists.
+every shard exists. Paths are local or URLs (gs://; data/records.py says how).
 """
 
 from __future__ import annotations
@@ -71,10 +71,9 @@ class RankSummary:
 
 
 def input_files(samples_dir: str) -> list[str]:
-  import tensorflow as tf
-  if not tf.io.gfile.isdir(samples_dir):
+  if not records.isdir(samples_dir):
     raise InputError(f"{samples_dir}: no such directory")
-  names = sorted(n for n in tf.io.gfile.listdir(samples_dir)
+  names = sorted(n for n in records.listdir(samples_dir)
                  if ".tfrecord" in n and not n.startswith(".tmp-"))
   if not names:
     raise InputError(f"{samples_dir}: no samples TFRecords (*.tfrecord*)")
@@ -110,7 +109,7 @@ def rank_stage(samples_dir: str, out_dir: str, *, shard: int = 0, num_shards: in
   summary = RankSummary()
   todo = []
   for j in range(shard, len(inputs), num_shards):
-    (summary.shards_skipped if tf.io.gfile.exists(outputs[j]) else todo).append(j)
+    (summary.shards_skipped if records.exists(outputs[j]) else todo).append(j)
   # Read and check every input before executing anything: bad input fails fast, writes nothing.
   loaded = {}
   for j in todo:
@@ -122,7 +121,7 @@ def rank_stage(samples_dir: str, out_dir: str, *, shard: int = 0, num_shards: in
       records.validate(r, ranked=False, where=f"{inputs[j]}: record {i}")
     loaded[j] = recs
   if todo:
-    tf.io.gfile.makedirs(out_dir)
+    records.makedirs(out_dir)
     with Sandbox(workers, Limits(timeout=timeout)) as box:
       for j in todo:
         recs = loaded.pop(j)
@@ -138,7 +137,7 @@ def rank_stage(samples_dir: str, out_dir: str, *, shard: int = 0, num_shards: in
           summary.outcomes.update(r["outcomes"])
         records.write_atomic(outputs[j], (r for r, kept in ranked if kept), ranked=True)
         summary.shards_done.append(j)
-  if all(tf.io.gfile.exists(p) for p in outputs):
+  if all(records.exists(p) for p in outputs):
     records.write_ranked_metadata(out_dir)
     summary.metadata_written = True
   return summary

@@ -14,11 +14,12 @@ a chat answer, or `completion`, a continuation of the prompt; optional `model`).
 
 Output: samples TFRecords (schema in data/records.py), one record per problem holding all its
 responses, files of `problems_per_file` problems named like TFDS shards; process i of n
-takes files i, i+n, ... Each file is written under a temporary name and renamed when
-complete, and a rerun skips finished files. Student rows carry seeds derived from (seed,
-task_id, sample index), so a rerun regenerates the same tokens; teacher answers are cached
+takes files i, i+n, ... Each file appears only when complete (data/records.py: locally a
+temporary name renamed, on gs:// an upload), and a rerun skips finished files. Student rows
+carry seeds derived from (seed, task_id, sample index), so a rerun regenerates the same
+tokens; teacher answers are cached
 on disk by request hash (`<out>/.teacher-cache`) as soon as they arrive, so a rerun never
-pays for an answer twice.
+pays for an answer twice. Every path may be local or gs:// (through fsspec).
 """
 
 from __future__ import annotations
@@ -220,7 +221,6 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
     stop: stop sequences of the student; default COMPLETION_STOPS for completion-style
       problems and none (EOS) for instruction-style ones.
   """
-  import tensorflow as tf
   from tqdm import tqdm
 
   from model.decode import Request
@@ -236,7 +236,7 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
   summary = SampleSummary(files=count)
   todo = []
   for j in range(shard, count, num_shards):
-    (summary.files_skipped if tf.io.gfile.exists(outputs[j]) else todo).append(j)
+    (summary.files_skipped if records.exists(outputs[j]) else todo).append(j)
   if num_samples:  # every prompt must fit before any work starts
     limit = decoder.config.max_position_embeddings
     for j in todo:
@@ -247,7 +247,7 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
                            f"in the student's {limit} positions")
   stats0 = _teacher_stats(teacher)
   if todo:
-    tf.io.gfile.makedirs(out_dir)
+    records.makedirs(out_dir)
   pool = concurrent.futures.ThreadPoolExecutor(1)
   cancel = threading.Event()
   try:
