@@ -105,46 +105,6 @@ def _final_params(workdir):
   return step, restored["state"].params, restored["data"]
 
 
-@pytest.mark.slow
-def test_sharded_run_equals_one_device_and_learns(prepared, tmp_path):
-  from rrtf_jax.train import train_and_evaluate
-  steps = 12
-  sharded = _config(prepared, steps=steps, microbatches=2)
-  sharded.mesh = "data=2,fsdp=2,tensor=2"
-  a = train_and_evaluate(sharded, str(tmp_path / "sharded"), progress=False)
-  one = _config(prepared, steps=steps, microbatches=2)
-  one.mesh = "fsdp=1"
-  b = train_and_evaluate(one, str(tmp_path / "one"), progress=False, devices=jax.devices()[:1])
-  la, lb = [h["loss"] for h in a.history], [h["loss"] for h in b.history]
-  assert len(la) == steps and a.step == steps
-  np.testing.assert_allclose(la, lb, rtol=2e-5)
-  np.testing.assert_allclose([h["ranking_accuracy"] for h in a.history],
-                             [h["ranking_accuracy"] for h in b.history], atol=1e-6)
-  # It learns: the loss falls and the responses come to be ordered as their scores.
-  assert np.mean(la[-3:]) < 0.8 * la[0]
-  acc = [h["ranking_accuracy"] for h in a.history]
-  assert np.mean(acc[-3:]) > np.mean(acc[:3]) + 0.1 and np.mean(acc[-3:]) > 0.75, acc
-  margin = [h["margin"] for h in a.history]  # mean p_better - p_worse over scored pairs
-  assert np.mean(margin[-3:]) > np.mean(margin[:3]) + 0.05, margin
-  for h in a.history:
-    assert set(h) >= {"rank_loss", "ft_loss", "margin", "grad_norm", "param_norm", "update_norm", "learning_rate",
-                      "padding_fraction"}
-    assert 0 <= h["padding_fraction"] < 1
-  # Metrics went to TensorBoard event files.
-  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "sharded" / "tensorboard"))
-
-
-def _wait_for(predicate, proc, timeout=300):
-  end = time.time() + timeout
-  while time.time() < end:
-    if predicate():
-      return True
-    if proc.poll() is not None:
-      return False
-    time.sleep(0.02)
-  return False
-
-
 def _tensorboard(workdir, tag="train/loss") -> dict:
   """step -> value of `tag` in a run's TensorBoard events."""
   import tensorflow as tf
@@ -156,39 +116,66 @@ def _tensorboard(workdir, tag="train/loss") -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_of_eight_devices(prepared, tmp_path):
-  """Multi-host: two `rrtf train` processes joined by jax.distributed on 127.0.0.1 (CPU backend,
-  gloo collectives), 4 devices each, one global 8-device mesh, each reading its half of the
-  data. Their loss curve equals one process training on 8 devices, each process read only its
-  share, and the checkpoint both wrote restores to the same parameters."""
+def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path):
+  """One training run three ways, 12 steps with 2 micro-batches and data.splits=2:
+  - one process, 8 devices on a mesh data=2, fsdp=2, tensor=2;
+  - one process, one device;
+  - multi-host: two `rrtf train` processes joined by jax.distributed on 127.0.0.1 (CPU backend,
+    gloo collectives), 4 devices each, the same mesh over the 8, each reading its half of the data.
+  The loss curves agree, it learns, each process read only its share, and the checkpoint both
+  processes wrote restores to the 8-device run's parameters (and becomes a model checkpoint)."""
   import socket
 
   import tensorflow_datasets as tfds
   from rrtf_jax.train import train_and_evaluate
-  steps = 4
+  steps = 12
+  # data.splits=2 fixes the data order whatever the host count: one process reads both halves.
+  flags = [f"--config.train.steps={steps}", "--config.train.microbatches=2", "--config.data.splits=2",
+           "--config.train.checkpoint_every=6", "--config.mesh=data=2,fsdp=2,tensor=2"]
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  work = tmp_path / "two"
-  # data.splits=2 fixes the data order whatever the host count: the reference reads both halves.
-  extra = [f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.data.splits=2"]
+  two = tmp_path / "two"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [_start(_train_args(prepared, work, *extra, "--coordinator-address", f"127.0.0.1:{port}",
+  procs = [_start(_train_args(prepared, two, *flags, "--coordinator-address", f"127.0.0.1:{port}",
                               "--num-processes", "2", "--process-id", str(i)), env) for i in range(2)]
-  ref = _config(prepared, steps=steps, checkpoint_every=2)  # meanwhile: one process, this one's 8 devices
-  ref.data.splits = 2
-  one = train_and_evaluate(ref, str(tmp_path / "one"), progress=False)
+
+  # Meanwhile, in this process (8 devices):
+  sharded = _config(prepared, steps=steps, microbatches=2, checkpoint_every=6)
+  sharded.mesh, sharded.data.splits = "data=2,fsdp=2,tensor=2", 2
+  a = train_and_evaluate(sharded, str(tmp_path / "sharded"), progress=False)
+  one = _config(prepared, steps=steps, microbatches=2, checkpoint_every=6)
+  one.mesh, one.data.splits = "fsdp=1", 2
+  b = train_and_evaluate(one, str(tmp_path / "one"), progress=False, devices=jax.devices()[:1])
+  la, lb = [h["loss"] for h in a.history], [h["loss"] for h in b.history]
+  assert len(la) == steps and a.step == steps
+  np.testing.assert_allclose(la, lb, rtol=2e-5)
+  np.testing.assert_allclose([h["ranking_accuracy"] for h in a.history],
+                             [h["ranking_accuracy"] for h in b.history], atol=1e-6)
+  # It learns: the loss falls and the responses come to be ordered as their scores.
+  assert np.mean(la[-3:]) < 0.8 * la[0]
+  acc = [h["ranking_accuracy"] for h in a.history]
+  assert np.mean(acc[-3:]) > np.mean(acc[:3]) + 0.05 and np.mean(acc[-3:]) > 0.75, acc
+  margin = [h["margin"] for h in a.history]  # mean p_better - p_worse over scored pairs
+  assert np.mean(margin[-3:]) > np.mean(margin[:3]) + 0.05, margin
+  for h in a.history:
+    assert set(h) >= {"rank_loss", "ft_loss", "margin", "grad_norm", "param_norm", "update_norm", "learning_rate",
+                      "padding_fraction"}
+    assert 0 <= h["padding_fraction"] < 1
+  # Metrics went to TensorBoard event files.
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "sharded" / "tensorboard"))
+
+  # The two processes.
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   lines = [out.strip().splitlines()[-1] for out, _ in outs]
   assert lines[0] == lines[1] and lines[0].startswith(f"trained to step {steps} (from the start); loss ")
-
-  losses = _tensorboard(work)
+  losses = _tensorboard(two)
   assert sorted(losses) == list(range(1, steps + 1))
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)], [h["loss"] for h in one.history], rtol=2e-5)
-  acc = _tensorboard(work, "train/ranking_accuracy")
-  np.testing.assert_allclose([acc[s] for s in sorted(acc)], [h["ranking_accuracy"] for h in one.history], atol=1e-6)
+  np.testing.assert_allclose([losses[s] for s in sorted(losses)], la, rtol=2e-5)
+  acc2 = _tensorboard(two, "train/ranking_accuracy")
+  np.testing.assert_allclose([acc2[s] for s in sorted(acc2)], acc, atol=1e-6)
 
   # Each process read its own half (TFDS's split for its part), nothing of the other's.
   builder = tfds.builder_from_directory(prepared)
@@ -197,14 +184,14 @@ def test_two_processes_equal_one_process_of_eight_devices(prepared, tmp_path):
       for i in range(2)]
   assert halves[0] and not halves[0] & halves[1]
   for i in range(2):
-    read = json.loads((work / "data_read" / f"process-{i}-of-2.json").read_text())
+    read = json.loads((two / "data_read" / f"process-{i}-of-2.json").read_text())
     assert read["parts"] == [i] and read["steps"] == [0, steps] and set(read["task_ids"]) == halves[i]
-  read = json.loads((tmp_path / "one" / "data_read" / "process-0-of-1.json").read_text())
+  read = json.loads((tmp_path / "sharded" / "data_read" / "process-0-of-1.json").read_text())
   assert read["parts"] == [0, 1] and set(read["task_ids"]) == halves[0] | halves[1]
 
-  # The checkpoint both processes wrote (each its shards) restores, equal to the reference's.
-  step, params, data = _final_params(str(work))
-  step1, params1, data1 = _final_params(str(tmp_path / "one"))
+  # The checkpoint both processes wrote (each its shards) restores, equal to the 8-device run's.
+  step, params, data = _final_params(str(two))
+  step1, params1, data1 = _final_params(str(tmp_path / "sharded"))
   assert step == step1 == steps and data == data1
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params1)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)  # gloo vs in-process sums
@@ -212,15 +199,26 @@ def test_two_processes_equal_one_process_of_eight_devices(prepared, tmp_path):
   # `rrtf params`: the run's parameters as a model checkpoint (what evaluate and serve read).
   from model import load_checkpoint
   from rrtf_jax.cli import main
-  assert main(["params", "--workdir", str(work), "--out", str(tmp_path / "model"), "--dtype", "bfloat16"]) == 0
+  assert main(["params", "--workdir", str(two), "--out", str(tmp_path / "model"), "--dtype", "bfloat16"]) == 0
   cfg, model = load_checkpoint(str(tmp_path / "model"))
   assert cfg.param_dtype == "bfloat16" and cfg.num_layers == 2
   for x, y in zip(jax.tree.leaves(model), jax.tree.leaves(params)):
     assert x.dtype == jax.numpy.bfloat16
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y).astype(jax.numpy.bfloat16))
-  assert main(["params", "--workdir", str(work), "--out", str(tmp_path / "m2"), "--step", "3"]) == 2
+  assert main(["params", "--workdir", str(two), "--out", str(tmp_path / "m2"), "--step", "3"]) == 2
   assert main(["params", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "m3")]) == 2
   assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+
+def _wait_for(predicate, proc, timeout=300):
+  end = time.time() + timeout
+  while time.time() < end:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.02)
+  return False
 
 
 def _logged_a_step(workdir) -> bool:
