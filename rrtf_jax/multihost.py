@@ -71,8 +71,11 @@ def detect(environ=None) -> Host:
   if env.get("JAX_NUM_PROCESSES"):
     return _ints(env.get("JAX_PROCESS_ID", ""), env["JAX_NUM_PROCESSES"], "JAX_PROCESS_ID/JAX_NUM_PROCESSES")
   hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  if hosts and env.get("TPU_WORKER_ID"):
-    return _ints(env["TPU_WORKER_ID"], str(len(hosts)), "TPU_WORKER_ID/TPU_WORKER_HOSTNAMES")
+  worker = env.get("TPU_WORKER_ID", "").strip()
+  # Only a real several-host layout counts: libtpu itself may leave a one-host value, or a
+  # warning text in TPU_WORKER_ID, in the environment of a process that compiled for TPU.
+  if len(hosts) > 1 and worker.isdigit():
+    return _ints(worker, str(len(hosts)), "TPU_WORKER_ID/TPU_WORKER_HOSTNAMES")
   if environ is None and _on_gce():
     worker, endpoints = _metadata("agent-worker-number"), _metadata("worker-network-endpoints")
     if worker is not None and endpoints:

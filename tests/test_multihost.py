@@ -24,6 +24,9 @@ def test_detect_host_from_the_environment():
   assert (jx.index, jx.count) == (1, 4)
   gke = d({"TPU_WORKER_ID": "2", "TPU_WORKER_HOSTNAMES": "a,b,c,d"})
   assert (gke.index, gke.count, gke.source) == (2, 4, "TPU_WORKER_ID/TPU_WORKER_HOSTNAMES")
+  # what libtpu leaves in the environment of a process that compiled for a TPU topology: ignored
+  assert d({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}).count == 1
+  assert d({"TPU_WORKER_HOSTNAMES": "a,b", "TPU_WORKER_ID": "WARNING: could not determine TPU worker number"}).count == 1
   # JAX's variables win over the TPU ones (an explicit job layout)
   assert d({"JAX_PROCESS_ID": "0", "JAX_NUM_PROCESSES": "2", "TPU_WORKER_ID": "3",
             "TPU_WORKER_HOSTNAMES": "a,b,c,d"}).count == 2
