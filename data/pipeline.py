@@ -410,13 +410,10 @@ def _merged(gens: list, agree_length: Callable[[int], int] | None, pad_id: int) 
       t = agreed
     out = {}
     for name in batches[0]:
-      arrays = []
-      for b in batches:
-        x = b[name]
-        if name in _PAD_WITH_ID or name in ("loss_mask", "segment_ids"):
-          fill = pad_id if name in _PAD_WITH_ID else 0
-          x = np.pad(x, ((0, 0), (0, 0), (0, t - x.shape[-1])), constant_values=fill)
-        arrays.append(x)
+      fill = pad_id if name in _PAD_WITH_ID else 0
+      arrays = [b[name] if b[name].ndim == 2 else  # [b, R, T] token fields; scores, is_teacher are [b, R]
+                np.pad(b[name], ((0, 0), (0, 0), (0, t - b[name].shape[-1])), constant_values=fill)
+                for b in batches]
       out[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     yield out, items[0][1]
 

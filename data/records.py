@@ -179,7 +179,6 @@ def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
   file name) with split infos from `shard_infos` ((records, payload bytes) per path, as
   `shard_info` counts them, which is what tfds counts), and then uploaded, dataset_info.json
   last: the files are the same as a local run's."""
-  import contextlib
   import io
 
   import tensorflow_datasets as tfds
@@ -264,7 +263,7 @@ def listdir(path: str) -> list[str]:
 
 
 def makedirs(path: str) -> None:
-  """Locally os.makedirs; a no-op on object stores, which have no directories."""
+  """os.makedirs locally; fsspec's makedirs for a URL (object stores have no real directories)."""
   if not is_url(path):
     os.makedirs(path, exist_ok=True)
     return
