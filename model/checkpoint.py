@@ -29,6 +29,7 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+QUANTIZATION_FILE = "quantization.json"  # how a quantized checkpoint was made (rrtf quantize)
 
 
 def _is_url(path: str) -> bool:
@@ -94,15 +95,16 @@ def check_output(path: str) -> None:
   if is_checkpoint(final):
     raise FileExistsError(f"{final}: output already exists")
   names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(final, detail=False)}
-  if _is_url(final) and names <= {PARAMS_DIR, TOKENIZER_DIR}:
+  if _is_url(final) and names <= {PARAMS_DIR, TOKENIZER_DIR, QUANTIZATION_FILE}:
     remove_dir(final)  # an object-store write that was killed before its config (the commit marker)
     return
   raise FileExistsError(f"{final}: output already exists and is not a checkpoint")
 
 
 def save_checkpoint(path: str, config: ModelConfig, params, tokenizer_dir: str | None = None,
-                    tokenizer_files: tuple[str, ...] = ()) -> str:
-  """Writes a complete checkpoint directory; returns its path.
+                    tokenizer_files: tuple[str, ...] = (), extra_files: dict[str, str] | None = None) -> str:
+  """Writes a complete checkpoint directory; returns its path. `extra_files`: name -> text of
+  files written beside the config (e.g. quantization.json).
 
   Local paths are written under a temporary sibling and renamed when complete. On object
   stores (gs://), where a rename is a copy, the directory is written in place with
@@ -123,6 +125,9 @@ def save_checkpoint(path: str, config: ModelConfig, params, tokenizer_dir: str |
       for src in tokenizer_files:
         _copy_file(src, f"{tok}/{os.path.basename(src)}")
     write_params(work, params)
+    for name, text in (extra_files or {}).items():
+      with fsspec.open(f"{work}/{name}", "w") as f:
+        f.write(text)
     with fsspec.open(f"{work}/{CONFIG_FILE}", "w") as f:
       f.write(config.to_json())
     if work != final:
@@ -166,8 +171,9 @@ def load_checkpoint(path: str, *, shardings=None, dtype=None):
   if shardings is None:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: dev, meta)
-  target = jax.tree.map(
-      lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), meta, shardings)
+  # `dtype` casts the floating-point parameters only (a quantized checkpoint's integers stay).
+  cast = lambda d: dtype if dtype and jax.numpy.issubdtype(d, jax.numpy.floating) else d  # noqa: E731
+  target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, cast(m.dtype), sharding=s), meta, shardings)
   params = ckptr.restore(f"{path}/{PARAMS_DIR}", target)
   return config, params
 
@@ -178,4 +184,8 @@ def tokenizer_path(path: str) -> str | None:
 
 
 def param_bytes(params) -> int:
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+  """Bytes of a parameter tree as an accelerator holds it: int4 packs two values per byte."""
+  def nbytes(x) -> int:
+    n = int(np.prod(x.shape))
+    return (n + 1) // 2 if np.dtype(x.dtype) == np.dtype(jax.numpy.int4) else n * np.dtype(x.dtype).itemsize
+  return sum(nbytes(x) for x in jax.tree.leaves(params))

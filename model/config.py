@@ -16,6 +16,7 @@ import jax.numpy as jnp
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
 REMAT_POLICIES = ("none", "full", "dots")
+QUANT_BITS = (0, 8, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,12 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   attention: str = "auto"  # attention dispatch (model/attention.py): auto = pallas on TPU, else xla
   remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+  # Weight-only quantization (model/quantize.py, `rrtf quantize`): the kernels of every linear
+  # layer are stored as int8 or int4 with scales per output channel (quant_group 0) or per group
+  # of quant_group input rows, dequantized inside the layer that uses them (transformer._dense).
+  quant_bits: int = 0  # 0 (off), 8 or 4
+  quant_group: int = 0  # input rows per scale; 0 = one scale per output channel
+  quant_embedding: bool = False  # the tied embedding / LM head as int8, one scale per vocab row
 
   def __post_init__(self):
     if self.embed_dim % self.num_heads:
@@ -52,6 +59,12 @@ class ModelConfig:
       raise ValueError(f"model.attention={self.attention!r} is not available; choose one of {ATTENTION_IMPLS}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.quant_bits not in QUANT_BITS:
+      raise ValueError(f"model.quant_bits={self.quant_bits} is not one of {QUANT_BITS} (0 = not quantized)")
+    if self.quant_group < 0 or (self.quant_group and not self.quant_bits):
+      raise ValueError(f"model.quant_group={self.quant_group} needs quant_bits and must be >= 0")
+    if self.quant_embedding and not self.quant_bits:
+      raise ValueError("model.quant_embedding needs quant_bits")
     for field in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, field))
@@ -69,6 +82,19 @@ class ModelConfig:
   @property
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def quant_dtype(self):
+    return {8: jnp.int8, 4: jnp.int4}[self.quant_bits]
+
+  def quant_groups(self, d_in: int) -> int:
+    """Scales per output channel of a kernel with d_in input rows (flattened): 1 per channel, or
+    d_in / quant_group (a group no smaller than d_in means one group)."""
+    if not self.quant_group or self.quant_group >= d_in:
+      return 1
+    if d_in % self.quant_group:
+      raise ValueError(f"model.quant_group={self.quant_group} does not divide a kernel's {d_in} input rows")
+    return d_in // self.quant_group
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -115,6 +141,8 @@ class ModelConfig:
 
   def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
     """An HF `config.json` dict that transformers' GPTBigCodeForCausalLM loads."""
+    if self.quant_bits:
+      raise ValueError("a quantized checkpoint has no HF GPTBigCode form; export the full-precision one")
     if self.num_kv_heads not in (1, self.num_heads):
       raise ValueError(
           f"GPTBigCode supports only multi-query (K=1) or multi-head (K=N) attention, not K={self.num_kv_heads}")

@@ -252,6 +252,9 @@ def export_hf(ckpt_dir: str, out: str, dtype: str | None = None, max_shard_bytes
   final = os.path.abspath(out)
   if os.path.exists(final):
     raise FileExistsError(f"{final}: output already exists")
+  if ckpt_lib.is_checkpoint(ckpt_dir) and ckpt_lib.read_config(ckpt_dir).quant_bits:
+    raise ValueError(f"{ckpt_dir}: a quantized checkpoint has no HF GPTBigCode form; export the one it was "
+                     "quantized from")
   cfg, params = ckpt_lib.load_checkpoint(ckpt_dir)
   params = jax.tree.map(np.asarray, params)
   tmp = ckpt_lib.temp_sibling(final)

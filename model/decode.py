@@ -37,7 +37,7 @@ from flax import struct
 
 from model.config import ModelConfig
 from model.sharding import LOGICAL_RULES
-from model.transformer import Transformer
+from model.transformer import Transformer, lm_head
 
 MIN_PROMPT_BUCKET = 16
 
@@ -116,8 +116,7 @@ def _top_k_top_p(scaled, top_p, top_k):
 
 def _head(params, cfg: ModelConfig, hidden):
   """Tied LM head on [B, D] hidden states -> [B, V] fp32 logits (as Transformer computes them)."""
-  cd = cfg.compute_dtype
-  logits = jnp.einsum("BD,VD->BV", hidden.astype(cd), params["wte"].astype(cd), preferred_element_type=jnp.float32)
+  logits = lm_head(hidden, params["wte"], params.get("wte_scale"), cfg)
   return nn.with_logical_constraint(logits, ("batch", "vocab"))
 
 

@@ -11,6 +11,8 @@ stacked [L, ...] arrays under `h`.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,45 @@ _INIT = nn.initializers.normal(stddev=0.02)
 
 def _param(module, name, axes, shape, init, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _dense(module, name: str, axes, shape, n_in: int, eq: str, x):
+  """einsum(eq, x, kernel) for a linear layer's kernel [*in, *out] (its first n_in dims contract
+  with x's last ones), in the compute dtype.
+
+  Quantized (config.quant_bits), the parameter `name` holds int8/int4 values and `name`_scale
+  [G, *out] the scales of G groups of consecutive (flattened) input rows; the kernel is
+  dequantized here, inside the scanned layer that uses it, so the model's weights stay integers
+  in memory and at most one layer's kernels exist in the compute dtype at a time. Compiled for
+  one v5e chip (`rrtf plan --decode`, StarCoder-15B, batch 1, 2048 tokens), per-channel int8/int4
+  fuses into the matmuls entirely (1.3 MiB of temporaries); with groups of 128 rows XLA
+  materialises one kernel (290 MiB); see benchmarks/results/quantize.md.
+  """
+  cfg = module.config
+  cd = cfg.compute_dtype
+  if not cfg.quant_bits:
+    return jnp.einsum(eq, x, _param(module, name, axes, shape, _INIT, cfg.weight_dtype).astype(cd))
+  groups = cfg.quant_groups(math.prod(shape[:n_in]))
+  q = _param(module, name, axes, shape, nn.initializers.zeros, cfg.quant_dtype)
+  scale = _param(module, f"{name}_scale", (None,) + tuple(axes[n_in:]), (groups,) + tuple(shape[n_in:]),
+                 nn.initializers.ones, cfg.weight_dtype)
+  return jnp.einsum(eq, x, dequantize(q, scale, cd))
+
+
+def dequantize(q, scale, dtype):
+  """q [*in, *out] integers, scale [G, *out]: each of G groups of consecutive (flattened) input
+  rows has its own scale per output -> [*in, *out] in `dtype`."""
+  g, out = scale.shape[0], scale.shape[1:]
+  w = q.reshape((g, -1) + out).astype(dtype) * scale.astype(dtype)[:, None]
+  return w.reshape(q.shape)
+
+
+def lm_head(x, wte, wte_scale, cfg: ModelConfig):
+  """Tied LM head: [..., D] -> [..., V] logits; compute-dtype inputs, fp32 accumulation and
+  output. An int8 table's per-row scales multiply the logits (exact: one scale per vocab row)."""
+  cd = cfg.compute_dtype
+  logits = jnp.einsum("...D,VD->...V", x.astype(cd), wte.astype(cd), preferred_element_type=jnp.float32)
+  return logits if wte_scale is None else logits * wte_scale.astype(jnp.float32)
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
@@ -63,17 +104,15 @@ class Attention(nn.Module):
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     wd, cd = cfg.weight_dtype, cfg.compute_dtype
     zeros = nn.initializers.zeros
-    q_kernel = _param(self, "q_kernel", ("embed", "heads", "head_dim"), (d, n, h), _INIT, wd)
     q_bias = _param(self, "q_bias", ("heads", "head_dim"), (n, h), zeros, wd)
-    kv_kernel = _param(self, "kv_kernel", ("embed", None, "kv", "head_dim"), (d, 2, k, h), _INIT, wd)
     kv_bias = _param(self, "kv_bias", (None, "kv", "head_dim"), (2, k, h), zeros, wd)
-    o_kernel = _param(self, "o_kernel", ("heads", "head_dim", "embed"), (n, h, d), _INIT, wd)
     o_bias = _param(self, "o_bias", ("embed",), (d,), zeros, wd)
 
     x = x.astype(cd)
-    q = jnp.einsum("BTD,DNH->BTNH", x, q_kernel.astype(cd)) + q_bias.astype(cd)  # [B, T, N, H]
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-    kv = jnp.einsum("BTD,DCKH->CBTKH", x, kv_kernel.astype(cd))  # [2, B, T, K, H]
+    self.sow("intermediates", "attn_in", x)  # the inputs GPTQ calibrates on (model/quantize.py)
+    q = _dense(self, "q_kernel", ("embed", "heads", "head_dim"), (d, n, h), 1, "BTD,DNH->BTNH", x)
+    q = nn.with_logical_constraint(q + q_bias.astype(cd), ("batch", "length", "heads", "head_dim"))  # [B, T, N, H]
+    kv = _dense(self, "kv_kernel", ("embed", None, "kv", "head_dim"), (d, 2, k, h), 1, "BTD,DCKH->CBTKH", x)
     kv = kv + kv_bias.astype(cd)[:, None, None]
     key, value = kv[0], kv[1]  # [B, T, K, H] each
     scale = h**-0.5 if cfg.scale_attn_weights else 1.0
@@ -83,7 +122,9 @@ class Attention(nn.Module):
     else:
       out = cached_attention(q, key, value, *cache, sm_scale=scale)  # [B, T, N, H]
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("BTNH,NHD->BTD", out, o_kernel.astype(cd)) + o_bias.astype(cd), (key, value)
+    self.sow("intermediates", "o_in", out)
+    out = _dense(self, "o_kernel", ("heads", "head_dim", "embed"), (n, h, d), 2, "BTNH,NHD->BTD", out)
+    return out + o_bias.astype(cd), (key, value)
 
 
 class Mlp(nn.Module):
@@ -95,14 +136,15 @@ class Mlp(nn.Module):
     d, f = cfg.embed_dim, cfg.mlp_dim
     wd, cd = cfg.weight_dtype, cfg.compute_dtype
     zeros = nn.initializers.zeros
-    fc_kernel = _param(self, "fc_kernel", ("embed", "mlp"), (d, f), _INIT, wd)
     fc_bias = _param(self, "fc_bias", ("mlp",), (f,), zeros, wd)
-    proj_kernel = _param(self, "proj_kernel", ("mlp", "embed"), (f, d), _INIT, wd)
     proj_bias = _param(self, "proj_bias", ("embed",), (d,), zeros, wd)
-    hid = jnp.einsum("BTD,DF->BTF", x.astype(cd), fc_kernel.astype(cd)) + fc_bias.astype(cd)
+    x = x.astype(cd)
+    self.sow("intermediates", "fc_in", x)
+    hid = _dense(self, "fc_kernel", ("embed", "mlp"), (d, f), 1, "BTD,DF->BTF", x) + fc_bias.astype(cd)
     hid = nn.with_logical_constraint(hid, ("batch", "length", "mlp"))  # [B, T, F]
     hid = jax.nn.gelu(hid, approximate=cfg.activation != "gelu")
-    return jnp.einsum("BTF,FD->BTD", hid, proj_kernel.astype(cd)) + proj_bias.astype(cd)  # [B, T, D]
+    self.sow("intermediates", "proj_in", hid)
+    return _dense(self, "proj_kernel", ("mlp", "embed"), (f, d), 1, "BTF,FD->BTD", hid) + proj_bias.astype(cd)  # [B, T, D]
 
 
 class Block(nn.Module):
@@ -162,14 +204,24 @@ class Transformer(nn.Module):
     if positions is None:
       positions = positions_from_segments(segment_ids)  # [B, T]
 
-    wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, cfg.weight_dtype)
+    if cfg.quant_embedding:  # int8, one scale per vocab row
+      wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), nn.initializers.zeros, jnp.int8)
+      wte_scale = _param(self, "wte_scale", ("vocab",), (cfg.vocab_size,), nn.initializers.ones, cfg.weight_dtype)
+    else:
+      wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, cfg.weight_dtype)
+      wte_scale = None
     wpe = _param(self, "wpe", ("length", "embed"), (cfg.max_position_embeddings, cfg.embed_dim), _INIT,
                  cfg.weight_dtype)
     # Gather the tables over `embed` first, as FSDP does for every weight before use: a lookup
     # into an embed-sharded table yields embed-sharded rows, which SPMD cannot move to the
     # batch-sharded activation layout without replicating them.
-    table = lambda w: nn.with_logical_constraint(w.astype(cd), ("vocab" if w is wte else "length", None))  # noqa: E731
-    x = jnp.take(table(wte), tokens, axis=0) + jnp.take(table(wpe), positions, axis=0)  # [B, T, D]
+    # (An int8 table is gathered as int8 and its rows dequantized.)
+    table = lambda w, axis: nn.with_logical_constraint(  # noqa: E731
+        w if jnp.issubdtype(w.dtype, jnp.integer) else w.astype(cd), (axis, None))
+    x = jnp.take(table(wte, "vocab"), tokens, axis=0).astype(cd)  # [B, T, D]
+    if wte_scale is not None:
+      x = x * jnp.take(wte_scale.astype(cd), tokens, axis=0)[..., None]
+    x = x + jnp.take(table(wpe, "length"), positions, axis=0)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     block = Block
@@ -185,9 +237,7 @@ class Transformer(nn.Module):
     if return_hidden:
       out = x
     else:
-      # Tied LM head; bf16 inputs, fp32 accumulation and output.
-      logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(cd), preferred_element_type=jnp.float32)
-      out = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))  # [B, T, V]
+      out = nn.with_logical_constraint(lm_head(x, wte, wte_scale, cfg), ("batch", "length", "vocab"))  # [B, T, V]
     return (out, kv) if return_kv else out
 
 

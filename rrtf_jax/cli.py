@@ -26,7 +26,14 @@ def _plan(args, overrides):
   from rrtf_jax.config_loading import load_config
   from rrtf_jax.plan import plan
   config = load_config(args.config, overrides)
-  result = plan(config, args.topology, mesh_spec=args.mesh, batch_size=args.batch_size, seq_len=args.seq_len)
+  if args.decode:
+    from rrtf_jax.plan import plan_decode
+    result = plan_decode(config, args.topology, mesh_spec=args.mesh, batch_size=args.batch_size or 16,
+                         context=args.seq_len, quant=args.quant, group=args.quant_group, embedding=args.quant_embedding)
+  else:
+    if args.quant != "none" or args.quant_group is not None or args.quant_embedding:
+      raise ValueError("--quant, --quant-group and --quant-embedding plan the decode step: add --decode")
+    result = plan(config, args.topology, mesh_spec=args.mesh, batch_size=args.batch_size, seq_len=args.seq_len)
   print(result.report())
   if args.json:
     with open(args.json, "w") as f:
@@ -73,6 +80,14 @@ def _params(args, overrides):
   from rrtf_jax.train import save_model
   out, step = save_model(args.workdir, args.out, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer)
   print(f"wrote {out}: the parameters of step {step} of {args.workdir}")
+
+
+def _quantize(args, overrides):
+  from rrtf_jax.quantize import quantize_stage
+  summary = quantize_stage(args.ckpt, args.method, args.out, calibration=args.calibration, group=args.group,
+                           embedding=args.embedding == "int8", dtype=args.dtype, max_prompts=args.calibration_prompts,
+                           seq_len=args.calibration_len, progress=not args.quiet)
+  print(summary.text())
 
 
 def _demo(args, overrides):
@@ -257,12 +272,41 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors into shards of this size")
   s.set_defaults(func=_export)
 
-  s = sub.add_parser("plan", help="compile the RRTF train step ahead of time for a TPU topology; per-chip memory")
+  s = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a checkpoint's linear layers "
+                     "(loads in serve, evaluate and sample)")
+  s.add_argument("--ckpt", required=True, help="full-precision model checkpoint (convert, params or demo output)")
+  s.add_argument("--method", required=True, choices=("int8", "int4-gptq", "int4-rtn"),
+                 help="int8: per output channel, round-to-nearest; int4-rtn / int4-gptq: groups of --group input "
+                      "rows, round-to-nearest or GPTQ (needs --calibration)")
+  s.add_argument("--out", required=True, help="output checkpoint directory (local or gs://); must not exist")
+  s.add_argument("--calibration", default=None,
+                 help="problems whose prompts calibrate GPTQ ('humaneval' or a problems JSONL; prefer training "
+                      "problems over the ones you evaluate on); with RTN it only adds the calibration-loss report")
+  s.add_argument("--calibration-prompts", type=int, default=128, help="use the first N problems")
+  s.add_argument("--calibration-len", type=int, default=512, help="tokens per prompt at most")
+  s.add_argument("--group", type=int, default=None,
+                 help="input rows per scale (default: 128 for int4, one scale per output channel for int8; 0 = per channel)")
+  s.add_argument("--embedding", choices=("keep", "int8"), default="keep",
+                 help="the tied embedding / LM head: keep it in --dtype (default) or int8 with a scale per row")
+  s.add_argument("--dtype", default="bfloat16", help="dtype of what stays floating point (biases, norms, scales)")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+  s.set_defaults(func=_quantize)
+
+  s = sub.add_parser("plan", help="compile the RRTF train step (or --decode: the serving decode step) ahead of "
+                                  "time for a TPU topology; per-chip memory")
   s.add_argument("--config", required=True, help="config file (configs/*.py) or name (tiny, starcoder_15b)")
   s.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4, v5e:2x2, v4:2x2x2")
   s.add_argument("--mesh", default=None, help="mesh sizes, e.g. fsdp=64 or data=2,fsdp=-1,tensor=4")
-  s.add_argument("--batch-size", type=int, default=None, help="global batch in prompts (default: config train.batch_size)")
-  s.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: config)")
+  s.add_argument("--batch-size", type=int, default=None,
+                 help="global batch in prompts (default: config train.batch_size; with --decode: rows, default 16)")
+  s.add_argument("--seq-len", type=int, default=None,
+                 help="tokens per sequence (default: config; with --decode: the KV-cache length, default the model's)")
+  s.add_argument("--decode", action="store_true",
+                 help="plan the decode step of serve/sample/evaluate (KV cache, one token per row per step) instead")
+  s.add_argument("--quant", choices=("none", "int8", "int4"), default="none",
+                 help="with --decode: weights as `rrtf quantize` stores them (none: the compute dtype, as converted)")
+  s.add_argument("--quant-group", type=int, default=None, help="with --quant: input rows per scale (rrtf quantize --group)")
+  s.add_argument("--quant-embedding", action="store_true", help="with --quant: the embedding / LM head as int8 too")
   s.add_argument("--json", default=None, help="also write the figures to this JSON file")
   s.set_defaults(func=_plan)
 

@@ -36,8 +36,52 @@ class PlanError(ValueError):
   pass
 
 
+class _Memory:
+  """Per-device memory of a compiled executable (or the compiler's refusal) and its verdict."""
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def fits(self) -> bool | None:
+    if self.compiler_error:
+      return False
+    return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.update(total_bytes=self.total_bytes, fits=self.fits)
+    return d
+
+  def _memory_lines(self, arguments: str, outputs: str, temporaries: str) -> list[str]:
+    g = _bytes
+    hbm = g(self.hbm_bytes) if self.hbm_bytes else "   unknown"
+    lines = ["per device:", f"  arguments  {g(self.argument_bytes)}   ({arguments})",
+             f"  outputs    {g(self.output_bytes)}   ({outputs})"]
+    if self.compiler_error:  # no executable: only what the compiler said, no code size or total
+      return lines + [f"  temporaries{g(self.temp_bytes)}   (as the compiler reported them)"]
+    return lines + [f"  temporaries{g(self.temp_bytes)}   ({temporaries})", f"  code       {g(self.code_bytes)}",
+                    f"  total      {g(self.total_bytes)}   of {hbm} HBM"]
+
+  def _verdict(self, advice: str) -> str:
+    hbm = _bytes(self.hbm_bytes).strip() if self.hbm_bytes else "unknown"
+    if self.compiler_error and "vmem" in self.compiler_error.lower():
+      return (f"verdict      DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM "
+              f"({self.compiler_error}); split the heads over --mesh ...,tensor=N or try "
+              "--config.model.attention=splash")
+    if self.compiler_error:
+      return f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); {advice}"
+    if self.fits is None:
+      return "verdict      unknown: no HBM figure for this chip"
+    if self.fits:
+      return f"verdict      fits ({self.total_bytes / self.hbm_bytes:.0%} of HBM)"
+    return (f"verdict      DOES NOT FIT: needs {_bytes(self.total_bytes).strip()} per device, the chip has "
+            f"{hbm}; {advice}")
+
+
 @dataclasses.dataclass
-class Plan:
+class Plan(_Memory):
   topology: str
   device_kind: str
   num_devices: int
@@ -59,24 +103,7 @@ class Plan:
   compiler_error: str | None = None  # why the TPU compiler refused the step (out of HBM or VMEM)
   remat: str = "none"
 
-  @property
-  def total_bytes(self) -> int:
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-
-  @property
-  def fits(self) -> bool | None:
-    if self.compiler_error:
-      return False
-    return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d.update(total_bytes=self.total_bytes, fits=self.fits)
-    return d
-
   def report(self) -> str:
-    g = _bytes
-    hbm = g(self.hbm_bytes) if self.hbm_bytes else "   unknown"
     mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
     lines = [
         f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}",
@@ -84,33 +111,54 @@ class Plan:
         f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x {self.responses} "
         f"responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
         f"compiled in  {self.compile_seconds:.1f} s",
-        "per device:",
-        f"  arguments  {g(self.argument_bytes)}   (parameters, optimizer state and batch shards)",
-        f"  outputs    {g(self.output_bytes)}   (the new state, in place of the donated one, and metrics)",
     ]
-    if self.compiler_error:  # no executable: only what the compiler said, no code size or total
-      lines.append(f"  temporaries{g(self.temp_bytes)}   (as the compiler reported them)")
-    else:
-      lines += [f"  temporaries{g(self.temp_bytes)}   (activations and workspace)",
-                f"  code       {g(self.code_bytes)}",
-                f"  total      {g(self.total_bytes)}   of {hbm} HBM"]
+    lines += self._memory_lines("parameters, optimizer state and batch shards",
+                                "the new state, in place of the donated one, and metrics", "activations and workspace")
     lines.append(f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} "
                  "per device (analytic: 3x forward matmuls and attention)")
     advice = "add chips, shard more (--mesh), raise --config.train.microbatches"
     advice += ", or set --config.model.remat=full" if self.remat != "full" else ""
-    if self.compiler_error and "vmem" in self.compiler_error.lower():
-      lines.append(f"verdict      DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM "
-                   f"({self.compiler_error}); split the heads over --mesh ...,tensor=N or try "
-                   "--config.model.attention=splash")
-    elif self.compiler_error:
-      lines.append(f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); {advice}")
-    elif self.fits is None:
-      lines.append("verdict      unknown: no HBM figure for this chip")
-    elif self.fits:
-      lines.append(f"verdict      fits ({self.total_bytes / self.hbm_bytes:.0%} of HBM)")
-    else:
-      lines.append(f"verdict      DOES NOT FIT: needs {g(self.total_bytes).strip()} per device, the chip has "
-                   f"{hbm.strip()}; {advice}")
+    lines.append(self._verdict(advice))
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class DecodePlan(_Memory):
+  """The decode step (`model.decode.decode_chunk`, as `rrtf serve`/`sample`/`evaluate` jit it)
+  compiled for a topology: one new token per row per loop step against a KV cache."""
+  topology: str
+  device_kind: str
+  num_devices: int
+  mesh: dict
+  batch_size: int  # rows decoded together
+  context: int  # KV-cache length (prompt + new tokens)
+  weights: str  # how the linear layers are stored: bfloat16 | int8 | int4 (group G)
+  params: int
+  param_bytes: int  # all devices, as stored (int4 two per byte)
+  cache_bytes: int  # the K and V caches, all devices
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  hbm_bytes: int | None
+  compile_seconds: float
+  compiler_error: str | None = None
+
+  def report(self) -> str:
+    g = _bytes
+    mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+    lines = [
+        f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}",
+        f"model        {_count(self.params)} parameters, {self.weights} weights: {g(self.param_bytes).strip()}",
+        f"step         decode (one token per row per step, KV cache): batch {self.batch_size}, context "
+        f"{self.context} tokens (cache {g(self.cache_bytes).strip()})",
+        f"compiled in  {self.compile_seconds:.1f} s",
+    ]
+    lines += self._memory_lines("weights, KV cache and decode state", "the new state, in place of the donated one",
+                                "activations, logits, sampling, dequantized kernels XLA did not fuse")
+    lines.append(self._verdict("quantize (--quant int8|int4), shorten --seq-len, lower --batch-size, or shard "
+                               "over more chips (--mesh)"))
     return "\n".join(lines)
 
 
@@ -140,7 +188,15 @@ def topology_devices(topology: str):
     for k, v in _CPU_HOST_LIBTPU_ENV.items():
       os.environ.setdefault(k, v)
   try:
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    try:
+      return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as e:  # noqa: BLE001
+      if "chips_per_host_bounds" not in str(e):
+        raise
+      # A slice smaller than a host's default 2x2 chips (v5e:1x1, v5e:2x1): the host holds all of it.
+      dims = [int(x) for x in topology.split(":")[-1].split("x")]
+      return topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                          chips_per_host_bounds=(dims + [1, 1])[:3]).devices
   except Exception as e:  # noqa: BLE001  (libtpu missing, unknown name)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "tpu" in first.lower() and ("not found" in first.lower() or "unknown backend" in first.lower()):
@@ -174,6 +230,14 @@ def _shard_bytes(tree) -> int:
 
 def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
   """The compiler refuses a step that cannot fit; keep its figure for the temporaries."""
+  temp, reason = _refusal(error)
+  sbytes = _shard_bytes(state_abs)
+  return Plan(**common, argument_bytes=sbytes, output_bytes=sbytes, alias_bytes=sbytes, temp_bytes=temp,
+              code_bytes=0, compile_seconds=secs, compiler_error=reason)
+
+
+def _refusal(error: str) -> tuple[int, str]:
+  """(the temporaries' bytes the compiler reported, what ran out) of a RESOURCE_EXHAUSTED error."""
   import re
   msg = " ".join(error.split())
   m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", msg)
@@ -186,9 +250,7 @@ def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
   kernel = re.search(r"/(\w+)/pallas_call", msg)
   if kernel and "vmem" in reason.lower():
     reason += f" in {kernel.group(1)}"
-  sbytes = _shard_bytes(state_abs)
-  return Plan(**common, argument_bytes=sbytes, output_bytes=sbytes, alias_bytes=sbytes, temp_bytes=temp,
-              code_bytes=0, compile_seconds=secs, compiler_error=reason)
+  return temp, reason
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None = None,
@@ -196,6 +258,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None
   from rrtf_jax.train import TrainError, abstract_batch, check_batch_layout, jit_train_step, make_optimizer
   from rrtf_jax.train import state_shardings
   model_cfg = ModelConfig.from_dict(config.model)
+  if model_cfg.quant_bits:
+    raise PlanError("model.quant_bits: a quantized model is for inference; plan its decode step with "
+                    "--decode --quant int8|int4")
   tc = config.train.copy_and_resolve_references()
   tc.batch_size = batch_size or tc.batch_size
   tc.seq_len = seq_len or tc.seq_len
@@ -230,3 +295,88 @@ def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None
   return Plan(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
               alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
               code_bytes=int(mem.generated_code_size_in_bytes), compile_seconds=time.perf_counter() - t0)
+
+
+def decode_config(model_cfg: ModelConfig, quant: str = "none", group: int | None = None,
+                  embedding: bool = False) -> ModelConfig:
+  """The model as it is served: weights stored in the compute dtype (a converted StarCoder
+  checkpoint is bfloat16), or quantized as `rrtf quantize` stores them."""
+  cfg = model_cfg.replace(param_dtype=model_cfg.dtype, remat="none")
+  if quant == "none":
+    if embedding or group is not None:
+      raise PlanError("--quant-group and --quant-embedding need --quant int8|int4")
+    return cfg
+  from model.quantize import quantized_config
+  method = {"int8": "int8", "int4": "int4-rtn"}.get(quant)  # GPTQ and RTN store the same format
+  if method is None:
+    raise PlanError(f"--quant must be none, int8 or int4, got {quant!r}")
+  try:
+    return quantized_config(cfg, method, group, embedding, dtype=model_cfg.dtype)
+  except ValueError as e:
+    raise PlanError(str(e)) from None
+
+
+def plan_decode(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None = None,
+                batch_size: int = 16, context: int | None = None, quant: str = "none", group: int | None = None,
+                embedding: bool = False, new_tokens: int = 128) -> DecodePlan:
+  """Compiles the decode step for `topology` with a KV cache of `context` tokens per row (a
+  prompt of context - new_tokens, then new_tokens generated) and reports per-device memory."""
+  from model.checkpoint import param_bytes
+  from model.decode import DecodeState, _CACHE_AXES, decode_chunk, prefill
+  from model.sharding import logical_to_sharding, replicated
+  from model.transformer import abstract_params
+  cfg = decode_config(ModelConfig.from_dict(config.model), quant, group, embedding)
+  context = context or cfg.max_position_embeddings
+  if not new_tokens < context <= cfg.max_position_embeddings:
+    raise PlanError(f"context {context} must exceed {new_tokens} new tokens and be at most "
+                    f"model.max_position_embeddings={cfg.max_position_embeddings}")
+  if batch_size < 1:
+    raise PlanError(f"batch size must be at least 1, got {batch_size}")
+  devices = topology_devices(topology)
+  mesh = make_mesh(mesh_spec if mesh_spec is not None else (config.mesh or None), devices)
+  boxed = abstract_params(cfg)
+  with nn.logical_axis_rules(LOGICAL_RULES):
+    p_shard = logical_to_sharding(boxed, mesh)
+    cache_shard = nn.logical_to_mesh_sharding(nn.logical_to_mesh_axes(_CACHE_AXES), mesh, LOGICAL_RULES)
+  p_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), p_shard)
+  b, prompt = batch_size, context - new_tokens
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jax.numpy.int32)  # noqa: E731
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+  state = jax.eval_shape(
+      lambda p, t, m, k: prefill(p, cfg, t, m, k, jax.numpy.zeros(b), jax.numpy.ones(b), jax.numpy.zeros(b, "int32"),
+                                 jax.numpy.full(b, new_tokens), jax.numpy.zeros(b, bool), new_tokens=new_tokens),
+      nn.unbox(boxed), i32(b, prompt), i32(b, prompt), keys)
+  rep = replicated(mesh)
+  state_shard = DecodeState(**{f: (cache_shard if f in ("cache_k", "cache_v") else rep) for f in state.__dataclass_fields__})
+  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shard)
+  cache_bytes = 2 * math.prod(state.cache_k.shape) * state.cache_k.dtype.itemsize
+  common = dict(topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
+                batch_size=b, context=context, params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)),
+                weights=_weights(cfg), param_bytes=param_bytes(p_abs), cache_bytes=cache_bytes,
+                hbm_bytes=hbm_per_device(devices))
+  step = jax.jit(decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    lowered = step.lower(p_abs, cfg, state_abs, jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=rep),
+                         eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id or 0)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      temp, reason = _refusal(str(e))
+      sbytes = _shard_bytes(p_abs) + _shard_bytes(state_abs)
+      return DecodePlan(**common, argument_bytes=sbytes, output_bytes=_shard_bytes(state_abs),
+                        alias_bytes=_shard_bytes(state_abs), temp_bytes=temp, code_bytes=0,
+                        compile_seconds=time.perf_counter() - t0, compiler_error=reason)
+  mem = compiled.memory_analysis()
+  return DecodePlan(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+                    alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+                    code_bytes=int(mem.generated_code_size_in_bytes), compile_seconds=time.perf_counter() - t0)
+
+
+def _weights(cfg: ModelConfig) -> str:
+  if not cfg.quant_bits:
+    return str(cfg.param_dtype)
+  how = f"int{cfg.quant_bits} " + (f"(groups of {cfg.quant_group} rows)" if cfg.quant_group else "(per channel)")
+  return how + (", int8 embedding" if cfg.quant_embedding else f", {cfg.param_dtype} embedding")

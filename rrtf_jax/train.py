@@ -245,6 +245,9 @@ def check_batch_layout(tc, mesh, process_count: int = 1) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   model_cfg = ModelConfig.from_dict(config.model)
+  if model_cfg.quant_bits:
+    raise TrainError("model.quant_bits: a quantized model is for inference; train the full-precision model "
+                     "and quantize the result (rrtf quantize)")
   tc = config.train
   if tc.schedule not in SCHEDULES:
     raise TrainError(f"train.schedule={tc.schedule!r} is not one of {SCHEDULES}")
@@ -344,6 +347,9 @@ def _initial_state(config, model_cfg, tx, abstract, shard, mesh) -> TrainState:
     if not is_checkpoint(config.init_from):
       raise TrainError(f"config.init_from={config.init_from}: not a model checkpoint")
     src = read_config(config.init_from)
+    if src.quant_bits:
+      raise TrainError(f"config.init_from={config.init_from}: a quantized checkpoint cannot be trained; start "
+                       "from the full-precision one it was quantized from")
     diff = [f for f in SHAPE_FIELDS if getattr(src, f) != getattr(model_cfg, f)]
     if diff:
       raise TrainError(f"config.init_from={config.init_from}: model shape differs from the config in "

@@ -54,6 +54,10 @@ BAD_INPUTS = [
     (["--topology", "v5e:2x2", "--batch-size", "6"], "micro-batch of 6 prompts"),
     (["--topology", "v5e:2x2", "--config.train.microbatches=3"], "not a multiple of train.microbatches=3"),
     (["--topology", "v5e:2x2", "--config.model.num_layerz=1"], "no field 'model.num_layerz'"),
+    (["--topology", "v5e:2x2", "--quant", "int8"], "plan the decode step: add --decode"),
+    (["--topology", "v5e:1x1", "--decode", "--seq-len", "100"], "context 100 must exceed 128 new tokens"),
+    (["--topology", "v5e:1x1", "--decode", "--quant", "int4", "--quant-group", "48"],
+     "model.quant_group=48 does not divide a kernel's 64 input rows"),
 ]
 
 
@@ -71,6 +75,21 @@ def test_bad_inputs_one_line_errors(bad_input_runs, case):
   assert code == 2, stderr
   lines = stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("rrtf plan: error:") and message in lines[0], stderr
+
+
+def test_decode_plan_quantized_starcoder_15b_on_one_v5e():
+  """Serving StarCoder-15B from one v5e chip (16 GiB): bf16 weights do not fit (the compiler
+  refuses); int8 weights (per channel) do, with the dequantization fused into the matmuls (no
+  kernel-sized temporaries). (int4 at batch 16 and 8192 tokens: benchmarks/quantize.py.)"""
+  from rrtf_jax.plan import plan_decode
+  cfg = load_config("starcoder_15b")
+  bf16 = plan_decode(cfg, "v5e:1x1", batch_size=1, context=2048)
+  assert bf16.fits is False and "HBM" in bf16.compiler_error and "DOES NOT FIT" in bf16.report()
+  int8 = plan_decode(cfg, "v5e:1x1", batch_size=1, context=2048, quant="int8")
+  assert int8.fits and int8.weights == "int8 (per channel), bfloat16 embedding"
+  assert 14.5 * 2**30 < int8.param_bytes < 15 * 2**30 and int8.temp_bytes < 16 << 20  # measured 1.3 MiB
+  assert int8.cache_bytes == 2 * 40 * 2048 * 128 * 2  # K and V, 40 layers, one kv head of 128, bf16
+  assert "verdict      fits" in int8.report()
 
 
 def test_plan_error_type():

@@ -305,6 +305,7 @@ BAD_CONFIGS = [
     (["--config.data.dir={data}", "--config.train.schedule=exp"], "train.schedule='exp'"),
     (["--config.data.dir={data}", "--config.train.seq_len=4096"], "exceeds model.max_position_embeddings"),
     (["--config.data.dir={data}", "--config.init_from=/nonexistent/ckpt"], "not a model checkpoint"),
+    (["--config.data.dir={data}", "--config.init_from={quantized}"], "a quantized checkpoint cannot be trained"),
 ]
 
 
@@ -313,9 +314,14 @@ def bad_config_runs(prepared, tmp_path_factory):
   """(exit code, stderr) of `rrtf train` for each of BAD_CONFIGS, all in one subprocess on 2
   devices: each fails before training, so a process per case paid mostly its own start-up (the
   imports of JAX, TensorFlow and orbax, ~7 s on 2 cores)."""
+  import jax
+
+  from model import ModelConfig, init_params, save_checkpoint
   root = tmp_path_factory.mktemp("bad-configs")
+  qcfg = ModelConfig.from_dict(load_config("tiny").model).replace(quant_bits=8)
+  quantized = save_checkpoint(str(root / "int8"), qcfg, init_params(qcfg, jax.random.PRNGKey(0)))
   return cli_runs_in_one_process([["train", "--config", "tiny", "--workdir", str(root / f"w{i}"), "--quiet",
-                                   *[e.format(data=prepared) for e in extra]]
+                                   *[e.format(data=prepared, quantized=quantized) for e in extra]]
                                   for i, (extra, _) in enumerate(BAD_CONFIGS)], cwd=ROOT, env=TWO_DEVICES)
 
 
