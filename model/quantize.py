@@ -7,7 +7,8 @@
              calibration inputs X (Frantar et al. 2022, arXiv 2210.17323)
 
 The arithmetic is qwix's (Google's JAX quantization library): `qarray.quantize` for
-round-to-nearest and `qwix.contrib.gptq_core.quantize_weight` for GPTQ. qwix's model-level
+round-to-nearest, and for GPTQ the steps of `qwix.contrib.gptq_core.quantize_weight`, run here
+as `lax.fori_loop`s (see `quantize_gptq` for why). qwix's model-level
 entry points (`quantize_model`, its GPTQ calibration provider) intercept einsums whose weight
 operand is the parameter itself with one contracting axis; ours cast the kernel first, the
 attention output projection contracts two axes (heads, head_dim) and the layers are one
@@ -15,7 +16,7 @@ attention output projection contracts two axes (heads, head_dim) and the layers 
 quantized from the Hessians of its inputs, and the next layer is calibrated on the outputs of
 the quantized ones (GPTQ's sequential order).
 
-The stored format (model/transformer.py `_kernel`): a kernel [*in, *out] keeps its name with
+The stored format (model/transformer.py `_dense`): a kernel [*in, *out] keeps its name with
 int8/int4 values, and `<name>_scale` [G, *out] holds the scales of G groups of consecutive
 (flattened) input rows, dequantized inside the layer that uses them.
 """

@@ -152,8 +152,8 @@ def test_quantized_tiny_model_stays_close(peaked_tiny):
 
 def test_quantized_checkpoints_round_trip_and_load_in_evaluate_sample_serve(tiny_ckpt, tmp_path):
   """`rrtf quantize` writes checkpoints that load back bit for bit (int4 stays int4), decode like
-  the in-memory model, and run in `rrtf evaluate`, `rrtf sample` and `rrtf serve`; bad input gets
-  one line."""
+  the in-memory model (sharded over a mesh too), and run in `rrtf evaluate`, `rrtf sample` and
+  `rrtf serve`; bad input gets one line."""
   from data import synthetic
   from rrtf_jax.quantize import quantize_stage
   problems = tmp_path / "problems.jsonl"
@@ -234,4 +234,7 @@ def _quantize_cli_and_stages(tiny_ckpt, problems, q4, q8, tmp_path):
   in_memory = Decoder(qcfg, qparams, resolve_tokenizer(tokenizer_path(tiny_ckpt)), chunk=4).generate(
       prompts, max_new_tokens=8)
   assert [g.tokens for g in from_disk] == [g.tokens for g in in_memory]
+  from model.sharding import make_mesh  # sharded over 4 of the 8 fake devices, as `--mesh` does
+  sharded = Decoder.from_checkpoint(q4, mesh=make_mesh("fsdp=2,tensor=2", jax.devices()[:4]), chunk=4)
+  assert [g.tokens for g in sharded.generate(prompts, max_new_tokens=8)] == [g.tokens for g in from_disk]
 
