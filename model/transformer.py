@@ -34,10 +34,11 @@ def _dense(module, name: str, axes, shape, n_in: int, eq: str, x):
   Quantized (config.quant_bits), the parameter `name` holds int8/int4 values and `name`_scale
   [G, *out] the scales of G groups of consecutive (flattened) input rows; the kernel is
   dequantized here, inside the scanned layer that uses it, so the model's weights stay integers
-  in memory and at most one layer's kernels exist in the compute dtype at a time. Compiled for
-  one v5e chip (`rrtf plan --decode`, StarCoder-15B, batch 1, 2048 tokens), per-channel int8/int4
-  fuses into the matmuls entirely (1.3 MiB of temporaries); with groups of 128 rows XLA
-  materialises one kernel (290 MiB); see benchmarks/results/quantize.md.
+  in memory and no full-precision copy of them is made. Compiled for one v5e chip (`rrtf plan
+  --decode`, StarCoder-15B): per-channel scales fuse into the matmuls entirely (1.3 MiB of
+  temporaries at batch 1, 2048 tokens); with groups of 128 rows XLA materialises dequantized
+  kernels as temporaries: 290 MiB (one `fc` kernel) at batch 1, 1.6 GiB (about two layers'
+  kernels) at batch 16 and 8192 tokens, beside 7.9 GiB of int4 weights.
   """
   cfg = module.config
   cd = cfg.compute_dtype
