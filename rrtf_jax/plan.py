@@ -1,11 +1,14 @@
-"""`rrtf plan`: compile a training step ahead of time for a TPU topology, without a TPU.
+"""`rrtf plan`: compile a training step (or, `--decode`, the serving decode step) ahead of time
+for a TPU topology, without a TPU.
 
 libtpu's real XLA TPU compiler partitions and compiles the step for an abstract device set
 (`jax.experimental.topologies`), and the compiled executable reports its per-chip memory and
 FLOPs. Nothing is allocated: parameters and batch are ShapeDtypeStructs with shardings.
 The step compiled is the training stage's own (rrtf_jax/train.py): the RRTF loss over R
 responses per prompt, gradient accumulation over micro-batches, AdamW with fp32 moments,
-the state donated, exactly as `rrtf train` jits it.
+the state donated, exactly as `rrtf train` jits it. `plan_decode` compiles model/decode.py's
+decode loop as `rrtf serve`, `sample` and `evaluate` jit it, with the weights in the compute
+dtype or quantized as `rrtf quantize` stores them, and a KV cache of the given length.
 """
 
 from __future__ import annotations
