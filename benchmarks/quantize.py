@@ -99,10 +99,8 @@ def make_variants(demo: str, out: str, group: int) -> dict[str, str]:
   return paths
 
 
-def sizes(path: str) -> dict:
-  from model import load_checkpoint
+def sizes(params) -> dict:
   from model.checkpoint import param_bytes
-  _, params = load_checkpoint(path)
   linear = {m: {n: a for n, a in d.items() if "kernel" in n} for m, d in params["h"].items()}
   return {"param_bytes": param_bytes(params), "linear_bytes": param_bytes(linear)}
 
@@ -133,15 +131,11 @@ def decode_timings(models: dict, prompts: list[list[int]], new_tokens: int, repe
   return result
 
 
-def demo_decode_timings(paths: dict[str, str], demo: str, new_tokens: int, repeats: int) -> dict:
-  from data.pipeline import resolve_tokenizer
-  from model import load_checkpoint
-  from model.checkpoint import tokenizer_path
+def demo_decode_timings(models: dict, tok, demo: str, new_tokens: int, repeats: int) -> dict:
   from rrtf_jax.evaluate import problem_prompt
   from rrtf_jax.sample import load_problems
-  tok = resolve_tokenizer(tokenizer_path(paths["fp32"]))
   prompts = [tok.encode(problem_prompt(p, "rrtf")) for p in load_problems(os.path.join(demo, "problems", "heldout.jsonl"))]
-  return decode_timings({name: load_checkpoint(path) for name, path in paths.items()}, prompts, new_tokens, repeats)
+  return decode_timings(models, prompts, new_tokens, repeats)
 
 
 MID = dict(vocab_size=8192, max_position_embeddings=1024, num_layers=8, embed_dim=512, num_heads=8, num_kv_heads=1,
@@ -172,19 +166,15 @@ def mid_size(new_tokens: int, repeats: int) -> dict:
   return {"config": MID, "params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)), "variants": out}
 
 
-def kl_to_fp32(paths: dict[str, str], demo: str) -> dict:
+def kl_to_fp32(models: dict, tok, demo: str) -> dict:
   """Mean KL(fp32 || variant) of next-token distributions over held-out prompt + reference tokens."""
   import jax
   import numpy as np
 
-  from data.pipeline import resolve_tokenizer
   from data.problems import read_jsonl
-  from model import load_checkpoint
-  from model.checkpoint import tokenizer_path
   from model.transformer import Transformer
   from rrtf_jax.evaluate import problem_prompt
   from rrtf_jax.sample import load_problems
-  tok = resolve_tokenizer(tokenizer_path(paths["fp32"]))
   refs = {r["task_id"]: r["canonical_solution"] for _, r in read_jsonl(os.path.join(demo, "problems", "heldout.jsonl"),
                                                                         ("task_id", "canonical_solution"))}
   rows = [tok.encode(problem_prompt(p, "rrtf") + refs[p.task_id])[:192]
@@ -194,8 +184,7 @@ def kl_to_fp32(paths: dict[str, str], demo: str) -> dict:
   for i, r in enumerate(rows):
     tokens[i, :len(r)], mask[i, :len(r)] = r, 1
   logp = {}
-  for name, path in paths.items():
-    cfg, params = load_checkpoint(path)
+  for name, (cfg, params) in models.items():
     fn = jax.jit(lambda p, t, m, cfg=cfg: jax.nn.log_softmax(Transformer(cfg).apply({"params": p}, t, m)))
     logp[name] = np.concatenate([np.asarray(fn(params, tokens[i:i + 32], mask[i:i + 32])) for i in range(0, len(rows), 32)])
   ref = logp["fp32"]
@@ -203,7 +192,7 @@ def kl_to_fp32(paths: dict[str, str], demo: str) -> dict:
   return {name: float((np.exp(ref) * (ref - lp)).sum(-1)[w].mean()) for name, lp in logp.items()}
 
 
-def pass_at_1(paths: dict[str, str], demo: str, out: str) -> dict:
+def pass_at_1(paths: dict[str, str], models: dict, tok, demo: str, out: str) -> dict:
   from model.decode import Decoder
   from rrtf_jax.evaluate import evaluate
   result = {}
@@ -212,7 +201,7 @@ def pass_at_1(paths: dict[str, str], demo: str, out: str) -> dict:
     if os.path.exists(d):
       shutil.rmtree(d)
     s = evaluate(path, os.path.join(demo, "problems", "heldout.jsonl"), d, greedy=True, max_new_tokens=64, seed=0,
-                 decoder=Decoder.from_checkpoint(path, chunk=16, max_batch=64), progress=False).summary
+                 decoder=Decoder(*models[name], tok, chunk=16, max_batch=64), progress=False).summary
     result[name] = {"pass@1": s["pass@k"]["pass@1"], "passed": s["outcomes"].get("passed", 0),
                     "problems": s["problems"]}
   return result
@@ -284,12 +273,17 @@ def main():
   demo = demo_workdir(args)
   os.makedirs(args.workdir, exist_ok=True)
   paths = make_variants(demo, os.path.join(args.workdir, "variants"), args.group)
-  variants = {name: sizes(path) for name, path in paths.items()}
-  for name, v in demo_decode_timings(paths, demo, args.new_tokens, args.repeats).items():
+  from data.pipeline import resolve_tokenizer
+  from model import load_checkpoint
+  from model.checkpoint import tokenizer_path
+  models = {name: load_checkpoint(path) for name, path in paths.items()}  # (config, params), read once
+  tok = resolve_tokenizer(tokenizer_path(paths["fp32"]))
+  variants = {name: sizes(params) for name, (_, params) in models.items()}
+  for name, v in demo_decode_timings(models, tok, demo, args.new_tokens, args.repeats).items():
     variants[name].update(v)
-  for name, kl in kl_to_fp32(paths, demo).items():
+  for name, kl in kl_to_fp32(models, tok, demo).items():
     variants[name]["kl_to_fp32"] = kl
-  for name, v in pass_at_1(paths, demo, args.workdir).items():
+  for name, v in pass_at_1(paths, models, tok, demo, args.workdir).items():
     variants[name].update(v)
   with open(os.path.join(paths["int4-gptq"], "quantization.json")) as f:
     gptq = json.load(f)

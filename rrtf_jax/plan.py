@@ -39,8 +39,23 @@ class PlanError(ValueError):
   pass
 
 
+@dataclasses.dataclass(kw_only=True)
 class _Memory:
-  """Per-device memory of a compiled executable (or the compiler's refusal) and its verdict."""
+  """What every plan holds: the topology and mesh, and the per-device memory of the compiled
+  executable (or the compiler's refusal), with its verdict."""
+  topology: str
+  device_kind: str
+  num_devices: int
+  mesh: dict
+  params: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  hbm_bytes: int | None
+  compile_seconds: float
+  compiler_error: str | None = None  # why the TPU compiler refused the step (out of HBM or VMEM)
 
   @property
   def total_bytes(self) -> int:
@@ -56,6 +71,10 @@ class _Memory:
     d = dataclasses.asdict(self)
     d.update(total_bytes=self.total_bytes, fits=self.fits)
     return d
+
+  def _topology_line(self) -> str:
+    mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+    return f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}"
 
   def _memory_lines(self, arguments: str, outputs: str, temporaries: str) -> list[str]:
     g = _bytes
@@ -83,33 +102,19 @@ class _Memory:
             f"{hbm}; {advice}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Plan(_Memory):
-  topology: str
-  device_kind: str
-  num_devices: int
-  mesh: dict
   batch_size: int  # prompts per optimizer step
   responses: int  # R sequences per prompt
   seq_len: int
   microbatches: int
   attention: str  # the attention implementation compiled (auto resolves to pallas on TPU)
-  params: int
-  argument_bytes: int
-  output_bytes: int
-  alias_bytes: int
-  temp_bytes: int
-  code_bytes: int
-  hbm_bytes: int | None
   flops_per_step: float  # analytic model FLOPs of forward+backward
-  compile_seconds: float
-  compiler_error: str | None = None  # why the TPU compiler refused the step (out of HBM or VMEM)
   remat: str = "none"
 
   def report(self) -> str:
-    mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
     lines = [
-        f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}",
+        self._topology_line(),
         f"model        {_count(self.params)} parameters; attention: {self.attention}",
         f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x {self.responses} "
         f"responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
@@ -125,34 +130,20 @@ class Plan(_Memory):
     return "\n".join(lines)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class DecodePlan(_Memory):
   """The decode step (`model.decode.decode_chunk`, as `rrtf serve`/`sample`/`evaluate` jit it)
   compiled for a topology: one new token per row per loop step against a KV cache."""
-  topology: str
-  device_kind: str
-  num_devices: int
-  mesh: dict
   batch_size: int  # rows decoded together
   context: int  # KV-cache length (prompt + new tokens)
   weights: str  # how the linear layers are stored: bfloat16 | int8 | int4 (group G)
-  params: int
   param_bytes: int  # all devices, as stored (int4 two per byte)
   cache_bytes: int  # the K and V caches, all devices
-  argument_bytes: int
-  output_bytes: int
-  alias_bytes: int
-  temp_bytes: int
-  code_bytes: int
-  hbm_bytes: int | None
-  compile_seconds: float
-  compiler_error: str | None = None
 
   def report(self) -> str:
     g = _bytes
-    mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
     lines = [
-        f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}",
+        self._topology_line(),
         f"model        {_count(self.params)} parameters, {self.weights} weights: {g(self.param_bytes).strip()}",
         f"step         decode (one token per row per step, KV cache): batch {self.batch_size}, context "
         f"{self.context} tokens (cache {g(self.cache_bytes).strip()})",
@@ -233,10 +224,37 @@ def _shard_bytes(tree) -> int:
 
 def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
   """The compiler refuses a step that cannot fit; keep its figure for the temporaries."""
-  temp, reason = _refusal(error)
   sbytes = _shard_bytes(state_abs)
-  return Plan(**common, argument_bytes=sbytes, output_bytes=sbytes, alias_bytes=sbytes, temp_bytes=temp,
-              code_bytes=0, compile_seconds=secs, compiler_error=reason)
+  return _refused(Plan, common, error, secs, arguments=sbytes, donated=sbytes)
+
+
+def _refused(cls, common: dict, error: str, secs: float, *, arguments: int, donated: int):
+  """A plan without an executable: the argument and donated-state bytes as sharded, and the
+  compiler's own figure for the temporaries and what ran out."""
+  temp, reason = _refusal(error)
+  return cls(**common, argument_bytes=arguments, output_bytes=donated, alias_bytes=donated, temp_bytes=temp,
+             code_bytes=0, compile_seconds=secs, compiler_error=reason)
+
+
+def _compile(cls, lowered, common: dict, t0: float, *, arguments: int, donated: int):
+  """Compiles `lowered` -> a `cls` plan with the executable's per-device memory, or the
+  compiler's refusal for lack of memory (arguments/donated: the bytes to report then)."""
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return _refused(cls, common, str(e), time.perf_counter() - t0, arguments=arguments, donated=donated)
+  mem = compiled.memory_analysis()
+  return cls(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+             alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+             code_bytes=int(mem.generated_code_size_in_bytes), compile_seconds=time.perf_counter() - t0)
+
+
+def _where(topology: str, devices, mesh) -> dict:
+  """The plan fields that say what was compiled for."""
+  return dict(topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
+              hbm_bytes=hbm_per_device(devices))
 
 
 def _refusal(error: str) -> tuple[int, str]:
@@ -281,23 +299,14 @@ def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None
   batch_abs = abstract_batch(tc.batch_size, tc.responses, tc.seq_len, mesh)
   t0 = time.perf_counter()
   common = dict(
-      topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
-      mesh=dict(mesh.shape), batch_size=tc.batch_size, responses=tc.responses, seq_len=tc.seq_len,
+      **_where(topology, devices, mesh), batch_size=tc.batch_size, responses=tc.responses, seq_len=tc.seq_len,
       microbatches=tc.microbatches, remat=model_cfg.remat, attention=resolve_attention(model_cfg.attention, devices[0].platform),
-      params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)), hbm_bytes=hbm_per_device(devices),
+      params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)),
       flops_per_step=train_flops(model_cfg, tc.batch_size * tc.responses, tc.seq_len))
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     lowered = jit_train_step(model_cfg, tc, tx, mesh, state_shard).lower(state_abs, batch_abs)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      return _refused_plan(common, state_abs, str(e), time.perf_counter() - t0)
-  mem = compiled.memory_analysis()
-  return Plan(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-              alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-              code_bytes=int(mem.generated_code_size_in_bytes), compile_seconds=time.perf_counter() - t0)
+    sbytes = _shard_bytes(state_abs)
+    return _compile(Plan, lowered, common, t0, arguments=sbytes, donated=sbytes)
 
 
 def decode_config(model_cfg: ModelConfig, quant: str = "none", group: int | None = None,
@@ -353,29 +362,16 @@ def plan_decode(config: ml_collections.ConfigDict, topology: str, mesh_spec: str
   state_shard = DecodeState(**{f: (cache_shard if f in ("cache_k", "cache_v") else rep) for f in state.__dataclass_fields__})
   state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shard)
   cache_bytes = 2 * math.prod(state.cache_k.shape) * state.cache_k.dtype.itemsize
-  common = dict(topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
-                batch_size=b, context=context, params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)),
-                weights=_weights(cfg), param_bytes=param_bytes(p_abs), cache_bytes=cache_bytes,
-                hbm_bytes=hbm_per_device(devices))
+  common = dict(**_where(topology, devices, mesh), batch_size=b, context=context,
+                params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)), weights=_weights(cfg),
+                param_bytes=param_bytes(p_abs), cache_bytes=cache_bytes)
   step = jax.jit(decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     lowered = step.lower(p_abs, cfg, state_abs, jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=rep),
                          eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id or 0)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      temp, reason = _refusal(str(e))
-      sbytes = _shard_bytes(p_abs) + _shard_bytes(state_abs)
-      return DecodePlan(**common, argument_bytes=sbytes, output_bytes=_shard_bytes(state_abs),
-                        alias_bytes=_shard_bytes(state_abs), temp_bytes=temp, code_bytes=0,
-                        compile_seconds=time.perf_counter() - t0, compiler_error=reason)
-  mem = compiled.memory_analysis()
-  return DecodePlan(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-                    alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-                    code_bytes=int(mem.generated_code_size_in_bytes), compile_seconds=time.perf_counter() - t0)
+    state_bytes = _shard_bytes(state_abs)
+    return _compile(DecodePlan, lowered, common, t0, arguments=_shard_bytes(p_abs) + state_bytes, donated=state_bytes)
 
 
 def _weights(cfg: ModelConfig) -> str:

@@ -17,9 +17,8 @@ responses, files of `problems_per_file` problems named like TFDS shards; process
 takes files i, i+n, ... Each file appears only when complete (data/records.py: locally a
 temporary name renamed, on gs:// an upload), and a rerun skips finished files. Student rows
 carry seeds derived from (seed, task_id, sample index), so a rerun regenerates the same
-tokens; teacher answers are cached
-on disk by request hash (`<out>/.teacher-cache`) as soon as they arrive, so a rerun never
-pays for an answer twice. Every path may be local or gs:// (through fsspec).
+tokens; teacher answers are cached on disk by request hash (`<out>/.teacher-cache`) as soon
+as they arrive, so a rerun never pays for an answer twice. Every path may be local or gs:// (through fsspec).
 """
 
 from __future__ import annotations
