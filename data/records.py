@@ -19,7 +19,7 @@ Ranked (written by `rrtf rank`) adds, per response:
   outcomes       [R] text  syntax_error | runtime_error | timeout | wrong_answer | passed
   tests_passed   [R] int   assertions passed
   tests_total    [R] int   assertions in the tests (0 when the program did not load)
-  scores         [R] float RRTF score, higher is better (see rrtf_jax/rank.py)
+  scores         [R] float RRTF score, higher is better (see rrtf_jax/stages/rank.py)
 
 Paths may be local or URLs (gs://): `exists`, `isdir`, `listdir`, `makedirs`, `local_copy`,
 `write_tfrecord_atomic` and `write_tfds_metadata` (bottom of this file) are what the sample,

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from data.problems import InputError
+
 SPM_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 # Special ids of our SentencePiece models.
@@ -135,3 +137,29 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 10
     f.write(buf.getvalue())
   os.replace(tmp, path)
   return SentencePieceTokenizer(path)
+
+
+def resolve_tokenizer(tokenizer):
+  """A tokenizer object as is, or one loaded from a tokenizer dir or a checkpoint's tokenizer/."""
+  if not isinstance(tokenizer, (str, os.PathLike)):
+    if not (callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "eos_id")):
+      raise TypeError(f"tokenizer must be a path or have encode() and eos_id, got {type(tokenizer).__name__}")
+    return tokenizer
+  import fsspec
+  from fsspec.implementations.local import LocalFileSystem
+  path = str(tokenizer).rstrip("/")
+  fs, root = fsspec.core.url_to_fs(path)
+  if os.path.basename(root) in (HF_FILE, SPM_FILE) and fs.isfile(root):
+    root = os.path.dirname(root)  # the tokenizer file itself
+  for d in (root, f"{root}/tokenizer"):
+    names = [n for n in (HF_FILE, SPM_FILE) if fs.exists(f"{d}/{n}")]
+    if names:
+      if isinstance(fs, LocalFileSystem):
+        return load_tokenizer(d)
+      import tempfile  # load_tokenizer reads local files: copy them from gs:// first
+      local = tempfile.mkdtemp(prefix="rrtf-tokenizer-")
+      for n in names:
+        fs.get(f"{d}/{n}", os.path.join(local, n))
+      return load_tokenizer(local)
+  raise InputError(f"{path}: no tokenizer ({HF_FILE} or {SPM_FILE}) in it or in its tokenizer/ subdirectory")
+

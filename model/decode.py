@@ -209,7 +209,7 @@ class Decoder:
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, dtype: str | None = None, **kw) -> "Decoder":
     """Loads a checkpoint (sharded over `mesh` when given) and its tokenizer, if it has one."""
-    from data.pipeline import resolve_tokenizer
+    from data.tokenizer import resolve_tokenizer
     from model.checkpoint import load_checkpoint, read_config, tokenizer_path
     from model.sharding import logical_to_sharding
     from model.transformer import abstract_params

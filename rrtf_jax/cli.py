@@ -48,7 +48,7 @@ def _shard(args) -> tuple[int, int]:
 
 
 def _prepare(args, overrides):
-  from data.pipeline import prepare_stage
+  from rrtf_jax.stages.prepare import prepare_stage
   shard, num_shards = _shard(args)
   summary = prepare_stage(args.ranked, args.out, args.tokenizer, shard=shard, num_shards=num_shards,
                           progress=not args.quiet)
@@ -58,7 +58,7 @@ def _prepare(args, overrides):
 def _train(args, overrides):
   from rrtf_jax.config_loading import load_config
   from rrtf_jax.multihost import initialize
-  from rrtf_jax.train import train_and_evaluate
+  from rrtf_jax.stages.train import train_and_evaluate
   config = load_config(args.config, overrides)
   initialize(args.coordinator_address, args.num_processes, args.process_id)
   result = train_and_evaluate(config, args.workdir, progress=not args.quiet)
@@ -77,13 +77,13 @@ def _params(args, overrides):
   # Host work: keep JAX off the accelerators (one worker of a multi-host slice cannot start
   # the TPU backend alone).
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from rrtf_jax.train import save_model
+  from rrtf_jax.stages.params import save_model
   out, step = save_model(args.workdir, args.out, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer)
   print(f"wrote {out}: the parameters of step {step} of {args.workdir}")
 
 
 def _quantize(args, overrides):
-  from rrtf_jax.quantize import quantize_stage
+  from rrtf_jax.stages.quantize import quantize_stage
   summary = quantize_stage(args.ckpt, args.method, args.out, calibration=args.calibration, group=args.group,
                            embedding=args.embedding == "int8", dtype=args.dtype, max_prompts=args.calibration_prompts,
                            seq_len=args.calibration_len, progress=not args.quiet)
@@ -92,7 +92,7 @@ def _quantize(args, overrides):
 
 def _demo(args, overrides):
   from rrtf_jax.demo import run_demo
-  from rrtf_jax.sample import Preempted
+  from rrtf_jax.stages.sample import Preempted
   try:
     run_demo(args.workdir, seed=args.seed, quick=args.quick, ablation=args.ablation, progress=not args.quiet)
   except Preempted:
@@ -102,7 +102,7 @@ def _demo(args, overrides):
 
 
 def _check(args, overrides):
-  from rrtf_jax.check import check_samples
+  from rrtf_jax.stages.check import check_samples
   summary = check_samples(args.problems, args.samples, args.out, workers=args.workers,
                           timeout=args.timeout, progress=not args.quiet)
   print(f"wrote {args.out}: {summary['samples']} samples of {summary['problems']} problems, "
@@ -110,7 +110,7 @@ def _check(args, overrides):
 
 
 def _rank(args, overrides):
-  from rrtf_jax.rank import rank_stage
+  from rrtf_jax.stages.rank import rank_stage
   shard, num_shards = _shard(args)
   summary = rank_stage(args.samples, args.out, shard=shard, num_shards=num_shards,
                        workers=args.workers, timeout=args.timeout,
@@ -119,7 +119,7 @@ def _rank(args, overrides):
 
 
 def _teacher_client(args, cache_dir: str):
-  from rrtf_jax.teacher import TeacherClient
+  from rrtf_jax.serving.teacher import TeacherClient
   if not args.teacher_model:
     raise ValueError("--teacher needs --teacher-model (the model name the endpoint serves)")
   return TeacherClient(args.teacher, args.teacher_model, api=args.teacher_api, api_key_env=args.teacher_key_env,
@@ -147,7 +147,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _sample(args, overrides):
-  from rrtf_jax.sample import Preempted, Teacher, default_cache_dir, load_problems, load_teacher_file, sample_stage
+  from rrtf_jax.stages.sample import Preempted, Teacher, default_cache_dir, load_problems, load_teacher_file, sample_stage
   temps = _floats(args.temperature, "--temperature")
   teacher = None
   if args.teacher and args.teacher_file:
@@ -180,7 +180,7 @@ def _sample(args, overrides):
 
 
 def _evolve(args, overrides):
-  from rrtf_jax.evolve import evolve_stage
+  from rrtf_jax.stages.evolve import evolve_stage
   cache = os.path.join(os.path.dirname(args.out) or ".", ".teacher-cache")
   with _teacher_client(args, cache) as client:
     summary = evolve_stage(args.seeds, args.out, client, rounds=args.rounds, workers=args.workers,
@@ -190,14 +190,14 @@ def _evolve(args, overrides):
 
 
 def _serve(args, overrides):
-  from rrtf_jax.serve import serve_main
+  from rrtf_jax.serving.server import serve_main
   serve_main(args.ckpt, args.host, args.port, model_name=args.model_name, max_batch=args.max_batch, chunk=args.chunk,
              api_key_env=args.api_key_env, request_log=args.request_log, dtype=args.dtype, mesh=args.mesh,
              seed=args.seed)
 
 
 def _evaluate(args, overrides):
-  from rrtf_jax import evaluate as ev
+  from rrtf_jax.stages import evaluate as ev
   if args.compare:
     result = ev.compare(*args.compare, out_dir=args.out)
     print(ev.compare_markdown(result), end="")
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rrtf {args.command}: error: {msg}", file=sys.stderr)
     return 2
   except RuntimeError as e:
-    from rrtf_jax.teacher import TeacherError
+    from rrtf_jax.serving.teacher import TeacherError
     if not isinstance(e, TeacherError):
       raise
     print(f"rrtf {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -138,10 +138,10 @@ def _train(config, workdir: str, model_dir: str, tokenizer_dir: str, progress: b
   """`rrtf train` to config.train.steps (resuming), then the final params as a model checkpoint."""
   from model import ModelConfig, save_checkpoint
   from model.checkpoint import is_checkpoint
-  from rrtf_jax.train import train_and_evaluate
+  from rrtf_jax.stages.train import train_and_evaluate
   result = train_and_evaluate(config, workdir, progress=progress)
   if result.step < int(config.train.steps):  # SIGTERM: the checkpoint of this step is written
-    from rrtf_jax.sample import Preempted
+    from rrtf_jax.stages.sample import Preempted
     raise Preempted()
   if not is_checkpoint(model_dir):
     save_checkpoint(model_dir, ModelConfig.from_dict(config.model), result.params, tokenizer_dir=tokenizer_dir)
@@ -176,13 +176,13 @@ def _compilation_cache() -> str:
 def run_demo(workdir: str, seed: int = 0, quick: bool = False, ablation: bool = False,
              progress: bool = True) -> dict:
   from data import synthetic
-  from data.pipeline import prepare_stage
+  from rrtf_jax.stages.prepare import prepare_stage
   from data.tokenizer import builtin_corpus, train_sentencepiece
   from model.decode import Decoder
   from rrtf_jax.config_loading import load_config
-  from rrtf_jax.evaluate import evaluate
-  from rrtf_jax.rank import rank_stage
-  from rrtf_jax.sample import Teacher, load_problems, load_teacher_file, sample_stage
+  from rrtf_jax.stages.evaluate import evaluate
+  from rrtf_jax.stages.rank import rank_stage
+  from rrtf_jax.stages.sample import Teacher, load_problems, load_teacher_file, sample_stage
 
   t0 = time.perf_counter()
   sizes = QUICK if quick else DEFAULT
@@ -277,7 +277,7 @@ def run_demo(workdir: str, seed: int = 0, quick: bool = False, ablation: bool = 
     """The base model's sampled held-out responses plus the references, ranked: the set on
     which every model's ranking accuracy is measured."""
     from data import records
-    from rrtf_jax.sample import SAMPLES_NAME
+    from rrtf_jax.stages.sample import SAMPLES_NAME
     by_task: dict[str, list[str]] = {}
     with open(P("eval", "base-sampled", "samples.jsonl")) as f:
       for line in f:
@@ -314,7 +314,7 @@ def run_demo(workdir: str, seed: int = 0, quick: bool = False, ablation: bool = 
     results["ablation"] = evaluate_model("ablation")
 
   def accuracy():
-    from rrtf_jax.train import ranking_metrics
+    from rrtf_jax.train_step import ranking_metrics
     from model import load_checkpoint
     config = _train_config(sizes, seed, "", steps=1, lr=1.0, responses=1)
     loaded = {name: load_checkpoint(P("models", name)) for name in MODELS if name in results}

@@ -3,7 +3,7 @@
 On a Cloud TPU slice every worker runs the same command (`gcloud ... ssh --worker=all`):
 
   rrtf train      joins one jax.distributed job: one global mesh over every chip, each
-                  host feeding its share of the global batch (rrtf_jax/train.py).
+                  host feeding its share of the global batch (rrtf_jax/stages/train.py).
   rrtf sample,    independent processes on each host's own chips; each takes its share of
   rank, prepare,  the input files: shard = this worker's index, num_shards = the number of
   evaluate        workers, unless --shard/--num-shards say otherwise.

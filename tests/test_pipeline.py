@@ -10,9 +10,12 @@ import os
 import numpy as np
 import pytest
 
-from data import pipeline, records
-from data.pipeline import DataState, train_batches
+from data import loader, records
+from data.prepared import PREPARED_NAME, dataset_size, features, prepare_record, prompt_text, serialize
+from data.loader import DataState, train_batches
 from data.problems import InputError
+from data.tokenizer import resolve_tokenizer
+from rrtf_jax.stages import prepare
 
 
 class ByteTokenizer:
@@ -82,7 +85,7 @@ def prepared(tmp_path_factory):
   probs = [_problem(k) for k in range(48)]
   ranked = _write_ranked(root / "ranked", [probs[:20], probs[20:30], probs[30:]])
   out = str(root / "prepared")
-  assert pipeline.prepare_stage(ranked, out, BYTES, progress=False).metadata_written
+  assert prepare.prepare_stage(ranked, out, BYTES, progress=False).metadata_written
   return out, probs
 
 
@@ -107,22 +110,22 @@ def _prompt(batch, i):
 
 def test_paper_format_round_trips_through_the_tokenizer(spm):
   rec = _ranked("x/1", "\n\nWrite add(a, b).\n", ["    return a + b\n"], exec_prefix="def add(a, b):\n")
-  ex = pipeline.prepare_record(rec, spm)
+  ex = prepare_record(rec, spm)
   p = ex["prompt_length"]
   assert spm.decode(ex["tokens"][:p]) == '"""\nWrite add(a, b).\n"""\n'
   resp = ex["tokens"][p:]
   assert len(resp) == ex["response_lengths"][0] and resp[-1] == spm.eos_id
   assert spm.decode(resp[:-1]) == "def add(a, b):\n    return a + b\n"
   assert list(ex["scores"]) == [0.0] and list(ex["is_teacher"]) == [0]
-  assert pipeline.resolve_tokenizer(spm.path).encode("x = 1") == spm.encode("x = 1")  # the file itself
+  assert resolve_tokenizer(spm.path).encode("x = 1") == spm.encode("x = 1")  # the file itself
 
 
 def test_fast_encoder_writes_the_bytes_of_the_declared_features():
-  seq, fast = pipeline.features(), pipeline.features(encoder=True)
+  seq, fast = features(), features(encoder=True)
   for rec in (_problem(3), _problem(5), _ranked("e", "p", [])):
-    ex = pipeline.prepare_record(rec, BYTES)
+    ex = prepare_record(rec, BYTES)
     as_lists = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in ex.items()}
-    assert pipeline.serialize(ex, fast) == pipeline.serialize(as_lists, seq)
+    assert serialize(ex, fast) == serialize(as_lists, seq)
 
 
 def test_prepare_writes_tfds_and_reruns_byte_identical(tmp_path, spm):
@@ -133,12 +136,12 @@ def test_prepare_writes_tfds_and_reruns_byte_identical(tmp_path, spm):
   ranked = _write_ranked(tmp_path / "ranked", shards)
   tok_dir = os.path.dirname(spm.path)
   out = str(tmp_path / "out")
-  s = pipeline.prepare_stage(ranked, out, tok_dir, progress=False)  # a tokenizer directory
+  s = prepare.prepare_stage(ranked, out, tok_dir, progress=False)  # a tokenizer directory
   assert (s.shards_done, s.problems, s.responses, s.empty, s.metadata_written) == ([0, 1, 2], 2, 3, 1, True)
   assert "prepared 2 problems (3 responses" in s.report() and "left out 1 problems without responses" in s.report()
   assert "TFDS metadata written" in s.report()
   builder = tfds.builder_from_directory(out)
-  assert builder.info.name == pipeline.PREPARED_NAME and pipeline.dataset_size(out) == 2
+  assert builder.info.name == PREPARED_NAME and dataset_size(out) == 2
   got = {ex["task_id"].decode(): ex for ex in builder.as_dataset(split="train").as_numpy_iterator()}
   a = got["a"]
   p = int(a["prompt_length"])
@@ -154,8 +157,8 @@ def test_prepare_writes_tfds_and_reruns_byte_identical(tmp_path, spm):
   (ckpt / "tokenizer").mkdir(parents=True)
   (ckpt / "tokenizer" / "tokenizer.model").write_bytes(open(spm.path, "rb").read())
   before = _outputs(out)
-  os.remove(os.path.join(out, records.shard_name(pipeline.PREPARED_NAME, "train", 1, 3)))
-  s = pipeline.prepare_stage(ranked, out, str(ckpt), progress=False)
+  os.remove(os.path.join(out, records.shard_name(PREPARED_NAME, "train", 1, 3)))
+  s = prepare.prepare_stage(ranked, out, str(ckpt), progress=False)
   assert (s.shards_done, s.shards_skipped, s.metadata_written) == ([1], [0, 2], True)
   assert _outputs(out) == before and not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
@@ -163,15 +166,15 @@ def test_prepare_writes_tfds_and_reruns_byte_identical(tmp_path, spm):
 def test_prepare_shards_and_metadata_only_when_complete(tmp_path):
   ranked = _write_ranked(tmp_path / "ranked", [[_problem(k)] for k in range(3)])
   out = str(tmp_path / "out")
-  s = pipeline.prepare_stage(ranked, out, BYTES, shard=1, num_shards=2, progress=False)
+  s = prepare.prepare_stage(ranked, out, BYTES, shard=1, num_shards=2, progress=False)
   assert s.shards_done == [1] and not s.metadata_written and "not written yet" in s.report()
-  assert sorted(_outputs(out)) == [records.shard_name(pipeline.PREPARED_NAME, "train", 1, 3)]
+  assert sorted(_outputs(out)) == [records.shard_name(PREPARED_NAME, "train", 1, 3)]
   assert not os.path.exists(os.path.join(out, "dataset_info.json"))
   with pytest.raises(InputError, match="not every `rrtf prepare` shard is done"):
     train_batches(out, batch_size=1, responses=2, seq_len=64, pad_id=3, process_count=1, process_index=0)
-  s = pipeline.prepare_stage(ranked, out, BYTES, shard=0, num_shards=2, progress=False)
+  s = prepare.prepare_stage(ranked, out, BYTES, shard=0, num_shards=2, progress=False)
   assert s.shards_done == [0, 2] and s.metadata_written and len(_outputs(out)) == 3
-  assert pipeline.dataset_size(out) == 3
+  assert dataset_size(out) == 3
 
 
 def test_prepare_bad_input_one_line_nothing_written(tmp_path, spm):
@@ -179,7 +182,7 @@ def test_prepare_bad_input_one_line_nothing_written(tmp_path, spm):
 
   def fails(ranked, needle, tokenizer=BYTES, **kw):
     with pytest.raises(InputError) as e:
-      pipeline.prepare_stage(ranked, out, tokenizer, progress=False, **kw)
+      prepare.prepare_stage(ranked, out, tokenizer, progress=False, **kw)
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert not os.path.exists(out)
 
@@ -229,20 +232,20 @@ def test_masks_cover_exactly_the_response_tokens(prepared):
     assert np.array_equal(inp[..., 1:][seg[..., 1:] == 1], tgt[..., :-1][seg[..., 1:] == 1])  # shifted by one
     ends = tgt[seg == 1].reshape(-1)
     assert (ends == BYTES.eos_id).sum() == (mask.sum(-1) > 0).sum()  # one EOS per real response, none truncated
-    assert 0 <= pipeline.padding_fraction(batch) < 1
+    assert 0 <= loader.padding_fraction(batch) < 1
 
 
 def test_epoch_visits_every_prompt_once_and_responses_selected_or_padded(prepared):
   out, probs = prepared
   it = train_batches(out, batch_size=4, responses=3, seq_len=128, pad_id=3, process_count=1, process_index=0)
-  by_prompt = {pipeline.prompt_text(p["prompt"]): p for p in probs}
+  by_prompt = {prompt_text(p["prompt"]): p for p in probs}
   seen = []
   for batch, _ in _take(it, it.batches_per_epoch):
     for i in range(4):
       p = by_prompt[_prompt(batch, i)]
       seen.append(p["task_id"])
       n = len(p["codes"])
-      keep = pipeline.select_responses(np.array(p["scores"], np.float32), 3)
+      keep = loader.select_responses(np.array(p["scores"], np.float32), 3)
       real = batch["loss_mask"][i].sum(-1) > 0  # [R]
       assert list(real) == [True] * min(n, 3) + [False] * (3 - min(n, 3))
       assert list(batch["scores"][i][:len(keep)]) == [p["scores"][k] for k in keep]
@@ -258,17 +261,17 @@ def test_epoch_visits_every_prompt_once_and_responses_selected_or_padded(prepare
 
 def test_select_responses_spreads_over_scores():
   s = np.array([0.0, 3.5, 1.0, 2.2, 3.0, 0.5])
-  assert list(pipeline.select_responses(s, 3)) == [0, 1, 3]  # best 3.5, middle 2.2, worst 0.0
-  assert list(pipeline.select_responses(s, 1)) == [1]
-  assert list(pipeline.select_responses(s, 6)) == list(range(6))
-  assert list(pipeline.select_responses(s[:2], 4)) == [0, 1]
-  assert list(pipeline.select_responses(np.ones(5), 2)) == [0, 4]  # ties: stable
+  assert list(loader.select_responses(s, 3)) == [0, 1, 3]  # best 3.5, middle 2.2, worst 0.0
+  assert list(loader.select_responses(s, 1)) == [1]
+  assert list(loader.select_responses(s, 6)) == list(range(6))
+  assert list(loader.select_responses(s[:2], 4)) == [0, 1]
+  assert list(loader.select_responses(np.ones(5), 2)) == [0, 4]  # ties: stable
 
 
 def test_buckets_and_truncation(prepared):
-  assert pipeline.default_buckets(300) == [64, 128, 256, 300]
-  assert pipeline.default_buckets(256) == [64, 128, 256] and pipeline.default_buckets(40) == [40]
-  assert pipeline.bucket_length(64, [64, 128]) == 64 and pipeline.bucket_length(65, [64, 128]) == 128
+  assert loader.default_buckets(300) == [64, 128, 256, 300]
+  assert loader.default_buckets(256) == [64, 128, 256] and loader.default_buckets(40) == [40]
+  assert loader.bucket_length(64, [64, 128]) == 64 and loader.bucket_length(65, [64, 128]) == 128
   out, _ = prepared
   buckets = [48, 64, 80, 200]
   it = train_batches(out, batch_size=2, responses=6, seq_len=96, pad_id=3, buckets=buckets, window=3,
@@ -312,7 +315,7 @@ def test_deterministic_order_and_seed_changes_it(prepared):
 
 _HASH_BATCHES = """
 import hashlib, itertools, sys
-from data.pipeline import train_batches
+from data.loader import train_batches
 h = hashlib.sha256()
 it = train_batches(sys.argv[1], batch_size=3, responses=2, seq_len=48, pad_id=3, window=2, seed=5,
                    process_index=1, process_count=2)
@@ -368,7 +371,7 @@ def test_hosts_split_disjoint_and_covering(prepared):
     assert it.examples == 24 and it.batches_per_epoch == 6
     seen.append({_prompt(b, i) for b, _ in _take(it, 6) for i in range(4)})
   assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == {pipeline.prompt_text(p["prompt"]) for p in probs}
+  assert seen[0] | seen[1] == {prompt_text(p["prompt"]) for p in probs}
 
 
 def test_fixed_splits_make_batches_independent_of_the_host_count(prepared):
@@ -403,7 +406,7 @@ def test_hosts_step_together_when_long_prompts_are_skipped(tmp_path):
   probs = [_problem(k, long_every=1 if k < 6 else 0) for k in range(24)]
   ranked = _write_ranked(tmp_path / "ranked", [probs[:10], probs[10:]])  # host 0 reads both files
   out = str(tmp_path / "out")
-  pipeline.prepare_stage(ranked, out, BYTES, progress=False)
+  prepare.prepare_stage(ranked, out, BYTES, progress=False)
   kw = dict(batch_size=2, responses=2, seq_len=100, pad_id=3, process_count=2)
   its = [train_batches(out, process_index=h, **kw) for h in range(2)]
   assert [it.long_prompts for it in its] == [6, 0]

@@ -155,7 +155,7 @@ def test_quantized_checkpoints_round_trip_and_load_in_evaluate_sample_serve(tiny
   the in-memory model (sharded over a mesh too), and run in `rrtf evaluate`, `rrtf sample` and
   `rrtf serve`; bad input gets one line."""
   from data import synthetic
-  from rrtf_jax.quantize import quantize_stage
+  from rrtf_jax.stages.quantize import quantize_stage
   problems = tmp_path / "problems.jsonl"
   problems.write_text("".join(json.dumps(r) + "\n" for r in synthetic.splits(0, 4, 4, 4)["train"]))
   q4, q8 = str(tmp_path / "q4"), str(tmp_path / "q8")
@@ -180,12 +180,12 @@ def test_quantized_checkpoints_round_trip_and_load_in_evaluate_sample_serve(tiny
 
 
 def _quantize_cli_and_stages(tiny_ckpt, problems, q4, q8, tmp_path):
-  from data.pipeline import resolve_tokenizer
+  from data.tokenizer import resolve_tokenizer
   from model import load_checkpoint
   from model.checkpoint import read_config, tokenizer_path
   from model.decode import Decoder
   from model.quantize import quantize_params
-  from rrtf_jax.quantize import calibration_tokens
+  from rrtf_jax.stages.quantize import calibration_tokens
   runs = cli_runs_in_one_process([
       ["quantize", "--ckpt", tiny_ckpt, "--method", "int4-gptq", "--calibration", str(problems), "--group", "32",
        "--out", q4, "--quiet"],

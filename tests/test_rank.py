@@ -12,7 +12,7 @@ import time
 import pytest
 
 from data import records
-from rrtf_jax.rank import CLASS, keep, score
+from rrtf_jax.stages.rank import CLASS, keep, score
 
 RRTF = [sys.executable, "-m", "rrtf_jax.cli"]
 OUTCOMES = list(CLASS)
@@ -221,7 +221,7 @@ def test_check_reads_and_writes_gs(gcs_bucket, tmp_path):
   """Problems, samples and results all on gs:// (a gcp-storage-emulator bucket)."""
   import fsspec
 
-  from rrtf_jax.check import check_samples
+  from rrtf_jax.stages.check import check_samples
   problems = [{"task_id": "t/0", "prompt": PREFIX, "test": ADD_TEST, "entry_point": "add"}]
   samples = [{"task_id": "t/0", "completion": CODES["right"]}, {"task_id": "t/0", "completion": CODES["partial"]}]
   for name, rows in (("problems.jsonl", problems), ("samples.jsonl", samples)):

@@ -12,9 +12,9 @@ from rrtf_jax.config_loading import load_config
 def test_ranking_accuracy_equals_full_logits_reference(tmp_path):
   import tensorflow_datasets as tfds
 
-  from data.pipeline import prepare_stage
+  from rrtf_jax.stages.prepare import prepare_stage
   from data.tokenizer import builtin_corpus, train_sentencepiece
-  from rrtf_jax.train import ranking_metrics
+  from rrtf_jax.train_step import ranking_metrics
   tok = str(tmp_path / "tok")
   train_sentencepiece(builtin_corpus(), tok, vocab_size=1024)
   recs = []

@@ -13,7 +13,7 @@ import pytest
 
 from data import records
 from data.problems import InputError
-from rrtf_jax.sample import (SampleProblem, Teacher, extract_code, load_problems, load_teacher_file, output_files,
+from rrtf_jax.stages.sample import (SampleProblem, Teacher, extract_code, load_problems, load_teacher_file, output_files,
                              sample_stage, teacher_code)
 
 
@@ -93,7 +93,7 @@ def student(tiny_ckpt):
 
 def test_student_and_teacher_file_feed_rank(student, problems_file, tmp_path):
   """Student samples plus collected teacher answers -> records that `rrtf rank` scores."""
-  from rrtf_jax.rank import rank_stage
+  from rrtf_jax.stages.rank import rank_stage
   answers = tmp_path / "answers.jsonl"
   answers.write_text("\n".join(json.dumps(r) for r in [
       {"task_id": "evol/0/r1", "response": "Sure:\n```python\ndef double(x):\n    return 0 + 2 * x\n```", "model": "gpt"},

@@ -1,4 +1,4 @@
-"""`rrtf serve` (rrtf_jax/serve.py): the real HTTP server in a thread over the tiny checkpoint,
+"""`rrtf serve` (rrtf_jax/serving/server.py): the real HTTP server in a thread over the tiny checkpoint,
 driven by TeacherClient and raw HTTP and compared with `Decoder.generate` called directly;
 plus one `serve_main` subprocess stopped by SIGTERM.
 
@@ -24,8 +24,10 @@ import pytest
 import requests
 
 from model.decode import Decoder, Generation, Request
-from rrtf_jax import serve
-from rrtf_jax.teacher import TeacherClient, TeacherError
+from rrtf_jax.serving import api
+from rrtf_jax.serving.server import make_server
+from rrtf_jax.serving.engine import Engine
+from rrtf_jax.serving.teacher import TeacherClient, TeacherError
 
 NAME = "tiny"
 NEW = 12  # max_tokens of every request: one decode buffer size (chunks of 4: 3 stream events)
@@ -41,9 +43,9 @@ def _serve(server) -> str:
 @pytest.fixture(scope="module")
 def stack(tiny_ckpt, tmp_path_factory):
   decoder = Decoder.from_checkpoint(tiny_ckpt, chunk=4, max_batch=4)
-  engine = serve.Engine(decoder, max_batch_wait=0.05)
+  engine = Engine(decoder, max_batch_wait=0.05)
   log_path = tmp_path_factory.mktemp("serve") / "requests.jsonl"
-  server = serve.make_server(engine, "127.0.0.1", 0, model_name=NAME, request_log=str(log_path),
+  server = make_server(engine, "127.0.0.1", 0, model_name=NAME, request_log=str(log_path),
                              default_max_tokens=NEW)
   yield types.SimpleNamespace(url=_serve(server), engine=engine, decoder=decoder, log=log_path)
   server.shutdown()
@@ -90,7 +92,7 @@ def test_chat_through_teacher_client(stack):
   assert body["object"] == "chat.completion" and body["model"] == NAME and body["id"].startswith("chatcmpl-")
   [choice] = body["choices"]
   assert choice["message"] == {"role": "assistant", "content": greedy[0]} and choice["logprobs"] is None
-  g = _greedy(stack, serve.chat_prompt([{"role": "user", "content": QUESTION}]))
+  g = _greedy(stack, api.chat_prompt([{"role": "user", "content": QUESTION}]))
   assert choice["finish_reason"] == g.finish_reason
   assert body["usage"] == {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
                            "total_tokens": g.prompt_tokens + len(g.tokens)}
@@ -100,10 +102,10 @@ def test_chat_template():
   messages = [{"role": "system", "content": "Be brief."},
               {"role": "user", "content": [{"type": "text", "text": "Sum."}]},  # content parts
               {"role": "assistant", "content": "def sum_"}]  # the answer's start, to continue
-  assert serve.chat_prompt(messages) == '"""\nBe brief.\n\nSum.\n"""\ndef sum_'
+  assert api.chat_prompt(messages) == '"""\nBe brief.\n\nSum.\n"""\ndef sum_'
   for bad in ([], [{"role": "tool", "content": "x"}], [{"role": "assistant", "content": "x"}], [{"content": "x"}]):
     with pytest.raises(ValueError):
-      serve.chat_prompt(bad)
+      api.chat_prompt(bad)
 
 
 class _FakeDecoder:
@@ -134,7 +136,7 @@ class _FakeDecoder:
 
 def test_engine_batches_in_order_and_isolates_failures():
   dec = _FakeDecoder()
-  with serve.Engine(dec, max_batch_wait=0.0) as engine:
+  with Engine(dec, max_batch_wait=0.0) as engine:
     first = engine.submit([Request("a", max_new_tokens=10**6)])
     assert dec.entered.wait(10)  # the worker holds "a" in generate while the rest queue up
 
@@ -257,9 +259,9 @@ def test_errors(stack):
 def test_api_key(stack, monkeypatch):
   monkeypatch.delenv("RRTF_TEST_KEY", raising=False)
   with pytest.raises(ValueError, match="RRTF_TEST_KEY"):
-    serve.make_server(stack.engine, "127.0.0.1", 0, model_name=NAME, api_key_env="RRTF_TEST_KEY")
+    make_server(stack.engine, "127.0.0.1", 0, model_name=NAME, api_key_env="RRTF_TEST_KEY")
   monkeypatch.setenv("RRTF_TEST_KEY", "s3cret-key")
-  server = serve.make_server(stack.engine, "127.0.0.1", 0, model_name=NAME, api_key_env="RRTF_TEST_KEY")
+  server = make_server(stack.engine, "127.0.0.1", 0, model_name=NAME, api_key_env="RRTF_TEST_KEY")
   try:
     url = _serve(server)
     body = {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
@@ -304,7 +306,7 @@ def test_client_gone_mid_stream(stack):
 
 
 def test_serve_main_subprocess(tiny_ckpt, tmp_path):
-  code = (f"from rrtf_jax.serve import serve_main; serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
+  code = (f"from rrtf_jax.serving.server import serve_main; serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
           f"max_batch=1, chunk=4, request_log={str(tmp_path / 'log.jsonl')!r})")
   proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from data import synthetic
-from data.pipeline import prompt_text
+from data.prepared import prompt_text
 from data.problems import Problem, load_problems
-from rrtf_jax.sample import load_problems as load_sample_problems
+from rrtf_jax.stages.sample import load_problems as load_sample_problems
 
 SIZES = dict(warmup=64, train=128, heldout=64)
 
@@ -103,7 +103,7 @@ def test_written_splits_load_as_problems(tmp_path):
 
 
 def test_canonical_passes_empty_and_neighbour_fail_in_sandbox(parts, box):
-  from rrtf_jax.evaluate import execute
+  from rrtf_jax.stages.evaluate import execute
   problems = [p for v in parts.values() for p in v]
   table = {p["task_id"]: Problem(p["task_id"], p["prompt"], p["test"], p["entry_point"]) for p in problems}
   by_family = collections.defaultdict(list)

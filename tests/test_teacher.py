@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from rrtf_jax import teacher
-from rrtf_jax.teacher import TeacherClient, TeacherError
+from rrtf_jax.serving import teacher
+from rrtf_jax.serving.teacher import TeacherClient, TeacherError
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -360,5 +360,5 @@ def test_map_empty_and_bad_request_key(server):
 
 
 def test_import_is_light():
-  code = "import sys, rrtf_jax.teacher; assert not {'jax', 'fsspec'} & set(sys.modules), sys.modules.keys()"
+  code = "import sys, rrtf_jax.serving.teacher; assert not {'jax', 'fsspec'} & set(sys.modules), sys.modules.keys()"
   subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

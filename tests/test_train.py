@@ -47,7 +47,7 @@ def _ranked_records(n: int = 24):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   """A prepared dataset (rrtf prepare) of 24 toy problems, tokenised by the tiny SentencePiece model."""
-  from data.pipeline import prepare_stage
+  from rrtf_jax.stages.prepare import prepare_stage
   from data.tokenizer import builtin_corpus, train_sentencepiece
   root = tmp_path_factory.mktemp("data")
   tok_dir = str(root / "tokenizer")
@@ -95,7 +95,7 @@ def _final_params(workdir):
   step = mngr.latest_step()
   from model import ModelConfig
   from model.sharding import make_mesh
-  from rrtf_jax.train import make_optimizer, state_shardings
+  from rrtf_jax.train_step import make_optimizer, state_shardings
   c = load_config("tiny")  # the abstract state on one device: checkpoints of any topology restore to it
   target, _ = state_shardings(ModelConfig.from_dict(c.model), make_optimizer(c.train),
                               make_mesh("fsdp=1", jax.devices()[:1]))
@@ -127,7 +127,7 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   import socket
 
   import tensorflow_datasets as tfds
-  from rrtf_jax.train import train_and_evaluate
+  from rrtf_jax.stages.train import train_and_evaluate
   steps = 12
   # data.splits=2 fixes the data order whatever the host count: one process reads both halves.
   flags = [f"--config.train.steps={steps}", "--config.train.microbatches=2", "--config.data.splits=2",
@@ -285,7 +285,8 @@ def test_preemption_sigterm_then_sigkill_then_rerun_is_bit_exact(prepared, tmp_p
 
 
 def test_non_finite_loss_stops_naming_the_step(prepared, tmp_path):
-  from rrtf_jax.train import TrainError, train_and_evaluate
+  from rrtf_jax.stages.train import train_and_evaluate
+  from rrtf_jax.train_step import TrainError
   c = _config(prepared, learning_rate=1e30, warmup_steps=0, grad_clip=0.0, steps=6, checkpoint_every=1)
   c.mesh = "fsdp=1"
   with pytest.raises(TrainError) as e:
@@ -337,7 +338,7 @@ def test_bad_configs_one_line_errors(bad_config_runs, case):
 def test_init_from_a_converted_checkpoint(prepared, tmp_path):
   """Training starts from a model checkpoint's parameters (rrtf convert output format)."""
   from model import ModelConfig, save_checkpoint
-  from rrtf_jax.train import train_and_evaluate
+  from rrtf_jax.stages.train import train_and_evaluate
   c = _config(prepared, steps=1)
   c.mesh = "fsdp=1"
   cfg = ModelConfig.from_dict(c.model)
@@ -363,7 +364,7 @@ def test_workdir_on_gcs(prepared, gcs_bucket, tmp_path):
   """A gs:// workdir (what TPU VMs use): orbax checkpoints, TensorBoard events and config.json
   land in the bucket, and a rerun resumes from there."""
   import fsspec
-  from rrtf_jax.train import train_and_evaluate
+  from rrtf_jax.stages.train import train_and_evaluate
   work = f"{gcs_bucket}/run1"
   c = _config(prepared, steps=3, checkpoint_every=3)  # one save per run: the emulator is slow
   c.mesh = "fsdp=1"

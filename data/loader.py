@@ -1,23 +1,8 @@
-"""The tokenising `prepare` stage and the training input loader (tf.data / tfds).
+"""The training input loader: a prepared dataset (data/prepared.py) -> padded batches.
 
 Letters: B prompts (b on one host), R responses per prompt, T tokens.
 
-`prepare_stage` turns a ranked TFDS dataset (`rrtf rank`, data/records.py) into token ids in
-the paper's format: the prompt between lines of triple double quotes (`prompt_text`), then
-each response as the program that was executed, exec_prefix + code, and EOS.
-One record per problem:
-  task_id           text
-  tokens            [P + sum(L)] int32  prompt ids, then every response's ids
-  prompt_length     int32               P
-  response_lengths  [R] int32           L_i, each including its EOS
-  scores            [R] float32         RRTF scores (higher is better)
-  is_teacher        [R] int32
-Like `rank_stage` it writes one output shard per input shard under a temporary name, skips
-finished shards on a rerun, splits input files i, i+n, ... over `--shard i --num-shards n`,
-and writes the TFDS metadata (with the longest prompt) once every shard exists. Its paths
-may be local or gs:// (fsspec/gcsfs, through the helpers of data/records.py).
-
-`train_batches` reads it back per host (`tfds.split_for_jax_process`), shuffled by (seed,
+`train_batches` reads the dataset per host (`tfds.split_for_jax_process`), shuffled by (seed,
 epoch), and yields padded [b, R, T] batches whose T is a bucket chosen per batch; examples
 are sorted by length inside windows of `window` batches to keep padding low. Each batch
 comes with the `DataState` after it, from which a restarted iterator continues exactly.
@@ -31,230 +16,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
-import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from data import records
+from data.prepared import SPLIT, open_prepared, prompt_lengths
 from data.problems import InputError
-from data.tokenizer import HF_FILE, SPM_FILE, load_tokenizer
 
-PREPARED_NAME = "rrtf_prepared"  # the TFDS dataset name of `rrtf prepare` output
-SPLIT = "train"
 SHUFFLE_BUFFER = 4096
 
 log = logging.getLogger(__name__)
 
-
-# ------------------------------------------------------------------------------ prepare
-
-def features(encoder: bool = False):
-  """The tfds FeaturesDict of a prepared record.
-
-  With `encoder`, the lists are Tensor(shape=(None,)) instead of Sequence: the same bytes on
-  disk (a test checks), encoded as whole arrays instead of one element at a time (15x faster).
-  """
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-  seq = (lambda dt: tfds.features.Tensor(shape=(None,), dtype=dt)) if encoder else tfds.features.Sequence
-  return tfds.features.FeaturesDict({
-      "task_id": tfds.features.Text(), "tokens": seq(tf.int32), "prompt_length": tf.int32,
-      "response_lengths": seq(tf.int32), "scores": seq(tf.float32), "is_teacher": seq(tf.int32)})
-
-
-def prompt_text(prompt: str) -> str:
-  """The paper's training prompt: the problem between triple quotes."""
-  return '"""\n' + prompt.strip("\n") + '\n"""\n'
-
-
-def resolve_tokenizer(tokenizer):
-  """A tokenizer object as is, or one loaded from a tokenizer dir or a checkpoint's tokenizer/."""
-  if not isinstance(tokenizer, (str, os.PathLike)):
-    if not (callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "eos_id")):
-      raise TypeError(f"tokenizer must be a path or have encode() and eos_id, got {type(tokenizer).__name__}")
-    return tokenizer
-  import fsspec
-  from fsspec.implementations.local import LocalFileSystem
-  path = str(tokenizer).rstrip("/")
-  fs, root = fsspec.core.url_to_fs(path)
-  if os.path.basename(root) in (HF_FILE, SPM_FILE) and fs.isfile(root):
-    root = os.path.dirname(root)  # the tokenizer file itself
-  for d in (root, f"{root}/tokenizer"):
-    names = [n for n in (HF_FILE, SPM_FILE) if fs.exists(f"{d}/{n}")]
-    if names:
-      if isinstance(fs, LocalFileSystem):
-        return load_tokenizer(d)
-      import tempfile  # load_tokenizer reads local files: copy them from gs:// first
-      local = tempfile.mkdtemp(prefix="rrtf-tokenizer-")
-      for n in names:
-        fs.get(f"{d}/{n}", os.path.join(local, n))
-      return load_tokenizer(local)
-  raise InputError(f"{path}: no tokenizer ({HF_FILE} or {SPM_FILE}) in it or in its tokenizer/ subdirectory")
-
-
-def prepare_record(record: dict, tokenizer) -> dict:
-  """A ranked record -> a prepared record (token ids in the paper's format)."""
-  eos = int(tokenizer.eos_id)
-  prompt = list(tokenizer.encode(prompt_text(record["prompt"])))
-  tokens, lengths = list(prompt), []
-  for code in record["codes"]:
-    ids = list(tokenizer.encode(record["exec_prefix"] + code)) + [eos]
-    tokens += ids
-    lengths.append(len(ids))
-  return {"task_id": record["task_id"], "tokens": np.asarray(tokens, np.int32), "prompt_length": len(prompt),
-          "response_lengths": np.asarray(lengths, np.int32), "scores": np.asarray(record["scores"], np.float32),
-          "is_teacher": np.asarray(record["is_teacher"], np.int32)}
-
-
-def serialize(example: dict, feats=None) -> bytes:
-  """A prepared record as tf.train.Example bytes (`feats`: features(encoder=True))."""
-  return records.deterministic((feats or features(encoder=True)).serialize_example(example))
-
-
-def write_atomic(path: str, examples, feats=None) -> int:
-  """Writes prepared records to `path` under a temporary name, renamed when complete."""
-  feats = feats or features(encoder=True)
-  return records.write_tfrecord_atomic(path, (serialize(ex, feats) for ex in examples))
-
-
-def prompt_lengths(paths: Sequence[str]) -> np.ndarray:
-  """[N] prompt_length of every record of local prepared shards, in order, reading only that field."""
-  import tensorflow as tf
-  if not paths:
-    return np.zeros(0, np.int64)
-  spec = {"prompt_length": tf.io.FixedLenFeature([], tf.int64)}
-  ds = tf.data.TFRecordDataset(list(paths)).batch(4096).map(lambda x: tf.io.parse_example(x, spec)["prompt_length"])
-  return np.concatenate([np.zeros(0, np.int64), *ds.as_numpy_iterator()])
-
-
-def write_metadata(out_dir: str, paths: Sequence[str]) -> None:
-  """dataset_info.json, features.json and metadata.json (max_prompt_length) for complete shards
-  (local or a URL: records.write_tfds_metadata)."""
-  import tensorflow_datasets as tfds
-  infos = None
-  if records.is_url(out_dir):  # one download per shard for both its prompt lengths and its counts
-    lengths, infos = [], []
-    for path in paths:
-      with records.local_copy(path) as local:
-        lengths.append(prompt_lengths([local]))
-        infos.append(records.shard_info(local))
-    longest = max((int(x.max(initial=0)) for x in lengths), default=0)
-  else:
-    longest = int(prompt_lengths(paths).max(initial=0))
-  records.write_tfds_metadata(out_dir, paths, features(), shard_infos=infos,
-                              metadata=tfds.core.MetadataDict(max_prompt_length=longest),
-                              description="RRTF training token ids (rrtf-jax `rrtf prepare`).")
-
-
-@dataclasses.dataclass
-class PrepareSummary:
-  shards_done: list[int] = dataclasses.field(default_factory=list)
-  shards_skipped: list[int] = dataclasses.field(default_factory=list)
-  problems: int = 0
-  responses: int = 0
-  tokens: int = 0
-  empty: int = 0  # problems without responses, left out
-  metadata_written: bool = False
-
-  def report(self) -> str:
-    lines = [f"prepared {self.problems} problems ({self.responses} responses, {self.tokens} tokens) in shards "
-             f"{self.shards_done or '-'} (skipped, already done: {self.shards_skipped or '-'})"]
-    if self.empty:
-      lines.append(f"left out {self.empty} problems without responses")
-    lines.append("TFDS metadata written" if self.metadata_written else
-                 "TFDS metadata not written yet: other shards are missing")
-    return "\n".join(lines)
-
-
-def ranked_files(ranked_dir: str) -> list[str]:
-  """The shards of a complete `rrtf rank` output, in order."""
-  if not records.isdir(ranked_dir):
-    raise InputError(f"{ranked_dir}: no such directory")
-  prefix = f"{records.RANKED_NAME}-{SPLIT}.tfrecord-"
-  listing = records.listdir(ranked_dir)
-  names = sorted(n for n in listing if n.startswith(prefix))
-  if not names:
-    prepared = any(n.startswith(PREPARED_NAME) for n in listing)
-    hint = " (it holds a prepared dataset)" if prepared else ""
-    raise InputError(f"{ranked_dir}: no ranked TFRecords ({prefix}*){hint}; run `rrtf rank` first")
-  counts = {n.rsplit("-of-", 1)[-1] for n in names}
-  if len(counts) != 1 or counts != {f"{len(names):05d}"}:
-    raise InputError(f"{ranked_dir}: {len(names)} ranked shards with mismatched or missing numbers; "
-                     f"finish every `rrtf rank` shard first")
-  return [os.path.join(ranked_dir, n) for n in names]
-
-
-def _check_ranked(path: str) -> int:
-  """Reads and validates every record of a ranked shard; returns the count."""
-  import tensorflow as tf
-  from google.protobuf.message import DecodeError
-  n = 0
-  try:
-    for i, r in enumerate(records.read(path, ranked=True)):
-      where = f"{path}: record {i}"
-      try:
-        records.validate(r, ranked=True, where=where)
-      except ValueError as e:
-        raise InputError(str(e)) from None
-      if not all(math.isfinite(s) for s in r["scores"]):
-        raise InputError(f"{where} ({r['task_id']}): non-finite score {r['scores']}")
-      if any(t not in (0, 1) for t in r["is_teacher"]):
-        raise InputError(f"{where} ({r['task_id']}): is_teacher must be 0 or 1, got {r['is_teacher']}")
-      n += 1
-  except tf.errors.OpError as e:
-    raise InputError(f"{path}: not a readable TFRecord file ({e.message.splitlines()[0]})") from None
-  except DecodeError:
-    raise InputError(f"{path}: record {n} is not a tf.train.Example") from None
-  return n
-
-
-def prepare_stage(ranked_dir: str, out_dir: str, tokenizer, *, shard: int = 0, num_shards: int = 1,
-                  progress: bool = True) -> PrepareSummary:
-  """`rrtf prepare`: ranked TFDS dataset -> prepared TFDS dataset `out_dir` (PREPARED_NAME);
-  both local or URLs (gs://, through fsspec: data/records.py)."""
-  from tqdm import tqdm
-  if not 0 <= shard < num_shards:
-    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
-  inputs = ranked_files(ranked_dir)
-  outputs = [os.path.join(out_dir, records.shard_name(PREPARED_NAME, SPLIT, j, len(inputs)))
-             for j in range(len(inputs))]
-  summary = PrepareSummary()
-  todo = []
-  for j in range(shard, len(inputs), num_shards):
-    (summary.shards_skipped if records.exists(outputs[j]) else todo).append(j)
-  # Check every input before writing anything: bad input fails fast and writes nothing.
-  sizes = {j: _check_ranked(inputs[j]) for j in todo}
-  if todo:
-    tok = resolve_tokenizer(tokenizer)
-    if tok.eos_id is None:
-      raise InputError(f"{getattr(tok, 'path', tokenizer)}: the tokenizer has no EOS token")
-    records.makedirs(out_dir)
-    feats = features(encoder=True)
-    for j in todo:
-      with tqdm(total=sizes[j], desc=f"prepare shard {j + 1}/{len(inputs)}", unit="problem",
-                disable=not progress, dynamic_ncols=True) as bar:
-        def examples():
-          for r in records.read(inputs[j], ranked=True):
-            bar.update(1)
-            if not r["codes"]:
-              summary.empty += 1
-              continue
-            ex = prepare_record(r, tok)
-            summary.problems += 1
-            summary.responses += len(ex["response_lengths"])
-            summary.tokens += len(ex["tokens"])
-            yield ex
-        write_atomic(outputs[j], examples(), feats)
-      summary.shards_done.append(j)
-  if all(records.exists(p) for p in outputs):
-    write_metadata(out_dir, outputs)
-    summary.metadata_written = True
-  return summary
-
-
-# ------------------------------------------------------------------------------- loader
 
 @dataclasses.dataclass
 class DataState:
@@ -293,41 +65,6 @@ def padding_fraction(batch: dict) -> float:
   """The share of [b, R, T] positions that are padding."""
   seg = batch["segment_ids"]
   return 1.0 - float(np.sum(seg)) / seg.size
-
-
-def open_prepared(data_dir: str):
-  """The tfds builder of a prepared dataset, or a one-line InputError saying what it is instead."""
-  # tf.io.gfile, not data/records.py's fsspec helpers: tfds reads the dataset through
-  # TensorFlow anyway (real GCS: TensorFlow's gs:// filesystem; tested on local paths only,
-  # since TensorFlow cannot reach the GCS emulator).
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-  if not tf.io.gfile.isdir(data_dir):
-    raise InputError(f"{data_dir}: no such directory")
-  names = tf.io.gfile.listdir(data_dir)
-  if any(n.startswith(records.RANKED_NAME + "-") for n in names):
-    raise InputError(f"{data_dir}: looks like a ranked dataset; run `rrtf prepare` first")
-  if "dataset_info.json" not in names:
-    if any(n.startswith(PREPARED_NAME + "-") for n in names):
-      raise InputError(f"{data_dir}: no TFDS metadata (dataset_info.json): not every `rrtf prepare` shard is done")
-    raise InputError(f"{data_dir}: not a prepared dataset (no {PREPARED_NAME} TFDS metadata); run `rrtf prepare`")
-  try:
-    builder = tfds.builder_from_directory(data_dir)
-  except Exception as e:  # tfds raises a variety of errors on damaged metadata
-    raise InputError(f"{data_dir}: unreadable TFDS metadata ({str(e).splitlines()[0]})") from None
-  have = set(builder.info.features.keys())
-  want = set(features().keys())
-  if builder.info.name != PREPARED_NAME or not want <= have:
-    raise InputError(f"{data_dir}: TFDS dataset {builder.info.name!r} is not an `rrtf prepare` output "
-                     f"(missing features {sorted(want - have)})")
-  if SPLIT not in builder.info.splits:
-    raise InputError(f"{data_dir}: no {SPLIT!r} split")
-  return builder
-
-
-def dataset_size(data_dir: str) -> int:
-  """Number of prompts in a prepared dataset (from its TFDS metadata)."""
-  return int(open_prepared(data_dir).info.splits[SPLIT].num_examples)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -16,7 +16,7 @@ from data.problems import InputError, load_problems, load_samples, write_jsonl_a
 def check_samples(problems: str, samples_path: str, out_path: str, *, workers: int | None = None,
                   timeout: float = 3.0, progress: bool = True) -> dict:
   """Executes every sample; writes `out_path` (JSONL) atomically; returns a summary."""
-  from rrtf_jax.evaluate import execute
+  from rrtf_jax.stages.evaluate import execute
   table = load_problems(problems)
   samples = load_samples(samples_path, table)
   if not samples:

@@ -6,7 +6,7 @@ Problems (JSONL, or `humaneval`), one of two styles per line:
                response (exec_prefix = prompt).
   instruction  what `rrtf evolve` writes: `task_id`, `instruction`, `test`, `entry_point`
                (other fields ignored). The response is the whole program (exec_prefix = "").
-The student sees what training will show it (data/pipeline.py): the problem between triple
+The student sees what training will show it (data/prepared.py): the problem between triple
 quotes, then exec_prefix, and continues with code. Teachers are asked over an
 OpenAI-compatible API (chat: a plain request for a ```python block; completions: the
 student's text) or read from a JSONL file of collected answers (`task_id` and `response`,
@@ -34,7 +34,7 @@ import signal
 import threading
 
 from data import records
-from data.pipeline import prompt_text
+from data.prepared import prompt_text
 from data.problems import InputError, read_jsonl, resolve
 
 SAMPLES_NAME = "rrtf_samples"
@@ -143,7 +143,7 @@ def derive_seed(*parts) -> int:
 @dataclasses.dataclass
 class Teacher:
   """Where teacher responses come from: an OpenAI-compatible client, or answers from a file."""
-  client: object | None = None  # rrtf_jax.teacher.TeacherClient
+  client: object | None = None  # rrtf_jax.serving.teacher.TeacherClient
   answers: dict | None = None  # task_id -> [(source, response, is_chat)]
   samples: int = 1
   temperature: float = 0.8

@@ -42,7 +42,7 @@ from typing import Sequence
 
 from data.problems import (HUMANEVAL, InputError, Problem, load_problems, read_jsonl, write_jsonl_atomic,
                            write_text_atomic)
-from rrtf_jax.sample import COMPLETION_STOPS, SampleProblem, derive_seed
+from rrtf_jax.stages.sample import COMPLETION_STOPS, SampleProblem, derive_seed
 
 PROMPT_FORMATS = ("rrtf", "raw")
 PAPER_KS = (1, 10, 100)

@@ -39,7 +39,7 @@ def calibration_tokens(spec: str, tokenizer, *, max_prompts: int, seq_len: int):
   prompts as the student sees them (`humaneval` or a problems JSONL, as `rrtf sample` reads)."""
   import numpy as np
 
-  from rrtf_jax.sample import load_problems
+  from rrtf_jax.stages.sample import load_problems
   problems = load_problems(spec)[:max_prompts]
   if not problems:
     raise InputError(f"{spec}: no calibration problems")
@@ -56,7 +56,7 @@ def quantize_stage(ckpt: str, method: str, out: str, *, calibration: str | None 
                    progress: bool = True) -> QuantizeSummary:
   import jax
 
-  from data.pipeline import resolve_tokenizer
+  from data.tokenizer import resolve_tokenizer
   from model.checkpoint import (QUANTIZATION_FILE, check_output, is_checkpoint, load_checkpoint, param_bytes, read_config,
                                 save_checkpoint, tokenizer_path)
   from model.quantize import quantize_params, quantized_config

@@ -301,7 +301,7 @@ def evolve_stage(seeds_path: str, out_path: str, client, *, rounds: int = 1, wor
                  timeout: float = 5.0, seed: int = 0, ngram: int = 10, max_tokens: int = 1024,
                  temperature: float = 0.7, progress: bool = True) -> EvolveSummary:
   """Evolves the seeds for `rounds` rounds with the teacher `client` (a
-  rrtf_jax.teacher.TeacherClient); writes the kept problems to `out_path` (JSONL) and
+  rrtf_jax.serving.teacher.TeacherClient); writes the kept problems to `out_path` (JSONL) and
   the report to `out_path + ".report.json"`."""
   from rrtf_jax.sandbox import Limits, Sandbox
   if rounds < 1:

@@ -1,0 +1,148 @@
+"""The OpenAI API layer of `rrtf serve`: request bodies -> decoder rows, results -> response JSON.
+
+Completions (prompt: a string, a list of them, or token ids) and chat completions. Fields: n,
+max_tokens (chat also max_completion_tokens), temperature (default 1.0), top_p, top_k (an
+extension; -1 or 0 = off), stop, seed, stream, stream_options.include_usage. Other fields are
+ignored, except logprobs and echo, which are refused (400) rather than answered wrongly. With
+`seed`, choice i of prompt p gets a row seed derived from (seed, p, i): the same request gives
+the same answer.
+
+Chat template (our models are base code models trained on `data.prepared.prompt_text`):
+the contents of the system (or developer) and user messages, in order, joined by blank
+lines, go between the triple quotes of `prompt_text`; the contents of any assistant messages
+follow, concatenated, as the start of the answer to continue. Turn order is not kept: it
+is a template for one question (the teacher's use), not for a conversation.
+
+Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` (`ApiError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+
+from data.prepared import prompt_text
+from model.decode import Generation, Request
+
+MAX_N = 128  # OpenAI's limit on choices per prompt
+MAX_BODY = 16 << 20  # bytes
+
+
+class ApiError(Exception):
+  """An error answered as OpenAI's error JSON."""
+
+  def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type, self.code = status, message, type_, code
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+
+
+
+def row_seed(seed: int, prompt_index: int, choice: int) -> int:
+  """The row seed of choice `choice` of prompt `prompt_index` in a request with `seed`."""
+  digest = hashlib.sha256(f"{seed}:{prompt_index}:{choice}".encode()).digest()
+  return int.from_bytes(digest[:4], "little")
+
+
+def chat_prompt(messages) -> str:
+  """The prompt for chat `messages` (the template in the module docstring); ValueError if malformed."""
+  if not isinstance(messages, list) or not messages:
+    raise ValueError("messages must be a non-empty list")
+  question, answer = [], []
+  for m in messages:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+      raise ValueError("each message must be an object with a string 'role'")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: only text ones
+      if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        raise ValueError("only text content parts are supported")
+      content = "".join(p["text"] for p in content)
+    if content is None and m["role"] == "assistant":
+      content = ""
+    if not isinstance(content, str):
+      raise ValueError(f"a {m['role']} message needs string content")
+    if m["role"] in ("system", "developer", "user"):
+      question.append(content)
+    elif m["role"] == "assistant":
+      answer.append(content)
+    else:
+      raise ValueError(f"message role {m['role']!r} is not supported (system, developer, user, assistant)")
+  if not question:
+    raise ValueError("messages need at least one system or user message")
+  return prompt_text("\n\n".join(question)) + "".join(answer)
+
+
+def _prompts(value) -> list:
+  """A completions `prompt`: a string, a list of strings, token ids, or a list of token-id lists."""
+  is_ids = lambda v: isinstance(v, list) and v and all(type(t) is int for t in v)  # noqa: E731
+  if isinstance(value, str) or is_ids(value):
+    return [value]
+  if isinstance(value, list) and value and all(isinstance(p, str) or is_ids(p) for p in value):
+    return value
+  raise ValueError("prompt must be a string, a non-empty list of strings, or token ids")
+
+
+def _number(body: dict, key: str, default, *, integer: bool = False, check=None, want: str = ""):
+  v = body.get(key)
+  if v is None:
+    return default
+  if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+    raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
+  if check is not None and not check(v):
+    raise ValueError(f"{key} must be {want}, got {v!r}")
+  return v
+
+
+def parse_request(body, *, chat: bool, default_max_tokens: int) -> tuple[list[Request], int, dict]:
+  """A completions (or chat) body -> (rows, n, options): n rows per prompt, prompt-major.
+  ValueError says what is wrong."""
+  if not isinstance(body, dict):
+    raise ValueError("the body must be a JSON object")
+  if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+    raise ValueError("logprobs are not supported by this server")
+  if body.get("echo"):
+    raise ValueError("echo is not supported by this server")
+  if chat:
+    if "messages" not in body:
+      raise ValueError("missing 'messages'")
+    prompts = [chat_prompt(body["messages"])]
+  else:
+    if "prompt" not in body:
+      raise ValueError("missing 'prompt'")
+    prompts = _prompts(body["prompt"])
+  n = _number(body, "n", 1, integer=True, check=lambda v: 1 <= v <= MAX_N, want=f"in [1, {MAX_N}]")
+  key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+  max_tokens = _number(body, key, default_max_tokens, integer=True, check=lambda v: v >= 1, want="at least 1")
+  temperature = _number(body, "temperature", 1.0, check=lambda v: v >= 0, want=">= 0")
+  top_p = _number(body, "top_p", 1.0, check=lambda v: 0 < v <= 1, want="in (0, 1]")
+  top_k = _number(body, "top_k", 0, integer=True, check=lambda v: v >= -1, want=">= 0 (or -1 for off)")
+  seed = _number(body, "seed", None, integer=True)
+  stop = body.get("stop")
+  stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+  if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+    raise ValueError("stop must be a string or a list of strings")
+  stream = body.get("stream", False)
+  if not isinstance(stream, bool) and stream is not None:
+    raise ValueError("stream must be a boolean")
+  opts = body.get("stream_options") or {}
+  if not isinstance(opts, dict):
+    raise ValueError("stream_options must be an object")
+  rows = [Request(p, max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                  top_k=max(top_k, 0), stop=tuple(s for s in stop if s),
+                  seed=secrets.randbits(32) if seed is None else row_seed(seed, pi, i))
+          for pi, p in enumerate(prompts) for i in range(n)]
+  return rows, n, {"stream": bool(stream), "include_usage": bool(opts.get("include_usage"))}
+
+
+def choice(i: int, text: str, finish: str, chat: bool) -> dict:
+  body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+  return {"index": i, **body, "logprobs": None, "finish_reason": finish}
+
+
+def usage(gens: list[Generation], n: int) -> dict:
+  prompt = sum(g.prompt_tokens for g in gens[::n])  # each prompt once, as OpenAI counts
+  completion = sum(len(g.tokens) for g in gens)
+  return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

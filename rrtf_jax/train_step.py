@@ -1,0 +1,246 @@
+"""The RRTF train step: optimizer, loss over a batch, one pure jitted step, its shardings.
+
+Letters: B prompts (global batch), M micro-batches, R responses per prompt, T tokens.
+
+  state, metrics = train_step(state, batch)     # pure; jitted with explicit shardings
+  ranking_metrics(model_cfg, tc, params, data)  # the same loss with fixed parameters
+
+The step runs the model on the B*R (prompt + response) sequences, takes per-token
+log-probabilities from the hidden states in chunks (never the full [B*R, T, V] logits),
+and applies the RRTF loss (rrtf_jax/loss.py). Parameters are fp32 master weights; matmuls
+run in `model.dtype` (bf16 on TPU). Gradients of M micro-batches are summed in a scan before
+one AdamW update (clipped by global norm), so the paper's 512 prompts fit any pod. The loop
+around it is rrtf_jax/stages/train.py; `rrtf plan` compiles it for TPU topologies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from model import ModelConfig, Transformer, abstract_params
+from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, replicated
+from rrtf_jax.loss import rrtf_loss, token_logprobs
+
+SCHEDULES = ("cosine", "linear", "constant")
+# Model fields that decide parameter shapes: an init_from checkpoint must agree on them.
+SHAPE_FIELDS = ("vocab_size", "max_position_embeddings", "num_layers", "embed_dim", "num_heads",
+                "num_kv_heads", "mlp_dim")
+
+
+class TrainError(ValueError):
+  """A training run cannot start or go on; the message is one line."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # optimizer updates done
+  params: Any
+  opt_state: Any
+
+
+# ---- optimizer ---------------------------------------------------------------------------------
+
+def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine or linear decay to end_lr_fraction * peak."""
+  peak, warm, steps = float(tc.learning_rate), int(tc.warmup_steps), int(tc.steps)
+  end = peak * float(tc.end_lr_fraction)
+  if tc.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(steps, warm + 1), end)
+  if tc.schedule == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warm), optax.linear_schedule(peak, end, max(steps - warm, 1))], [warm])
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm])
+
+
+def _decays(path, _) -> bool:
+  """Weight decay on kernels and embeddings; not on biases or LayerNorm scales."""
+  name = str(getattr(path[-1], "key", path[-1]))
+  return not (name.endswith("bias") or name == "scale")
+
+
+def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  parts = [optax.clip_by_global_norm(float(tc.grad_clip))] if tc.grad_clip else []
+  parts.append(optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                           weight_decay=tc.weight_decay,
+                           mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params)))
+  return optax.chain(*parts)
+
+
+# ---- the step ----------------------------------------------------------------------------------
+
+def make_loss_fn(model_cfg: ModelConfig, tc: ml_collections.ConfigDict) -> Callable:
+  """loss_fn(params, batch) -> (loss, rrtf_loss metrics), with the batch layout of make_train_step."""
+  model = Transformer(model_cfg)
+
+  def loss_fn(params, batch):
+    b, r, t = batch["inputs"].shape
+    flat = lambda x: x.reshape(b * r, t)  # noqa: E731
+    hidden = model.apply({"params": params}, flat(batch["inputs"]), segment_ids=flat(batch["segment_ids"]),
+                         return_hidden=True)  # [B*R, T, D]
+    logp = token_logprobs(hidden, params["wte"], flat(batch["targets"]), chunk=int(tc.logprob_chunk))
+    return rrtf_loss(logp.reshape(b, r, t), batch["loss_mask"], batch["scores"], batch["is_teacher"],
+                     weighting=tc.weighting, ft_weight=float(tc.ft_weight), rank_weight=float(tc.rank_weight))
+
+  return loss_fn
+
+
+def ranking_metrics(model_cfg: ModelConfig, tc: ml_collections.ConfigDict, params: dict, data_dir: str, *,
+                    responses: int) -> dict:
+  """One pass over a prepared dataset for each of several parameter sets (name -> params), a
+  prompt at a time with up to `responses` responses each: the fraction of scored pairs
+  (better, worse) where the model gives the better response the higher length-normalised
+  log-probability (what the ranking loss trains), and the mean fine-tuning loss of the best
+  response. tc gives seq_len and logprob_chunk. Returns name -> metrics.
+  """
+  from data.loader import train_batches
+  loss_fn = make_loss_fn(model_cfg, tc)
+  metrics_fn = jax.jit(lambda p, b: loss_fn(p, b)[1])
+  pad_id = next((i for i in (model_cfg.pad_token_id, model_cfg.eos_token_id) if i is not None), 0)
+  batches = train_batches(data_dir, batch_size=1, responses=responses, seq_len=int(tc.seq_len), pad_id=pad_id,
+                          window=1, process_index=0, process_count=1)
+  try:
+    data = [next(batches)[0] for _ in range(batches.batches_per_epoch)]
+  finally:
+    batches.close()
+  out = {}
+  for name, p in params.items():
+    correct = pairs = ft = 0.0
+    for batch in data:
+      m = jax.device_get(metrics_fn(p, batch))
+      correct += float(m["ranking_accuracy"]) * float(m["pairs"])
+      pairs += float(m["pairs"])
+      ft += float(m["ft_loss"])
+    out[name] = {"ranking_accuracy": correct / max(pairs, 1.0), "pairs": int(pairs), "prompts": len(data),
+                 "ft_loss": ft / max(len(data), 1)}
+  return out
+
+
+def make_train_step(model_cfg: ModelConfig, tc: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation) -> Callable:
+  """train_step(state, batch) -> (state, metrics), pure.
+
+  batch: inputs, targets [B, R, T] int32; loss_mask [B, R, T] (1 on response targets);
+  segment_ids [B, R, T] int32 (1 real, 0 padding); scores [B, R] float32; is_teacher [B, R] bool.
+  """
+  micro = int(tc.microbatches)
+  schedule = learning_rate_schedule(tc)
+  loss_fn = make_loss_fn(model_cfg, tc)
+
+  def grads_and_metrics(params, batch):
+    (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    pairs = m["pairs"].astype(jnp.float32)
+    # sums over micro-batches: per-prompt means add, pair statistics are weighted by their pairs
+    sums = {"loss": m["loss"], "rank_loss": m["rank_loss"], "ft_loss": m["ft_loss"],
+            "correct_pairs": m["ranking_accuracy"] * jnp.maximum(pairs, 1.0),
+            "margin_sum": m["margin"] * jnp.maximum(pairs, 1.0), "pairs": pairs,
+            "response_tokens": m["response_tokens"]}
+    return g, sums
+
+  def train_step(state: TrainState, batch: dict):
+    if micro == 1:
+      grads, sums = grads_and_metrics(state.params, batch)
+    else:
+      # Micro-batch m takes prompts m, m+M, m+2M, ...: every device keeps its own rows.
+      split = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // micro, micro, *x.shape[1:]), 1, 0), batch)
+      first = jax.tree.map(lambda x: x[0], split)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grads_and_metrics, state.params, first))
+
+      def body(acc, mb):
+        out = grads_and_metrics(state.params, mb)
+        return jax.tree.map(jnp.add, acc, out), None
+
+      (grads, sums), _ = jax.lax.scan(body, zeros, split)
+      grads = jax.tree.map(lambda g: g / micro, grads)
+      sums = dict(sums, loss=sums["loss"] / micro, rank_loss=sums["rank_loss"] / micro,
+                  ft_loss=sums["ft_loss"] / micro)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    pairs = jnp.maximum(sums["pairs"], 1.0)
+    metrics = {
+        "loss": sums["loss"], "rank_loss": sums["rank_loss"], "ft_loss": sums["ft_loss"],
+        "ranking_accuracy": sums["correct_pairs"] / pairs, "margin": sums["margin_sum"] / pairs,
+        "pairs": sums["pairs"], "response_tokens": sums["response_tokens"],
+        "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+        "update_norm": optax.global_norm(updates), "learning_rate": schedule(state.step),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+# ---- shardings and abstract values ---------------------------------------------------------------
+
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh):
+  """(abstract TrainState of ShapeDtypeStructs with shardings, TrainState of NamedShardings)."""
+  boxed = abstract_params(model_cfg)
+  with nn.logical_axis_rules(LOGICAL_RULES):
+    p_shard = logical_to_sharding(boxed, mesh)
+  p_abs = nn.unbox(boxed)
+  opt_abs = jax.eval_shape(tx.init, p_abs)
+  rep = replicated(mesh)
+  # Optimizer moments mirror the parameters and take their shardings; counters replicate.
+  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_abs, p_shard, transform_non_params=lambda _: rep)
+  shard = TrainState(step=rep, params=p_shard, opt_state=opt_shard)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=p_abs, opt_state=opt_abs)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+  return abstract, shard
+
+
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
+                "scores": jnp.float32, "is_teacher": jnp.bool_}
+TOKEN_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids")  # [B, R, T]; the rest are [B, R]
+
+
+def batch_shardings(mesh) -> dict:
+  return {k: batch_sharding(mesh, 3 if k in TOKEN_FIELDS else 2) for k in BATCH_DTYPES}
+
+
+def abstract_batch(batch_size: int, responses: int, seq_len: int, mesh) -> dict:
+  shard = batch_shardings(mesh)
+  return {k: jax.ShapeDtypeStruct((batch_size, responses) + ((seq_len,) if k in TOKEN_FIELDS else ()), dt,
+                                  sharding=shard[k]) for k, dt in BATCH_DTYPES.items()}
+
+
+def jit_train_step(model_cfg: ModelConfig, tc, tx, mesh, state_shard):
+  step = make_train_step(model_cfg, tc, tx)
+  return jax.jit(step, in_shardings=(state_shard, batch_shardings(mesh)),
+                 out_shardings=(state_shard, replicated(mesh)), donate_argnums=0)
+
+
+def check_batch_layout(tc, mesh, process_count: int = 1) -> None:
+  """The global batch must split into micro-batches, hosts and data-parallel devices."""
+  b, m = int(tc.batch_size), int(tc.microbatches)
+  if m < 1 or b % m:
+    raise TrainError(f"train.batch_size={b} is not a multiple of train.microbatches={m}")
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (b // m) % dp:
+    raise TrainError(f"a micro-batch of {b // m} prompts (train.batch_size / train.microbatches) does not split "
+                     f"over data*fsdp = {dp} devices of mesh {dict(mesh.shape)}")
+  if b % process_count:
+    raise TrainError(f"train.batch_size={b} does not split over {process_count} hosts")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  model_cfg = ModelConfig.from_dict(config.model)
+  if model_cfg.quant_bits:
+    raise TrainError("model.quant_bits: a quantized model is for inference; train the full-precision model "
+                     "and quantize the result (rrtf quantize)")
+  tc = config.train
+  if tc.schedule not in SCHEDULES:
+    raise TrainError(f"train.schedule={tc.schedule!r} is not one of {SCHEDULES}")
+  if tc.weighting not in ("gap", "uniform"):
+    raise TrainError(f"train.weighting={tc.weighting!r} is not 'gap' or 'uniform'")
+  if tc.seq_len > model_cfg.max_position_embeddings:
+    raise TrainError(f"train.seq_len={tc.seq_len} exceeds model.max_position_embeddings="
+                     f"{model_cfg.max_position_embeddings}")
+  for name in ("steps", "responses", "batch_size", "microbatches", "log_every", "checkpoint_every"):
+    if int(tc[name]) < 1:
+      raise TrainError(f"train.{name}={tc[name]} must be at least 1")
+  return model_cfg
