@@ -72,6 +72,15 @@ class ModelConfig:
         raise ValueError(f"model.{field}={getattr(self, field)!r} is not a dtype") from None
 
   @property
+  def pad_id(self) -> int:
+    """The id that pads token arrays: pad_token_id, else eos_token_id, else 0 (padding is
+    masked everywhere; the id only has to be in the vocabulary)."""
+    for i in (self.pad_token_id, self.eos_token_id):
+      if i is not None:
+        return int(i)
+    return 0
+
+  @property
   def head_dim(self) -> int:  # H
     return self.embed_dim // self.num_heads
 

@@ -201,8 +201,7 @@ class Decoder:
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.chunk, self.max_batch, self.seed = int(chunk), int(max_batch), int(seed)
     self.eos_id = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_id", None)
-    pad = config.pad_token_id if config.pad_token_id is not None else self.eos_id
-    self.pad_id = int(pad if pad is not None else 0)
+    self.pad_id = config.replace(eos_token_id=self.eos_id).pad_id
     self._prefill = jax.jit(prefill, static_argnames=("cfg", "new_tokens"))
     self._decode = jax.jit(decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
 

@@ -242,10 +242,20 @@ class Transformer(nn.Module):
     return (out, kv) if return_kv else out
 
 
-def init_params(config: ModelConfig, rng, batch: int = 1, length: int = 8):
-  """Random parameters as plain arrays (logical-axis boxes removed)."""
-  tokens = jnp.zeros((batch, length), jnp.int32)
-  return nn.unbox(jax.jit(Transformer(config).init)(rng, tokens)["params"])
+def param_initializer(config: ModelConfig):
+  """The one parameter initialiser: `rng -> params` as plain arrays (logical-axis boxes
+  removed). Jit it with the output shardings wanted (training places each parameter on its
+  devices as it is made)."""
+
+  def init(rng):
+    return nn.unbox(Transformer(config).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+
+  return init
+
+
+def init_params(config: ModelConfig, rng):
+  """Random parameters as plain arrays, on the default device."""
+  return jax.jit(param_initializer(config))(rng)
 
 
 def abstract_params(config: ModelConfig):

@@ -102,8 +102,7 @@ def ranking_metrics(model_cfg: ModelConfig, tc: ml_collections.ConfigDict, param
   from data.loader import train_batches
   loss_fn = make_loss_fn(model_cfg, tc)
   metrics_fn = jax.jit(lambda p, b: loss_fn(p, b)[1])
-  pad_id = next((i for i in (model_cfg.pad_token_id, model_cfg.eos_token_id) if i is not None), 0)
-  batches = train_batches(data_dir, batch_size=1, responses=responses, seq_len=int(tc.seq_len), pad_id=pad_id,
+  batches = train_batches(data_dir, batch_size=1, responses=responses, seq_len=int(tc.seq_len), pad_id=model_cfg.pad_id,
                           window=1, process_index=0, process_count=1)
   try:
     data = [next(batches)[0] for _ in range(batches.batches_per_epoch)]

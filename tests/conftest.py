@@ -154,9 +154,9 @@ def init_params_one_compile(cfg, seed: int):
   (~3-5 s on 2 cores even for the tiny model)."""
   import jax
 
-  from model import init_params
+  from model.transformer import param_initializer
   if cfg not in _INIT_FNS:
-    _INIT_FNS[cfg] = jax.jit(lambda rng: init_params(cfg, rng))
+    _INIT_FNS[cfg] = jax.jit(param_initializer(cfg))
   return _INIT_FNS[cfg](jax.random.PRNGKey(seed))
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from model import Transformer
+from model.transformer import param_initializer
 from model.sharding import LOGICAL_RULES, make_mesh
 from rrtf_jax import multihost
 from rrtf_jax.train_step import (BATCH_DTYPES, SHAPE_FIELDS, TrainError, TrainState, batch_shardings,
@@ -115,7 +115,6 @@ def _join(a: str, b: str) -> str:
 
 
 def _initial_state(config, model_cfg, tx, abstract, shard, mesh) -> TrainState:
-  init_params_fn = lambda rng: nn.unbox(Transformer(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])  # noqa: E731
   if config.init_from:
     from model import load_checkpoint
     from model.checkpoint import is_checkpoint, read_config
@@ -131,7 +130,7 @@ def _initial_state(config, model_cfg, tx, abstract, shard, mesh) -> TrainState:
                        + ", ".join(f"{f} ({getattr(src, f)} vs {getattr(model_cfg, f)})" for f in diff))
     _, params = load_checkpoint(config.init_from, shardings=shard.params, dtype=model_cfg.weight_dtype)
   else:
-    params = jax.jit(init_params_fn, out_shardings=shard.params)(jax.random.PRNGKey(int(config.seed)))
+    params = jax.jit(param_initializer(model_cfg), out_shardings=shard.params)(jax.random.PRNGKey(int(config.seed)))
   opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shard.step), params=params, opt_state=opt_state)
 
@@ -161,7 +160,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   tx = make_optimizer(tc)
   abstract, shard = state_shardings(model_cfg, tx, mesh)
   b_shard = batch_shardings(mesh)
-  pad_id = next((i for i in (model_cfg.pad_token_id, model_cfg.eos_token_id) if i is not None), 0)
   buckets = [int(x) for x in str(config.data.buckets).split(",") if x.strip()] or None
 
   mngr = _checkpoint_manager(workdir, tc)
@@ -181,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     start = int(jax.device_get(state.step))
     batches = train_batches(
         config.data.dir, batch_size=int(tc.batch_size) // n_proc, responses=int(tc.responses),
-        seq_len=int(tc.seq_len), pad_id=pad_id, seed=int(config.seed), start=data_state, buckets=buckets,
+        seq_len=int(tc.seq_len), pad_id=model_cfg.pad_id, seed=int(config.seed), start=data_state, buckets=buckets,
         window=int(config.data.window), process_index=proc, process_count=n_proc,
         splits=int(config.data.get("splits", 0)) or None, agree_length=_agree_length)
 
