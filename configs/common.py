@@ -1,32 +1,27 @@
-"""Pieces shared by the config files: the model block with a comment per field."""
+"""Pieces shared by the config files: the model block (from model.ModelConfig) and the rest of
+the config with a comment per field."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from model.config import ModelConfig
 
 
 def model_block(**overrides) -> ml_collections.ConfigDict:
-  """model.ModelConfig fields; defaults are bigcode/starcoder's."""
-  m = ml_collections.ConfigDict()
-  m.vocab_size = 49152  # V, StarCoder's BPE
-  m.max_position_embeddings = 8192  # learned absolute positions = max context
-  m.num_layers = 40
-  m.embed_dim = 6144  # D
-  m.num_heads = 48  # N query heads
-  m.num_kv_heads = 1  # K: 1 = multi-query attention (StarCoder); N = multi-head
-  m.mlp_dim = 24576  # F = 4 * D
-  m.layer_norm_epsilon = 1e-5
-  m.activation = "gelu_pytorch_tanh"  # gelu, tanh approximation
-  m.scale_attn_weights = True  # scores / sqrt(head_dim)
-  m.bos_token_id = 0  # <|endoftext|>
-  m.eos_token_id = 0
-  m.pad_token_id = ml_collections.config_dict.placeholder(int)
-  m.dtype = "bfloat16"  # compute dtype; softmax, logits and losses are fp32 regardless
-  m.param_dtype = "float32"  # master weights
-  m.attention = "auto"  # auto (pallas on TPU, xla elsewhere) | pallas (ours) | splash (JAX's) | xla
-  m.remat = "none"  # rematerialisation per layer: none | full | dots
-  m.update(overrides)
-  return m
+  """The `config.model` block: every model.ModelConfig field with its default (the class,
+  model/config.py, documents each field: bigcode/starcoder's shape), `overrides` applied."""
+  block = ml_collections.ConfigDict()
+  for field in dataclasses.fields(ModelConfig):
+    value = overrides.pop(field.name, field.default)
+    # A field that may be None keeps its type for `--config.model.X=` overrides.
+    block[field.name] = placeholder(int) if value is None else value
+  if overrides:
+    raise ValueError(f"unknown model config field(s): {', '.join(sorted(overrides))}")
+  return block
 
 
 def base_config(**model_overrides) -> ml_collections.ConfigDict:

@@ -24,6 +24,7 @@ import numpy as np
 
 from data import records
 from data.problems import InputError
+from model.paths import is_url
 
 PREPARED_NAME = "rrtf_prepared"  # the TFDS dataset name of `rrtf prepare` output
 SPLIT = "train"
@@ -87,7 +88,7 @@ def write_metadata(out_dir: str, paths: Sequence[str]) -> None:
   (local or a URL: records.write_tfds_metadata)."""
   import tensorflow_datasets as tfds
   infos = None
-  if records.is_url(out_dir):  # one download per shard for both its prompt lengths and its counts
+  if is_url(out_dir):  # one download per shard for both its prompt lengths and its counts
     lengths, infos = [], []
     for path in paths:
       with records.local_copy(path) as local:

@@ -36,6 +36,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from model.paths import is_url
+
 TEXT_FIELDS = ("task_id", "prompt", "test", "entry_point", "exec_prefix")
 SAMPLE_LISTS = {"responses": "text", "codes": "text", "sources": "text", "is_teacher": "int"}
 RANKED_LISTS = {**SAMPLE_LISTS, "outcomes": "text", "tests_passed": "int", "tests_total": "int",
@@ -227,10 +229,6 @@ def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
 # The stages' files go through these: local paths as before (os, tf.io on local files), URLs
 # (gs://: gcsfs, which honours STORAGE_EMULATOR_HOST) through fsspec. tf.io.gfile is not
 # used: TensorFlow's GCS client cannot reach a GCS emulator and has its own credentials.
-
-def is_url(path) -> bool:
-  return "://" in str(path)
-
 
 def _fs(path: str):
   """(fsspec filesystem, path within it) of a URL."""

@@ -3,11 +3,26 @@
 Public API:
   ModelConfig, Transformer(config)(tokens[B, T], attention_mask) -> logits [B, T, V]
   load_checkpoint(path) -> (config, params); save_checkpoint(path, config, params)
+
+The names are re-exported on first use (PEP 562), so a light submodule (model.paths) does not
+pull in JAX and orbax.
 """
 
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import ModelConfig
-from model.transformer import Transformer, abstract_params, count_params, init_params
+import importlib
 
-__all__ = ["ModelConfig", "Transformer", "abstract_params", "count_params", "init_params",
-           "load_checkpoint", "save_checkpoint"]
+_EXPORTS = {
+    "ModelConfig": "model.config",
+    "Transformer": "model.transformer",
+    "abstract_params": "model.transformer",
+    "count_params": "model.transformer",
+    "init_params": "model.transformer",
+    "load_checkpoint": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+  return getattr(importlib.import_module(_EXPORTS[name]), name)

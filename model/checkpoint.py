@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from model.config import ModelConfig
+from model.paths import abspath, is_url
 
 # orbax reaches gs:// through etils.epath, which prefers tf.io.gfile whenever TensorFlow is
 # installed; route it through fsspec/gcsfs like every other path in the project instead (one
@@ -30,15 +31,6 @@ CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 QUANTIZATION_FILE = "quantization.json"  # how a quantized checkpoint was made (rrtf quantize)
-
-
-def _is_url(path: str) -> bool:
-  return "://" in str(path)
-
-
-def abspath(path: str) -> str:
-  path = str(path)
-  return path.rstrip("/") if _is_url(path) else os.path.abspath(path)
 
 
 def fs_for(path: str):
@@ -95,7 +87,7 @@ def check_output(path: str) -> None:
   if is_checkpoint(final):
     raise FileExistsError(f"{final}: output already exists")
   names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(final, detail=False)}
-  if _is_url(final) and names <= {PARAMS_DIR, TOKENIZER_DIR, QUANTIZATION_FILE}:
+  if is_url(final) and names <= {PARAMS_DIR, TOKENIZER_DIR, QUANTIZATION_FILE}:
     remove_dir(final)  # an object-store write that was killed before its config (the commit marker)
     return
   raise FileExistsError(f"{final}: output already exists and is not a checkpoint")
@@ -113,7 +105,7 @@ def save_checkpoint(path: str, config: ModelConfig, params, tokenizer_dir: str |
   """
   check_output(path)
   final = abspath(path)
-  work = final if _is_url(final) else temp_sibling(final)
+  work = final if is_url(final) else temp_sibling(final)
   try:
     fs = fs_for(work)
     fs.makedirs(work, exist_ok=True)

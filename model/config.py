@@ -12,8 +12,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-# Attention implementations the dispatch knows about (model/attention.py).
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash")
+from model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
 REMAT_POLICIES = ("none", "full", "dots")
 QUANT_BITS = (0, 8, 4)
@@ -23,22 +22,23 @@ QUANT_BITS = (0, 8, 4)
 class ModelConfig:
   """GPTBigCode (StarCoder) hyper-parameters. Defaults are bigcode/starcoder's."""
 
-  vocab_size: int = 49152  # V
-  max_position_embeddings: int = 8192  # learned absolute positions
+  vocab_size: int = 49152  # V, StarCoder's BPE
+  max_position_embeddings: int = 8192  # learned absolute positions = the longest context
   num_layers: int = 40
   embed_dim: int = 6144  # D
-  num_heads: int = 48  # N
-  num_kv_heads: int = 1  # K: 1 = multi-query (StarCoder), N = multi-head
+  num_heads: int = 48  # N query heads
+  num_kv_heads: int = 1  # K: 1 = multi-query attention (StarCoder), N = multi-head
   mlp_dim: int = 24576  # F, HF n_inner (4 * D when null)
   layer_norm_epsilon: float = 1e-5
-  activation: str = "gelu_pytorch_tanh"
+  activation: str = "gelu_pytorch_tanh"  # gelu with the tanh approximation; or gelu_new, gelu
   scale_attn_weights: bool = True  # scores / sqrt(H)
-  bos_token_id: int | None = 0
+  bos_token_id: int | None = 0  # <|endoftext|> in StarCoder's vocabulary
   eos_token_id: int | None = 0
-  pad_token_id: int | None = None
+  pad_token_id: int | None = None  # None: pad with EOS (pad_id)
   # Numerics and memory.
-  dtype: str = "bfloat16"  # compute dtype of matmuls and activations
-  param_dtype: str = "float32"  # master weights
+  # compute dtype of matmuls and activations; softmax, logits and losses are fp32 regardless
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"  # master weights, as stored
   attention: str = "auto"  # attention dispatch (model/attention.py): auto = pallas on TPU, else xla
   remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
   # Weight-only quantization (model/quantize.py, `rrtf quantize`): the kernels of every linear
@@ -83,14 +83,6 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:  # H
     return self.embed_dim // self.num_heads
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return jnp.dtype(self.param_dtype)
 
   @property
   def quant_dtype(self):

@@ -116,7 +116,7 @@ def _top_k_top_p(scaled, top_p, top_k):
 
 def _head(params, cfg: ModelConfig, hidden):
   """Tied LM head on [B, D] hidden states -> [B, V] fp32 logits (as Transformer computes them)."""
-  logits = lm_head(hidden, params["wte"], params.get("wte_scale"), cfg)
+  logits = lm_head(hidden, params["wte"], params.get("wte_scale"), dtype=jnp.dtype(cfg.dtype))
   return nn.with_logical_constraint(logits, ("batch", "vocab"))
 
 

@@ -34,21 +34,18 @@ def _dense(module, name: str, axes, shape, n_in: int, eq: str, x):
   Quantized (config.quant_bits), the parameter `name` holds int8/int4 values and `name`_scale
   [G, *out] the scales of G groups of consecutive (flattened) input rows; the kernel is
   dequantized here, inside the scanned layer that uses it, so the model's weights stay integers
-  in memory and no full-precision copy of them is made. Compiled for one v5e chip (`rrtf plan
-  --decode`, StarCoder-15B): per-channel scales fuse into the matmuls entirely (1.3 MiB of
-  temporaries at batch 1, 2048 tokens); with groups of 128 rows XLA materialises dequantized
-  kernels as temporaries: 290 MiB (one `fc` kernel) at batch 1, 1.6 GiB (about two layers'
-  kernels) at batch 16 and 8192 tokens, beside 7.9 GiB of int4 weights.
+  in memory and no full-precision copy of them is made (what the TPU compiler materialises
+  instead is measured by `rrtf plan --decode`; README, "Quantized inference").
   """
   cfg = module.config
-  cd = cfg.compute_dtype
+  dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
   if not cfg.quant_bits:
-    return jnp.einsum(eq, x, _param(module, name, axes, shape, _INIT, cfg.weight_dtype).astype(cd))
+    return jnp.einsum(eq, x, _param(module, name, axes, shape, _INIT, param_dtype).astype(dtype))
   groups = cfg.quant_groups(math.prod(shape[:n_in]))
   q = _param(module, name, axes, shape, nn.initializers.zeros, cfg.quant_dtype)
   scale = _param(module, f"{name}_scale", (None,) + tuple(axes[n_in:]), (groups,) + tuple(shape[n_in:]),
-                 nn.initializers.ones, cfg.weight_dtype)
-  return jnp.einsum(eq, x, dequantize(q, scale, cd))
+                 nn.initializers.ones, param_dtype)
+  return jnp.einsum(eq, x, dequantize(q, scale, dtype))
 
 
 def dequantize(q, scale, dtype):
@@ -59,17 +56,19 @@ def dequantize(q, scale, dtype):
   return w.reshape(q.shape)
 
 
-def lm_head(x, wte, wte_scale, cfg: ModelConfig):
-  """Tied LM head: [..., D] -> [..., V] logits; compute-dtype inputs, fp32 accumulation and
-  output. An int8 table's per-row scales multiply the logits (exact: one scale per vocab row)."""
-  cd = cfg.compute_dtype
-  logits = jnp.einsum("...D,VD->...V", x.astype(cd), wte.astype(cd), preferred_element_type=jnp.float32)
+def lm_head(x, wte, wte_scale=None, *, dtype):
+  """The tied LM head: [..., D] -> [..., V] logits, the one used by the model, the decoder and
+  the loss's chunked log-probabilities. Inputs in `dtype` (the compute dtype), fp32
+  accumulation and output. An int8 table's per-row scales multiply the logits (exact: one scale
+  per vocab row)."""
+  logits = jnp.einsum(
+      "...D,VD->...V", x.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32)
   return logits if wte_scale is None else logits * wte_scale.astype(jnp.float32)
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+      epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
       use_fast_variance=False,  # two-pass variance, as torch computes it
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name)
@@ -103,18 +102,18 @@ class Attention(nn.Module):
     """
     cfg = self.config
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    wd, cd = cfg.weight_dtype, cfg.compute_dtype
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     zeros = nn.initializers.zeros
-    q_bias = _param(self, "q_bias", ("heads", "head_dim"), (n, h), zeros, wd)
-    kv_bias = _param(self, "kv_bias", (None, "kv", "head_dim"), (2, k, h), zeros, wd)
-    o_bias = _param(self, "o_bias", ("embed",), (d,), zeros, wd)
+    q_bias = _param(self, "q_bias", ("heads", "head_dim"), (n, h), zeros, param_dtype)
+    kv_bias = _param(self, "kv_bias", (None, "kv", "head_dim"), (2, k, h), zeros, param_dtype)
+    o_bias = _param(self, "o_bias", ("embed",), (d,), zeros, param_dtype)
 
-    x = x.astype(cd)
+    x = x.astype(dtype)
     self.sow("intermediates", "attn_in", x)  # the inputs GPTQ calibrates on (model/quantize.py)
     q = _dense(self, "q_kernel", ("embed", "heads", "head_dim"), (d, n, h), 1, "BTD,DNH->BTNH", x)
-    q = nn.with_logical_constraint(q + q_bias.astype(cd), ("batch", "length", "heads", "head_dim"))  # [B, T, N, H]
+    q = nn.with_logical_constraint(q + q_bias.astype(dtype), ("batch", "length", "heads", "head_dim"))  # [B, T, N, H]
     kv = _dense(self, "kv_kernel", ("embed", None, "kv", "head_dim"), (d, 2, k, h), 1, "BTD,DCKH->CBTKH", x)
-    kv = kv + kv_bias.astype(cd)[:, None, None]
+    kv = kv + kv_bias.astype(dtype)[:, None, None]
     key, value = kv[0], kv[1]  # [B, T, K, H] each
     scale = h**-0.5 if cfg.scale_attn_weights else 1.0
     if cache is None:
@@ -125,7 +124,7 @@ class Attention(nn.Module):
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     self.sow("intermediates", "o_in", out)
     out = _dense(self, "o_kernel", ("heads", "head_dim", "embed"), (n, h, d), 2, "BTNH,NHD->BTD", out)
-    return out + o_bias.astype(cd), (key, value)
+    return out + o_bias.astype(dtype), (key, value)
 
 
 class Mlp(nn.Module):
@@ -135,17 +134,17 @@ class Mlp(nn.Module):
   def __call__(self, x):
     cfg = self.config
     d, f = cfg.embed_dim, cfg.mlp_dim
-    wd, cd = cfg.weight_dtype, cfg.compute_dtype
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     zeros = nn.initializers.zeros
-    fc_bias = _param(self, "fc_bias", ("mlp",), (f,), zeros, wd)
-    proj_bias = _param(self, "proj_bias", ("embed",), (d,), zeros, wd)
-    x = x.astype(cd)
+    fc_bias = _param(self, "fc_bias", ("mlp",), (f,), zeros, param_dtype)
+    proj_bias = _param(self, "proj_bias", ("embed",), (d,), zeros, param_dtype)
+    x = x.astype(dtype)
     self.sow("intermediates", "fc_in", x)
-    hid = _dense(self, "fc_kernel", ("embed", "mlp"), (d, f), 1, "BTD,DF->BTF", x) + fc_bias.astype(cd)
+    hid = _dense(self, "fc_kernel", ("embed", "mlp"), (d, f), 1, "BTD,DF->BTF", x) + fc_bias.astype(dtype)
     hid = nn.with_logical_constraint(hid, ("batch", "length", "mlp"))  # [B, T, F]
     hid = jax.nn.gelu(hid, approximate=cfg.activation != "gelu")
     self.sow("intermediates", "proj_in", hid)
-    return _dense(self, "proj_kernel", ("mlp", "embed"), (f, d), 1, "BTF,FD->BTD", hid) + proj_bias.astype(cd)  # [B, T, D]
+    return _dense(self, "proj_kernel", ("mlp", "embed"), (f, d), 1, "BTF,FD->BTD", hid) + proj_bias.astype(dtype)  # [B, T, D]
 
 
 class Block(nn.Module):
@@ -171,6 +170,14 @@ _REMAT_POLICY = {
     "full": None,  # save nothing, recompute the block
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def _gathered(table, axis: str, dtype):
+  """An embedding table unsharded over `embed` before a lookup (see Transformer), in `dtype`
+  (an int8 table stays int8: its rows are dequantized after the lookup)."""
+  if not jnp.issubdtype(table.dtype, jnp.integer):
+    table = table.astype(dtype)
+  return nn.with_logical_constraint(table, (axis, None))
 
 
 class Transformer(nn.Module):
@@ -199,7 +206,7 @@ class Transformer(nn.Module):
     cfg = self.config
     if isinstance(cfg, dict) or not isinstance(cfg, ModelConfig):
       raise TypeError("Transformer needs a model.ModelConfig; use ModelConfig.from_dict(config.model)")
-    cd = cfg.compute_dtype
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if segment_ids is None:
       segment_ids = (jnp.ones_like(tokens) if attention_mask is None else attention_mask).astype(jnp.int32)
     if positions is None:
@@ -207,22 +214,20 @@ class Transformer(nn.Module):
 
     if cfg.quant_embedding:  # int8, one scale per vocab row
       wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), nn.initializers.zeros, jnp.int8)
-      wte_scale = _param(self, "wte_scale", ("vocab",), (cfg.vocab_size,), nn.initializers.ones, cfg.weight_dtype)
+      wte_scale = _param(self, "wte_scale", ("vocab",), (cfg.vocab_size,), nn.initializers.ones, param_dtype)
     else:
-      wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, cfg.weight_dtype)
+      wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, param_dtype)
       wte_scale = None
     wpe = _param(self, "wpe", ("length", "embed"), (cfg.max_position_embeddings, cfg.embed_dim), _INIT,
-                 cfg.weight_dtype)
+                 param_dtype)
     # Gather the tables over `embed` first, as FSDP does for every weight before use: a lookup
     # into an embed-sharded table yields embed-sharded rows, which SPMD cannot move to the
     # batch-sharded activation layout without replicating them.
     # (An int8 table is gathered as int8 and its rows dequantized.)
-    table = lambda w, axis: nn.with_logical_constraint(  # noqa: E731
-        w if jnp.issubdtype(w.dtype, jnp.integer) else w.astype(cd), (axis, None))
-    x = jnp.take(table(wte, "vocab"), tokens, axis=0).astype(cd)  # [B, T, D]
+    x = jnp.take(_gathered(wte, "vocab", dtype), tokens, axis=0).astype(dtype)  # [B, T, D]
     if wte_scale is not None:
-      x = x * jnp.take(wte_scale.astype(cd), tokens, axis=0)[..., None]
-    x = x + jnp.take(table(wpe, "length"), positions, axis=0)
+      x = x * jnp.take(wte_scale.astype(dtype), tokens, axis=0)[..., None]
+    x = x + jnp.take(_gathered(wpe, "length", dtype), positions, axis=0)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     block = Block
@@ -238,7 +243,7 @@ class Transformer(nn.Module):
     if return_hidden:
       out = x
     else:
-      out = nn.with_logical_constraint(lm_head(x, wte, wte_scale, cfg), ("batch", "length", "vocab"))  # [B, T, V]
+      out = nn.with_logical_constraint(lm_head(x, wte, wte_scale, dtype=dtype), ("batch", "length", "vocab"))  # [B, T, V]
     return (out, kv) if return_kv else out
 
 
@@ -265,5 +270,4 @@ def abstract_params(config: ModelConfig):
 
 
 def count_params(config: ModelConfig) -> int:
-  import math
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(config))))

@@ -20,6 +20,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.transformer import lm_head
+
+WEIGHTINGS = ("gap", "uniform")  # pair weights: r_j - r_i (PanGu-Coder2) or 1 (RRHF)
+
+
+def check_loss_settings(*, weighting: str) -> None:
+  """The one check of the loss settings (`rrtf train` validates its config with it before
+  anything is built; rrtf_loss checks its arguments with it): ValueError naming the
+  train.* config field."""
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"train.weighting={weighting!r} is not one of {WEIGHTINGS}")
+
 
 def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap",
               ft_weight: float = 1.0, rank_weight: float = 1.0):
@@ -36,8 +48,7 @@ def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap
     rank_weight: the factor of L_rank; 0 turns the ranking loss off (its metrics are still
       reported, so an ablation shows how ranking accuracy moves without it).
   """
-  if weighting not in ("gap", "uniform"):
-    raise ValueError(f"weighting must be 'gap' or 'uniform', got {weighting!r}")
+  check_loss_settings(weighting=weighting)
   logp = token_logprobs.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
   scores = scores.astype(jnp.float32)
@@ -100,7 +111,7 @@ def token_logprobs(hidden, embedding, targets, *, chunk: int = 128):
 
   @jax.checkpoint
   def one(h_c, y_c):  # [N, C, D], [N, C]
-    logits = jnp.einsum("NCD,VD->NCV", h_c, emb, preferred_element_type=jnp.float32)  # [N, C, V]
+    logits = lm_head(h_c, emb, dtype=hidden.dtype)  # [N, C, V] fp32
     picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]  # [N, C]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 

@@ -282,29 +282,29 @@ def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None
   if model_cfg.quant_bits:
     raise PlanError("model.quant_bits: a quantized model is for inference; plan its decode step with "
                     "--decode --quant int8|int4")
-  tc = config.train.copy_and_resolve_references()
-  tc.batch_size = batch_size or tc.batch_size
-  tc.seq_len = seq_len or tc.seq_len
-  if tc.seq_len > model_cfg.max_position_embeddings:
-    raise PlanError(f"seq_len {tc.seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}")
+  train_cfg = config.train.copy_and_resolve_references()
+  train_cfg.batch_size = batch_size or train_cfg.batch_size
+  train_cfg.seq_len = seq_len or train_cfg.seq_len
+  if train_cfg.seq_len > model_cfg.max_position_embeddings:
+    raise PlanError(f"seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}")
   devices = topology_devices(topology)
   mesh = make_mesh(mesh_spec if mesh_spec is not None else (config.mesh or None), devices)
   try:
-    check_batch_layout(tc, mesh)
+    check_batch_layout(train_cfg, mesh)
   except TrainError as e:
     raise PlanError(str(e)) from None
 
-  tx = make_optimizer(tc)
+  tx = make_optimizer(train_cfg)
   state_abs, state_shard = state_shardings(model_cfg, tx, mesh)
-  batch_abs = abstract_batch(tc.batch_size, tc.responses, tc.seq_len, mesh)
+  batch_abs = abstract_batch(train_cfg.batch_size, train_cfg.responses, train_cfg.seq_len, mesh)
   t0 = time.perf_counter()
   common = dict(
-      **_where(topology, devices, mesh), batch_size=tc.batch_size, responses=tc.responses, seq_len=tc.seq_len,
-      microbatches=tc.microbatches, remat=model_cfg.remat, attention=resolve_attention(model_cfg.attention, devices[0].platform),
+      **_where(topology, devices, mesh), batch_size=train_cfg.batch_size, responses=train_cfg.responses, seq_len=train_cfg.seq_len,
+      microbatches=train_cfg.microbatches, remat=model_cfg.remat, attention=resolve_attention(model_cfg.attention, devices[0].platform),
       params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)),
-      flops_per_step=train_flops(model_cfg, tc.batch_size * tc.responses, tc.seq_len))
+      flops_per_step=train_flops(model_cfg, train_cfg.batch_size * train_cfg.responses, train_cfg.seq_len))
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    lowered = jit_train_step(model_cfg, tc, tx, mesh, state_shard).lower(state_abs, batch_abs)
+    lowered = jit_train_step(model_cfg, train_cfg, tx, mesh, state_shard).lower(state_abs, batch_abs)
     sbytes = _shard_bytes(state_abs)
     return _compile(Plan, lowered, common, t0, arguments=sbytes, donated=sbytes)
 

@@ -3,7 +3,7 @@
 Letters: B prompts (global batch), M micro-batches, R responses per prompt, T tokens.
 
   state, metrics = train_step(state, batch)     # pure; jitted with explicit shardings
-  ranking_metrics(model_cfg, tc, params, data)  # the same loss with fixed parameters
+  ranking_metrics(model_cfg, train_cfg, params, data)  # the same loss with fixed parameters
 
 The step runs the model on the B*R (prompt + response) sequences, takes per-token
 log-probabilities from the hidden states in chunks (never the full [B*R, T, V] logits),
@@ -26,7 +26,7 @@ import optax
 
 from model import ModelConfig, Transformer, abstract_params
 from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, replicated
-from rrtf_jax.loss import rrtf_loss, token_logprobs
+from rrtf_jax.loss import check_loss_settings, rrtf_loss, token_logprobs
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Model fields that decide parameter shapes: an init_from checkpoint must agree on them.
@@ -47,13 +47,13 @@ class TrainState:
 
 # ---- optimizer ---------------------------------------------------------------------------------
 
-def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to the peak, then cosine or linear decay to end_lr_fraction * peak."""
-  peak, warm, steps = float(tc.learning_rate), int(tc.warmup_steps), int(tc.steps)
-  end = peak * float(tc.end_lr_fraction)
-  if tc.schedule == "cosine":
+  peak, warm, steps = float(train_cfg.learning_rate), int(train_cfg.warmup_steps), int(train_cfg.steps)
+  end = peak * float(train_cfg.end_lr_fraction)
+  if train_cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(steps, warm + 1), end)
-  if tc.schedule == "linear":
+  if train_cfg.schedule == "linear":
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warm), optax.linear_schedule(peak, end, max(steps - warm, 1))], [warm])
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm])
@@ -65,44 +65,51 @@ def _decays(path, _) -> bool:
   return not (name.endswith("bias") or name == "scale")
 
 
-def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  parts = [optax.clip_by_global_norm(float(tc.grad_clip))] if tc.grad_clip else []
-  parts.append(optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                           weight_decay=tc.weight_decay,
+def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  parts = [optax.clip_by_global_norm(float(train_cfg.grad_clip))] if train_cfg.grad_clip else []
+  parts.append(optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                           weight_decay=train_cfg.weight_decay,
                            mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params)))
   return optax.chain(*parts)
 
 
 # ---- the step ----------------------------------------------------------------------------------
 
-def make_loss_fn(model_cfg: ModelConfig, tc: ml_collections.ConfigDict) -> Callable:
+def make_loss_fn(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict) -> Callable:
   """loss_fn(params, batch) -> (loss, rrtf_loss metrics), with the batch layout of make_train_step."""
   model = Transformer(model_cfg)
 
   def loss_fn(params, batch):
     b, r, t = batch["inputs"].shape
-    flat = lambda x: x.reshape(b * r, t)  # noqa: E731
+
+    def flat(x):  # [B, R, T] -> [B*R, T]
+      return x.reshape(b * r, t)
+
     hidden = model.apply({"params": params}, flat(batch["inputs"]), segment_ids=flat(batch["segment_ids"]),
                          return_hidden=True)  # [B*R, T, D]
-    logp = token_logprobs(hidden, params["wte"], flat(batch["targets"]), chunk=int(tc.logprob_chunk))
+    logp = token_logprobs(hidden, params["wte"], flat(batch["targets"]), chunk=int(train_cfg.logprob_chunk))
     return rrtf_loss(logp.reshape(b, r, t), batch["loss_mask"], batch["scores"], batch["is_teacher"],
-                     weighting=tc.weighting, ft_weight=float(tc.ft_weight), rank_weight=float(tc.rank_weight))
+                     weighting=train_cfg.weighting, ft_weight=float(train_cfg.ft_weight), rank_weight=float(train_cfg.rank_weight))
 
   return loss_fn
 
 
-def ranking_metrics(model_cfg: ModelConfig, tc: ml_collections.ConfigDict, params: dict, data_dir: str, *,
+def ranking_metrics(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, params: dict, data_dir: str, *,
                     responses: int) -> dict:
   """One pass over a prepared dataset for each of several parameter sets (name -> params), a
   prompt at a time with up to `responses` responses each: the fraction of scored pairs
   (better, worse) where the model gives the better response the higher length-normalised
   log-probability (what the ranking loss trains), and the mean fine-tuning loss of the best
-  response. tc gives seq_len and logprob_chunk. Returns name -> metrics.
+  response. train_cfg gives seq_len and logprob_chunk. Returns name -> metrics.
   """
   from data.loader import train_batches
-  loss_fn = make_loss_fn(model_cfg, tc)
-  metrics_fn = jax.jit(lambda p, b: loss_fn(p, b)[1])
-  batches = train_batches(data_dir, batch_size=1, responses=responses, seq_len=int(tc.seq_len), pad_id=model_cfg.pad_id,
+  loss_fn = make_loss_fn(model_cfg, train_cfg)
+
+  @jax.jit
+  def metrics_fn(params, batch):
+    return loss_fn(params, batch)[1]
+
+  batches = train_batches(data_dir, batch_size=1, responses=responses, seq_len=int(train_cfg.seq_len), pad_id=model_cfg.pad_id,
                           window=1, process_index=0, process_count=1)
   try:
     data = [next(batches)[0] for _ in range(batches.batches_per_epoch)]
@@ -121,16 +128,16 @@ def ranking_metrics(model_cfg: ModelConfig, tc: ml_collections.ConfigDict, param
   return out
 
 
-def make_train_step(model_cfg: ModelConfig, tc: ml_collections.ConfigDict,
+def make_train_step(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict,
                     tx: optax.GradientTransformation) -> Callable:
   """train_step(state, batch) -> (state, metrics), pure.
 
   batch: inputs, targets [B, R, T] int32; loss_mask [B, R, T] (1 on response targets);
   segment_ids [B, R, T] int32 (1 real, 0 padding); scores [B, R] float32; is_teacher [B, R] bool.
   """
-  micro = int(tc.microbatches)
-  schedule = learning_rate_schedule(tc)
-  loss_fn = make_loss_fn(model_cfg, tc)
+  micro = int(train_cfg.microbatches)
+  schedule = learning_rate_schedule(train_cfg)
+  loss_fn = make_loss_fn(model_cfg, train_cfg)
 
   def grads_and_metrics(params, batch):
     (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
@@ -207,15 +214,15 @@ def abstract_batch(batch_size: int, responses: int, seq_len: int, mesh) -> dict:
                                   sharding=shard[k]) for k, dt in BATCH_DTYPES.items()}
 
 
-def jit_train_step(model_cfg: ModelConfig, tc, tx, mesh, state_shard):
-  step = make_train_step(model_cfg, tc, tx)
+def jit_train_step(model_cfg: ModelConfig, train_cfg, tx, mesh, state_shard):
+  step = make_train_step(model_cfg, train_cfg, tx)
   return jax.jit(step, in_shardings=(state_shard, batch_shardings(mesh)),
                  out_shardings=(state_shard, replicated(mesh)), donate_argnums=0)
 
 
-def check_batch_layout(tc, mesh, process_count: int = 1) -> None:
+def check_batch_layout(train_cfg, mesh, process_count: int = 1) -> None:
   """The global batch must split into micro-batches, hosts and data-parallel devices."""
-  b, m = int(tc.batch_size), int(tc.microbatches)
+  b, m = int(train_cfg.batch_size), int(train_cfg.microbatches)
   if m < 1 or b % m:
     raise TrainError(f"train.batch_size={b} is not a multiple of train.microbatches={m}")
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -231,15 +238,17 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if model_cfg.quant_bits:
     raise TrainError("model.quant_bits: a quantized model is for inference; train the full-precision model "
                      "and quantize the result (rrtf quantize)")
-  tc = config.train
-  if tc.schedule not in SCHEDULES:
-    raise TrainError(f"train.schedule={tc.schedule!r} is not one of {SCHEDULES}")
-  if tc.weighting not in ("gap", "uniform"):
-    raise TrainError(f"train.weighting={tc.weighting!r} is not 'gap' or 'uniform'")
-  if tc.seq_len > model_cfg.max_position_embeddings:
-    raise TrainError(f"train.seq_len={tc.seq_len} exceeds model.max_position_embeddings="
+  train_cfg = config.train
+  if train_cfg.schedule not in SCHEDULES:
+    raise TrainError(f"train.schedule={train_cfg.schedule!r} is not one of {SCHEDULES}")
+  try:
+    check_loss_settings(weighting=train_cfg.weighting)
+  except ValueError as e:
+    raise TrainError(str(e)) from None
+  if train_cfg.seq_len > model_cfg.max_position_embeddings:
+    raise TrainError(f"train.seq_len={train_cfg.seq_len} exceeds model.max_position_embeddings="
                      f"{model_cfg.max_position_embeddings}")
   for name in ("steps", "responses", "batch_size", "microbatches", "log_every", "checkpoint_every"):
-    if int(tc[name]) < 1:
-      raise TrainError(f"train.{name}={tc[name]} must be at least 1")
+    if int(train_cfg[name]) < 1:
+      raise TrainError(f"train.{name}={train_cfg[name]} must be at least 1")
   return model_cfg
