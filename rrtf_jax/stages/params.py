@@ -42,7 +42,7 @@ def save_model(workdir: str, out: str, *, step: int | None = None, dtype: str | 
       raise TrainError(f"{workdir}: no checkpoint of step {step} (there are {steps})")
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     try:
-      want = jnp.dtype(dtype) if dtype else model_cfg.weight_dtype
+      want = jnp.dtype(dtype or model_cfg.param_dtype)
     except TypeError:
       raise TrainError(f"--dtype {dtype}: not a dtype") from None
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, want, sharding=cpu), nn.unbox(abstract_params(model_cfg)))

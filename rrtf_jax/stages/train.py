@@ -128,7 +128,7 @@ def _initial_state(config, model_cfg, tx, abstract, shard, mesh) -> TrainState:
     if diff:
       raise TrainError(f"config.init_from={config.init_from}: model shape differs from the config in "
                        + ", ".join(f"{f} ({getattr(src, f)} vs {getattr(model_cfg, f)})" for f in diff))
-    _, params = load_checkpoint(config.init_from, shardings=shard.params, dtype=model_cfg.weight_dtype)
+    _, params = load_checkpoint(config.init_from, shardings=shard.params, dtype=jnp.dtype(model_cfg.param_dtype))
   else:
     params = jax.jit(param_initializer(model_cfg), out_shardings=shard.params)(jax.random.PRNGKey(int(config.seed)))
   opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
