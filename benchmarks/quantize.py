@@ -69,10 +69,10 @@ def parse_args():
 def demo_workdir(args) -> str:
   if args.demo_workdir:
     return os.path.abspath(args.demo_workdir)
-  wd = os.path.join(args.workdir, "demo")
-  if not os.path.exists(os.path.join(wd, "models", "rrtf", "model_config.json")):
-    subprocess.run(["rrtf", "demo", "--seed", "0", "--quiet", "--workdir", wd], check=True)
-  return wd
+  demo_dir = os.path.join(args.workdir, "demo")
+  if not os.path.exists(os.path.join(demo_dir, "models", "rrtf", "model_config.json")):
+    subprocess.run(["rrtf", "demo", "--seed", "0", "--quiet", "--workdir", demo_dir], check=True)
+  return demo_dir
 
 
 def make_variants(demo: str, out: str, group: int) -> dict[str, str]:

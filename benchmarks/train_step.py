@@ -166,16 +166,16 @@ def synthetic_batch(b: int, r: int, t: int, vocab: int, seed: int) -> dict:
 def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) -> dict:
   config = load_config(cfg_name, [f"--config.{o}" for o in overrides])
   model_cfg = train.validate_config(config)
-  tc = config.train
-  b, r, t = int(tc.batch_size), int(tc.responses), int(tc.seq_len)
+  train_cfg = config.train
+  b, r, t = int(train_cfg.batch_size), int(train_cfg.responses), int(train_cfg.seq_len)
   mesh = make_mesh("fsdp=1", jax.devices()[:1])
-  train.check_batch_layout(tc, mesh)
-  tx = train.make_optimizer(tc)
+  train.check_batch_layout(train_cfg, mesh)
+  tx = train.make_optimizer(train_cfg)
   abstract, shard = train.state_shardings(model_cfg, tx, mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   print(f"[{name}] {cfg_name} {' '.join(overrides) or '(as shipped)'}: L={model_cfg.num_layers} "
         f"D={model_cfg.embed_dim} N={model_cfg.num_heads} K={model_cfg.num_kv_heads} F={model_cfg.mlp_dim} "
-        f"V={model_cfg.vocab_size} {model_cfg.dtype}; B={b} R={r} T={t} M={tc.microbatches}; "
+        f"V={model_cfg.vocab_size} {model_cfg.dtype}; B={b} R={r} T={t} M={train_cfg.microbatches}; "
         f"{n_params / 1e6:.2f}M params", flush=True)
   host = synthetic_batch(b, r, t, model_cfg.vocab_size, a.seed)
   b_shard = train.batch_shardings(mesh)
@@ -184,7 +184,7 @@ def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) ->
     batch = {k: jax.device_put(np.asarray(v, train.BATCH_DTYPES[k]), b_shard[k]) for k, v in host.items()}
     jax.block_until_ready((state, batch))
     t0 = time.perf_counter()
-    step = train.jit_train_step(model_cfg, tc, tx, mesh, shard).lower(state, batch).compile()
+    step = train.jit_train_step(model_cfg, train_cfg, tx, mesh, shard).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     losses, times, mm = [], [], []
     for i in range(a.warmup + a.steps):
@@ -212,7 +212,7 @@ def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) ->
       "model": {k: getattr(model_cfg, k) for k in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim",
                                                   "vocab_size", "dtype", "param_dtype", "remat")},
       "attention": str(model_cfg.attention), "batch_size": b, "responses": r, "seq_len": t,
-      "microbatches": int(tc.microbatches), "logprob_chunk": int(tc.logprob_chunk),
+      "microbatches": int(train_cfg.microbatches), "logprob_chunk": int(train_cfg.logprob_chunk),
       "tokens_per_step": tokens, "real_tokens_per_step": real_tokens,
       "response_tokens_per_step": int(host["loss_mask"].sum()),
       "compile_s": compile_s, "warmup": a.warmup, "steps": a.steps,

@@ -142,7 +142,10 @@ def _take(end, reverse, k):
   first = end == "first"
   body = {(True, False): f"xs[:{k}]", (False, False): f"xs[-{k}:]", (True, True): f"xs[:{k}][::-1]",
           (False, True): f"xs[::-1][:{k}]"}[first, reverse]
-  ref = lambda xs: (xs[:k] if first else xs[-k:])[::-1 if reverse else 1]  # noqa: E731
+
+  def ref(xs):
+    return (xs[:k] if first else xs[-k:])[::-1 if reverse else 1]
+
   return Spec(f"{end}_{number_word(k)}" + ("_reversed" if reverse else ""), "xs",
               f"Return the {end} {_elements(k)} of xs" + (", reversed." if reverse else "."),
               f"return {body}", ref,
@@ -206,7 +209,10 @@ def instance(seed: int, family: str, params: tuple, task_id: str) -> dict:
   spec = _FAMILY_TABLE[family][0](*params)
   r = random.Random(f"synthetic/{seed}/{family}/{params!r}")  # str seeds hash stably (sha512)
   cases = spec.cases(r)
-  call = lambda args: ", ".join(map(repr, args))  # noqa: E731
+
+  def call(args):  # the arguments as they are written in a call
+    return ", ".join(map(repr, args))
+
   example = cases[0]
   prompt = (f"def {spec.name}({spec.arg}):\n"
             f'    """{spec.doc}\n'

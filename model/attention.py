@@ -108,7 +108,10 @@ def splash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_
     interpret = target_platform() != "tpu"
   if kh == n:  # multi-head: one kernel over all heads
     kernel = sa.make_splash_mha_single_device(sa.MultiHeadMask([base] * n), block_sizes=sizes, interpret=interpret)
-    run = lambda qe, ke, ve, seg: kernel(qe[:, 0], ke, ve, segment_ids=seg)[:, None]  # noqa: E731
+
+    def run(qe, ke, ve, seg):
+      return kernel(qe[:, 0], ke, ve, segment_ids=seg)[:, None]
+
   else:  # multi-query per kv head: q [G, Tp, H] against k, v [Tp, H]
     kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([base] * g), block_sizes=sizes, interpret=interpret)
     run = jax.vmap(lambda qe, ke, ve, seg: kernel(qe, ke, ve, segment_ids=seg), in_axes=(0, 0, 0, None))

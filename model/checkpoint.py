@@ -164,8 +164,11 @@ def load_checkpoint(path: str, *, shardings=None, dtype=None):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: dev, meta)
   # `dtype` casts the floating-point parameters only (a quantized checkpoint's integers stay).
-  cast = lambda d: dtype if dtype and jax.numpy.issubdtype(d, jax.numpy.floating) else d  # noqa: E731
-  target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, cast(m.dtype), sharding=s), meta, shardings)
+  def restored(m, sharding):
+    cast = dtype and jax.numpy.issubdtype(m.dtype, jax.numpy.floating)
+    return jax.ShapeDtypeStruct(m.shape, dtype if cast else m.dtype, sharding=sharding)
+
+  target = jax.tree.map(restored, meta, shardings)
   params = ckptr.restore(f"{path}/{PARAMS_DIR}", target)
   return config, params
 

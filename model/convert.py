@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -96,8 +96,12 @@ def _layer_specs(cfg: ModelConfig):
   ]
 
 
+def _ident(x):
+  return x
+
+
 def _global_specs(cfg: ModelConfig):
-  ident = lambda x: x  # noqa: E731
+  ident = _ident
   return [
       ("wte.weight", ("wte",), (cfg.vocab_size, cfg.embed_dim), ident, ident),
       ("wpe.weight", ("wpe",), (cfg.max_position_embeddings, cfg.embed_dim), ident, ident),
@@ -227,8 +231,13 @@ def convert_hf(hf_dir: str, out: str, dtype: str | None = None, progress: bool =
 # ---- ours -> HF -----------------------------------------------------------------------------
 def params_to_hf(cfg: ModelConfig, params, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF tensor name, numpy array) one tensor at a time."""
-  cast: Callable = (lambda x: x) if dtype is None else (lambda x: x.astype(_np_dtype(dtype)))
-  get = lambda p: np.asarray(_get(params, p))  # noqa: E731
+
+  def cast(x):
+    return x if dtype is None else x.astype(_np_dtype(dtype))
+
+  def get(path):
+    return np.asarray(_get(params, path))
+
   for hf_name, path, _, _, to_hf in _global_specs(cfg):
     yield "transformer." + hf_name, cast(to_hf(get(path)))
   stacked = {}

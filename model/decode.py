@@ -316,15 +316,18 @@ class Decoder:
       mask[i, p - len(row):] = 1
     max_new = np.zeros((b,), np.int32)
     max_new[:n] = budgets
-    col = lambda f, dtype: np.array([f(r) for r in reqs] + [0] * (b - n), dtype)  # noqa: E731
-    row_seeds = col(lambda r: r.seed, np.uint32)
+
+    def col(field, dtype):  # [b] of one Request field; padding rows 0
+      return np.array([getattr(r, field) for r in reqs] + [0] * (b - n), dtype)
+
+    row_seeds = col("seed", np.uint32)
     base = jax.random.key(self.seed)
     keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(jnp.asarray(row_seeds))
     done = np.arange(b) >= n  # padding rows are finished from the start
     with self._context():
       state = self._prefill(
-          self.params, self.config, self._put(tokens), self._put(mask), keys, self._put(col(lambda r: r.temperature, np.float32)),
-          self._put(col(lambda r: r.top_p, np.float32)), self._put(col(lambda r: r.top_k, np.int32)),
+          self.params, self.config, self._put(tokens), self._put(mask), keys, self._put(col("temperature", np.float32)),
+          self._put(col("top_p", np.float32)), self._put(col("top_k", np.int32)),
           self._put(max_new), self._put(done), new_tokens=m)
       stopped: dict[int, int] = {}  # row -> tokens through the one that completed a stop sequence
       live = set(range(n))

@@ -352,7 +352,10 @@ def plan_decode(config: ml_collections.ConfigDict, topology: str, mesh_spec: str
     cache_shard = nn.logical_to_mesh_sharding(nn.logical_to_mesh_axes(_CACHE_AXES), mesh, LOGICAL_RULES)
   p_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), p_shard)
   b, prompt = batch_size, context - new_tokens
-  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jax.numpy.int32)  # noqa: E731
+
+  def i32(*shape):
+    return jax.ShapeDtypeStruct(shape, jax.numpy.int32)
+
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
   state = jax.eval_shape(
       lambda p, t, m, k: prefill(p, cfg, t, m, k, jax.numpy.zeros(b), jax.numpy.ones(b), jax.numpy.zeros(b, "int32"),

@@ -95,7 +95,10 @@ def test_sample_tokens_filters():
   sample = jax.jit(sample_tokens)
 
   def draw(temperature, top_p, top_k):
-    full = lambda x, dt: jnp.full((b,), x, dt)  # noqa: E731
+
+    def full(x, dt):
+      return jnp.full((b,), x, dt)
+
     return np.asarray(sample(logits, keys, 0, full(temperature, jnp.float32), full(top_p, jnp.float32),
                              full(top_k, jnp.int32)))
 

@@ -434,8 +434,11 @@ def test_worker_setup_checks_out_the_ref_and_installs_again_harmlessly(tmp_path)
   env = {**os.environ, "HOME": str(home), "FAKE_GCS": str(gcs), "RRTF_VENV": str(venv),
          "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig"),
          "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-  git = lambda *a: subprocess.run(["git", "-C", str(origin), *a], env=env, check=True, capture_output=True,
-                                  text=True).stdout.strip()
+
+  def git(*args):
+    return subprocess.run(["git", "-C", str(origin), *args], env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
   git("init", "-q", "-b", "main")
   (origin / "setup.py").write_text("# v1\n")
   git("add", ".")

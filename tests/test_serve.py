@@ -163,7 +163,10 @@ def test_engine_batches_in_order_and_isolates_failures():
 
 def test_concurrent_requests_share_batches(stack):
   prompts = ["import os\n", "class A:\n", "x = 1\n", PROMPT]
-  body = lambda p: {"model": NAME, "prompt": p, "temperature": 0, "max_tokens": NEW}  # noqa: E731
+
+  def body(prompt):
+    return {"model": NAME, "prompt": prompt, "temperature": 0, "max_tokens": NEW}
+
   alone = [_post(stack, "/completions", body(p)).json()["choices"][0]["text"] for p in prompts]
   before = stack.engine.batches
   barrier, together = threading.Barrier(len(prompts)), [None] * len(prompts)

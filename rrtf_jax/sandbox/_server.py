@@ -101,7 +101,9 @@ def _check(ret: int, what: str) -> None:
 
 
 def _mount(src, dst, fstype, flags, data=None) -> None:
-  enc = lambda s: None if s is None else s.encode()  # noqa: E731
+  def enc(s):
+    return None if s is None else s.encode()
+
   _check(_libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {dst}")
 
 

@@ -75,12 +75,15 @@ def chat_prompt(messages) -> str:
   return prompt_text("\n\n".join(question)) + "".join(answer)
 
 
+def _is_ids(value) -> bool:
+  return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
 def _prompts(value) -> list:
   """A completions `prompt`: a string, a list of strings, token ids, or a list of token-id lists."""
-  is_ids = lambda v: isinstance(v, list) and v and all(type(t) is int for t in v)  # noqa: E731
-  if isinstance(value, str) or is_ids(value):
+  if isinstance(value, str) or _is_ids(value):
     return [value]
-  if isinstance(value, list) and value and all(isinstance(p, str) or is_ids(p) for p in value):
+  if isinstance(value, list) and value and all(isinstance(p, str) or _is_ids(p) for p in value):
     return value
   raise ValueError("prompt must be a string, a non-empty list of strings, or token ids")
 
