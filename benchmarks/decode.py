@@ -27,7 +27,7 @@ call timed (blocked on), the rest being host work; the cost of the sampling step
 every step (`model.decode.sample_tokens` at temperature 0) against a bare argmax on the same
 [B, V] logits: greedy rows should cost no more than the argmax.
 
-Run from the repo root (small: ~3-5 minutes on 2 cores):
+Run from the repo root:
   python benchmarks/decode.py                      # small: D512 L8 N8 MQA V8192, B 1 and 16
   python benchmarks/decode.py --size tiny          # smoke run
   python benchmarks/decode.py --report-only        # rewrite decode.md from decode.json

@@ -12,7 +12,7 @@ The JAX compilation cache is a fresh directory per benchmark run shared by the s
 first seed compiles, the others mostly reuse), so `first seed` and `other seeds` timings are
 both reported; a user's first `rrtf demo` is the cold case.
 
-Run from the repo root (about 30 minutes on 2 cores):
+Run from the repo root (the wall time of each run is in results/demo.json):
   python benchmarks/demo.py                       # seeds 0 1 2
   python benchmarks/demo.py --seeds 0 --quick     # smoke run
   python benchmarks/demo.py --report-only         # rewrite demo.md from demo.json

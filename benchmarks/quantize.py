@@ -3,7 +3,7 @@
 A benchmark, never pass/fail. In one run:
 
 1. The model: the RRTF model of an `rrtf demo` workdir (--demo-workdir; default: runs
-   `rrtf demo --seed 0` into --workdir first, about 8 minutes on 2 cores).
+   `rrtf demo --seed 0` into --workdir first).
 2. Variants, all from that checkpoint: fp32 (as trained), bf16 (weights cast), and
    `rrtf quantize` int8 (per output channel), int4-gptq and int4-rtn (groups of --group input
    rows; GPTQ calibrated on the demo's RRTF-training problems, never the held-out ones). The

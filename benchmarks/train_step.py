@@ -6,8 +6,8 @@ Markdown summary beside it):
 cpu  The real jitted train step of rrtf_jax/train_step.py (forward, backward over the RRTF loss,
      AdamW; state donated) on one CPU device, mesh fsdp=1, random init, for
        tiny: configs/tiny.py as shipped (L2 D64 N4 K1 F256 V1024, fp32), B=8 prompts, R=4, T=256;
-       mid:  tiny with L4 D512 N8 F2048 V8192, B=1 prompt, R=4, T=512 (fp32, 15M parameters, a
-             step of a few seconds on 2 cores), learning rate 1e-3 (tiny's 3e-3 diverges here).
+       mid:  tiny with L4 D512 N8 F2048 V8192, B=1 prompt, R=4, T=512 (fp32, 15M parameters),
+             learning rate 1e-3 (tiny's 3e-3 is too high at this width).
      A synthetic batch: per prompt T/2 prompt tokens shared by its R responses, each sequence
      real for a length drawn uniformly in [0.8T, T] (~90% real), random tokens, scores, response
      0 a teacher. The same batch every step, so the loss must fall (memorisation: a sanity check).
@@ -27,11 +27,11 @@ tpu  `rrtf plan` (libtpu AOT compile, no TPU needed) of configs/starcoder_15b.py
      the devices. Reported: analytic FLOPs per step and per chip, the compiled executable's
      per-device bytes (arguments, temporaries, total) against HBM, fits, compile seconds, and
      an ideal step time = FLOPs / (chips x public peak bf16 FLOP/s): a lower bound at 100% MFU,
-     not a measurement. A topology whose compiler refuses keeps its verdict and message. On
-     v4-64 it does (our Pallas attention's blocks overflow v4's 16 MiB VMEM at 48 heads), so two
-     labelled variants follow: JAX's splash attention, and a fsdp=16,tensor=4 mesh.
+     not a measurement. A topology whose compiler refuses keeps its verdict and message; v4-64
+     gets two labelled variants too: JAX's splash attention, and a fsdp=16,tensor=4 mesh (what
+     the compiler said of each is in results/train_step.md).
 
-Run from the repo root (the TPU part compiles 15.5B parameters three times: ~5-10 minutes):
+Run from the repo root (the TPU part compiles the 15.5B-parameter step once per target):
   python benchmarks/train_step.py                 # both parts
   python benchmarks/train_step.py --only cpu      # or --skip-tpu; keeps the file's tpu part
   python benchmarks/train_step.py --only tpu      # keeps the file's cpu part
@@ -70,16 +70,16 @@ CPU_CONFIGS = {
     "tiny": ("tiny", []),
     "mid": ("tiny", ["model.num_layers=4", "model.embed_dim=512", "model.num_heads=8", "model.mlp_dim=2048",
                      "model.vocab_size=8192", "train.seq_len=512", "train.batch_size=1",
-                     "train.learning_rate=1e-3"]),  # tiny's 3e-3 spikes the loss at D512 by step 9
+                     "train.learning_rate=1e-3"]),  # tiny's 3e-3 is too high at D512
 }
 # name -> (topology, train.microbatches, public peak bf16 FLOP/s per chip, further overrides)
 TPU_TARGETS = {
     "v4-64": ("v4:2x4x4", 8, 275e12, []),
     "v5e-256": ("v5e:16x16", 2, 197e12, []),
     "v5p-128": ("v5p:4x4x4", 8, 459e12, []),
-    # our Pallas kernel's blocks overflow v4's 16 MiB VMEM at 48 heads: the same step with JAX's splash kernels
+    # the same step with JAX's splash kernels, for when our Pallas kernel does not fit v4's VMEM
     "v4-64 splash": ("v4:2x4x4", 8, 275e12, ["model.attention=splash"]),
-    # ... which then needs 16.6 of 16 GiB at one prompt per device: 4-way tensor parallelism, 32 micro-batches
+    # and with 4-way tensor parallelism, 32 micro-batches, for when one prompt per device does not fit
     "v4-64 tensor=4": ("v4:2x4x4", 32, 275e12, ["mesh=fsdp=16,tensor=4"]),
 }
 TPU_CONFIG = "starcoder_15b"

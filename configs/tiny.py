@@ -1,4 +1,4 @@
-"""Tiny config: runs in seconds on a laptop CPU; the tokenizer is trained from shipped text.
+"""Tiny config: trains on a laptop CPU; the tokenizer is trained from shipped text.
 
   rrtf demo                                   # uses this config
   rrtf plan --config configs/tiny.py --topology v5e:2x2

@@ -34,7 +34,7 @@ def features(encoder: bool = False):
   """The tfds FeaturesDict of a prepared record.
 
   With `encoder`, the lists are Tensor(shape=(None,)) instead of Sequence: the same bytes on
-  disk (a test checks), encoded as whole arrays instead of one element at a time (15x faster).
+  disk (a test checks), encoded as whole arrays instead of one element at a time (much faster).
   """
   import tensorflow as tf
   import tensorflow_datasets as tfds

@@ -216,7 +216,7 @@ class Server:
         os.dup2(100 + i, 3 + i, inheritable=False)
       os.closerange(3 + len(keep), 1 << 16)
       # A slot's judge and candidate take turns (call, reply, call...): on one CPU each
-      # hand-over is a cheap switch rather than a cross-CPU wake-up (5x faster here).
+      # hand-over is a cheap switch rather than a cross-CPU wake-up.
       os.sched_setaffinity(0, {self.cpus[slot % len(self.cpus)]})
       _libc.prctl(PR_SET_NAME, b"rrtf-judge" if judge else b"rrtf-candidate", 0, 0, 0)  # for ps/top
       os.setsid()
