@@ -32,12 +32,18 @@ it stopped. A workdir made with other settings (seed, --quick) is refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 from data.problems import InputError, read_jsonl, write_jsonl_atomic, write_text_atomic
+
+if TYPE_CHECKING:  # annotations only: each stage imports what it runs (JAX, TF) when it runs
+  from model.decode import Decoder
+  from rrtf_jax.stages.sample import Teacher
 
 SETTINGS_FILE = "demo.json"
 MODELS = ("base", "rrtf", "ablation")
@@ -173,166 +179,257 @@ def _compilation_cache() -> str:
   return jax.config.jax_compilation_cache_dir
 
 
+@dataclasses.dataclass
+class _Demo:
+  """One demo run: its (absolute) workdir, sizes and seed, the stage runner, and the decoders
+  the stages share (one per model, built on first use)."""
+  workdir: str
+  sizes: Sizes
+  seed: int
+  progress: bool
+  stages: _Stages
+  decoders: dict[str, Decoder] = dataclasses.field(default_factory=dict)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def problems(self, split: str) -> str:
+    """The split's HumanEval-format problems (JSONL)."""
+    return self.path("problems", f"{split}.jsonl")
+
+  @property
+  def tokenizer_dir(self) -> str:
+    return self.path("tokenizer")
+
+  def stage(self, name: str, title: str, fn, *args) -> dict:
+    """fn(self, *args) as stage `name`, unless an earlier run finished it (then its result)."""
+    return self.stages.run(name, title, functools.partial(fn, self, *args))
+
+  def decoder(self, name: str) -> Decoder:
+    """models/<name> as a Decoder, built once and then shared by the stages that decode."""
+    if name not in self.decoders:
+      from model import decode
+      self.decoders[name] = decode.Decoder.from_checkpoint(
+          self.path("models", name), chunk=self.sizes.chunk, max_batch=self.sizes.max_batch,
+          seed=self.seed)
+    return self.decoders[name]
+
+
 def run_demo(workdir: str, seed: int = 0, quick: bool = False, ablation: bool = False,
              progress: bool = True) -> dict:
-  from data import synthetic
-  from rrtf_jax.stages.prepare import prepare_stage
-  from data.tokenizer import builtin_corpus, train_sentencepiece
-  from model.decode import Decoder
-  from rrtf_jax.config_loading import load_config
-  from rrtf_jax.stages.evaluate import evaluate
-  from rrtf_jax.stages.rank import rank_stage
-  from rrtf_jax.stages.sample import Teacher, load_problems, load_teacher_file, sample_stage
+  """The demo's stages in order (the module docstring says what each does); returns the summary
+  (summary.json)."""
+  start = time.perf_counter()
+  demo = _open(workdir, seed, quick, ablation, progress)
+  demo.stage("problems", "synthetic problems", _make_problems)
+  demo.stage("tokenizer", "tokenizer", _make_tokenizer)
+  demo.stage("warmup", "warm-up fine-tuning", _warm_up)
+  results = {"base": _evaluate(demo, "base")}
+  demo.stage("sample", f"sample {demo.sizes.samples} responses per training problem", _sample_train)
+  demo.stage("rank", "rank in the sandbox and prepare", _rank_and_prepare, "rrtf")
+  demo.stage("heldout_ranked", "rank the base model's held-out samples (for ranking accuracy)",
+             _heldout_ranked)
+  demo.stage("train_rrtf", "RRTF training (ranking loss + cross-entropy on the best response)",
+             _train_model, "rrtf", 1.0)
+  results["rrtf"] = _evaluate(demo, "rrtf")
+  if ablation:
+    demo.stage("train_ablation", "ablation: the same training with the ranking loss off",
+               _train_model, "ablation", 0.0)
+    results["ablation"] = _evaluate(demo, "ablation")
+  accuracy = demo.stage("ranking_accuracy" + ("_ablation" if ablation else ""),
+                        "ranking accuracy on held-out responses", _ranking_accuracy, tuple(results))
+  return _finish(demo, quick, results, accuracy["models"], start)
 
-  t0 = time.perf_counter()
+
+def _open(workdir: str, seed: int, quick: bool, ablation: bool, progress: bool) -> _Demo:
+  """Checks the workdir's settings (recording them in a new one) and turns on the compilation
+  cache; 10 stages, 12 with the ablation."""
   sizes = QUICK if quick else DEFAULT
   workdir = os.path.abspath(workdir)
-  _check_settings(workdir, {"seed": seed, "quick": quick, "sizes": json.loads(json.dumps(dataclasses.asdict(sizes)))})
+  sizes_json = json.loads(json.dumps(dataclasses.asdict(sizes)))  # tuples as lists, as read back
+  _check_settings(workdir, {"seed": seed, "quick": quick, "sizes": sizes_json})
   _compilation_cache()
-  P = lambda *parts: os.path.join(workdir, *parts)  # noqa: E731
-  stages = _Stages(workdir, 10 + (2 if ablation else 0))
-  tok_dir = P("tokenizer")
-  problems = {s: P("problems", f"{s}.jsonl") for s in synthetic.SPLITS}
+  return _Demo(workdir, sizes, seed, progress, _Stages(workdir, 10 + (2 if ablation else 0)))
 
-  def make_problems():
-    parts = synthetic.splits(seed, sizes.warmup, sizes.train, sizes.heldout)
-    for name, rows in parts.items():
-      write_jsonl_atomic(problems[name], rows)
-      write_jsonl_atomic(P("problems", f"{name}-references.jsonl"),
-                         [{"task_id": p["task_id"], "completion": p["canonical_solution"], "model": "reference"}
-                          for p in rows])
-    return {"note": ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " problems",
-            "families": len(synthetic.FAMILIES), **{k: len(v) for k, v in parts.items()}}
 
-  stages.run("problems", "synthetic problems", make_problems)
+def _make_problems(demo: _Demo) -> dict:
+  """problems/<split>.jsonl and problems/<split>-references.jsonl (the reference solutions
+  as teacher answers) for each split."""
+  from data import synthetic
+  parts = synthetic.splits(demo.seed, demo.sizes.warmup, demo.sizes.train, demo.sizes.heldout)
+  for name, rows in parts.items():
+    write_jsonl_atomic(demo.problems(name), rows)
+    write_jsonl_atomic(demo.path("problems", f"{name}-references.jsonl"),
+                       [{"task_id": p["task_id"], "completion": p["canonical_solution"],
+                         "model": "reference"} for p in rows])
+  return {"note": ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " problems",
+          "families": len(synthetic.FAMILIES), **{k: len(v) for k, v in parts.items()}}
 
-  def make_tokenizer():
-    texts = [r["prompt"] + r["canonical_solution"] for s in ("warmup", "train")
-             for _, r in read_jsonl(problems[s], ("prompt", "canonical_solution"))]
-    vocab = int(load_config("tiny").tokenizer.vocab_size)
-    tok = train_sentencepiece(builtin_corpus() + texts, tok_dir, vocab_size=vocab)
-    return {"note": f"{tok.vocab_size}-piece SentencePiece", "vocab_size": tok.vocab_size}
 
-  stages.run("tokenizer", "tokenizer", make_tokenizer)
+def _make_tokenizer(demo: _Demo) -> dict:
+  from data.tokenizer import builtin_corpus, train_sentencepiece
+  from rrtf_jax.config_loading import load_config
+  texts = [row["prompt"] + row["canonical_solution"] for split in ("warmup", "train")
+           for _, row in read_jsonl(demo.problems(split), ("prompt", "canonical_solution"))]
+  vocab = int(load_config("tiny").tokenizer.vocab_size)
+  tokenizer = train_sentencepiece(builtin_corpus() + texts, demo.tokenizer_dir, vocab_size=vocab)
+  return {"note": f"{tokenizer.vocab_size}-piece SentencePiece", "vocab_size": tokenizer.vocab_size}
 
-  def references(split: str) -> Teacher:
-    return Teacher(answers=load_teacher_file(P("problems", f"{split}-references.jsonl"), load_problems(problems[split])))
 
-  def rank_and_prepare(name: str, keep_student_wins: bool = False) -> dict:
-    r = rank_stage(P("data", name, "samples"), P("data", name, "ranked"), keep_student_wins=keep_student_wins,
-                   progress=progress)
-    prepare_stage(P("data", name, "ranked"), P("data", name, "prepared"), tok_dir, progress=progress)
-    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()))
-    return {"problems": r.problems, "kept": r.kept, "responses": r.responses, "outcomes": dict(r.outcomes),
-            "note": f"{r.responses} responses to {r.problems} problems ({outcomes}); {r.kept} problems kept"}
+def _references(demo: _Demo, split: str) -> Teacher:
+  """The split's reference solutions as a teacher."""
+  from rrtf_jax.stages import sample
+  answers = sample.load_teacher_file(demo.path("problems", f"{split}-references.jsonl"),
+                                     sample.load_problems(demo.problems(split)))
+  return sample.Teacher(answers=answers)
 
-  def warm_up():
-    sample_stage(problems["warmup"], P("data", "warmup", "samples"), num_samples=0, teacher=references("warmup"),
-                 seed=seed, progress=progress)
-    ranked = rank_and_prepare("warmup")
-    config = _train_config(sizes, seed, P("data", "warmup", "prepared"), steps=sizes.warmup_steps,
-                           lr=sizes.warmup_lr, responses=1)
-    out = _train(config, P("train", "warmup"), P("models", "base"), tok_dir, progress)
-    return {"note": f"{out['steps']} steps of fine-tuning on {sizes.warmup} reference solutions", **out,
-            "ranked": ranked}
 
-  stages.run("warmup", "warm-up fine-tuning", warm_up)
+def _rank_and_prepare(demo: _Demo, name: str, keep_student_wins: bool = False) -> dict:
+  """data/<name>/samples ranked in the sandbox (data/<name>/ranked) and tokenised
+  (data/<name>/prepared)."""
+  from rrtf_jax.stages.prepare import prepare_stage
+  from rrtf_jax.stages.rank import rank_stage
+  ranked = demo.path("data", name, "ranked")
+  result = rank_stage(demo.path("data", name, "samples"), ranked,
+                      keep_student_wins=keep_student_wins, progress=demo.progress)
+  prepare_stage(ranked, demo.path("data", name, "prepared"), demo.tokenizer_dir,
+                progress=demo.progress)
+  outcomes = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items()))
+  return {"problems": result.problems, "kept": result.kept, "responses": result.responses,
+          "outcomes": dict(result.outcomes),
+          "note": f"{result.responses} responses to {result.problems} problems ({outcomes}); "
+                  f"{result.kept} problems kept"}
 
-  decoders: dict[str, Decoder] = {}
 
-  def decoder(name: str):
-    def get():
-      if name not in decoders:
-        decoders[name] = Decoder.from_checkpoint(P("models", name), chunk=sizes.chunk, max_batch=sizes.max_batch, seed=seed)
-      return decoders[name]
-    return get
+def _warm_up(demo: _Demo) -> dict:
+  """The base model (models/base): plain fine-tuning (R = 1) on the warm-up references."""
+  from rrtf_jax.stages.sample import sample_stage
+  sizes = demo.sizes
+  sample_stage(demo.problems("warmup"), demo.path("data", "warmup", "samples"), num_samples=0,
+               teacher=_references(demo, "warmup"), seed=demo.seed, progress=demo.progress)
+  ranked = _rank_and_prepare(demo, "warmup")
+  config = _train_config(sizes, demo.seed, demo.path("data", "warmup", "prepared"),
+                         steps=sizes.warmup_steps, lr=sizes.warmup_lr, responses=1)
+  out = _train(config, demo.path("train", "warmup"), demo.path("models", "base"),
+               demo.tokenizer_dir, demo.progress)
+  return {"note": f"{out['steps']} steps of fine-tuning on {sizes.warmup} reference solutions",
+          **out, "ranked": ranked}
 
-  def evaluate_model(name: str) -> dict:
-    def run():
-      common = dict(max_new_tokens=sizes.max_new_tokens, seed=seed, decoder=decoder(name), progress=progress)
-      greedy = evaluate(P("models", name), problems["heldout"], P("eval", f"{name}-greedy"), greedy=True, **common).summary
-      sampled = evaluate(P("models", name), problems["heldout"], P("eval", f"{name}-sampled"), n=sizes.eval_n,
-                         temperature=sizes.eval_temperature, top_p=0.95, ks=sizes.ks, **common).summary
-      out = {"pass@1": greedy["pass@k"]["pass@1"], "pass@k": sampled["pass@k"],
-             "outcomes_greedy": greedy["outcomes"], "outcomes_sampled": sampled["outcomes"]}
-      figures = ", ".join(f"{k} {v:.3f}" for k, v in out["pass@k"].items())
-      out["note"] = f"greedy pass@1 {out['pass@1']:.3f}; sampled (n={sizes.eval_n}) {figures}"
-      return out
-    return stages.run(f"eval_{name}", f"evaluate {name} on {sizes.heldout} held-out problems", run)
 
-  results = {"base": evaluate_model("base")}
+def _evaluate(demo: _Demo, name: str) -> dict:
+  """Stage eval_<name>."""
+  return demo.stage(f"eval_{name}", f"evaluate {name} on {demo.sizes.heldout} held-out problems",
+                    _evaluation, name)
 
-  def sample_train():
-    s = sample_stage(problems["train"], P("data", "rrtf", "samples"), decoder=decoder("base")(),
-                     num_samples=sizes.samples, temperatures=sizes.temperatures, top_p=0.95,
-                     max_new_tokens=sizes.max_new_tokens, teacher=references("train"), seed=seed, progress=progress)
-    return {"note": f"{s.student_responses} student and {s.teacher_responses} reference responses",
-            "student_responses": s.student_responses, "teacher_responses": s.teacher_responses}
 
-  stages.run("sample", f"sample {sizes.samples} responses per training problem", sample_train)
+def _evaluation(demo: _Demo, name: str) -> dict:
+  """models/<name> on the held-out split: greedy pass@1 and sampled pass@k."""
+  from rrtf_jax.stages.evaluate import evaluate
+  sizes, model, problems = demo.sizes, demo.path("models", name), demo.problems("heldout")
+  common = {"max_new_tokens": sizes.max_new_tokens, "seed": demo.seed, "progress": demo.progress,
+            "decoder": functools.partial(demo.decoder, name)}  # built only if a part decodes
+  greedy = evaluate(model, problems, demo.path("eval", f"{name}-greedy"), greedy=True,
+                    **common).summary
+  sampled = evaluate(model, problems, demo.path("eval", f"{name}-sampled"), n=sizes.eval_n,
+                     temperature=sizes.eval_temperature, top_p=0.95, ks=sizes.ks, **common).summary
+  out = {"pass@1": greedy["pass@k"]["pass@1"], "pass@k": sampled["pass@k"],
+         "outcomes_greedy": greedy["outcomes"], "outcomes_sampled": sampled["outcomes"]}
+  figures = ", ".join(f"{k} {v:.3f}" for k, v in out["pass@k"].items())
+  out["note"] = f"greedy pass@1 {out['pass@1']:.3f}; sampled (n={sizes.eval_n}) {figures}"
+  return out
 
-  stages.run("rank", "rank in the sandbox and prepare", lambda: rank_and_prepare("rrtf"))
 
-  def heldout_ranked():
-    """The base model's sampled held-out responses plus the references, ranked: the set on
-    which every model's ranking accuracy is measured."""
-    from data import records
-    from rrtf_jax.stages.sample import SAMPLES_NAME
-    by_task: dict[str, list[str]] = {}
-    with open(P("eval", "base-sampled", "samples.jsonl")) as f:
-      for line in f:
-        r = json.loads(line)
-        by_task.setdefault(r["task_id"], []).append(r["completion"])
-    refs = references("heldout").answers
-    recs = []
-    for p in load_problems(problems["heldout"]):
-      students = by_task[p.task_id]
-      ref = [code for _, code, _ in refs[p.task_id]]
-      recs.append(dict(task_id=p.task_id, prompt=p.prompt, test=p.test, entry_point=p.entry_point,
-                       exec_prefix=p.exec_prefix, sources=["base"] * len(students) + ["reference"],
-                       responses=students + ref, codes=students + ref, is_teacher=[0] * len(students) + [1]))
-    os.makedirs(P("data", "heldout", "samples"), exist_ok=True)
-    records.write_atomic(P("data", "heldout", "samples", records.shard_name(SAMPLES_NAME, "train", 0, 1)), recs,
-                         ranked=False)
-    return rank_and_prepare("heldout", keep_student_wins=True)
+def _sample_train(demo: _Demo) -> dict:
+  """The base model's responses to the training problems, the references as the teacher."""
+  from rrtf_jax.stages.sample import sample_stage
+  sizes = demo.sizes
+  result = sample_stage(demo.problems("train"), demo.path("data", "rrtf", "samples"),
+                        decoder=demo.decoder("base"), num_samples=sizes.samples,
+                        temperatures=sizes.temperatures, top_p=0.95,
+                        max_new_tokens=sizes.max_new_tokens, teacher=_references(demo, "train"),
+                        seed=demo.seed, progress=demo.progress)
+  return {"note": f"{result.student_responses} student and {result.teacher_responses} reference "
+                  "responses",
+          "student_responses": result.student_responses,
+          "teacher_responses": result.teacher_responses}
 
-  stages.run("heldout_ranked", "rank the base model's held-out samples (for ranking accuracy)", heldout_ranked)
 
-  def train_model(name: str, rank_weight: float, title: str):
-    def run():
-      config = _train_config(sizes, seed, P("data", "rrtf", "prepared"), steps=sizes.rrtf_steps,
-                             lr=sizes.rrtf_lr, responses=sizes.responses, init_from=P("models", "base"),
-                             rank_weight=rank_weight)
-      out = _train(config, P("train", name), P("models", name), tok_dir, progress)
-      return {"note": f"{out['steps']} steps", **out}
-    stages.run(f"train_{name}", title, run)
+def _heldout_ranked(demo: _Demo) -> dict:
+  """The base model's sampled held-out responses plus the references, ranked: the set on
+  which every model's ranking accuracy is measured."""
+  from data import records
+  from rrtf_jax.stages.sample import SAMPLES_NAME
+  rows = _heldout_records(demo)
+  samples = demo.path("data", "heldout", "samples")
+  os.makedirs(samples, exist_ok=True)
+  records.write_atomic(os.path.join(samples, records.shard_name(SAMPLES_NAME, "train", 0, 1)), rows,
+                       ranked=False)
+  return _rank_and_prepare(demo, "heldout", keep_student_wins=True)
 
-  train_model("rrtf", 1.0, "RRTF training (ranking loss + cross-entropy on the best response)")
-  results["rrtf"] = evaluate_model("rrtf")
-  if ablation:
-    train_model("ablation", 0.0, "ablation: the same training with the ranking loss off")
-    results["ablation"] = evaluate_model("ablation")
 
-  def accuracy():
-    from rrtf_jax.train_step import ranking_metrics
-    from model import load_checkpoint
-    config = _train_config(sizes, seed, "", steps=1, lr=1.0, responses=1)
-    loaded = {name: load_checkpoint(P("models", name)) for name in MODELS if name in results}
-    params = {name: p for name, (_, p) in loaded.items()}
-    out = ranking_metrics(loaded["base"][0], config.train, params, P("data", "heldout", "prepared"),
-                          responses=sizes.eval_n + 1)
-    return {"note": ", ".join(f"{k} {v['ranking_accuracy']:.3f}" for k, v in out.items()), "models": out}
+def _heldout_records(demo: _Demo) -> list[dict]:
+  """One unranked samples record per held-out problem: the base model's responses, then the
+  reference."""
+  from rrtf_jax.stages.sample import load_problems
+  by_task = _base_samples(demo)
+  references = _references(demo, "heldout").answers
+  rows = []
+  for p in load_problems(demo.problems("heldout")):
+    students = by_task[p.task_id]
+    reference = [code for _, code, _ in references[p.task_id]]
+    rows.append({"task_id": p.task_id, "prompt": p.prompt, "test": p.test,
+                 "entry_point": p.entry_point, "exec_prefix": p.exec_prefix,
+                 "sources": ["base"] * len(students) + ["reference"],
+                 "responses": students + reference, "codes": students + reference,
+                 "is_teacher": [0] * len(students) + [1]})
+  return rows
 
-  acc = stages.run("ranking_accuracy" + ("_ablation" if ablation else ""), "ranking accuracy on held-out responses",
-                   accuracy)
-  summary = _summarize(workdir, sizes, seed, quick, results, acc["models"])
-  summary["seconds"] = round(time.perf_counter() - t0, 1)
-  write_text_atomic(P("summary.json"), json.dumps(summary, indent=2) + "\n")
-  write_text_atomic(P("report.md"), report_markdown(summary))
-  _plots(workdir, summary)
+
+def _base_samples(demo: _Demo) -> dict[str, list[str]]:
+  """task_id -> the base model's sampled held-out completions (eval_base's samples.jsonl)."""
+  by_task: dict[str, list[str]] = {}
+  with open(demo.path("eval", "base-sampled", "samples.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      by_task.setdefault(row["task_id"], []).append(row["completion"])
+  return by_task
+
+
+def _train_model(demo: _Demo, name: str, rank_weight: float) -> dict:
+  """models/<name>: the RRTF loss with this ranking weight, from the base model."""
+  sizes = demo.sizes
+  config = _train_config(sizes, demo.seed, demo.path("data", "rrtf", "prepared"),
+                         steps=sizes.rrtf_steps, lr=sizes.rrtf_lr, responses=sizes.responses,
+                         init_from=demo.path("models", "base"), rank_weight=rank_weight)
+  out = _train(config, demo.path("train", name), demo.path("models", name), demo.tokenizer_dir,
+               demo.progress)
+  return {"note": f"{out['steps']} steps", **out}
+
+
+def _ranking_accuracy(demo: _Demo, names: tuple[str, ...]) -> dict:
+  """Each trained model's ranking accuracy on the held-out ranked set."""
+  from model import load_checkpoint
+  from rrtf_jax.train_step import ranking_metrics
+  config = _train_config(demo.sizes, demo.seed, "", steps=1, lr=1.0, responses=1)
+  loaded = {name: load_checkpoint(demo.path("models", name)) for name in MODELS if name in names}
+  params = {name: p for name, (_, p) in loaded.items()}
+  out = ranking_metrics(loaded["base"][0], config.train, params,
+                        demo.path("data", "heldout", "prepared"), responses=demo.sizes.eval_n + 1)
+  return {"note": ", ".join(f"{k} {v['ranking_accuracy']:.3f}" for k, v in out.items()),
+          "models": out}
+
+
+def _finish(demo: _Demo, quick: bool, results: dict, accuracy: dict, start: float) -> dict:
+  """summary.json, report.md and the plots; prints the table."""
+  summary = _summarize(demo.workdir, demo.sizes, demo.seed, quick, results, accuracy)
+  summary["seconds"] = round(time.perf_counter() - start, 1)
+  write_text_atomic(demo.path("summary.json"), json.dumps(summary, indent=2) + "\n")
+  write_text_atomic(demo.path("report.md"), report_markdown(summary))
+  _plots(demo.workdir, summary)
   print(table(summary), flush=True)
-  _say(f"done in {summary['seconds']:.0f} s; report in {P('report.md')}, summary in {P('summary.json')}, "
-       f"plots {P('curves.png')} and {P('pass_at_k.png')}")
+  _say(f"done in {summary['seconds']:.0f} s; report in {demo.path('report.md')}, summary in "
+       f"{demo.path('summary.json')}, plots {demo.path('curves.png')} and "
+       f"{demo.path('pass_at_k.png')}")
   return summary
 
 
