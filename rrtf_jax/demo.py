@@ -136,7 +136,7 @@ def _train_config(sizes: Sizes, seed: int, data_dir: str, *, steps: int, lr: flo
   t.learning_rate, t.warmup_steps, t.schedule = lr, max(1, steps // 20), "cosine"
   t.rank_weight = rank_weight
   t.log_every = max(1, min(10, steps // 10))
-  t.checkpoint_every = max(50, steps // 4)  # each save costs about a second here
+  t.checkpoint_every = max(50, steps // 4)  # a save is slow next to a tiny step
   return c
 
 
@@ -170,7 +170,7 @@ def _curves(train_dir: str) -> dict[str, list[tuple[int, float]]]:
 def _compilation_cache() -> str:
   """Turns on JAX's persistent compilation cache unless it is configured already
   (JAX_COMPILATION_CACHE_DIR): a resumed demo, another seed or the next run skips the
-  compiles, most of the quick demo's time on CPU. Default ~/.cache/rrtf-jax/jax, as MaxText
+  compiles (much of a small demo's time on CPU). Default ~/.cache/rrtf-jax/jax, as MaxText
   keeps one in ~/jax_cache."""
   import jax
   if not jax.config.jax_compilation_cache_dir:
