@@ -119,7 +119,7 @@ def summarize(problems: dict[str, Problem], results: Sequence[dict], ks: Sequenc
   out = {
       "pass@k": {f"pass@{k}": sum(r[f"pass@{k}"] for r in rows) / len(rows) for k in ks},
       "problems": len(rows), "samples": len(results),
-      "solved": sum(r["c"] / r["n"] >= SOLVED_AT for r in rows),
+      "solved": sum(_solved(r) for r in rows),
       "outcomes": dict(sorted(collections.Counter(r["outcome"] for r in results).items())),
   }
   if all("finish_reason" in r for r in results):
@@ -397,11 +397,10 @@ def compare(dir_a: str, dir_b: str, out_dir: str | None = None) -> dict:
     raise InputError(f"{dir_a} and {dir_b} were evaluated on different problems "
                      f"({len(only)} in one only, e.g. {only[0]})")
   names = _names(dir_a, dir_b)
-  solved = lambda r: r["c"] / r["n"] >= SOLVED_AT  # noqa: E731
   groups = {"both": [], "only_a": [], "only_b": [], "neither": []}
   per_problem = []
   for tid, ra in per_a.items():
-    sa, sb = solved(ra), solved(per_b[tid])
+    sa, sb = _solved(ra), _solved(per_b[tid])
     groups["both" if sa and sb else "only_a" if sa else "only_b" if sb else "neither"].append(tid)
     per_problem.append({"task_id": tid, "a": {"n": ra["n"], "c": ra["c"], "solved": sa},
                         "b": {"n": per_b[tid]["n"], "c": per_b[tid]["c"], "solved": sb}})
@@ -434,8 +433,8 @@ def compare_markdown(result: dict, per_problem: bool = False) -> str:
   lines += [f"| {label[k]} | {len(v)} | {', '.join(v) or '-'} |" for k, v in result["task_ids"].items()]
   if per_problem:
     lines += ["", f"| task id | {a} c/n | {b} c/n |", "|---|---|---|"]
-    mark = lambda r: f"{r['c']}/{r['n']}" + (" ✓" if r["solved"] else "")  # noqa: E731
-    lines += [f"| {r['task_id']} | {mark(r['a'])} | {mark(r['b'])} |" for r in result["per_problem"]]
+    lines += [f"| {r['task_id']} | {_c_of_n(r['a'])} | {_c_of_n(r['b'])} |"
+              for r in result["per_problem"]]
   return "\n".join(lines) + "\n"
 
 
@@ -452,11 +451,10 @@ def venn_png(result: dict) -> bytes:
     ax.add_patch(Circle((x, 0), 1.0, facecolor=color, alpha=0.35, edgecolor=color, linewidth=2))
   for x, text in ((-1.0, c["only_a"]), (0.0, c["both"]), (1.0, c["only_b"])):
     ax.text(x, 0, str(text), ha="center", va="center", fontsize=18)
-  short = lambda name: name if len(name) <= 30 else "…" + name[-29:]  # noqa: E731
-  ax.text(-1.6, 1.12, f"{short(result['a']['name'])} ({result['a']['solved']})", ha="left", fontsize=10,
-          color="tab:blue")
-  ax.text(1.6, 1.12, f"{short(result['b']['name'])} ({result['b']['solved']})", ha="right", fontsize=10,
-          color="tab:orange")
+  ax.text(-1.6, 1.12, f"{_short(result['a']['name'])} ({result['a']['solved']})", ha="left",
+          fontsize=10, color="tab:blue")
+  ax.text(1.6, 1.12, f"{_short(result['b']['name'])} ({result['b']['solved']})", ha="right",
+          fontsize=10, color="tab:orange")
   ax.text(0, -1.3, f"solved by neither: {c['neither']} of {result['problems']}", ha="center", fontsize=10)
   ax.set_xlim(-1.9, 1.9)
   ax.set_ylim(-1.5, 1.4)
@@ -466,6 +464,21 @@ def venn_png(result: dict) -> bytes:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
   return buf.getvalue()
+
+
+def _solved(row: dict) -> bool:
+  """Whether a per-problem row (n, c) counts as solved."""
+  return row["c"] / row["n"] >= SOLVED_AT
+
+
+def _c_of_n(side: dict) -> str:
+  """One model's cell of compare.md's per-problem table: c/n, and a tick when solved."""
+  return f"{side['c']}/{side['n']}" + (" ✓" if side["solved"] else "")
+
+
+def _short(name: str) -> str:
+  """A diagram label of at most 30 characters: a longer name as "…" and its last 29."""
+  return name if len(name) <= 30 else "…" + name[-29:]
 
 
 def _load_summary(out_dir: str) -> dict:
