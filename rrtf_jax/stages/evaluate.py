@@ -42,12 +42,14 @@ from typing import Sequence
 
 from data.problems import (HUMANEVAL, InputError, Problem, load_problems, read_jsonl, write_jsonl_atomic,
                            write_text_atomic)
-from rrtf_jax.stages.sample import COMPLETION_STOPS, SampleProblem, derive_seed
+from rrtf_jax.stages.sample import (COMPLETION_STOPS, FilePlan, SampleProblem, check_prompts_fit,
+                                    check_shard, derive_seed)
 
 PROMPT_FORMATS = ("rrtf", "raw")
 PAPER_KS = (1, 10, 100)
 SOLVED_AT = 0.5  # compare: a problem is solved when c / n >= this
 RESULT_FIELDS = ("result", "passed", "outcome", "tests_passed", "tests_total")
+PART_FIELDS = ("task_id", "completion")  # what every line of a part must have
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -117,7 +119,7 @@ def summarize(problems: dict[str, Problem], results: Sequence[dict], ks: Sequenc
   out = {
       "pass@k": {f"pass@{k}": sum(r[f"pass@{k}"] for r in rows) / len(rows) for k in ks},
       "problems": len(rows), "samples": len(results),
-      "solved": sum(r["c"] / r["n"] >= SOLVED_AT for r in rows),
+      "solved": sum(_solved(r) for r in rows),
       "outcomes": dict(sorted(collections.Counter(r["outcome"] for r in results).items())),
   }
   if all("finish_reason" in r for r in results):
@@ -182,11 +184,12 @@ def part_paths(out_dir: str, j: int, count: int) -> tuple[str, str]:
   return tuple(f"{out_dir}/parts/{kind}-{j:05d}-of-{count:05d}.jsonl" for kind in ("samples", "results"))
 
 
-def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None, temperature: float | None = None,
-             top_p: float | None = None, ks: Sequence[int] | None = None, greedy: bool = False,
-             prompt_format: str = "rrtf", max_new_tokens: int = 512, seed: int = 0, problems_per_file: int = 16,
-             shard: int = 0, num_shards: int = 1, workers: int | None = None, timeout: float = 3.0,
-             decoder=None, progress: bool = True) -> EvalSummary:
+def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None,
+             temperature: float | None = None, top_p: float | None = None,
+             ks: Sequence[int] | None = None, greedy: bool = False, prompt_format: str = "rrtf",
+             max_new_tokens: int = 512, seed: int = 0, problems_per_file: int = 16, shard: int = 0,
+             num_shards: int = 1, workers: int | None = None, timeout: float = 3.0, decoder=None,
+             progress: bool = True) -> EvalSummary:
   """Samples, executes and scores this process's parts; see the module docstring.
 
   Args:
@@ -197,67 +200,42 @@ def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None, te
       needs sampling); default Decoder.from_checkpoint(ckpt).
   """
   n, temperature, top_p, ks = _check_settings(n, temperature, top_p, ks, greedy)
-  if prompt_format not in PROMPT_FORMATS:
-    raise InputError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
-  if max_new_tokens < 1 or problems_per_file < 1:
-    raise InputError("--max-new-tokens and --problems-per-file must be at least 1")
-  if not 0 <= shard < num_shards:
-    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
+  _check_options(prompt_format, max_new_tokens, problems_per_file, shard, num_shards)
   table = _load(problems)
-  order = list(table.values())
-  count = -(-len(order) // problems_per_file)
+  parts = FilePlan(list(table.values()), problems_per_file, shard, num_shards)
   settings = dict(
-      ckpt=_where(ckpt), problems=problems if problems == HUMANEVAL else _where(problems), problems_sha256=_digest(order),
-      n=n, temperature=temperature, top_p=top_p, greedy=greedy, prompt_format=prompt_format,
-      max_new_tokens=max_new_tokens, seed=seed, stop=list(COMPLETION_STOPS), timeout=timeout,
-      problems_per_file=problems_per_file)
+      ckpt=_where(ckpt), problems=problems if problems == HUMANEVAL else _where(problems),
+      problems_sha256=_digest(parts.problems), n=n, temperature=temperature, top_p=top_p,
+      greedy=greedy, prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed,
+      stop=list(COMPLETION_STOPS), timeout=timeout, problems_per_file=problems_per_file)
   _check_previous(out_dir, settings)
-  mine = list(range(shard, count, num_shards))
-  paths = [part_paths(out_dir, j, count) for j in range(count)]
-  chunk = lambda j: order[j * problems_per_file:(j + 1) * problems_per_file]  # noqa: E731
-  to_sample = [j for j in mine if not _exists(paths[j][0])]
-  summary = EvalSummary(out=out_dir, parts=count, assigned=mine)
+  paths = [part_paths(out_dir, j, parts.count) for j in range(parts.count)]
+  to_sample = parts.unwritten([samples for samples, _ in paths])
+  sampling = _Sampling(n, temperature, top_p, max_new_tokens, seed, prompt_format)
   if to_sample:  # every prompt must fit before any work starts
-    if decoder is None:
-      from model.decode import Decoder
-      decoder = Decoder.from_checkpoint(ckpt)
-    elif not hasattr(decoder, "generate"):
-      decoder = decoder()
-    if decoder.tokenizer is None:
-      raise InputError(f"{ckpt}: the checkpoint has no tokenizer")
-    limit = decoder.config.max_position_embeddings
-    for j in to_sample:
-      for p in chunk(j):
-        m = len(decoder.tokenizer.encode(problem_prompt(p, prompt_format)))
-        if m >= limit:
-          raise InputError(f"{problems}: problem {p.task_id}: its prompt ({prompt_format} format) is {m} tokens, "
-                           f"which leaves no room in the model's {limit} positions")
+    decoder = _open_decoder(decoder, ckpt)
+    prompts = ((p.task_id, sampling.prompt(p)) for j in to_sample for p in parts.chunk(j))
+    check_prompts_fit(decoder, prompts, problems, model="model", kind=f" ({prompt_format} format)")
   write_text_atomic(f"{out_dir}/parts/settings.json", json.dumps(settings, indent=2) + "\n")
-  with contextlib.ExitStack() as stack:
-    box = None
-    for j in mine:
-      samples_path, results_path = paths[j]
+  summary = EvalSummary(out=out_dir, parts=parts.count, assigned=parts.mine)
+  with _SandboxWhenNeeded(workers, timeout) as sandbox:
+    for j in parts.mine:
+      where = f"part {j + 1}/{parts.count}"
       if j in to_sample:
-        rows = _sample_part(decoder, chunk(j), n, temperature, top_p, max_new_tokens, seed, prompt_format,
-                            desc=f"sample part {j + 1}/{count}", progress=progress)
-        write_jsonl_atomic(samples_path, rows)
+        samples = _sample_part(decoder, sampling, parts.chunk(j), desc=f"sample {where}",
+                               progress=progress)
+        write_jsonl_atomic(paths[j][0], samples)
         summary.parts_sampled.append(j)
-      if _exists(results_path):
-        if j not in to_sample:
-          summary.parts_skipped.append(j)
-        continue
-      rows = _read_part(samples_path, chunk(j), n, ("task_id", "completion"))
-      if box is None:
-        from rrtf_jax.sandbox import Limits, Sandbox
-        box = stack.enter_context(Sandbox(workers, Limits(timeout=timeout)))
-      write_jsonl_atomic(results_path, execute(table, rows, box=box, progress=progress,
-                                               desc=f"execute part {j + 1}/{count}"))
-      summary.parts_executed.append(j)
-  if all(_exists(r) for _, r in paths):
-    samples = [r for j in range(count) for r in _read_part(paths[j][0], chunk(j), n, ("task_id", "completion"))]
-    results = [r for j in range(count) for r in _read_part(paths[j][1], chunk(j), n, ("task_id", "completion"))]
-    summary.summary = summarize(table, results, ks, dict(settings, ks=list(ks)))
-    write_outputs(out_dir, samples, results, summary.summary)
+      if not _exists(paths[j][1]):
+        samples = _read_part(paths[j][0], parts.chunk(j), n)
+        results = execute(table, samples, box=sandbox.get(), progress=progress,
+                          desc=f"execute {where}")
+        write_jsonl_atomic(paths[j][1], results)
+        summary.parts_executed.append(j)
+      elif j not in to_sample:
+        summary.parts_skipped.append(j)
+  if all(_exists(results) for _, results in paths):
+    summary.summary = _write_totals(out_dir, table, parts, paths, n, ks, settings)
   return summary
 
 
@@ -280,6 +258,15 @@ def _check_settings(n, temperature, top_p, ks, greedy):
     what = "the single sample of --greedy" if greedy else f"--n {n}, the samples per problem"
     raise InputError(f"--k {too_big[0]} is more than {what} (pass@k needs k <= n)")
   return n, temperature, top_p, tuple(dict.fromkeys(ks))
+
+
+def _check_options(prompt_format, max_new_tokens, problems_per_file, shard, num_shards) -> None:
+  if prompt_format not in PROMPT_FORMATS:
+    raise InputError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, "
+                     f"got {prompt_format!r}")
+  if max_new_tokens < 1 or problems_per_file < 1:
+    raise InputError("--max-new-tokens and --problems-per-file must be at least 1")
+  check_shard(shard, num_shards)
 
 
 def _load(spec: str) -> dict[str, Problem]:
@@ -311,26 +298,85 @@ def _check_previous(out_dir: str, settings: dict) -> None:
                      "rerun with its settings or use another --out")
 
 
-def _sample_part(decoder, chunk: Sequence[Problem], n, temperature, top_p, max_new_tokens, seed, prompt_format,
-                 *, desc: str, progress: bool) -> list[dict]:
+def _open_decoder(decoder, ckpt: str):
+  """`decoder`, or what it returns when it is a function, or else the checkpoint's."""
+  if decoder is None:
+    from model.decode import Decoder
+    decoder = Decoder.from_checkpoint(ckpt)
+  elif not hasattr(decoder, "generate"):
+    decoder = decoder()
+  if decoder.tokenizer is None:
+    raise InputError(f"{ckpt}: the checkpoint has no tokenizer")
+  return decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+  """How each problem is sampled: n rows, cut at HumanEval's stops."""
+  n: int
+  temperature: float
+  top_p: float
+  max_new_tokens: int
+  seed: int
+  prompt_format: str
+
+  def prompt(self, problem: Problem) -> str:
+    return problem_prompt(problem, self.prompt_format)
+
+  def requests(self, chunk: Sequence[Problem]) -> list:
+    from model.decode import Request
+    return [Request(self.prompt(p), max_new_tokens=self.max_new_tokens,
+                    temperature=self.temperature, top_p=self.top_p, stop=COMPLETION_STOPS,
+                    seed=derive_seed(self.seed, p.task_id, i))
+            for p in chunk for i in range(self.n)]
+
+
+def _sample_part(decoder, sampling: _Sampling, chunk: Sequence[Problem], *, desc: str,
+                 progress: bool) -> list[dict]:
+  """The samples of a part: `sampling.n` lines per problem, in order."""
   from tqdm import tqdm
-
-  from model.decode import Request
-  reqs = [Request(problem_prompt(p, prompt_format), max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_p=top_p, stop=COMPLETION_STOPS, seed=derive_seed(seed, p.task_id, i))
-          for p in chunk for i in range(n)]
-  with tqdm(total=len(reqs), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
-    gens = decoder.generate(reqs, on_batch=bar.update)
-  return [dict(task_id=p.task_id, completion=g.text, finish_reason=g.finish_reason)
-          for p, g in zip((p for p in chunk for _ in range(n)), gens)]
+  requests = sampling.requests(chunk)
+  with tqdm(total=len(requests), desc=desc, unit="sample", disable=not progress,
+            dynamic_ncols=True) as bar:
+    gens = decoder.generate(requests, on_batch=bar.update)
+  task_ids = (p.task_id for p in chunk for _ in range(sampling.n))
+  return [dict(task_id=task_id, completion=g.text, finish_reason=g.finish_reason)
+          for task_id, g in zip(task_ids, gens)]
 
 
-def _read_part(path: str, chunk: Sequence[Problem], n: int, fields: tuple[str, ...]) -> list[dict]:
-  rows = [r for _, r in read_jsonl(path, fields)]
+class _SandboxWhenNeeded(contextlib.ExitStack):
+  """The sandbox, started at the first `get()`: a rerun that finds every result executes nothing
+  and starts no workers."""
+
+  def __init__(self, workers: int | None, timeout: float):
+    super().__init__()
+    self.workers, self.timeout, self.box = workers, timeout, None
+
+  def get(self):
+    if self.box is None:
+      from rrtf_jax.sandbox import Limits, Sandbox
+      self.box = self.enter_context(Sandbox(self.workers, Limits(timeout=self.timeout)))
+    return self.box
+
+
+def _read_part(path: str, chunk: Sequence[Problem], n: int) -> list[dict]:
+  rows = [r for _, r in read_jsonl(path, PART_FIELDS)]
   if [r["task_id"] for r in rows] != [p.task_id for p in chunk for _ in range(n)]:
     raise InputError(f"{path}: its task ids are not those of this part's problems, {n} each: "
                      "written by another evaluation? use another --out")
   return rows
+
+
+def _write_totals(out_dir: str, table: dict[str, Problem], parts: FilePlan,
+                  paths: Sequence[tuple[str, str]], n: int, ks: Sequence[int],
+                  settings: dict) -> dict:
+  """OUT's samples.jsonl, results.jsonl, summary.json and report.md from every part; returns the
+  summary."""
+  samples = [r for j in range(parts.count) for r in _read_part(paths[j][0], parts.chunk(j), n)]
+  results = [r for j in range(parts.count) for r in _read_part(paths[j][1], parts.chunk(j), n)]
+  summary = summarize(table, results, ks, dict(settings, ks=list(ks)))
+  write_outputs(out_dir, samples, results, summary)
+  return summary
 
 
 def _exists(path: str) -> bool:
@@ -351,11 +397,10 @@ def compare(dir_a: str, dir_b: str, out_dir: str | None = None) -> dict:
     raise InputError(f"{dir_a} and {dir_b} were evaluated on different problems "
                      f"({len(only)} in one only, e.g. {only[0]})")
   names = _names(dir_a, dir_b)
-  solved = lambda r: r["c"] / r["n"] >= SOLVED_AT  # noqa: E731
   groups = {"both": [], "only_a": [], "only_b": [], "neither": []}
   per_problem = []
   for tid, ra in per_a.items():
-    sa, sb = solved(ra), solved(per_b[tid])
+    sa, sb = _solved(ra), _solved(per_b[tid])
     groups["both" if sa and sb else "only_a" if sa else "only_b" if sb else "neither"].append(tid)
     per_problem.append({"task_id": tid, "a": {"n": ra["n"], "c": ra["c"], "solved": sa},
                         "b": {"n": per_b[tid]["n"], "c": per_b[tid]["c"], "solved": sb}})
@@ -388,8 +433,8 @@ def compare_markdown(result: dict, per_problem: bool = False) -> str:
   lines += [f"| {label[k]} | {len(v)} | {', '.join(v) or '-'} |" for k, v in result["task_ids"].items()]
   if per_problem:
     lines += ["", f"| task id | {a} c/n | {b} c/n |", "|---|---|---|"]
-    mark = lambda r: f"{r['c']}/{r['n']}" + (" ✓" if r["solved"] else "")  # noqa: E731
-    lines += [f"| {r['task_id']} | {mark(r['a'])} | {mark(r['b'])} |" for r in result["per_problem"]]
+    lines += [f"| {r['task_id']} | {_c_of_n(r['a'])} | {_c_of_n(r['b'])} |"
+              for r in result["per_problem"]]
   return "\n".join(lines) + "\n"
 
 
@@ -406,11 +451,10 @@ def venn_png(result: dict) -> bytes:
     ax.add_patch(Circle((x, 0), 1.0, facecolor=color, alpha=0.35, edgecolor=color, linewidth=2))
   for x, text in ((-1.0, c["only_a"]), (0.0, c["both"]), (1.0, c["only_b"])):
     ax.text(x, 0, str(text), ha="center", va="center", fontsize=18)
-  short = lambda name: name if len(name) <= 30 else "…" + name[-29:]  # noqa: E731
-  ax.text(-1.6, 1.12, f"{short(result['a']['name'])} ({result['a']['solved']})", ha="left", fontsize=10,
-          color="tab:blue")
-  ax.text(1.6, 1.12, f"{short(result['b']['name'])} ({result['b']['solved']})", ha="right", fontsize=10,
-          color="tab:orange")
+  ax.text(-1.6, 1.12, f"{_short(result['a']['name'])} ({result['a']['solved']})", ha="left",
+          fontsize=10, color="tab:blue")
+  ax.text(1.6, 1.12, f"{_short(result['b']['name'])} ({result['b']['solved']})", ha="right",
+          fontsize=10, color="tab:orange")
   ax.text(0, -1.3, f"solved by neither: {c['neither']} of {result['problems']}", ha="center", fontsize=10)
   ax.set_xlim(-1.9, 1.9)
   ax.set_ylim(-1.5, 1.4)
@@ -420,6 +464,21 @@ def venn_png(result: dict) -> bytes:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
   return buf.getvalue()
+
+
+def _solved(row: dict) -> bool:
+  """Whether a per-problem row (n, c) counts as solved."""
+  return row["c"] / row["n"] >= SOLVED_AT
+
+
+def _c_of_n(side: dict) -> str:
+  """One model's cell of compare.md's per-problem table: c/n, and a tick when solved."""
+  return f"{side['c']}/{side['n']}" + (" ✓" if side["solved"] else "")
+
+
+def _short(name: str) -> str:
+  """A diagram label of at most 30 characters: a longer name as "…" and its last 29."""
+  return name if len(name) <= 30 else "…" + name[-29:]
 
 
 def _load_summary(out_dir: str) -> dict:

@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import threading
+from typing import Iterable, NamedTuple, Sequence
 
 from data import records
 from data.prepared import prompt_text
@@ -140,6 +141,14 @@ def derive_seed(*parts) -> int:
   return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
+class Response(NamedTuple):
+  """One response of a samples record (data/records.py)."""
+  source: str  # the model's name
+  response: str  # as trained on
+  code: str  # program = exec_prefix + code
+  is_teacher: int  # 1 for a teacher's, 0 for the student's
+
+
 @dataclasses.dataclass
 class Teacher:
   """Where teacher responses come from: an OpenAI-compatible client, or answers from a file."""
@@ -165,6 +174,23 @@ class Teacher:
     stop = list(COMPLETION_STOPS) if problem.completion_style and not chat else None
     return dict(prompt=prompt, n=self.samples, temperature=self.temperature, top_p=self.top_p,
                 max_tokens=self.max_tokens, stop=stop, seed=derive_seed(seed, "teacher", problem.task_id))
+
+  @property
+  def asks(self) -> bool:
+    """Whether there is an endpoint to send requests to (else only answers from a file)."""
+    return self.client is not None
+
+  def responses(self, problem: SampleProblem, asked: list[str] | None) -> list[Response]:
+    """The teacher responses to `problem`: the endpoint's answers `asked` (None when not asked),
+    then the file's."""
+    out = []
+    if asked is not None:
+      chat = self.client.api == "chat"
+      out += [Response(self.name, t, teacher_code(problem, t, chat), 1) for t in asked]
+    if self.answers is not None:
+      out += [Response(source, t, teacher_code(problem, t, is_chat), 1)
+              for source, t, is_chat in self.answers.get(problem.task_id, ())]
+    return out
 
 
 def load_teacher_file(path: str, problems: list[SampleProblem]) -> dict:
@@ -202,15 +228,109 @@ class SampleSummary:
             f"{self.teacher_responses} teacher responses; teacher HTTP requests {self.teacher_requests}, "
             f"answers from the cache {self.teacher_cache_hits}")
 
+  def add_file(self, j: int, recs: list[dict]) -> None:
+    """Counts file j, written with `recs`."""
+    for r in recs:
+      self.student_responses += r["is_teacher"].count(0)
+      self.teacher_responses += r["is_teacher"].count(1)
+    self.problems += len(recs)
+    self.files_done.append(j)
+
+  def add_teacher_stats(self, before: tuple[int, int], after: tuple[int, int]) -> None:
+    """The teacher's (requests, cache hits) of this run, from its counters before and after."""
+    self.teacher_requests = after[0] - before[0]
+    self.teacher_cache_hits = after[1] - before[1]
+
 
 def output_files(out_dir: str, count: int) -> list[str]:
   return [os.path.join(out_dir, records.shard_name(SAMPLES_NAME, "train", j, count)) for j in range(count)]
 
 
+# -------------------------------------------- shared with `rrtf evaluate` (its parts are files)
+
+@dataclasses.dataclass(frozen=True)
+class FilePlan:
+  """`problems` in files of `per_file` each, in order; process `shard` of `num_shards` does
+  files shard, shard + num_shards, ..."""
+  problems: Sequence
+  per_file: int
+  shard: int = 0
+  num_shards: int = 1
+
+  @property
+  def count(self) -> int:
+    return -(-len(self.problems) // self.per_file)
+
+  @property
+  def mine(self) -> list[int]:
+    """This process's files."""
+    return list(range(self.shard, self.count, self.num_shards))
+
+  def chunk(self, j: int) -> Sequence:
+    """The problems of file j."""
+    return self.problems[j * self.per_file:(j + 1) * self.per_file]
+
+  def unwritten(self, paths: Sequence[str]) -> list[int]:
+    """This process's files j whose paths[j] does not exist (a file appears only when complete)."""
+    return [j for j in self.mine if not records.exists(paths[j])]
+
+
+def check_shard(shard: int, num_shards: int) -> None:
+  if not 0 <= shard < num_shards:
+    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
+
+
+def check_prompts_fit(decoder, prompts: Iterable[tuple[str, str]], where: str, *,
+                      model: str = "student", kind: str = "") -> None:
+  """Fails on the first (task_id, prompt text) whose tokens leave `decoder` no position to
+  generate in; `kind` qualifies "its prompt" in the message."""
+  limit = decoder.config.max_position_embeddings
+  for task_id, text in prompts:
+    n = len(decoder.tokenizer.encode(text))
+    if n >= limit:
+      raise InputError(f"{where}: problem {task_id}: its prompt{kind} is {n} tokens, which "
+                       f"leaves no room in the {model}'s {limit} positions")
+
+
+# ------------------------------------------------------------------------------- the stage
+
+@dataclasses.dataclass(frozen=True)
+class _Student:
+  """How the student samples: `num_samples` rows per problem from `decoder`."""
+  decoder: object | None  # model.decode.Decoder; None when num_samples is 0
+  num_samples: int
+  temperatures: Sequence[float]  # row i of a problem uses temperatures[i % len(temperatures)]
+  top_p: float
+  max_new_tokens: int
+  stop: Sequence[str] | None  # None: COMPLETION_STOPS for completion-style problems, else EOS only
+  seed: int
+  name: str
+
+  def generate(self, chunk: Sequence[SampleProblem], on_batch) -> list:
+    """Generations of `chunk`'s rows: num_samples per problem, in problem order."""
+    from model.decode import Request
+    rows = [Request(p.student_text(), max_new_tokens=self.max_new_tokens,
+                    temperature=self.temperatures[i % len(self.temperatures)], top_p=self.top_p,
+                    stop=self._stops(p), seed=derive_seed(self.seed, "student", p.task_id, i))
+            for p in chunk for i in range(self.num_samples)]
+    return self.decoder.generate(rows, on_batch=on_batch) if rows else []
+
+  def _stops(self, problem: SampleProblem) -> tuple[str, ...]:
+    if self.stop is not None:
+      return tuple(self.stop)
+    return COMPLETION_STOPS if problem.completion_style else ()
+
+  def responses(self, problem: SampleProblem, gens: Sequence) -> list[Response]:
+    if problem.completion_style:
+      return [Response(self.name, g.text, g.text, 0) for g in gens]
+    return [Response(self.name, g.text, extract_code(g.text), 0) for g in gens]
+
+
 def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples: int = 4,
-                 temperatures: tuple[float, ...] = (0.8,), top_p: float = 0.95, max_new_tokens: int = 512,
-                 stop: tuple[str, ...] | None = None, teacher: Teacher | None = None, seed: int = 0,
-                 problems_per_file: int = 64, shard: int = 0, num_shards: int = 1, student_name: str = "student",
+                 temperatures: tuple[float, ...] = (0.8,), top_p: float = 0.95,
+                 max_new_tokens: int = 512, stop: tuple[str, ...] | None = None,
+                 teacher: Teacher | None = None, seed: int = 0, problems_per_file: int = 64,
+                 shard: int = 0, num_shards: int = 1, student_name: str = "student",
                  progress: bool = True) -> SampleSummary:
   """Samples every problem of this process's files; see the module docstring.
 
@@ -220,31 +340,17 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
     stop: stop sequences of the student; default COMPLETION_STOPS for completion-style
       problems and none (EOS) for instruction-style ones.
   """
-  from tqdm import tqdm
-
-  from model.decode import Request
-  if not 0 <= shard < num_shards:
-    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
-  if num_samples < 0 or problems_per_file < 1 or not temperatures:
-    raise InputError("--num-samples must be >= 0, --problems-per-file >= 1, and a temperature given")
-  if num_samples and decoder is None:
-    raise InputError("student samples need a model (--ckpt)")
-  problems = load_problems(problems_spec)
-  count = -(-len(problems) // problems_per_file)
-  outputs = output_files(out_dir, count)
-  summary = SampleSummary(files=count)
-  todo = []
-  for j in range(shard, count, num_shards):
-    (summary.files_skipped if records.exists(outputs[j]) else todo).append(j)
+  _check_arguments(decoder, num_samples, temperatures, problems_per_file, shard, num_shards)
+  files = FilePlan(load_problems(problems_spec), problems_per_file, shard, num_shards)
+  outputs = output_files(out_dir, files.count)
+  todo = files.unwritten(outputs)
+  summary = SampleSummary(files=files.count, files_skipped=[j for j in files.mine if j not in todo])
   if num_samples:  # every prompt must fit before any work starts
-    limit = decoder.config.max_position_embeddings
-    for j in todo:
-      for p in problems[j * problems_per_file:(j + 1) * problems_per_file]:
-        n = len(decoder.tokenizer.encode(p.student_text()))
-        if n >= limit:
-          raise InputError(f"{problems_spec}: problem {p.task_id}: its prompt is {n} tokens, which leaves no room "
-                           f"in the student's {limit} positions")
-  stats0 = _teacher_stats(teacher)
+    prompts = ((p.task_id, p.student_text()) for j in todo for p in files.chunk(j))
+    check_prompts_fit(decoder, prompts, problems_spec)
+  student = _Student(decoder, num_samples, temperatures, top_p, max_new_tokens, stop, seed,
+                     student_name)
+  stats_before = _teacher_stats(teacher)
   if todo:
     records.makedirs(out_dir)
   pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -252,46 +358,53 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
   try:
     with _sigterm_stops(cancel):
       for j in todo:
-        chunk = problems[j * problems_per_file:(j + 1) * problems_per_file]
-        asks = teacher is not None and teacher.client is not None
-        total = len(chunk) * num_samples + (len(chunk) if asks else 0)
-        with tqdm(total=total, desc=f"sample file {j + 1}/{count}", unit="response", disable=not progress,
-                  dynamic_ncols=True) as bar:
-          pending = None
-          if asks:  # teacher requests go out while the student decodes
-            reqs = [teacher.request(p, seed) for p in chunk]
-            pending = pool.submit(teacher.client.map, reqs, lambda: bar.update(1), cancel)
-          rows = [Request(p.student_text(), max_new_tokens=max_new_tokens,
-                          temperature=temperatures[i % len(temperatures)], top_p=top_p,
-                          stop=tuple(stop) if stop is not None else COMPLETION_STOPS if p.completion_style else (),
-                          seed=derive_seed(seed, "student", p.task_id, i))
-                  for p in chunk for i in range(num_samples)]
-          gens = decoder.generate(rows, on_batch=bar.update) if rows else []
-          answers = pending.result() if pending is not None else None
-        recs = []
-        for k, p in enumerate(chunk):
-          out = [(student_name, g.text, g.text if p.completion_style else extract_code(g.text), 0)
-                 for g in gens[k * num_samples:(k + 1) * num_samples]]
-          if answers is not None:
-            chat = teacher.client.api == "chat"
-            out += [(teacher.name, t, teacher_code(p, t, chat), 1) for t in answers[k]]
-          if teacher is not None and teacher.answers is not None:
-            out += [(src, t, teacher_code(p, t, is_chat), 1) for src, t, is_chat in teacher.answers.get(p.task_id, ())]
-          recs.append(dict(task_id=p.task_id, prompt=p.prompt, test=p.test, entry_point=p.entry_point,
-                           exec_prefix=p.exec_prefix, sources=[o[0] for o in out], responses=[o[1] for o in out],
-                           codes=[o[2] for o in out], is_teacher=[o[3] for o in out]))
-          summary.student_responses += sum(1 for o in out if not o[3])
-          summary.teacher_responses += sum(1 for o in out if o[3])
+        recs = _sample_file(files.chunk(j), student, teacher, pool, cancel,
+                            desc=f"sample file {j + 1}/{files.count}", progress=progress)
         records.write_atomic(outputs[j], recs, ranked=False)
-        summary.problems += len(chunk)
-        summary.files_done.append(j)
+        summary.add_file(j, recs)
   finally:  # on any exit, teacher requests not yet sent are dropped; those in flight land in the cache
     cancel.set()
     pool.shutdown(wait=True, cancel_futures=True)
-  stats1 = _teacher_stats(teacher)
-  summary.teacher_requests = stats1[0] - stats0[0]
-  summary.teacher_cache_hits = stats1[1] - stats0[1]
+  summary.add_teacher_stats(stats_before, _teacher_stats(teacher))
   return summary
+
+
+def _check_arguments(decoder, num_samples, temperatures, problems_per_file, shard, num_shards):
+  check_shard(shard, num_shards)
+  if num_samples < 0 or problems_per_file < 1 or not temperatures:
+    raise InputError("--num-samples must be >= 0, --problems-per-file >= 1, and a temperature "
+                     "given")
+  if num_samples and decoder is None:
+    raise InputError("student samples need a model (--ckpt)")
+
+
+def _sample_file(chunk: Sequence[SampleProblem], student: _Student, teacher: Teacher | None,
+                 pool: concurrent.futures.Executor, cancel: threading.Event, *, desc: str,
+                 progress: bool) -> list[dict]:
+  """The records of one file's problems, under one progress bar (a tick per response)."""
+  from tqdm import tqdm
+  asks = teacher is not None and teacher.asks
+  total = len(chunk) * student.num_samples + (len(chunk) if asks else 0)
+  with tqdm(total=total, desc=desc, unit="response", disable=not progress,
+            dynamic_ncols=True) as bar:
+    pending = None
+    if asks:  # teacher requests go out while the student decodes
+      requests = [teacher.request(p, student.seed) for p in chunk]
+      pending = pool.submit(teacher.client.map, requests, lambda: bar.update(1), cancel)
+    gens = student.generate(chunk, bar.update)
+    asked = pending.result() if asks else [None] * len(chunk)
+  n = student.num_samples
+  return [_record(p, student.responses(p, gens[k * n:(k + 1) * n])
+                  + (teacher.responses(p, asked[k]) if teacher is not None else []))
+          for k, p in enumerate(chunk)]
+
+
+def _record(problem: SampleProblem, responses: list[Response]) -> dict:
+  """A samples record (data/records.py)."""
+  return dict(task_id=problem.task_id, prompt=problem.prompt, test=problem.test,
+              entry_point=problem.entry_point, exec_prefix=problem.exec_prefix,
+              sources=[r.source for r in responses], responses=[r.response for r in responses],
+              codes=[r.code for r in responses], is_teacher=[r.is_teacher for r in responses])
 
 
 def _teacher_stats(teacher) -> tuple[int, int]:
