@@ -36,6 +36,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from data.problems import InputError
 from model.paths import is_url
 
 TEXT_FIELDS = ("task_id", "prompt", "test", "entry_point", "exec_prefix")
@@ -242,6 +243,22 @@ def exists(path: str) -> bool:
   fs, target = _fs(path)
   fs.invalidate_cache(target)  # another process may have written it since a listing was cached
   return fs.exists(target)
+
+
+def check_shard(shard: int, num_shards: int) -> None:
+  """`--shard i --num-shards n`, as every sharded stage takes them."""
+  if not 0 <= shard < num_shards:
+    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
+
+
+def shard_plan(outputs: Sequence[str], shard: int, num_shards: int) -> tuple[list[int], list[int]]:
+  """This process's output files shard, shard + num_shards, ... of `outputs`, split into (still
+  to write, written already): a stage writes a file only when it is complete."""
+  check_shard(shard, num_shards)
+  todo, done = [], []
+  for j in range(shard, len(outputs), num_shards):
+    (done if exists(outputs[j]) else todo).append(j)
+  return todo, done
 
 
 def isdir(path: str) -> bool:

@@ -42,8 +42,10 @@ from typing import Sequence
 
 from data.problems import (HUMANEVAL, InputError, Problem, load_problems, read_jsonl, write_jsonl_atomic,
                            write_text_atomic)
+from data.records import check_shard
+from model.paths import abspath
 from rrtf_jax.stages.sample import (COMPLETION_STOPS, FilePlan, SampleProblem, check_prompts_fit,
-                                    check_shard, derive_seed)
+                                    derive_seed)
 
 PROMPT_FORMATS = ("rrtf", "raw")
 PAPER_KS = (1, 10, 100)
@@ -204,7 +206,7 @@ def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None,
   table = _load(problems)
   parts = FilePlan(list(table.values()), problems_per_file, shard, num_shards)
   settings = dict(
-      ckpt=_where(ckpt), problems=problems if problems == HUMANEVAL else _where(problems),
+      ckpt=abspath(ckpt), problems=problems if problems == HUMANEVAL else abspath(problems),
       problems_sha256=_digest(parts.problems), n=n, temperature=temperature, top_p=top_p,
       greedy=greedy, prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed,
       stop=list(COMPLETION_STOPS), timeout=timeout, problems_per_file=problems_per_file)
@@ -273,11 +275,6 @@ def _load(spec: str) -> dict[str, Problem]:
   if spec != HUMANEVAL and "/" not in spec and "." not in spec and not os.path.exists(spec):
     raise InputError(f"--problems {spec!r}: not a known benchmark ({HUMANEVAL}) nor a file")
   return load_problems(spec)
-
-
-def _where(path: str) -> str:
-  """A path as recorded in settings: absolute unless it is a URL."""
-  return path if "://" in path else os.path.abspath(path)
 
 
 def _digest(problems: Sequence[Problem]) -> str:

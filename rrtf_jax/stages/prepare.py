@@ -86,15 +86,12 @@ def prepare_stage(ranked_dir: str, out_dir: str, tokenizer, *, shard: int = 0, n
   """`rrtf prepare`: ranked TFDS dataset -> prepared TFDS dataset `out_dir` (PREPARED_NAME);
   both local or URLs (gs://, through fsspec: data/records.py)."""
   from tqdm import tqdm
-  if not 0 <= shard < num_shards:
-    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
+  records.check_shard(shard, num_shards)
   inputs = ranked_files(ranked_dir)
   outputs = [os.path.join(out_dir, records.shard_name(PREPARED_NAME, SPLIT, j, len(inputs)))
              for j in range(len(inputs))]
   summary = PrepareSummary()
-  todo = []
-  for j in range(shard, len(inputs), num_shards):
-    (summary.shards_skipped if records.exists(outputs[j]) else todo).append(j)
+  todo, summary.shards_skipped = records.shard_plan(outputs, shard, num_shards)
   # Check every input before writing anything: bad input fails fast and writes nothing.
   sizes = {j: _check_ranked(inputs[j]) for j in todo}
   if todo:

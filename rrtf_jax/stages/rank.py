@@ -101,15 +101,12 @@ def rank_stage(samples_dir: str, out_dir: str, *, shard: int = 0, num_shards: in
   from tqdm import tqdm
 
   from rrtf_jax.sandbox import Limits, Sandbox
-  if not 0 <= shard < num_shards:
-    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
+  records.check_shard(shard, num_shards)
   inputs = input_files(samples_dir)
   outputs = [os.path.join(out_dir, records.shard_name(records.RANKED_NAME, "train", j, len(inputs)))
              for j in range(len(inputs))]
   summary = RankSummary()
-  todo = []
-  for j in range(shard, len(inputs), num_shards):
-    (summary.shards_skipped if records.exists(outputs[j]) else todo).append(j)
+  todo, summary.shards_skipped = records.shard_plan(outputs, shard, num_shards)
   # Read and check every input before executing anything: bad input fails fast, writes nothing.
   loaded = {}
   for j in todo:

@@ -272,12 +272,7 @@ class FilePlan:
 
   def unwritten(self, paths: Sequence[str]) -> list[int]:
     """This process's files j whose paths[j] does not exist (a file appears only when complete)."""
-    return [j for j in self.mine if not records.exists(paths[j])]
-
-
-def check_shard(shard: int, num_shards: int) -> None:
-  if not 0 <= shard < num_shards:
-    raise InputError(f"--shard {shard} is not in [0, --num-shards {num_shards})")
+    return records.shard_plan(paths, self.shard, self.num_shards)[0]
 
 
 def check_prompts_fit(decoder, prompts: Iterable[tuple[str, str]], where: str, *,
@@ -370,7 +365,7 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
 
 
 def _check_arguments(decoder, num_samples, temperatures, problems_per_file, shard, num_shards):
-  check_shard(shard, num_shards)
+  records.check_shard(shard, num_shards)
   if num_samples < 0 or problems_per_file < 1 or not temperatures:
     raise InputError("--num-samples must be >= 0, --problems-per-file >= 1, and a temperature "
                      "given")
