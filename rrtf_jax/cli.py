@@ -14,6 +14,10 @@ import sys
 from rrtf_jax.config_loading import split_overrides
 
 
+class UsageError(ValueError):
+  """A bad combination of flags (one line, exit 2)."""
+
+
 # ---- argument groups shared by several commands -------------------------------------------------
 
 def _add_teacher_args(s, required: bool) -> None:
@@ -84,7 +88,7 @@ def _decoder(args):
 def _teacher_client(args, cache_dir: str):
   from rrtf_jax.serving.teacher import TeacherClient
   if not args.teacher_model:
-    raise ValueError("--teacher needs --teacher-model (the model name the endpoint serves)")
+    raise UsageError("--teacher needs --teacher-model (the model name the endpoint serves)")
   return TeacherClient(args.teacher, args.teacher_model, api=args.teacher_api,
                        api_key_env=args.teacher_key_env, concurrency=args.teacher_concurrency,
                        timeout=args.teacher_timeout, cache_dir=args.teacher_cache or cache_dir)
@@ -94,7 +98,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
   try:
     return tuple(float(x) for x in text.split(","))
   except ValueError:
-    raise ValueError(f"{flag} takes a number or comma-separated numbers, got {text!r}") from None
+    raise UsageError(f"{flag} takes a number or comma-separated numbers, got {text!r}") from None
 
 
 # ---- the commands, in `rrtf --help` order -------------------------------------------------------
@@ -180,7 +184,7 @@ def _plan(args, overrides):
                          group=args.quant_group, embedding=args.quant_embedding)
   else:
     if args.quant != "none" or args.quant_group is not None or args.quant_embedding:
-      raise ValueError("--quant, --quant-group and --quant-embedding plan the decode step: "
+      raise UsageError("--quant, --quant-group and --quant-embedding plan the decode step: "
                        "add --decode")
     result = plan(config, args.topology, mesh_spec=args.mesh, batch_size=args.batch_size,
                   seq_len=args.seq_len)
@@ -255,7 +259,7 @@ def _sample(args, overrides):
   temps = _floats(args.temperature, "--temperature")
   teacher = None
   if args.teacher and args.teacher_file:
-    raise ValueError("give --teacher (an endpoint) or --teacher-file, not both")
+    raise UsageError("give --teacher (an endpoint) or --teacher-file, not both")
   if args.teacher:
     teacher = Teacher(client=_teacher_client(args, default_cache_dir(args.out)),
                       samples=args.teacher_samples, temperature=args.teacher_temperature,
@@ -266,7 +270,7 @@ def _sample(args, overrides):
   decoder = None
   if args.num_samples:
     if not args.ckpt:
-      raise ValueError("student samples need --ckpt (or --num-samples 0 for teacher responses "
+      raise UsageError("student samples need --ckpt (or --num-samples 0 for teacher responses "
                        "only)")
     decoder = _decoder(args)
   try:
@@ -381,7 +385,7 @@ def _evaluate(args, overrides):
   flags = (("--ckpt", args.ckpt), ("--problems", args.problems), ("--out", args.out))
   missing = [flag for flag, value in flags if not value]
   if missing:
-    raise ValueError(f"needs {', '.join(missing)} (or --compare A B)")
+    raise UsageError(f"needs {', '.join(missing)} (or --compare A B)")
   shard, num_shards = _shard(args)
   summary = ev.evaluate(args.ckpt, args.problems, args.out, n=args.n, temperature=args.temperature,
                         top_p=args.top_p, ks=ev.parse_ks(args.k) if args.k else None,
@@ -588,8 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"{args.command} takes no --config overrides")
   try:
     return int(args.func(args, overrides) or 0)
-  # ConversionError, ConfigError and data.problems.InputError are ValueErrors.
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  # Bad input, as one line: our errors subclass ValueError (data.problems.InputError,
+  # ConfigError, ConversionError, TrainError, PlanError, UsageError), and the model's and the
+  # loader's checks raise ValueError itself. Anything else (KeyError, TypeError, ...) is a bug
+  # and keeps its traceback.
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"rrtf {args.command}: error: {msg}", file=sys.stderr)
     return 2
