@@ -169,7 +169,7 @@ def load_checkpoint(path: str, *, shardings=None, dtype=None):
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(f"{path}/{PARAMS_DIR}").item_metadata.tree
   if shardings is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, meta)
   # `dtype` casts the floating-point parameters only (a quantized checkpoint's integers stay).
   cast = lambda d: dtype if dtype and jax.numpy.issubdtype(d, jax.numpy.floating) else d  # noqa: E731
