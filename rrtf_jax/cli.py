@@ -74,15 +74,12 @@ def _shard(args) -> tuple[int, int]:
 
 
 def _decoder(args):
-  """The student's Decoder from --ckpt and the decoder flags (_add_decoder_args), on this host's
-  own devices (a per-host stage: every worker of a slice decodes its own share)."""
-  import jax
-
-  from model.decode import Decoder
-  from model.sharding import make_mesh
-  mesh = make_mesh(args.mesh, jax.local_devices()) if args.mesh else None
-  return Decoder.from_checkpoint(args.ckpt, mesh=mesh, dtype=args.dtype,
-                                 chunk=args.chunk, max_batch=args.batch_size)
+  """The student's Decoder from --ckpt and the decoder flags (_add_decoder_args), loaded as
+  `rrtf serve` loads its model: on this host's own devices (a per-host stage: every worker of a
+  slice decodes its own share)."""
+  from rrtf_jax.serving.server import load_decoder
+  return load_decoder(args.ckpt, mesh=args.mesh, dtype=args.dtype, chunk=args.chunk,
+                      max_batch=args.batch_size)
 
 
 def _teacher_client(args, cache_dir: str):
