@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import queue
 import re
 import selectors
 import signal
@@ -333,17 +334,27 @@ def test_serve_main_subprocess(tiny_ckpt, tmp_path):
 
 
 def _serving_url(proc, deadline: float) -> str:
-  """The base URL from a server process's 'serving NAME on URL' line; its output so far if none."""
-  sel = selectors.DefaultSelector()
-  sel.register(proc.stdout, selectors.EVENT_READ)
-  lines = []
-  while time.time() < deadline and proc.poll() is None:
-    if sel.select(timeout=1):
-      lines.append(proc.stdout.readline())
-      m = re.fullmatch(r"serving \S+ on (http://127\.0\.0\.1:\d+/v1)\n", lines[-1])
+  """The base URL from a server process's 'serving NAME on URL' line; its output so far if none.
+  A thread reads the lines (a selector on the pipe misses lines already in the file's buffer)
+  and goes on draining the pipe afterwards."""
+  lines = queue.Queue()
+
+  def read():
+    for line in proc.stdout:
+      lines.put(line)
+    lines.put("")  # the end of the output
+
+  threading.Thread(target=read, daemon=True).start()
+  seen = []
+  try:
+    while line := lines.get(timeout=max(0.0, deadline - time.time())):
+      seen.append(line)
+      m = re.fullmatch(r"serving \S+ on (http://127\.0\.0\.1:\d+/v1)\n", line)
       if m:
         return m.group(1)
-  raise AssertionError(f"no 'serving' line (exit code {proc.poll()}): {''.join(lines)[-2000:]}")
+  except queue.Empty:
+    pass
+  raise AssertionError(f"no 'serving' line (exit code {proc.poll()}): {''.join(seen)[-2000:]}")
 
 
 def test_serve_in_a_two_process_job_uses_its_own_devices(tiny_ckpt):
@@ -355,12 +366,15 @@ def test_serve_in_a_two_process_job_uses_its_own_devices(tiny_ckpt):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  join = ("import sys, jax; jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, "
-          "process_id=int(sys.argv[2])); from rrtf_jax.cli import main; sys.exit(main(sys.argv[3:]))")
+  join = ("import sys, jax; jax.distributed.initialize(coordinator_address=sys.argv[1], "
+          "num_processes=2, process_id=int(sys.argv[2])); "
+          "from rrtf_jax.cli import main; sys.exit(main(sys.argv[3:]))")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # float32: the sharded and the one-device decode agree exactly
   serve = ["serve", "--ckpt", tiny_ckpt, "--port", "0", "--model-name", "sub", "--max-batch", "1",
-           "--chunk", "4", "--dtype", "float32"]  # float32: the sharded and the one-device decode agree exactly
-  procs = [subprocess.Popen([sys.executable, "-c", join, f"127.0.0.1:{port}", str(i), *serve, *mesh],
+           "--chunk", "4", "--dtype", "float32"]
+  coordinator = f"127.0.0.1:{port}"
+  procs = [subprocess.Popen([sys.executable, "-c", join, coordinator, str(i), *serve, *mesh],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
            for i, mesh in enumerate((["--mesh", "tensor=2"], []))]
   try:
