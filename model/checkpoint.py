@@ -161,7 +161,7 @@ def load_checkpoint(path: str, *, shardings=None, dtype=None):
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(f"{path}/{PARAMS_DIR}").item_metadata.tree
   if shardings is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, meta)
   # `dtype` casts the floating-point parameters only (a quantized checkpoint's integers stay).
   def restored(m, sharding):

@@ -60,16 +60,16 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   key, eq, value = item.removeprefix("--").removeprefix("config.").partition("=")
   if not eq:
     raise ConfigError(f"bad override {item!r}: expected --config.FIELD=VALUE")
-  parts = key.split(".")
+  *groups, name = key.split(".")
   node = config
-  for p in parts[:-1]:
-    if p not in node:
+  for group in groups:  # only through groups: `in` on a str field would test for a substring
+    node = node[group] if group in node else None
+    if not isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(f"bad override {item!r}: no field {key!r} in the config")
-    node = node[p]
-  if parts[-1] not in node:
+  if name not in node:
     raise ConfigError(f"bad override {item!r}: no field {key!r} in the config")
   try:
-    node[parts[-1]] = _parse(value, node[parts[-1]])
+    node[name] = _parse(value, node[name])
   except (ValueError, TypeError) as e:
     raise ConfigError(f"bad override {item!r}: {e}") from None
 

@@ -40,3 +40,23 @@ def test_overrides_are_typed():
 def test_split_overrides():
   rest, over = split_overrides(["plan", "--config", "tiny", "--config.model.num_layers", "3", "--config.seed=1"])
   assert rest == ["plan", "--config", "tiny"] and over == ["--config.model.num_layers=3", "--config.seed=1"]
+
+
+def test_bugs_keep_their_traceback_and_bad_overrides_are_one_line(monkeypatch, capsys):
+  """Only bad input is a one-line `rrtf X: error:` with exit 2: a KeyError from a bug in a
+  handler propagates (the console script prints its traceback), while a bad override key, even
+  one that runs through a value (model.num_layers is an int), is still one line."""
+  from rrtf_jax import cli
+
+  def check_samples_with_a_bug(*args, **kwargs):
+    return {}["samples"]
+
+  monkeypatch.setattr("rrtf_jax.stages.check.check_samples", check_samples_with_a_bug)
+  with pytest.raises(KeyError, match="samples"):
+    cli.main(["check", "--problems", "p.jsonl", "--samples", "s.jsonl", "--out", "out.jsonl"])
+  assert "error:" not in capsys.readouterr().err
+  for override in ("--config.model.nope=1", "--config.model.num_layers.x=1"):
+    assert cli.main(["plan", "--config", "tiny", "--topology", "v5e:2x2", override]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"rrtf plan: error: bad override {override!r}: no field "
+                   f"{override.removeprefix('--config.').partition('=')[0]!r} in the config\n")

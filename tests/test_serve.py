@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
+import queue
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -331,3 +334,65 @@ def test_serve_main_subprocess(tiny_ckpt, tmp_path):
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def _serving_url(proc, deadline: float) -> str:
+  """The base URL from a server process's 'serving NAME on URL' line; its output so far if none.
+  A thread reads the lines (a selector on the pipe misses lines already in the file's buffer)
+  and goes on draining the pipe afterwards."""
+  lines = queue.Queue()
+
+  def read():
+    for line in proc.stdout:
+      lines.put(line)
+    lines.put("")  # the end of the output
+
+  threading.Thread(target=read, daemon=True).start()
+  seen = []
+  try:
+    while line := lines.get(timeout=max(0.0, deadline - time.time())):
+      seen.append(line)
+      m = re.fullmatch(r"serving \S+ on (http://127\.0\.0\.1:\d+/v1)\n", line)
+      if m:
+        return m.group(1)
+  except queue.Empty:
+    pass
+  raise AssertionError(f"no 'serving' line (exit code {proc.poll()}): {''.join(seen)[-2000:]}")
+
+
+def test_serve_in_a_two_process_job_uses_its_own_devices(tiny_ckpt):
+  """`rrtf serve` in each process of a two-process JAX job (joined by jax.distributed, 2 CPU
+  devices each: jax.devices() lists 4, jax.local_devices() 2), process 0 with --mesh tensor=2,
+  process 1 unsharded: each loads the model onto its own devices, as sample and evaluate do, and
+  both answer greedily alike. A mesh over jax.devices() does not fit 4 devices, and unsharded
+  parameters on jax.devices()[0] would be on process 0's device, out of process 1's reach."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  join = ("import sys, jax; jax.distributed.initialize(coordinator_address=sys.argv[1], "
+          "num_processes=2, process_id=int(sys.argv[2])); "
+          "from rrtf_jax.cli import main; sys.exit(main(sys.argv[3:]))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # float32: the sharded and the one-device decode agree exactly
+  serve = ["serve", "--ckpt", tiny_ckpt, "--port", "0", "--model-name", "sub", "--max-batch", "1",
+           "--chunk", "4", "--dtype", "float32"]
+  coordinator = f"127.0.0.1:{port}"
+  procs = [subprocess.Popen([sys.executable, "-c", join, coordinator, str(i), *serve, *mesh],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for i, mesh in enumerate((["--mesh", "tensor=2"], []))]
+  try:
+    deadline = time.time() + 120
+    urls = [_serving_url(proc, deadline) for proc in procs]
+    texts = []
+    for url in urls:
+      with TeacherClient(url, "sub", api="completions", max_retries=0) as client:
+        texts += client.complete(PROMPT, temperature=0.0, max_tokens=NEW)
+    assert texts[0] == texts[1] and texts[0]
+    for proc in procs:
+      proc.send_signal(signal.SIGTERM)
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()

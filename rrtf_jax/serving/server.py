@@ -294,17 +294,27 @@ def make_server(engine: Engine, host: str, port: int, *, model_name: str, api_ke
   return server
 
 
+def load_decoder(ckpt: str, *, mesh: str | None = None, dtype: str | None = None, chunk: int = 32,
+                 max_batch: int = 16, seed: int = 0):
+  """The Decoder of checkpoint `ckpt`, sharded by the mesh spec `mesh` (e.g. tensor=4) over this
+  host's own devices: serving, sampling and evaluating are per-host work (every worker of a
+  multi-host slice runs its own copy; jax.devices() there holds the other hosts' devices too).
+  `rrtf serve`, `rrtf sample` and `rrtf evaluate` all load their model through it."""
+  import jax
+
+  from model.decode import Decoder
+  from model.sharding import make_mesh
+  local_mesh = make_mesh(mesh, jax.local_devices()) if mesh else None
+  return Decoder.from_checkpoint(ckpt, mesh=local_mesh, dtype=dtype, chunk=chunk,
+                                 max_batch=max_batch, seed=seed)
+
+
 def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
                max_batch: int = 16, chunk: int = 32, api_key_env: str | None = None, request_log: str | None = None,
                dtype: str | None = None, mesh: str | None = None, seed: int = 0) -> None:
   """Loads `ckpt` and serves it until SIGINT or SIGTERM (see the module docstring). Prints one
   line, "serving NAME on http://HOST:PORT/v1", once listening (port 0 picks a free one)."""
-  from model.decode import Decoder
-  mesh_obj = None
-  if mesh:
-    from model.sharding import make_mesh
-    mesh_obj = make_mesh(mesh)
-  decoder = Decoder.from_checkpoint(ckpt, mesh=mesh_obj, dtype=dtype, chunk=chunk, max_batch=max_batch, seed=seed)
+  decoder = load_decoder(ckpt, mesh=mesh, dtype=dtype, chunk=chunk, max_batch=max_batch, seed=seed)
   name = model_name or os.path.basename(ckpt.rstrip("/")) or "rrtf"
   engine = Engine(decoder)
   try:
