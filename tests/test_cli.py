@@ -60,3 +60,12 @@ def test_bugs_keep_their_traceback_and_bad_overrides_are_one_line(monkeypatch, c
     err = capsys.readouterr().err
     assert err == (f"rrtf plan: error: bad override {override!r}: no field "
                    f"{override.removeprefix('--config.').partition('=')[0]!r} in the config\n")
+
+
+def test_params_on_a_config_without_a_model_section_is_one_line(tmp_path, capsys):
+  from rrtf_jax.cli import main
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text("{}")
+  assert main(["params", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2
+  assert "config.json: not an `rrtf train` config (no model section)" in capsys.readouterr().err
+  assert not (tmp_path / "m").exists()

@@ -299,3 +299,9 @@ def test_compare(humaneval, tmp_path, capsys):
   _fake_eval(other, {t: humaneval[t] for t in list(humaneval)[1:7]}, [(1, 1)] * 6)
   assert cli.main(["evaluate", "--compare", a, other]) == 2
   assert "different problems" in capsys.readouterr().err
+  # A summary row without its counts: one line naming the row, not a KeyError's traceback.
+  broken = json.load(open(f"{other}/summary.json"))
+  del broken["per_problem"][2]["c"]
+  json.dump(broken, open(f"{other}/summary.json", "w"))
+  assert cli.main(["evaluate", "--compare", a, other]) == 2
+  assert "summary.json: per_problem[2] needs task_id, n and c" in capsys.readouterr().err

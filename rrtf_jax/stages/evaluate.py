@@ -490,6 +490,9 @@ def _load_summary(out_dir: str) -> dict:
       raise InputError(f"{path}: invalid JSON: {e.msg}") from None
   if not isinstance(s, dict) or "per_problem" not in s or "pass@k" not in s:
     raise InputError(f"{path}: not an rrtf evaluate summary (no per_problem / pass@k)")
+  for i, row in enumerate(s["per_problem"]):
+    if not isinstance(row, dict) or not {"task_id", "n", "c"} <= set(row):
+      raise InputError(f"{path}: per_problem[{i}] needs task_id, n and c")
   return s
 
 

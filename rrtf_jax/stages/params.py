@@ -31,6 +31,8 @@ def save_model(workdir: str, out: str, *, step: int | None = None, dtype: str | 
       config = json.load(f)
   except FileNotFoundError:
     raise TrainError(f"{workdir}: not a training workdir (no config.json)") from None
+  if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    raise TrainError(f"{cfg_path}: not an `rrtf train` config (no model section)")
   model_cfg = ModelConfig.from_dict(config["model"])
   mngr = ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   try:
