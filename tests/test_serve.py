@@ -14,7 +14,6 @@ import json
 import os
 import queue
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -311,31 +310,6 @@ def test_client_gone_mid_stream(stack):
   assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
 
 
-def test_serve_main_subprocess(tiny_ckpt, tmp_path):
-  code = (f"from rrtf_jax.serving.server import serve_main; serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
-          f"max_batch=1, chunk=4, request_log={str(tmp_path / 'log.jsonl')!r})")
-  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  try:
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline, line = time.time() + 120, ""
-    while not line.startswith("serving") and time.time() < deadline and proc.poll() is None:
-      if sel.select(timeout=1):
-        line = proc.stdout.readline()
-    m = re.fullmatch(r"serving sub on (http://127\.0\.0\.1:\d+/v1)\n", line)
-    assert m, f"no 'serving' line; last output {line!r}"
-    with TeacherClient(m.group(1), "sub", api="completions", max_retries=0) as client:
-      [text] = client.complete(PROMPT, temperature=0.0, max_tokens=4)
-    assert isinstance(text, str)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, proc.stdout.read()
-    assert json.loads((tmp_path / "log.jsonl").read_text())["status"] == 200
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-
-
 def _serving_url(proc, deadline: float) -> str:
   """The base URL from a server process's 'serving NAME on URL' line; its output so far if none.
   A thread reads the lines (a selector on the pipe misses lines already in the file's buffer)
@@ -358,6 +332,24 @@ def _serving_url(proc, deadline: float) -> str:
   except queue.Empty:
     pass
   raise AssertionError(f"no 'serving' line (exit code {proc.poll()}): {''.join(seen)[-2000:]}")
+
+
+def test_serve_main_subprocess(tiny_ckpt, tmp_path):
+  code = (f"from rrtf_jax.serving.server import serve_main; serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
+          f"max_batch=1, chunk=4, request_log={str(tmp_path / 'log.jsonl')!r})")
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    url = _serving_url(proc, time.time() + 120)
+    with TeacherClient(url, "sub", api="completions", max_retries=0) as client:
+      [text] = client.complete(PROMPT, temperature=0.0, max_tokens=4)
+    assert isinstance(text, str)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert json.loads((tmp_path / "log.jsonl").read_text())["status"] == 200
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
 
 
 def test_serve_in_a_two_process_job_uses_its_own_devices(tiny_ckpt):
