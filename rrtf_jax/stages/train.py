@@ -7,7 +7,8 @@ Letters: B prompts (global batch), b prompts on this host, R responses per promp
 The loop reads the prepared dataset (data/loader.py) with a per-host split, builds global
 arrays with `jax.make_array_from_process_local_data`, keeps orbax checkpoints (async, the
 newest N, the data position saved with the step), resumes from the newest one in the
-workdir, and saves at the current step on SIGTERM (what a TPU VM gets before preemption).
+workdir, and saves at the current step on SIGTERM (what a TPU VM gets before preemption);
+with several hosts, at a step they all agree on (`_preempted`), whichever host got it.
 """
 
 from __future__ import annotations
@@ -56,11 +57,23 @@ def _agree_length(t: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(t))))
 
 
-def _preempted(stop: threading.Event, step: int) -> bool:
+def _preempted(stop: threading.Event, start: int, step: int) -> bool:
+  """Whether to save and stop after `step`: SIGTERM (a TPU VM's preemption notice) reached a
+  process. Every process must get the same answer at the same step: one that left the loop
+  alone would wait in the collective save while the others wait in the next step.
+
+  One process: the Python SIGTERM handler's flag. Several (jax.distributed): JAX's preemption
+  sync point alone. jax.distributed.initialize() installs JAX's own SIGTERM handler (C++,
+  polled each second); on a notice at any process, every process reports the step it is at
+  and the sync point is the step after the largest, the same on all. So no Python handler
+  then: signal.signal would replace JAX's, whose notice would never come. JAX's counters
+  start at 0, so it is given this run's steps (1, 2, ...): a notice during restore or
+  compiling stops after the run's first step, where the checkpoint's steps would never meet it.
+  """
   if jax.process_count() == 1:
     return stop.is_set()
-  from jax.experimental import multihost_utils  # all hosts agree on the step (JAX's SIGTERM notice)
-  return multihost_utils.reached_preemption_sync_point(step) or stop.is_set()
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step - start)
 
 
 def _checkpoint_manager(workdir: str, tc):
@@ -187,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
       writer = _summary_writer(_join(workdir, TENSORBOARD_DIR), purge_step=start + 1 if start else None)
     stop = threading.Event()
     old_handler = None
-    if threading.current_thread() is threading.main_thread():
+    if n_proc == 1 and threading.current_thread() is threading.main_thread():  # (see _preempted)
       old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     history: list[dict] = []
@@ -249,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                                         "padding_fraction": padding_fraction(local)}))
         if step % int(tc.log_every) == 0 or step == int(tc.steps):
           flush()
-        if _preempted(stop, step):
+        if _preempted(stop, start, step):
           flush()
           save(step, force=True)
           preempted = True
