@@ -79,6 +79,7 @@ class _Example:
   scores: np.ndarray  # [R] float32
   is_teacher: np.ndarray  # [R] bool
   length: int  # longest sequence
+  task_id: str
 
 
 class TrainBatches:
@@ -88,7 +89,7 @@ class TrainBatches:
   examples: this host's prompts per epoch; long_prompts: those skipped (prompt >= seq_len).
   buckets: the batch lengths T it may use.
   parts: the data parts (of `splits`) this host reads; task_ids_read: the task ids of the
-  prompts it has drawn from them so far (what `rrtf train` records per host).
+  prompts in the batches it has yielded so far (what `rrtf train` records per host).
   """
 
   def __init__(self, data_dir: str, *, start: DataState | None = None, batch_size: int, pad_id: int,
@@ -241,7 +242,7 @@ class _Reader:
       seqs[i] = np.concatenate([tokens[:p], resp])[:self.seq_len + 1].astype(np.int32)
       scores[i], teacher[i] = ex["scores"][j], bool(ex["is_teacher"][j])
     length = max((len(s) for s in seqs if s is not None), default=0)
-    return _Example(seqs, p, scores, teacher, length)
+    return _Example(seqs, p, scores, teacher, length, ex["task_id"].decode())
 
   def _batch(self, exs: list[_Example]) -> dict:
     """[b, R, T] arrays for b examples; T the bucket of the longest input (agreed across hosts)."""
@@ -270,7 +271,6 @@ class _Reader:
     it = self._dataset(epoch, first * w * b).as_numpy_iterator()
     for wi in itertools.count(first):
       raw = list(itertools.islice(it, w * b))
-      self.seen.update(ex["task_id"].decode() for ex in raw)
       full = len(raw) // b  # a final partial window keeps its full batches only
       if full == 0 or wi * w >= n:
         return
@@ -284,7 +284,10 @@ class _Reader:
           return
         if index < skip_batches:
           continue
-        yield self._batch([exs[m] for m in batches[bi]]), DataState(epoch, index + 1)
+        rows = [exs[m] for m in batches[bi]]
+        # Read means handed out: rows skipped on resume, dropped or never reached are not.
+        self.seen.update(e.task_id for e in rows)
+        yield self._batch(rows), DataState(epoch, index + 1)
 
   def generate(self, start: DataState) -> Iterator[tuple[dict, DataState]]:
     epoch, k = start.epoch, start.batch

@@ -362,6 +362,28 @@ def test_resume_is_exact_across_windows_and_epochs(prepared):
   assert dataclasses.asdict(ref[5][1]) == {"epoch": 0, "batch": 6}
 
 
+def test_task_ids_read_are_the_yielded_prompts(prepared):
+  """task_ids_read (what `rrtf train` records per host) holds the prompts of the batches handed
+  out: not those skipped on resume, dropped with the partial final window, or still unread in
+  the current window."""
+  out, probs = prepared
+  by_prompt = {prompt_text(p["prompt"]): p["task_id"] for p in probs}
+  kw = dict(batch_size=5, responses=2, seq_len=64, pad_id=3, window=2, seed=2, process_count=1, process_index=0)
+
+  def yielded(batches):
+    return {by_prompt[_prompt(b, i)] for b, _ in batches for i in range(len(b["inputs"]))}
+
+  # 48 prompts in batches of 5: 9 batches an epoch, 3 prompts dropped with the last window.
+  it = train_batches(out, **kw)
+  assert it.batches_per_epoch == 9
+  epoch = _take(it, 9)
+  assert it.task_ids_read == yielded(epoch) and len(it.task_ids_read) == 45
+  # Resumed in the middle of a window (batch 3 is its second), then stopped in the middle of the next.
+  it = train_batches(out, start=DataState(0, 3), **kw)
+  resumed = _take(it, 2)
+  assert _same(resumed[0], epoch[3]) and it.task_ids_read == yielded(resumed) and len(it.task_ids_read) == 10
+
+
 def test_hosts_split_disjoint_and_covering(prepared):
   out, probs = prepared
   kw = dict(batch_size=4, responses=2, seq_len=64, pad_id=3, window=2, process_count=2)

@@ -115,6 +115,30 @@ def _tensorboard(workdir, tag="train/loss") -> dict:
   return out
 
 
+def _two_processes(data_dir, workdir, flags, env) -> list:
+  """Two `rrtf train` processes joined by jax.distributed on 127.0.0.1, 4 CPU devices each."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return [_start(_train_args(data_dir, workdir, *flags, "--coordinator-address", f"127.0.0.1:{port}",
+                             "--num-processes", "2", "--process-id", str(i)), env) for i in range(2)]
+
+
+def _finish(procs, timeout) -> list[tuple[str, str]]:
+  """(stdout, stderr) of each process; all are killed if one is still running after `timeout`
+  seconds (in all), so a hung collective fails the test instead of hanging it."""
+  end = time.time() + timeout
+  try:
+    return [p.communicate(timeout=max(end - time.time(), 1)) for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    outs = [p.communicate() for p in procs]
+    pytest.fail(f"still running after {timeout} s (killed): "
+                + " | ".join(f"process {i}: {err[-1500:]}" for i, (_, err) in enumerate(outs)))
+
+
 @pytest.mark.slow
 def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path):
   """One training run three ways, 12 steps with 2 micro-batches and data.splits=2:
@@ -123,22 +147,20 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   - multi-host: two `rrtf train` processes joined by jax.distributed on 127.0.0.1 (CPU backend,
     gloo collectives), 4 devices each, the same mesh over the 8, each reading its half of the data.
   The loss curves agree, it learns, each process read only its share, and the checkpoint both
-  processes wrote restores to the 8-device run's parameters (and becomes a model checkpoint)."""
-  import socket
-
+  processes wrote restores to the 8-device run's parameters (and becomes a model checkpoint).
+  Then the two processes again, one of them SIGTERMed: both save the same step and exit, and a
+  rerun ends equal to the uninterrupted pair bit for bit."""
   import tensorflow_datasets as tfds
   from rrtf_jax.stages.train import train_and_evaluate
   steps = 12
   # data.splits=2 fixes the data order whatever the host count: one process reads both halves.
   flags = [f"--config.train.steps={steps}", "--config.train.microbatches=2", "--config.data.splits=2",
            "--config.train.checkpoint_every=6", "--config.mesh=data=2,fsdp=2,tensor=2"]
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
   two = tmp_path / "two"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [_start(_train_args(prepared, two, *flags, "--coordinator-address", f"127.0.0.1:{port}",
-                              "--num-processes", "2", "--process-id", str(i)), env) for i in range(2)]
+  # The pairs after the first load its executables from this cache instead of compiling them.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"))
+  procs = _two_processes(prepared, two, flags, env)
 
   # Meanwhile, in this process (8 devices):
   sharded = _config(prepared, steps=steps, microbatches=2, checkpoint_every=6)
@@ -166,7 +188,7 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "sharded" / "tensorboard"))
 
   # The two processes.
-  outs = [p.communicate(timeout=600) for p in procs]
+  outs = _finish(procs, 600)
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   lines = [out.strip().splitlines()[-1] for out, _ in outs]
@@ -208,6 +230,32 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   assert main(["params", "--workdir", str(two), "--out", str(tmp_path / "m2"), "--step", "3"]) == 2
   assert main(["params", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "m3")]) == 2
   assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+  # Preemption of one host: SIGTERM to process 1 only, once a step is trained (process 0 logs
+  # it, and steps are collective). Both stop at the same step, save it together and exit 143;
+  # a host that left the loop alone would wait in the collective save forever.
+  work = tmp_path / "preempted"
+  procs = _two_processes(prepared, work, flags, env)
+  trained = _wait_for(lambda: _logged_a_step(work), procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _finish(procs, 180)
+  assert trained, outs[0][1][-2000:]
+  saved = []
+  for p, (_, err) in zip(procs, outs):
+    m = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", err)
+    assert p.returncode == 143 and m, err[-2000:]
+    saved.append(m.group(1))
+  term_step, _, _ = _final_params(str(work))
+  assert saved == [str(term_step)] * 2 and 0 < term_step < steps
+  # Rerun both to the end: the same final checkpoint as the uninterrupted pair, bit for bit.
+  procs = _two_processes(prepared, work, flags, env)
+  for p, (out, err) in zip(procs, _finish(procs, 600)):
+    assert p.returncode == 0 and f"resumed from step {term_step}" in out, err[-2000:]
+  step_a, params_a, data_a = _final_params(str(two))
+  step_b, params_b, data_b = _final_params(str(work))
+  assert step_a == step_b == steps and data_a == data_b
+  for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def _wait_for(predicate, proc, timeout=300):
