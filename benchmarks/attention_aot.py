@@ -25,7 +25,8 @@ Run from the repo root:
 
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"  # compile for TPU from this host; topology_devices quiets libtpu
+# compile for TPU from this host; topology_devices quiets libtpu
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -59,18 +60,24 @@ def _ver(pkg):
 
 def _loss(impl):
   def f(q, k, v, seg):
-    out = attention.dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
-                                          sm_scale=H ** -0.5, impl=impl)
+    out = attention.dot_product_attention(
+      q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, sm_scale=H**-0.5, impl=impl
+    )
     return jnp.sum(out.astype(jnp.float32) ** 2)
+
   return jax.value_and_grad(f, argnums=(0, 1, 2))
 
 
 def aot_one(impl, t, mesh):
   rep = NamedSharding(mesh, P())
-  args = (jax.ShapeDtypeStruct((B, t, N, H), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, None, "tensor", None))),
-          jax.ShapeDtypeStruct((B, t, K, H), jnp.bfloat16, sharding=rep),
-          jax.ShapeDtypeStruct((B, t, K, H), jnp.bfloat16, sharding=rep),
-          jax.ShapeDtypeStruct((B, t), jnp.int32, sharding=rep))
+  args = (
+    jax.ShapeDtypeStruct(
+      (B, t, N, H), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, None, "tensor", None))
+    ),
+    jax.ShapeDtypeStruct((B, t, K, H), jnp.bfloat16, sharding=rep),
+    jax.ShapeDtypeStruct((B, t, K, H), jnp.bfloat16, sharding=rep),
+    jax.ShapeDtypeStruct((B, t), jnp.int32, sharding=rep),
+  )
   shards = mesh.shape["tensor"]
   row = dict(T=t, impl=impl, score_bytes_per_device=(N // shards) * t * t * 4 * B)
   t0 = time.perf_counter()
@@ -79,7 +86,9 @@ def aot_one(impl, t, mesh):
       compiled = jax.jit(_loss(impl)).lower(*args).compile()
   except Exception as e:  # noqa: BLE001  (recorded, not raised: e.g. out of HBM)
     msg = f"{type(e).__name__}: {str(e).strip()}"
-    row.update(error=msg.splitlines()[0][:300], error_full=msg[:4000], compile_s=time.perf_counter() - t0)
+    row.update(
+      error=msg.splitlines()[0][:300], error_full=msg[:4000], compile_s=time.perf_counter() - t0
+    )
     return row
   row["compile_s"] = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -108,18 +117,28 @@ def cpu_interpret_timing():
   q = jax.random.normal(ks[0], (b, t, n, h), jnp.float32)
   k, v = (jax.random.normal(x, (b, t, kh, h), jnp.float32) for x in ks[1:])
   seg = jnp.ones((b, t), jnp.int32)
-  fns = {"pallas_interpret": lambda q, k, v: flash_attention(q, k, v, causal=True),
-         "xla": lambda q, k, v: attention.xla_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
-                                                        causal=True, sm_scale=h ** -0.5)}
-  res = dict(shape=dict(B=b, T=t, N=n, K=kh, H=h, dtype="float32", causal=True), reps=3, warmup=1,
-             note="Pallas interpret mode on CPU: says nothing about TPU speed")
+  fns = {
+    "pallas_interpret": lambda q, k, v: flash_attention(q, k, v, causal=True),
+    "xla": lambda q, k, v: attention.xla_attention(
+      q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, sm_scale=h**-0.5
+    ),
+  }
+  res = dict(
+    shape=dict(B=b, T=t, N=n, K=kh, H=h, dtype="float32", causal=True),
+    reps=3,
+    warmup=1,
+    note="Pallas interpret mode on CPU: says nothing about TPU speed",
+  )
   for name, f in fns.items():
-    grad = jax.jit(jax.value_and_grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+    grad = jax.jit(
+      jax.value_and_grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
+    )
     fwd_s, fwd_all = _median_s(jax.jit(f), q, k, v)
     bwd_s, bwd_all = _median_s(grad, q, k, v)
     res[name] = dict(fwd_s=fwd_s, fwd_s_all=fwd_all, fwd_bwd_s=bwd_s, fwd_bwd_s_all=bwd_all)
   res["ratio_pallas_interpret_over_xla"] = {
-      m: res["pallas_interpret"][m] / res["xla"][m] for m in ("fwd_s", "fwd_bwd_s")}
+    m: res["pallas_interpret"][m] / res["xla"][m] for m in ("fwd_s", "fwd_bwd_s")
+  }
   return res
 
 
@@ -128,20 +147,34 @@ def _mib(x):
 
 
 def markdown(rows, topo, shards):
-  out = [f"AOT compile for TPU `{topo}` (mesh tensor={shards}), fwd+bwd, B={B} N={N} K={K} H={H} bf16 causal; "
-         "bytes and FLOPs per device.", "",
-         "| T | impl | temp | args | outputs | FLOPs/device | compile s | Mosaic kernel | avoided scores [N/4,T,T] f32 |",
-         "|---|---|---|---|---|---|---|---|---|"]
+  out = [
+    f"AOT compile for TPU `{topo}` (mesh tensor={shards}), fwd+bwd, B={B} N={N} K={K} H={H} bf16 causal; "
+    "bytes and FLOPs per device.",
+    "",
+    "| T | impl | temp | args | outputs | FLOPs/device | compile s | Mosaic kernel | avoided scores [N/4,T,T] f32 |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     if "error" in r:
       cells = [f"FAILED: {r['error'].replace('|', '/')}", "", "", "", f"{r['compile_s']:.1f}", "-"]
     else:
       fl = r["flops_per_device"]
-      cells = [_mib(r["temp_size_in_bytes"]), _mib(r["argument_size_in_bytes"]), _mib(r["output_size_in_bytes"]),
-               "-" if fl is None else f"{fl:.3e}", f"{r['compile_s']:.1f}", "yes" if r["mosaic_kernel"] else "no"]
-    out.append("| " + " | ".join([str(r["T"]), r["impl"], *cells, _mib(r["score_bytes_per_device"])]) + " |")
-  out += ["", "FLOPs are XLA's cost_analysis: a Pallas kernel without a pl.CostEstimate (splash's) counts as 0, so "
-          "splash's figure covers only the XLA ops around its kernels. Ours counts the tiles it computes."]
+      cells = [
+        _mib(r["temp_size_in_bytes"]),
+        _mib(r["argument_size_in_bytes"]),
+        _mib(r["output_size_in_bytes"]),
+        "-" if fl is None else f"{fl:.3e}",
+        f"{r['compile_s']:.1f}",
+        "yes" if r["mosaic_kernel"] else "no",
+      ]
+    out.append(
+      "| " + " | ".join([str(r["T"]), r["impl"], *cells, _mib(r["score_bytes_per_device"])]) + " |"
+    )
+  out += [
+    "",
+    "FLOPs are XLA's cost_analysis: a Pallas kernel without a pl.CostEstimate (splash's) counts as 0, so "
+    "splash's figure covers only the XLA ops around its kernels. Ours counts the tiles it computes.",
+  ]
   return "\n".join(out) + "\n"
 
 
@@ -155,36 +188,75 @@ def main():
   devices = topology_devices(a.topology)
   mesh = sharding.make_mesh(f"tensor={len(devices)}", devices)
   shards = mesh.shape["tensor"]
-  print(f"topology {a.topology}: {len(devices)} devices ({devices[0].device_kind}); mesh {dict(mesh.shape)}")
+  print(
+    f"topology {a.topology}: {len(devices)} devices ({devices[0].device_kind}); mesh {dict(mesh.shape)}"
+  )
   rows = []
   for t in seq_lens:
     for impl in IMPLS:
       r = aot_one(impl, t, mesh)
       rows.append(r)
-      print(f"  T={t} {impl}: " + (f"FAILED {r['error']}" if "error" in r else
-            f"temp {_mib(r['temp_size_in_bytes'])}, flops {r['flops_per_device']}, {r['compile_s']:.1f}s, "
-            f"mosaic={r['mosaic_kernel']}"), flush=True)
+      print(
+        f"  T={t} {impl}: "
+        + (
+          f"FAILED {r['error']}"
+          if "error" in r
+          else f"temp {_mib(r['temp_size_in_bytes'])}, flops {r['flops_per_device']}, {r['compile_s']:.1f}s, "
+          f"mosaic={r['mosaic_kernel']}"
+        ),
+        flush=True,
+      )
   md = markdown(rows, a.topology, shards)
   timing = None
   if not a.quick:
     timing = cpu_interpret_timing()
-    pi, xl, ra = timing["pallas_interpret"], timing["xla"], timing["ratio_pallas_interpret_over_xla"]
-    md += ("\nCPU wall time, informational only -- Pallas interpret mode says nothing about TPU speed "
-           f"(B=1 T=512 N=8 K=1 H=64 fp32 causal, median of 3 after a warm-up):\n\n"
-           "| | fwd s | fwd+bwd s |\n|---|---|---|\n"
-           f"| pallas (interpret) | {pi['fwd_s']:.4f} | {pi['fwd_bwd_s']:.4f} |\n"
-           f"| xla | {xl['fwd_s']:.4f} | {xl['fwd_bwd_s']:.4f} |\n"
-           f"| ratio pallas/xla | {ra['fwd_s']:.1f}x | {ra['fwd_bwd_s']:.1f}x |\n")
+    pi, xl, ra = (
+      timing["pallas_interpret"],
+      timing["xla"],
+      timing["ratio_pallas_interpret_over_xla"],
+    )
+    md += (
+      "\nCPU wall time, informational only -- Pallas interpret mode says nothing about TPU speed "
+      f"(B=1 T=512 N=8 K=1 H=64 fp32 causal, median of 3 after a warm-up):\n\n"
+      "| | fwd s | fwd+bwd s |\n|---|---|---|\n"
+      f"| pallas (interpret) | {pi['fwd_s']:.4f} | {pi['fwd_bwd_s']:.4f} |\n"
+      f"| xla | {xl['fwd_s']:.4f} | {xl['fwd_bwd_s']:.4f} |\n"
+      f"| ratio pallas/xla | {ra['fwd_s']:.1f}x | {ra['fwd_bwd_s']:.1f}x |\n"
+    )
   print("\n" + md)
-  env = dict(python=platform.python_version(), jax=jax.__version__, jaxlib=_ver("jaxlib"), libtpu=_ver("libtpu"),
-             flax=_ver("flax"), topology=a.topology, device_kind=devices[0].device_kind, num_devices=len(devices),
-             mesh=dict(mesh.shape), host_cpus=os.cpu_count(), host=platform.platform())
-  result = dict(benchmark="attention_aot: AOT TPU compile of attention fwd+bwd from a CPU host",
-                config=dict(B=B, N=N, K=K, H=H, dtype="bfloat16", causal=True, segment_ids="all ones",
-                            seq_lens=seq_lens, impls=list(IMPLS), quick=a.quick,
-                            loss="value_and_grad wrt q,k,v of sum(out.astype(f32)**2)",
-                            units="bytes and FLOPs per device (SPMD-partitioned module)"),
-                env=env, aot=rows, cpu_interpret_timing=timing)
+  env = dict(
+    python=platform.python_version(),
+    jax=jax.__version__,
+    jaxlib=_ver("jaxlib"),
+    libtpu=_ver("libtpu"),
+    flax=_ver("flax"),
+    topology=a.topology,
+    device_kind=devices[0].device_kind,
+    num_devices=len(devices),
+    mesh=dict(mesh.shape),
+    host_cpus=os.cpu_count(),
+    host=platform.platform(),
+  )
+  result = dict(
+    benchmark="attention_aot: AOT TPU compile of attention fwd+bwd from a CPU host",
+    config=dict(
+      B=B,
+      N=N,
+      K=K,
+      H=H,
+      dtype="bfloat16",
+      causal=True,
+      segment_ids="all ones",
+      seq_lens=seq_lens,
+      impls=list(IMPLS),
+      quick=a.quick,
+      loss="value_and_grad wrt q,k,v of sum(out.astype(f32)**2)",
+      units="bytes and FLOPs per device (SPMD-partitioned module)",
+    ),
+    env=env,
+    aot=rows,
+    cpu_interpret_timing=timing,
+  )
   stem = "attention_aot_quick" if a.quick else "attention_aot"
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, stem + ".json"), "w") as f:

@@ -39,28 +39,42 @@ MODELS = ("base", "rrtf", "ablation")
 def run_seed(seed: int, workdir: str, quick: bool, cache: str) -> dict:
   if os.path.exists(workdir):
     shutil.rmtree(workdir)
-  cmd = ["rrtf", "demo", "--seed", str(seed), "--ablation", "--quiet", "--workdir", workdir] + (["--quick"] if quick else [])
+  cmd = ["rrtf", "demo", "--seed", str(seed), "--ablation", "--quiet", "--workdir", workdir] + (
+    ["--quick"] if quick else []
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache)
   t0 = time.perf_counter()
   out = subprocess.run(cmd, env=env, capture_output=True, text=True)
   wall = time.perf_counter() - t0
   if out.returncode:
-    raise SystemExit(f"seed {seed}: rrtf demo failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    raise SystemExit(
+      f"seed {seed}: rrtf demo failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    )
   print(out.stdout, flush=True)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   stages = {}
   for name in sorted(os.listdir(os.path.join(workdir, "stages"))):
     with open(os.path.join(workdir, "stages", name)) as f:
-      stages[name[:-len(".json")]] = json.load(f)
+      stages[name[: -len(".json")]] = json.load(f)
   seconds = {k: v["seconds"] for k, v in stages.items()}
   # the last stage scores every model; without --ablation it scores two of three
-  ablation_share = sum(seconds[k] for k in ABLATION_STAGES) + seconds["ranking_accuracy_ablation"] / 3
-  row = {"seed": seed, "wall_s": round(wall, 1), "stage_s": seconds,
-         "default_demo_s": round(wall - ablation_share, 1)}
+  ablation_share = (
+    sum(seconds[k] for k in ABLATION_STAGES) + seconds["ranking_accuracy_ablation"] / 3
+  )
+  row = {
+    "seed": seed,
+    "wall_s": round(wall, 1),
+    "stage_s": seconds,
+    "default_demo_s": round(wall - ablation_share, 1),
+  }
   for m in MODELS:
     r = summary[m]
-    row[m] = {"pass@1": r["pass@1"], "pass@k": r["pass@k"], "ranking_accuracy": r["ranking_accuracy"]}
+    row[m] = {
+      "pass@1": r["pass@1"],
+      "pass@k": r["pass@k"],
+      "ranking_accuracy": r["ranking_accuracy"],
+    }
   row["settings"] = {m: summary[m]["settings"] for m in MODELS}
   return row
 
@@ -68,30 +82,50 @@ def run_seed(seed: int, workdir: str, quick: bool, cache: str) -> dict:
 def markdown(result: dict) -> str:
   rows = result["seeds"]
   ks = list(rows[0]["base"]["pass@k"])
-  lines = [f"# rrtf demo{' --quick' if result['quick'] else ''}: base vs RRTF vs ablation, held-out", "",
-           f"{result['machine']}; {result['date']}. Greedy pass@1 and sampled pass@k "
-           f"(n={rows[0]['settings']['base']['evaluation']['n']}) on "
-           f"{rows[0]['settings']['base']['evaluation']['problems']} held-out problems per seed.", "",
-           "| seed | model | pass@1 (greedy) | " + " | ".join(ks) + " | ranking accuracy |",
-           "|---|---|---|" + "---|" * len(ks) + "---|"]
+  lines = [
+    f"# rrtf demo{' --quick' if result['quick'] else ''}: base vs RRTF vs ablation, held-out",
+    "",
+    f"{result['machine']}; {result['date']}. Greedy pass@1 and sampled pass@k "
+    f"(n={rows[0]['settings']['base']['evaluation']['n']}) on "
+    f"{rows[0]['settings']['base']['evaluation']['problems']} held-out problems per seed.",
+    "",
+    "| seed | model | pass@1 (greedy) | " + " | ".join(ks) + " | ranking accuracy |",
+    "|---|---|---|" + "---|" * len(ks) + "---|",
+  ]
   for r in rows:
     for m in MODELS:
       v = r[m]
-      lines.append(f"| {r['seed']} | {m} | {v['pass@1']:.3f} | " + " | ".join(f"{v['pass@k'][k]:.3f}" for k in ks)
-                   + f" | {v['ranking_accuracy']:.3f} |")
-  lines += ["", f"- RRTF beats the base model (greedy pass@1) on every seed: **{result['rrtf_beats_base_every_seed']}**",
-            f"- RRTF vs ablation (greedy pass@1), per seed: {result['rrtf_minus_ablation']}",
-            "- mean greedy pass@1: " + ", ".join(f"{m} {result['mean_pass@1'][m]:.3f}" for m in MODELS),
-            "", "| seed | default demo wall s (no ablation) | with --ablation | compilation cache |",
-            "|---|---|---|---|"]
+      lines.append(
+        f"| {r['seed']} | {m} | {v['pass@1']:.3f} | "
+        + " | ".join(f"{v['pass@k'][k]:.3f}" for k in ks)
+        + f" | {v['ranking_accuracy']:.3f} |"
+      )
+  lines += [
+    "",
+    f"- RRTF beats the base model (greedy pass@1) on every seed: **{result['rrtf_beats_base_every_seed']}**",
+    f"- RRTF vs ablation (greedy pass@1), per seed: {result['rrtf_minus_ablation']}",
+    "- mean greedy pass@1: " + ", ".join(f"{m} {result['mean_pass@1'][m]:.3f}" for m in MODELS),
+    "",
+    "| seed | default demo wall s (no ablation) | with --ablation | compilation cache |",
+    "|---|---|---|---|",
+  ]
   for i, r in enumerate(rows):
-    lines.append(f"| {r['seed']} | {r['default_demo_s']:.0f} | {r['wall_s']:.0f} | {'cold' if i == 0 else 'warm'} |")
-  lines += ["", "Stage seconds of the first seed: " + ", ".join(f"{k} {v:.0f}" for k, v in rows[0]["stage_s"].items()), ""]
+    lines.append(
+      f"| {r['seed']} | {r['default_demo_s']:.0f} | {r['wall_s']:.0f} | {'cold' if i == 0 else 'warm'} |"
+    )
+  lines += [
+    "",
+    "Stage seconds of the first seed: "
+    + ", ".join(f"{k} {v:.0f}" for k, v in rows[0]["stage_s"].items()),
+    "",
+  ]
   return "\n".join(lines)
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rrtf-demo-bench"))
@@ -102,13 +136,19 @@ def main() -> None:
     return results_io.rewrite_markdown(args.out, markdown)
   cache = os.path.join(args.workdir, "jax-cache")
   shutil.rmtree(cache, ignore_errors=True)
-  rows = [run_seed(s, os.path.join(args.workdir, f"seed{s}"), args.quick, cache) for s in args.seeds]
+  rows = [
+    run_seed(s, os.path.join(args.workdir, f"seed{s}"), args.quick, cache) for s in args.seeds
+  ]
   result = {
-      "machine": f"{os.cpu_count()} CPUs, JAX_PLATFORMS=cpu", "date": time.strftime("%Y-%m-%d"),
-      "quick": args.quick, "seeds": rows,
-      "rrtf_beats_base_every_seed": all(r["rrtf"]["pass@1"] > r["base"]["pass@1"] for r in rows),
-      "rrtf_minus_ablation": {r["seed"]: round(r["rrtf"]["pass@1"] - r["ablation"]["pass@1"], 4) for r in rows},
-      "mean_pass@1": {m: sum(r[m]["pass@1"] for r in rows) / len(rows) for m in MODELS},
+    "machine": f"{os.cpu_count()} CPUs, JAX_PLATFORMS=cpu",
+    "date": time.strftime("%Y-%m-%d"),
+    "quick": args.quick,
+    "seeds": rows,
+    "rrtf_beats_base_every_seed": all(r["rrtf"]["pass@1"] > r["base"]["pass@1"] for r in rows),
+    "rrtf_minus_ablation": {
+      r["seed"]: round(r["rrtf"]["pass@1"] - r["ablation"]["pass@1"], 4) for r in rows
+    },
+    "mean_pass@1": {m: sum(r[m]["pass@1"] for r in rows) / len(rows) for m in MODELS},
   }
   results_io.write(args.out, result, markdown)
 

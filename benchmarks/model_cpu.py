@@ -53,11 +53,18 @@ def parse_args():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: defaults become T 128, B 2, 2 layers, 3 steps, 1 warmup (flags still win)")
-  p.add_argument("--out", default=RESULTS, help="JSON path (--quick writes model_cpu_quick.json by default)")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: defaults become T 128, B 2, 2 layers, 3 steps, 1 warmup (flags still win)",
+  )
+  p.add_argument(
+    "--out", default=RESULTS, help="JSON path (--quick writes model_cpu_quick.json by default)"
+  )
   if p.parse_known_args()[0].quick:
-    p.set_defaults(seq=128, batch=2, layers=2, steps=3, warmup=1, out=RESULTS.replace(".json", "_quick.json"))
+    p.set_defaults(
+      seq=128, batch=2, layers=2, steps=3, warmup=1, out=RESULTS.replace(".json", "_quick.json")
+    )
   a = p.parse_args()
   if a.kv_heads not in (1, a.heads):
     p.error("GPTBigCode supports --kv-heads 1 (multi-query) or --kv-heads == --heads")
@@ -67,10 +74,21 @@ def parse_args():
 def build_models(a, tmp):
   """HF model with random weights, and ours converted from its saved copy (same weights)."""
   hf_cfg = transformers.GPTBigCodeConfig(
-      vocab_size=a.vocab, n_positions=a.seq, n_embd=a.d_model, n_layer=a.layers, n_head=a.heads,
-      n_inner=a.mlp, multi_query=a.kv_heads == 1, activation_function="gelu_pytorch_tanh",
-      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-      tie_word_embeddings=True)
+    vocab_size=a.vocab,
+    n_positions=a.seq,
+    n_embd=a.d_model,
+    n_layer=a.layers,
+    n_head=a.heads,
+    n_inner=a.mlp,
+    multi_query=a.kv_heads == 1,
+    activation_function="gelu_pytorch_tanh",
+    bos_token_id=0,
+    eos_token_id=0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    tie_word_embeddings=True,
+  )
   torch.manual_seed(a.seed)
   hf = transformers.GPTBigCodeForCausalLM(hf_cfg).float()
   hf.save_pretrained(os.path.join(tmp, "hf"))
@@ -102,7 +120,8 @@ def hf_step(hf, tokens_np):
   def loss_fn():
     logits = hf(input_ids=tokens, attention_mask=mask, use_cache=False).logits.float()  # [B, T, V]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+      logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+    )
 
   def step():
     hf.zero_grad(set_to_none=True)
@@ -141,10 +160,14 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     hf, cfg, params = build_models(a, tmp)
   n_params = sum(p.numel() for p in hf.parameters())
-  print(f"config: L={a.layers} D={a.d_model} N={a.heads} K={a.kv_heads} F={a.mlp} V={a.vocab} "
-        f"T={a.seq} B={a.batch}  params={n_params / 1e6:.1f}M  steps={a.steps} warmup={a.warmup}")
-  print(f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})  "
-        f"jax devices: {jax.devices()}  os.cpu_count: {os.cpu_count()}")
+  print(
+    f"config: L={a.layers} D={a.d_model} N={a.heads} K={a.kv_heads} F={a.mlp} V={a.vocab} "
+    f"T={a.seq} B={a.batch}  params={n_params / 1e6:.1f}M  steps={a.steps} warmup={a.warmup}"
+  )
+  print(
+    f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})  "
+    f"jax devices: {jax.devices()}  os.cpu_count: {os.cpu_count()}"
+  )
 
   print("compiling ours (JAX), first steps ...", flush=True)
   jx_fn, jx_loss, compile_s = ours_step(cfg, params, tokens_np)
@@ -155,9 +178,11 @@ def main():
   tokens = a.batch * a.seq
   hf_med, jx_med = statistics.median(hf_times), statistics.median(jx_times)
   hf_tps, jx_tps = tokens / hf_med, tokens / jx_med
-  rows = [("", "step s (median)", "tokens/s", "loss"),
-          ("ours (JAX/Flax)", f"{jx_med:.3f}", f"{jx_tps:,.0f}", f"{jx_loss:.5f}"),
-          ("HF torch", f"{hf_med:.3f}", f"{hf_tps:,.0f}", f"{hf_loss:.5f}")]
+  rows = [
+    ("", "step s (median)", "tokens/s", "loss"),
+    ("ours (JAX/Flax)", f"{jx_med:.3f}", f"{jx_tps:,.0f}", f"{jx_loss:.5f}"),
+    ("HF torch", f"{hf_med:.3f}", f"{hf_tps:,.0f}", f"{hf_loss:.5f}"),
+  ]
   w = [max(len(r[i]) for r in rows) for i in range(4)]
   print()
   for r in rows:
@@ -167,27 +192,57 @@ def main():
   print(f"|loss ours - loss HF|: {abs(jx_loss - hf_loss):.2e}")
 
   result = {
-      "benchmark": "model_cpu: forward+backward train step, float32, CPU",
-      "config": {"layers": a.layers, "d_model": a.d_model, "heads": a.heads, "kv_heads": a.kv_heads,
-                 "mlp": a.mlp, "vocab": a.vocab, "seq": a.seq, "batch": a.batch, "steps": a.steps,
-                 "warmup": a.warmup, "timing": "interleaved", "quick": a.quick, "params": n_params,
-                 "dtype": "float32"},
-      "ours": {"step_s_median": jx_med, "step_s_all": jx_times, "tokens_per_s": jx_tps, "loss": jx_loss,
-               "compile_s": compile_s},
-      "hf": {"step_s_median": hf_med, "step_s_all": hf_times, "tokens_per_s": hf_tps, "loss": hf_loss,
-             "attn_implementation": getattr(hf.config, "_attn_implementation", None)},
-      "ratio_ours_over_hf": jx_tps / hf_tps,
-      "env": {"python": platform.python_version(), "platform": platform.platform(),
-              "processor": platform.processor(), "cpu_count": os.cpu_count(),
-              "jax": jax.__version__, "jaxlib": version("jaxlib"),
-              "flax": version("flax"), "torch": torch.__version__,
-              "transformers": transformers.__version__, "numpy": np.__version__,
-              "jax_devices": [str(d) for d in jax.devices()],
-              "jax_platforms": os.environ.get("JAX_PLATFORMS"),
-              "xla_flags": os.environ.get("XLA_FLAGS"), "torch_num_threads": torch.get_num_threads(),
-              "torch_num_interop_threads": torch.get_num_interop_threads(),
-              "threading": "defaults for both torch and JAX/XLA (nothing set by this script)"},
-      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "benchmark": "model_cpu: forward+backward train step, float32, CPU",
+    "config": {
+      "layers": a.layers,
+      "d_model": a.d_model,
+      "heads": a.heads,
+      "kv_heads": a.kv_heads,
+      "mlp": a.mlp,
+      "vocab": a.vocab,
+      "seq": a.seq,
+      "batch": a.batch,
+      "steps": a.steps,
+      "warmup": a.warmup,
+      "timing": "interleaved",
+      "quick": a.quick,
+      "params": n_params,
+      "dtype": "float32",
+    },
+    "ours": {
+      "step_s_median": jx_med,
+      "step_s_all": jx_times,
+      "tokens_per_s": jx_tps,
+      "loss": jx_loss,
+      "compile_s": compile_s,
+    },
+    "hf": {
+      "step_s_median": hf_med,
+      "step_s_all": hf_times,
+      "tokens_per_s": hf_tps,
+      "loss": hf_loss,
+      "attn_implementation": getattr(hf.config, "_attn_implementation", None),
+    },
+    "ratio_ours_over_hf": jx_tps / hf_tps,
+    "env": {
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "processor": platform.processor(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "jaxlib": version("jaxlib"),
+      "flax": version("flax"),
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+      "numpy": np.__version__,
+      "jax_devices": [str(d) for d in jax.devices()],
+      "jax_platforms": os.environ.get("JAX_PLATFORMS"),
+      "xla_flags": os.environ.get("XLA_FLAGS"),
+      "torch_num_threads": torch.get_num_threads(),
+      "torch_num_interop_threads": torch.get_num_interop_threads(),
+      "threading": "defaults for both torch and JAX/XLA (nothing set by this script)",
+    },
+    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:

@@ -67,37 +67,53 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "t
 
 # name -> (config, overrides); B, T and R come from the overrides (R is the config's: 4)
 CPU_CONFIGS = {
-    "tiny": ("tiny", []),
-    "mid": ("tiny", ["model.num_layers=4", "model.embed_dim=512", "model.num_heads=8", "model.mlp_dim=2048",
-                     "model.vocab_size=8192", "train.seq_len=512", "train.batch_size=1",
-                     "train.learning_rate=1e-3"]),  # tiny's 3e-3 is too high at D512
+  "tiny": ("tiny", []),
+  "mid": (
+    "tiny",
+    [
+      "model.num_layers=4",
+      "model.embed_dim=512",
+      "model.num_heads=8",
+      "model.mlp_dim=2048",
+      "model.vocab_size=8192",
+      "train.seq_len=512",
+      "train.batch_size=1",
+      "train.learning_rate=1e-3",
+    ],
+  ),  # tiny's 3e-3 is too high at D512
 }
 # name -> (topology, train.microbatches, public peak bf16 FLOP/s per chip, further overrides)
 TPU_TARGETS = {
-    "v4-64": ("v4:2x4x4", 8, 275e12, []),
-    "v5e-256": ("v5e:16x16", 2, 197e12, []),
-    "v5p-128": ("v5p:4x4x4", 8, 459e12, []),
-    # the same step with JAX's splash kernels, for when our Pallas kernel does not fit v4's VMEM
-    "v4-64 splash": ("v4:2x4x4", 8, 275e12, ["model.attention=splash"]),
-    # and with 4-way tensor parallelism, 32 micro-batches, for when one prompt per device does not fit
-    "v4-64 tensor=4": ("v4:2x4x4", 32, 275e12, ["mesh=fsdp=16,tensor=4"]),
+  "v4-64": ("v4:2x4x4", 8, 275e12, []),
+  "v5e-256": ("v5e:16x16", 2, 197e12, []),
+  "v5p-128": ("v5p:4x4x4", 8, 459e12, []),
+  # the same step with JAX's splash kernels, for when our Pallas kernel does not fit v4's VMEM
+  "v4-64 splash": ("v4:2x4x4", 8, 275e12, ["model.attention=splash"]),
+  # and with 4-way tensor parallelism, 32 micro-batches, for when one prompt per device does not fit
+  "v4-64 tensor=4": ("v4:2x4x4", 32, 275e12, ["mesh=fsdp=16,tensor=4"]),
 }
 TPU_CONFIG = "starcoder_15b"
 
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--only", choices=("cpu", "tpu"), help="run one part; the other is kept from --out if there")
+  p.add_argument(
+    "--only", choices=("cpu", "tpu"), help="run one part; the other is kept from --out if there"
+  )
   p.add_argument("--skip-tpu", action="store_true", help="same as --only cpu")
   p.add_argument("--configs", nargs="+", default=list(CPU_CONFIGS), choices=list(CPU_CONFIGS))
   p.add_argument("--targets", nargs="+", default=list(TPU_TARGETS), choices=list(TPU_TARGETS))
-  p.add_argument("--steps", type=int, default=7, help="timed steps per CPU config (median reported)")
+  p.add_argument(
+    "--steps", type=int, default=7, help="timed steps per CPU config (median reported)"
+  )
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--matmul", type=int, default=2048, help="N of the N x N fp32 matmul baseline")
   p.add_argument("--matmul-reps", type=int, default=2, help="timed matmuls after each timed step")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=RESULTS, help="JSON path; Markdown goes beside it (.md)")
-  p.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --out's JSON, run nothing")
+  p.add_argument(
+    "--report-only", action="store_true", help="rewrite the Markdown from --out's JSON, run nothing"
+  )
   a = p.parse_args()
   if a.skip_tpu:
     if a.only == "tpu":
@@ -114,15 +130,27 @@ def _ver(pkg: str) -> str | None:
 
 
 def env_info() -> dict:
-  return {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__, "jaxlib": _ver("jaxlib"), "flax": _ver("flax"),
-          "optax": _ver("optax"), "libtpu": _ver("libtpu"), "numpy": np.__version__,
-          "jax_devices": [str(d) for d in jax.devices()], "jax_platforms": os.environ.get("JAX_PLATFORMS"),
-          "xla_flags": os.environ.get("XLA_FLAGS"), "threading": "XLA defaults (nothing set by this script)",
-          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  return {
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "processor": platform.processor(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "jaxlib": _ver("jaxlib"),
+    "flax": _ver("flax"),
+    "optax": _ver("optax"),
+    "libtpu": _ver("libtpu"),
+    "numpy": np.__version__,
+    "jax_devices": [str(d) for d in jax.devices()],
+    "jax_platforms": os.environ.get("JAX_PLATFORMS"),
+    "xla_flags": os.environ.get("XLA_FLAGS"),
+    "threading": "XLA defaults (nothing set by this script)",
+    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
 
 
 # ---- part 1: CPU -------------------------------------------------------------------------------
+
 
 def matmul_timer(n: int):
   """-> timer(reps): seconds per jitted fp32 n x n @ n x n, each blocked on (compiled and warmed here)."""
@@ -156,11 +184,18 @@ def synthetic_batch(b: int, r: int, t: int, vocab: int, seed: int) -> dict:
   inputs = np.where(real, seqs[:, :, :t], 0).astype(np.int32)
   targets = np.where(real, seqs[:, :, 1:], 0).astype(np.int32)
   loss_mask = (real & (pos[None, None, :] >= prompt_len - 1)).astype(np.float32)  # response targets
-  scores = np.stack([rng.permutation(r) for _ in range(b)]).astype(np.float32)  # distinct per prompt
+  # distinct per prompt
+  scores = np.stack([rng.permutation(r) for _ in range(b)]).astype(np.float32)
   is_teacher = np.zeros((b, r), bool)
   is_teacher[:, 0] = True
-  return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask, "segment_ids": real.astype(np.int32),
-          "scores": scores, "is_teacher": is_teacher}
+  return {
+    "inputs": inputs,
+    "targets": targets,
+    "loss_mask": loss_mask,
+    "segment_ids": real.astype(np.int32),
+    "scores": scores,
+    "is_teacher": is_teacher,
+  }
 
 
 def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) -> dict:
@@ -173,15 +208,20 @@ def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) ->
   tx = train.make_optimizer(train_cfg)
   abstract, shard = train.state_shardings(model_cfg, tx, mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-  print(f"[{name}] {cfg_name} {' '.join(overrides) or '(as shipped)'}: L={model_cfg.num_layers} "
-        f"D={model_cfg.embed_dim} N={model_cfg.num_heads} K={model_cfg.num_kv_heads} F={model_cfg.mlp_dim} "
-        f"V={model_cfg.vocab_size} {model_cfg.dtype}; B={b} R={r} T={t} M={train_cfg.microbatches}; "
-        f"{n_params / 1e6:.2f}M params", flush=True)
+  print(
+    f"[{name}] {cfg_name} {' '.join(overrides) or '(as shipped)'}: L={model_cfg.num_layers} "
+    f"D={model_cfg.embed_dim} N={model_cfg.num_heads} K={model_cfg.num_kv_heads} F={model_cfg.mlp_dim} "
+    f"V={model_cfg.vocab_size} {model_cfg.dtype}; B={b} R={r} T={t} M={train_cfg.microbatches}; "
+    f"{n_params / 1e6:.2f}M params",
+    flush=True,
+  )
   host = synthetic_batch(b, r, t, model_cfg.vocab_size, a.seed)
   b_shard = train.batch_shardings(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     state = train._initial_state(config, model_cfg, tx, abstract, shard, mesh)
-    batch = {k: jax.device_put(np.asarray(v, train.BATCH_DTYPES[k]), b_shard[k]) for k, v in host.items()}
+    batch = {
+      k: jax.device_put(np.asarray(v, train.BATCH_DTYPES[k]), b_shard[k]) for k, v in host.items()
+    }
     jax.block_until_ready((state, batch))
     t0 = time.perf_counter()
     step = train.jit_train_step(model_cfg, train_cfg, tx, mesh, shard).lower(state, batch).compile()
@@ -200,27 +240,58 @@ def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) ->
   med = statistics.median(times)
   tokens, real_tokens = b * r * t, int(host["segment_ids"].sum())
   flops = train_flops(model_cfg, b * r, t)
-  mm_flops = 2.0 * a.matmul ** 3
+  mm_flops = 2.0 * a.matmul**3
   mm_med = statistics.median(mm)
   mfu = flops / med / (mm_flops / mm_med)
-  print(f"[{name}] compile {compile_s:.2f} s; step median {med:.4f} s (min {min(times):.4f}, max {max(times):.4f}); "
-        f"{tokens / med:,.0f} tokens/s ({real_tokens / med:,.0f} real); {flops:.3e} FLOPs/step = "
-        f"{flops / med / 1e9:.2f} GFLOP/s; matmul baseline {mm_flops / mm_med / 1e9:.2f} GFLOP/s; MFU estimate "
-        f"{mfu:.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+  print(
+    f"[{name}] compile {compile_s:.2f} s; step median {med:.4f} s (min {min(times):.4f}, max {max(times):.4f}); "
+    f"{tokens / med:,.0f} tokens/s ({real_tokens / med:,.0f} real); {flops:.3e} FLOPs/step = "
+    f"{flops / med / 1e9:.2f} GFLOP/s; matmul baseline {mm_flops / mm_med / 1e9:.2f} GFLOP/s; MFU estimate "
+    f"{mfu:.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+    flush=True,
+  )
   return {
-      "config": cfg_name, "overrides": overrides, "params": n_params,
-      "model": {k: getattr(model_cfg, k) for k in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim",
-                                                  "vocab_size", "dtype", "param_dtype", "remat")},
-      "attention": str(model_cfg.attention), "batch_size": b, "responses": r, "seq_len": t,
-      "microbatches": int(train_cfg.microbatches), "logprob_chunk": int(train_cfg.logprob_chunk),
-      "tokens_per_step": tokens, "real_tokens_per_step": real_tokens,
-      "response_tokens_per_step": int(host["loss_mask"].sum()),
-      "compile_s": compile_s, "warmup": a.warmup, "steps": a.steps,
-      "step_s_median": med, "step_s_all": times,
-      "tokens_per_s": tokens / med, "real_tokens_per_s": real_tokens / med,
-      "flops_per_step": flops, "achieved_flops_per_s": flops / med,
-      "matmul_s_interleaved": mm, "matmul_flops_per_s": mm_flops / mm_med, "mfu_estimate": mfu,
-      "loss_per_step": losses, "loss_fell": losses[-1] < losses[0], "last_metrics": last,
+    "config": cfg_name,
+    "overrides": overrides,
+    "params": n_params,
+    "model": {
+      k: getattr(model_cfg, k)
+      for k in (
+        "num_layers",
+        "embed_dim",
+        "num_heads",
+        "num_kv_heads",
+        "mlp_dim",
+        "vocab_size",
+        "dtype",
+        "param_dtype",
+        "remat",
+      )
+    },
+    "attention": str(model_cfg.attention),
+    "batch_size": b,
+    "responses": r,
+    "seq_len": t,
+    "microbatches": int(train_cfg.microbatches),
+    "logprob_chunk": int(train_cfg.logprob_chunk),
+    "tokens_per_step": tokens,
+    "real_tokens_per_step": real_tokens,
+    "response_tokens_per_step": int(host["loss_mask"].sum()),
+    "compile_s": compile_s,
+    "warmup": a.warmup,
+    "steps": a.steps,
+    "step_s_median": med,
+    "step_s_all": times,
+    "tokens_per_s": tokens / med,
+    "real_tokens_per_s": real_tokens / med,
+    "flops_per_step": flops,
+    "achieved_flops_per_s": flops / med,
+    "matmul_s_interleaved": mm,
+    "matmul_flops_per_s": mm_flops / mm_med,
+    "mfu_estimate": mfu,
+    "loss_per_step": losses,
+    "loss_fell": losses[-1] < losses[0],
+    "last_metrics": last,
   }
 
 
@@ -228,31 +299,44 @@ def run_cpu(a) -> dict:
   n = a.matmul
   matmul = matmul_timer(n)
   configs = {name: run_cpu_config(name, *CPU_CONFIGS[name], a, matmul) for name in a.configs}
-  mm_flops = 2.0 * n ** 3
+  mm_flops = 2.0 * n**3
   every = [s for c in configs.values() for s in c["matmul_s_interleaved"]]
   med = statistics.median(every)
-  print(f"matmul baseline over all configs: {mm_flops / med / 1e9:.2f} GFLOP/s (median of {len(every)}: "
-        f"{med * 1e3:.1f} ms; fastest {mm_flops / min(every) / 1e9:.2f} GFLOP/s)", flush=True)
+  print(
+    f"matmul baseline over all configs: {mm_flops / med / 1e9:.2f} GFLOP/s (median of {len(every)}: "
+    f"{med * 1e3:.1f} ms; fastest {mm_flops / min(every) / 1e9:.2f} GFLOP/s)",
+    flush=True,
+  )
   return {
-      "device": str(jax.devices()[0]), "mesh": "fsdp=1 (one CPU device)",
-      "batch": "synthetic: prompt = first T/2 tokens shared by its R responses; real length ~U[0.8T, T]; "
-               "random tokens; distinct scores per prompt; response 0 the teacher; the same batch every step",
-      "flops": "rrtf_jax.plan.train_flops(model, B*R, T): 3x forward matmuls + unmasked attention over every "
-               "position (padding is computed too)",
-      "matmul_baseline": {"n": n, "dtype": "float32", "flops": mm_flops, "reps_after_each_step": a.matmul_reps,
-                          "s_median_all": med, "flops_per_s_all": mm_flops / med,
-                          "flops_per_s_fastest": mm_flops / min(every)},
-      "mfu_definition": "achieved model FLOP/s (analytic FLOPs / median step) / the matmul FLOP/s (median of "
-                        "the matmuls interleaved with that config's timed steps)",
-      "configs": configs, "env": env_info(),
+    "device": str(jax.devices()[0]),
+    "mesh": "fsdp=1 (one CPU device)",
+    "batch": "synthetic: prompt = first T/2 tokens shared by its R responses; real length ~U[0.8T, T]; "
+    "random tokens; distinct scores per prompt; response 0 the teacher; the same batch every step",
+    "flops": "rrtf_jax.plan.train_flops(model, B*R, T): 3x forward matmuls + unmasked attention over every "
+    "position (padding is computed too)",
+    "matmul_baseline": {
+      "n": n,
+      "dtype": "float32",
+      "flops": mm_flops,
+      "reps_after_each_step": a.matmul_reps,
+      "s_median_all": med,
+      "flops_per_s_all": mm_flops / med,
+      "flops_per_s_fastest": mm_flops / min(every),
+    },
+    "mfu_definition": "achieved model FLOP/s (analytic FLOPs / median step) / the matmul FLOP/s (median of "
+    "the matmuls interleaved with that config's timed steps)",
+    "configs": configs,
+    "env": env_info(),
   }
 
 
 # ---- part 2: TPU plans -------------------------------------------------------------------------
 
+
 def _keep_compiler_errors(raw: list[str]) -> None:
   """rrtf_jax.plan keeps one phrase of a refusal; wrap its _refused_plan to keep the whole message too."""
   import rrtf_jax.plan as plan_mod
+
   refused = plan_mod._refused_plan
 
   def keep(common, state_abs, error, secs):
@@ -264,17 +348,28 @@ def _keep_compiler_errors(raw: list[str]) -> None:
 
 def run_tpu(a) -> dict:
   from rrtf_jax.plan import PlanError, plan, topology_devices
+
   out, raw = {}, []
   _keep_compiler_errors(raw)
   for name in a.targets:
     topology, micro, peak, extra = TPU_TARGETS[name]
-    config = load_config(TPU_CONFIG, [f"--config.train.microbatches={micro}"] + [f"--config.{o}" for o in extra])
+    config = load_config(
+      TPU_CONFIG, [f"--config.train.microbatches={micro}"] + [f"--config.{o}" for o in extra]
+    )
     devices = topology_devices(topology)
     chips = len({tuple(getattr(d, "coords", (d.id,))) for d in devices})
-    print(f"[{name}] planning {TPU_CONFIG} on {topology} ({len(devices)} devices, {chips} chips), "
-          f"microbatches={micro} ...", flush=True)
-    row = {"topology": topology, "chips": chips, "microbatches": micro, "overrides": extra,
-           "peak_bf16_flops_per_chip": peak}
+    print(
+      f"[{name}] planning {TPU_CONFIG} on {topology} ({len(devices)} devices, {chips} chips), "
+      f"microbatches={micro} ...",
+      flush=True,
+    )
+    row = {
+      "topology": topology,
+      "chips": chips,
+      "microbatches": micro,
+      "overrides": extra,
+      "peak_bf16_flops_per_chip": peak,
+    }
     raw.clear()
     try:
       p = plan(config, topology)
@@ -289,24 +384,33 @@ def run_tpu(a) -> dict:
       print(f"[{name}] the compiler's message: {row['compiler_message']}", flush=True)
     d = p.to_dict()
     ideal = p.flops_per_step / (chips * peak)
-    row.update(d, flops_per_chip=p.flops_per_step / chips, flops_per_device=p.flops_per_step / p.num_devices,
-               prompts_per_device_per_microbatch=p.batch_size // micro // p.num_devices,
-               ideal_step_s_lower_bound=ideal, ideal_tokens_per_s_upper_bound=p.batch_size * p.responses *
-               p.seq_len / ideal)
-    print(f"[{name}] ideal step at {peak / 1e12:.0f} TFLOP/s x {chips} chips (100% MFU, a lower bound): "
-          f"{ideal:.2f} s\n", flush=True)
+    row.update(
+      d,
+      flops_per_chip=p.flops_per_step / chips,
+      flops_per_device=p.flops_per_step / p.num_devices,
+      prompts_per_device_per_microbatch=p.batch_size // micro // p.num_devices,
+      ideal_step_s_lower_bound=ideal,
+      ideal_tokens_per_s_upper_bound=p.batch_size * p.responses * p.seq_len / ideal,
+    )
+    print(
+      f"[{name}] ideal step at {peak / 1e12:.0f} TFLOP/s x {chips} chips (100% MFU, a lower bound): "
+      f"{ideal:.2f} s\n",
+      flush=True,
+    )
     out[name] = row
   return {
-      "config": TPU_CONFIG, "targets": out,
-      "ideal_step_note": "ideal_step_s_lower_bound = flops_per_step / (chips * public peak bf16 FLOP/s per chip): "
-                         "the step at 100% MFU, a lower bound, not a measurement (no TPU was used)",
-      "bytes_note": "argument/output/alias/temp/code/total/hbm bytes are per device, from the compiled "
-                    "executable's memory_analysis (libtpu AOT); v4 has 2 devices (TensorCores) per chip",
-      "env": env_info(),
+    "config": TPU_CONFIG,
+    "targets": out,
+    "ideal_step_note": "ideal_step_s_lower_bound = flops_per_step / (chips * public peak bf16 FLOP/s per chip): "
+    "the step at 100% MFU, a lower bound, not a measurement (no TPU was used)",
+    "bytes_note": "argument/output/alias/temp/code/total/hbm bytes are per device, from the compiled "
+    "executable's memory_analysis (libtpu AOT); v4 has 2 devices (TensorCores) per chip",
+    "env": env_info(),
   }
 
 
 # ---- report ------------------------------------------------------------------------------------
+
 
 def _gib(x: float) -> str:
   return f"{x / (1 << 30):.2f} GiB"
@@ -318,11 +422,16 @@ def _verdict(r: dict) -> str:
   if not r.get("compiler_error"):
     return "no (over HBM)"
   import re
+
   msg = r.get("compiler_message", r["compiler_error"])
-  used = re.search(r"Ran out of memory in memory space (\w+)\. (Used [^.]+\.\d+\w? of [^.]+\.\d+\w? \w+)", msg)
+  used = re.search(
+    r"Ran out of memory in memory space (\w+)\. (Used [^.]+\.\d+\w? of [^.]+\.\d+\w? \w+)", msg
+  )
   op = re.search(r'op_name="[^"]*/(\w+)/pallas_call"', msg)
   if used:
-    return f"no, compiler refused: out of {used.group(1)}, {used.group(2)}" + (f" in {op.group(1)}" if op else "")
+    return f"no, compiler refused: out of {used.group(1)}, {used.group(2)}" + (
+      f" in {op.group(1)}" if op else ""
+    )
   return f"no, compiler refused: {r['compiler_error']}"
 
 
@@ -331,44 +440,58 @@ def markdown(result: dict) -> str:
   cpu = result.get("cpu")
   if cpu:
     mm = cpu["matmul_baseline"]
-    lines += [f"CPU, one device ({cpu['env']['cpu_count']} CPUs, jax {cpu['env']['jax']}, {cpu['env']['date']}). "
-              f"Baseline in the same run: jitted fp32 {mm['n']}x{mm['n']} matmul, {mm['reps_after_each_step']} "
-              "timed after every timed step. MFU estimate = analytic model FLOP/s / the median matmul FLOP/s "
-              "interleaved with that config's steps (a ratio to this machine's matmul, not a vendor peak).", "",
-              "| config | params | B x R x T | compile s | step s (median) | tokens/s | real tokens/s | "
-              "FLOPs/step | GFLOP/s | matmul GFLOP/s | MFU est. | loss first -> last |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+      f"CPU, one device ({cpu['env']['cpu_count']} CPUs, jax {cpu['env']['jax']}, {cpu['env']['date']}). "
+      f"Baseline in the same run: jitted fp32 {mm['n']}x{mm['n']} matmul, {mm['reps_after_each_step']} "
+      "timed after every timed step. MFU estimate = analytic model FLOP/s / the median matmul FLOP/s "
+      "interleaved with that config's steps (a ratio to this machine's matmul, not a vendor peak).",
+      "",
+      "| config | params | B x R x T | compile s | step s (median) | tokens/s | real tokens/s | "
+      "FLOPs/step | GFLOP/s | matmul GFLOP/s | MFU est. | loss first -> last |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, c in cpu["configs"].items():
       m = c["model"]
-      desc = (f"{name} (L{m['num_layers']} D{m['embed_dim']} N{m['num_heads']} F{m['mlp_dim']} "
-              f"V{m['vocab_size']} {m['dtype']})")
-      lines.append(f"| {desc} | {c['params'] / 1e6:.2f}M | {c['batch_size']} x {c['responses']} x {c['seq_len']} | "
-                   f"{c['compile_s']:.1f} | {c['step_s_median']:.3f} | {c['tokens_per_s']:,.0f} | "
-                   f"{c['real_tokens_per_s']:,.0f} | {c['flops_per_step']:.3e} | "
-                   f"{c['achieved_flops_per_s'] / 1e9:.1f} | {c['matmul_flops_per_s'] / 1e9:.1f} | "
-                   f"{c['mfu_estimate']:.0%} | "
-                   f"{c['loss_per_step'][0]:.3f} -> {c['loss_per_step'][-1]:.3f} |")
+      desc = (
+        f"{name} (L{m['num_layers']} D{m['embed_dim']} N{m['num_heads']} F{m['mlp_dim']} "
+        f"V{m['vocab_size']} {m['dtype']})"
+      )
+      lines.append(
+        f"| {desc} | {c['params'] / 1e6:.2f}M | {c['batch_size']} x {c['responses']} x {c['seq_len']} | "
+        f"{c['compile_s']:.1f} | {c['step_s_median']:.3f} | {c['tokens_per_s']:,.0f} | "
+        f"{c['real_tokens_per_s']:,.0f} | {c['flops_per_step']:.3e} | "
+        f"{c['achieved_flops_per_s'] / 1e9:.1f} | {c['matmul_flops_per_s'] / 1e9:.1f} | "
+        f"{c['mfu_estimate']:.0%} | "
+        f"{c['loss_per_step'][0]:.3f} -> {c['loss_per_step'][-1]:.3f} |"
+      )
     lines.append("")
   tpu = result.get("tpu")
   if tpu:
-    lines += [f"TPU plans of `{tpu['config']}` (libtpu {tpu['env']['libtpu']} AOT from this CPU host, "
-              f"{tpu['env']['date']}). Bytes per device (v4: 2 devices per chip, 16 GiB HBM each). The ideal step is FLOPs / (chips x public peak bf16), "
-              "a lower bound at 100% MFU, not a measurement.", "",
-              "| target | topology | chips (devices) | mesh | micro-batches | attention | FLOPs/step | FLOPs/chip | "
-              "args | temps | total | HBM | fits | compile s | ideal step s (lower bound) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+      f"TPU plans of `{tpu['config']}` (libtpu {tpu['env']['libtpu']} AOT from this CPU host, "
+      f"{tpu['env']['date']}). Bytes per device (v4: 2 devices per chip, 16 GiB HBM each). The ideal step is FLOPs / (chips x public peak bf16), "
+      "a lower bound at 100% MFU, not a measurement.",
+      "",
+      "| target | topology | chips (devices) | mesh | micro-batches | attention | FLOPs/step | FLOPs/chip | "
+      "args | temps | total | HBM | fits | compile s | ideal step s (lower bound) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in tpu["targets"].items():
       if "error" in r:
-        lines.append(f"| {name} | {r['topology']} | {r['chips']} | {r['microbatches']} | plan error: {r['error']} |")
+        lines.append(
+          f"| {name} | {r['topology']} | {r['chips']} | {r['microbatches']} | plan error: {r['error']} |"
+        )
         continue
       refused = bool(r["compiler_error"])
       mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
-      lines.append(f"| {name} | {r['topology']} | {r['chips']} ({r['num_devices']}) | {mesh} | {r['microbatches']} | "
-                   f"{r['attention']} | {r['flops_per_step']:.3e} | {r['flops_per_chip']:.3e} | "
-                   f"{_gib(r['argument_bytes'])} | {'-' if refused else _gib(r['temp_bytes'])} | "
-                   f"{'-' if refused else _gib(r['total_bytes'])} | "
-                   f"{_gib(r['hbm_bytes']) if r['hbm_bytes'] else '?'} | {_verdict(r)} | {r['compile_seconds']:.0f} | "
-                   f"{r['ideal_step_s_lower_bound']:.2f} |")
+      lines.append(
+        f"| {name} | {r['topology']} | {r['chips']} ({r['num_devices']}) | {mesh} | {r['microbatches']} | "
+        f"{r['attention']} | {r['flops_per_step']:.3e} | {r['flops_per_chip']:.3e} | "
+        f"{_gib(r['argument_bytes'])} | {'-' if refused else _gib(r['temp_bytes'])} | "
+        f"{'-' if refused else _gib(r['total_bytes'])} | "
+        f"{_gib(r['hbm_bytes']) if r['hbm_bytes'] else '?'} | {_verdict(r)} | {r['compile_seconds']:.0f} | "
+        f"{r['ideal_step_s_lower_bound']:.2f} |"
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -378,7 +501,9 @@ def main():
   if a.report_only:
     results_io.rewrite_markdown(a.out, markdown)
     return
-  result = {"benchmark": "train_step: RRTF train step, CPU tokens/s and MFU estimate; StarCoder-15B TPU plans"}
+  result = {
+    "benchmark": "train_step: RRTF train step, CPU tokens/s and MFU estimate; StarCoder-15B TPU plans"
+  }
   if a.only and os.path.exists(a.out):
     with open(a.out) as f:
       old = json.load(f)

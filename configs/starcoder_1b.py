@@ -8,8 +8,9 @@ from configs.common import base_config
 
 
 def get_config():
-  c = base_config(num_layers=24, embed_dim=2048, num_heads=16, num_kv_heads=1, mlp_dim=8192,
-                  remat="dots")
+  c = base_config(
+    num_layers=24, embed_dim=2048, num_heads=16, num_kv_heads=1, mlp_dim=8192, remat="dots"
+  )
   c.train.batch_size = 64
   c.train.seq_len = 2048
   return c

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class DataState:
   """The data position saved with each checkpoint (JSON-able via dataclasses.asdict)."""
+
   epoch: int = 0
   batch: int = 0  # batches already consumed in this epoch (by every host: all hosts step together)
 
@@ -92,29 +93,55 @@ class TrainBatches:
   prompts in the batches it has yielded so far (what `rrtf train` records per host).
   """
 
-  def __init__(self, data_dir: str, *, start: DataState | None = None, batch_size: int, pad_id: int,
-               process_index: int | None, process_count: int | None, splits: int | None,
-               agree_length: Callable[[int], int] | None, **kw):
+  def __init__(
+    self,
+    data_dir: str,
+    *,
+    start: DataState | None = None,
+    batch_size: int,
+    pad_id: int,
+    process_index: int | None,
+    process_count: int | None,
+    splits: int | None,
+    agree_length: Callable[[int], int] | None,
+    **kw,
+  ):
     start = start or DataState()
     if start.epoch < 0 or start.batch < 0:
       raise ValueError(f"start must not be negative, got {start}")
     if process_index is None or process_count is None:
       import jax
+
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} is not in [0, process_count {process_count})")
+      raise ValueError(
+        f"process_index {process_index} is not in [0, process_count {process_count})"
+      )
     splits = splits or process_count
     if splits % process_count:
       raise ValueError(f"data splits {splits} do not divide over {process_count} processes")
     k = splits // process_count
     if batch_size < 1 or batch_size % k:
-      raise ValueError(f"a host's batch of {batch_size} prompts does not split over its {k} data parts")
+      raise ValueError(
+        f"a host's batch of {batch_size} prompts does not split over its {k} data parts"
+      )
     self.parts = list(range(process_index * k, (process_index + 1) * k))
     self.task_ids_read: set[str] = set()
-    readers = [_Reader(data_dir, batch_size=batch_size // k, pad_id=pad_id, process_index=part,
-                       process_count=splits, seen=self.task_ids_read, **kw) for part in self.parts]
-    self.batches_per_epoch = readers[0].batches_per_epoch  # the same for every part: the least of all
+    readers = [
+      _Reader(
+        data_dir,
+        batch_size=batch_size // k,
+        pad_id=pad_id,
+        process_index=part,
+        process_count=splits,
+        seen=self.task_ids_read,
+        **kw,
+      )
+      for part in self.parts
+    ]
+    # the same for every part: the least of all
+    self.batches_per_epoch = readers[0].batches_per_epoch
     self.examples = sum(r.examples for r in readers)
     self.long_prompts = sum(r.long_prompts for r in readers)
     self.buckets = readers[0].buckets
@@ -135,7 +162,9 @@ class TrainBatches:
 _PAD_WITH_ID = ("inputs", "targets")  # token fields padded with pad_id; the masks with 0
 
 
-def _merged(gens: list, agree_length: Callable[[int], int] | None, pad_id: int) -> Iterator[tuple[dict, DataState]]:
+def _merged(
+  gens: list, agree_length: Callable[[int], int] | None, pad_id: int
+) -> Iterator[tuple[dict, DataState]]:
   """The parts' batches side by side, padded to one length T: the longest part's bucket, or the
   longer length every host agrees on (`agree_length`)."""
   for items in zip(*gens):
@@ -144,14 +173,20 @@ def _merged(gens: list, agree_length: Callable[[int], int] | None, pad_id: int) 
     if agree_length is not None:
       agreed = int(agree_length(t))
       if agreed < t:
-        raise ValueError(f"agree_length returned {agreed}, shorter than this host's batch length {t}")
+        raise ValueError(
+          f"agree_length returned {agreed}, shorter than this host's batch length {t}"
+        )
       t = agreed
     out = {}
     for name in batches[0]:
       fill = pad_id if name in _PAD_WITH_ID else 0
-      arrays = [b[name] if b[name].ndim == 2 else  # [b, R, T] token fields; scores, is_teacher are [b, R]
-                np.pad(b[name], ((0, 0), (0, 0), (0, t - b[name].shape[-1])), constant_values=fill)
-                for b in batches]
+      arrays = [
+        b[name]
+        if b[name].ndim == 2
+        # [b, R, T] token fields; scores, is_teacher are [b, R]
+        else np.pad(b[name], ((0, 0), (0, 0), (0, t - b[name].shape[-1])), constant_values=fill)
+        for b in batches
+      ]
       out[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     yield out, items[0][1]
 
@@ -159,29 +194,62 @@ def _merged(gens: list, agree_length: Callable[[int], int] | None, pad_id: int) 
 class _Reader:
   """A host's view of a prepared dataset: epochs in (seed, epoch) order, cut into batches."""
 
-  def __init__(self, data_dir: str, *, batch_size: int, responses: int, seq_len: int, pad_id: int,
-               seed: int, buckets: Sequence[int] | None, window: int, process_index: int, process_count: int,
-               shuffle_buffer: int, seen: set[str]):
+  def __init__(
+    self,
+    data_dir: str,
+    *,
+    batch_size: int,
+    responses: int,
+    seq_len: int,
+    pad_id: int,
+    seed: int,
+    buckets: Sequence[int] | None,
+    window: int,
+    process_index: int,
+    process_count: int,
+    shuffle_buffer: int,
+    seen: set[str],
+  ):
     import tensorflow_datasets as tfds
-    for name, v in (("batch_size", batch_size), ("responses", responses), ("seq_len", seq_len),
-                    ("window", window), ("shuffle_buffer", shuffle_buffer)):
+
+    for name, v in (
+      ("batch_size", batch_size),
+      ("responses", responses),
+      ("seq_len", seq_len),
+      ("window", window),
+      ("shuffle_buffer", shuffle_buffer),
+    ):
       if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
     if seed < 0:
       raise ValueError(f"seed must be >= 0, got {seed}")
-    self.data_dir, self.b, self.r, self.seq_len, self.pad_id = data_dir, batch_size, responses, seq_len, int(pad_id)
+    self.data_dir, self.b, self.r, self.seq_len, self.pad_id = (
+      data_dir,
+      batch_size,
+      responses,
+      seq_len,
+      int(pad_id),
+    )
     self.seed, self.window, self.shuffle_buffer, self.seen = seed, window, shuffle_buffer, seen
-    self.buckets = sorted({int(t) for t in (buckets or default_buckets(seq_len)) if 0 < t < seq_len} | {seq_len})
+    self.buckets = sorted(
+      {int(t) for t in (buckets or default_buckets(seq_len)) if 0 < t < seq_len} | {seq_len}
+    )
     self.builder = open_prepared(data_dir)
-    splits = [tfds.split_for_jax_process(SPLIT, process_index=p, process_count=process_count, drop_remainder=True)
-              for p in range(process_count)]
+    splits = [
+      tfds.split_for_jax_process(
+        SPLIT, process_index=p, process_count=process_count, drop_remainder=True
+      )
+      for p in range(process_count)
+    ]
     self.split = splits[process_index]
     total = int(self.builder.info.splits[SPLIT].num_examples)
     per_host = total // process_count
     # Prompts of seq_len tokens or more leave no room for a response: they are skipped. Every
     # host must step the same number of batches per epoch, so count them on every host's split
     # (only when the metadata does not rule them out).
-    longest = self.builder.info.metadata.get("max_prompt_length") if self.builder.info.metadata else None
+    longest = (
+      self.builder.info.metadata.get("max_prompt_length") if self.builder.info.metadata else None
+    )
     self.filter = longest is None or int(longest) >= seq_len
     if self.filter:
       kept = self._count_fitting(splits)
@@ -191,18 +259,26 @@ class _Reader:
     self.long_prompts = per_host - kept[process_index]
     self.batches_per_epoch = min(kept) // batch_size
     if self.long_prompts:
-      log.warning("%s: skipping %d of %d prompts on this host with >= seq_len %d tokens",
-                  data_dir, self.long_prompts, per_host, seq_len)
+      log.warning(
+        "%s: skipping %d of %d prompts on this host with >= seq_len %d tokens",
+        data_dir,
+        self.long_prompts,
+        per_host,
+        seq_len,
+      )
     if self.batches_per_epoch == 0:
       raise InputError(
-          f"{data_dir}: not one batch per host: {total} prompts over {process_count} hosts, at least "
-          f"{min(kept)} with prompts shorter than seq_len {seq_len} on each, batch_size {batch_size}")
+        f"{data_dir}: not one batch per host: {total} prompts over {process_count} hosts, at least "
+        f"{min(kept)} with prompts shorter than seq_len {seq_len} on each, batch_size {batch_size}"
+      )
 
   def _count_fitting(self, splits) -> list[int]:
     """Per host split: prompts shorter than seq_len. One pass over the prompt lengths of all files."""
     files = [fi for fi in self.builder.info.splits[SPLIT].file_instructions if fi.take]
     offset = dict(zip([fi.filename for fi in files], np.cumsum([0] + [fi.take for fi in files])))
-    fits = np.concatenate([[0], np.cumsum(prompt_lengths([fi.filename for fi in files]) < self.seq_len)])
+    fits = np.concatenate(
+      [[0], np.cumsum(prompt_lengths([fi.filename for fi in files]) < self.seq_len)]
+    )
     counts = []
     for split in splits:  # a host's split is a range of examples in each of some files
       n = 0
@@ -216,11 +292,15 @@ class _Reader:
     """This host's examples of `epoch` in their shuffled order, the first `skip` left out."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
+
     s = _epoch_seed(self.seed, epoch)
     options = tf.data.Options()
     options.deterministic = True
-    ds = self.builder.as_dataset(split=self.split, shuffle_files=True, read_config=tfds.ReadConfig(
-        shuffle_seed=s, options=options, try_autocache=False))
+    ds = self.builder.as_dataset(
+      split=self.split,
+      shuffle_files=True,
+      read_config=tfds.ReadConfig(shuffle_seed=s, options=options, try_autocache=False),
+    )
     ds = ds.shuffle(self.shuffle_buffer, seed=s, reshuffle_each_iteration=False)
     if self.filter:
       seq_len = self.seq_len
@@ -238,8 +318,8 @@ class _Reader:
     scores = np.zeros(self.r, np.float32)
     teacher = np.zeros(self.r, bool)
     for i, j in enumerate(pick):
-      resp = tokens[starts[j]:starts[j] + lengths[j]]
-      seqs[i] = np.concatenate([tokens[:p], resp])[:self.seq_len + 1].astype(np.int32)
+      resp = tokens[starts[j] : starts[j] + lengths[j]]
+      seqs[i] = np.concatenate([tokens[:p], resp])[: self.seq_len + 1].astype(np.int32)
       scores[i], teacher[i] = ex["scores"][j], bool(ex["is_teacher"][j])
     length = max((len(s) for s in seqs if s is not None), default=0)
     return _Example(seqs, p, scores, teacher, length, ex["task_id"].decode())
@@ -261,9 +341,15 @@ class _Reader:
         inputs[i, j, :n] = s[:-1]
         targets[i, j, :n] = s[1:]
         segment_ids[i, j, :n] = 1
-        loss_mask[i, j, max(e.prompt_length - 1, 0):n] = 1.0  # targets that are response tokens
-    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
-            "scores": np.stack([e.scores for e in exs]), "is_teacher": np.stack([e.is_teacher for e in exs])}
+        loss_mask[i, j, max(e.prompt_length - 1, 0) : n] = 1.0  # targets that are response tokens
+    return {
+      "inputs": inputs,
+      "targets": targets,
+      "loss_mask": loss_mask,
+      "segment_ids": segment_ids,
+      "scores": np.stack([e.scores for e in exs]),
+      "is_teacher": np.stack([e.is_teacher for e in exs]),
+    }
 
   def _epoch(self, epoch: int, skip_batches: int) -> Iterator[tuple[dict, DataState]]:
     b, w, n = self.b, self.window, self.batches_per_epoch
@@ -274,9 +360,9 @@ class _Reader:
       full = len(raw) // b  # a final partial window keeps its full batches only
       if full == 0 or wi * w >= n:
         return
-      exs = [self._example(ex) for ex in raw[:full * b]]
+      exs = [self._example(ex) for ex in raw[: full * b]]
       order = sorted(range(len(exs)), key=lambda k: exs[k].length)  # stable
-      batches = [order[k * b:(k + 1) * b] for k in range(full)]
+      batches = [order[k * b : (k + 1) * b] for k in range(full)]
       perm = np.random.default_rng((self.seed, epoch, wi)).permutation(full)
       for k, bi in enumerate(perm):
         index = wi * w + k
@@ -297,11 +383,23 @@ class _Reader:
       epoch, k = epoch + 1, 0
 
 
-def train_batches(data_dir: str, *, batch_size: int, responses: int, seq_len: int, pad_id: int,
-                  seed: int = 0, start: DataState | None = None, buckets: Sequence[int] | None = None,
-                  window: int = 8, process_index: int | None = None, process_count: int | None = None,
-                  splits: int | None = None, agree_length: Callable[[int], int] | None = None,
-                  shuffle_buffer: int = SHUFFLE_BUFFER) -> TrainBatches:
+def train_batches(
+  data_dir: str,
+  *,
+  batch_size: int,
+  responses: int,
+  seq_len: int,
+  pad_id: int,
+  seed: int = 0,
+  start: DataState | None = None,
+  buckets: Sequence[int] | None = None,
+  window: int = 8,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  splits: int | None = None,
+  agree_length: Callable[[int], int] | None = None,
+  shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> TrainBatches:
   """Endless (batch, DataState after it) pairs of this host's share of a prepared dataset.
 
   batch: inputs, targets [b, R, T] int32 (pad_id on padding); loss_mask [b, R, T] float32, 1
@@ -315,8 +413,19 @@ def train_batches(data_dir: str, *, batch_size: int, responses: int, seq_len: in
   process order) do not depend on how many processes share them: a run resumed on a slice with
   another host count sees the same data, and one process equals several.
   """
-  return TrainBatches(data_dir, batch_size=batch_size, responses=responses, seq_len=seq_len, pad_id=pad_id,
-                      seed=seed, start=start, buckets=buckets, window=window, process_index=process_index,
-                      process_count=process_count, splits=splits, agree_length=agree_length,
-                      shuffle_buffer=shuffle_buffer)
-
+  return TrainBatches(
+    data_dir,
+    batch_size=batch_size,
+    responses=responses,
+    seq_len=seq_len,
+    pad_id=pad_id,
+    seed=seed,
+    start=start,
+    buckets=buckets,
+    window=window,
+    process_index=process_index,
+    process_count=process_count,
+    splits=splits,
+    agree_length=agree_length,
+    shuffle_buffer=shuffle_buffer,
+  )

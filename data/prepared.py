@@ -38,15 +38,28 @@ def features(encoder: bool = False):
   """
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  seq = (lambda dt: tfds.features.Tensor(shape=(None,), dtype=dt)) if encoder else tfds.features.Sequence
-  return tfds.features.FeaturesDict({
-      "task_id": tfds.features.Text(), "tokens": seq(tf.int32), "prompt_length": tf.int32,
-      "response_lengths": seq(tf.int32), "scores": seq(tf.float32), "is_teacher": seq(tf.int32)})
+
+  seq = (
+    (lambda dt: tfds.features.Tensor(shape=(None,), dtype=dt))
+    if encoder
+    else tfds.features.Sequence
+  )
+  return tfds.features.FeaturesDict(
+    {
+      "task_id": tfds.features.Text(),
+      "tokens": seq(tf.int32),
+      "prompt_length": tf.int32,
+      "response_lengths": seq(tf.int32),
+      "scores": seq(tf.float32),
+      "is_teacher": seq(tf.int32),
+    }
+  )
 
 
 def prompt_text(prompt: str) -> str:
   """The paper's training prompt: the problem between triple quotes."""
   return '"""\n' + prompt.strip("\n") + '\n"""\n'
+
 
 def prepare_record(record: dict, tokenizer) -> dict:
   """A ranked record -> a prepared record (token ids in the paper's format)."""
@@ -57,9 +70,14 @@ def prepare_record(record: dict, tokenizer) -> dict:
     ids = list(tokenizer.encode(record["exec_prefix"] + code)) + [eos]
     tokens += ids
     lengths.append(len(ids))
-  return {"task_id": record["task_id"], "tokens": np.asarray(tokens, np.int32), "prompt_length": len(prompt),
-          "response_lengths": np.asarray(lengths, np.int32), "scores": np.asarray(record["scores"], np.float32),
-          "is_teacher": np.asarray(record["is_teacher"], np.int32)}
+  return {
+    "task_id": record["task_id"],
+    "tokens": np.asarray(tokens, np.int32),
+    "prompt_length": len(prompt),
+    "response_lengths": np.asarray(lengths, np.int32),
+    "scores": np.asarray(record["scores"], np.float32),
+    "is_teacher": np.asarray(record["is_teacher"], np.int32),
+  }
 
 
 def serialize(example: dict, feats=None) -> bytes:
@@ -76,10 +94,15 @@ def write_atomic(path: str, examples, feats=None) -> int:
 def prompt_lengths(paths: Sequence[str]) -> np.ndarray:
   """[N] prompt_length of every record of local prepared shards, in order, reading only that field."""
   import tensorflow as tf
+
   if not paths:
     return np.zeros(0, np.int64)
   spec = {"prompt_length": tf.io.FixedLenFeature([], tf.int64)}
-  ds = tf.data.TFRecordDataset(list(paths)).batch(4096).map(lambda x: tf.io.parse_example(x, spec)["prompt_length"])
+  ds = (
+    tf.data.TFRecordDataset(list(paths))
+    .batch(4096)
+    .map(lambda x: tf.io.parse_example(x, spec)["prompt_length"])
+  )
   return np.concatenate([np.zeros(0, np.int64), *ds.as_numpy_iterator()])
 
 
@@ -87,6 +110,7 @@ def write_metadata(out_dir: str, paths: Sequence[str]) -> None:
   """dataset_info.json, features.json and metadata.json (max_prompt_length) for complete shards
   (local or a URL: records.write_tfds_metadata)."""
   import tensorflow_datasets as tfds
+
   infos = None
   if is_url(out_dir):  # one download per shard for both its prompt lengths and its counts
     lengths, infos = [], []
@@ -97,9 +121,14 @@ def write_metadata(out_dir: str, paths: Sequence[str]) -> None:
     longest = max((int(x.max(initial=0)) for x in lengths), default=0)
   else:
     longest = int(prompt_lengths(paths).max(initial=0))
-  records.write_tfds_metadata(out_dir, paths, features(), shard_infos=infos,
-                              metadata=tfds.core.MetadataDict(max_prompt_length=longest),
-                              description="RRTF training token ids (rrtf-jax `rrtf prepare`).")
+  records.write_tfds_metadata(
+    out_dir,
+    paths,
+    features(),
+    shard_infos=infos,
+    metadata=tfds.core.MetadataDict(max_prompt_length=longest),
+    description="RRTF training token ids (rrtf-jax `rrtf prepare`).",
+  )
 
 
 def open_prepared(data_dir: str):
@@ -109,6 +138,7 @@ def open_prepared(data_dir: str):
   # since TensorFlow cannot reach the GCS emulator).
   import tensorflow as tf
   import tensorflow_datasets as tfds
+
   if not tf.io.gfile.isdir(data_dir):
     raise InputError(f"{data_dir}: no such directory")
   names = tf.io.gfile.listdir(data_dir)
@@ -116,8 +146,12 @@ def open_prepared(data_dir: str):
     raise InputError(f"{data_dir}: looks like a ranked dataset; run `rrtf prepare` first")
   if "dataset_info.json" not in names:
     if any(n.startswith(PREPARED_NAME + "-") for n in names):
-      raise InputError(f"{data_dir}: no TFDS metadata (dataset_info.json): not every `rrtf prepare` shard is done")
-    raise InputError(f"{data_dir}: not a prepared dataset (no {PREPARED_NAME} TFDS metadata); run `rrtf prepare`")
+      raise InputError(
+        f"{data_dir}: no TFDS metadata (dataset_info.json): not every `rrtf prepare` shard is done"
+      )
+    raise InputError(
+      f"{data_dir}: not a prepared dataset (no {PREPARED_NAME} TFDS metadata); run `rrtf prepare`"
+    )
   try:
     builder = tfds.builder_from_directory(data_dir)
   except Exception as e:  # tfds raises a variety of errors on damaged metadata
@@ -125,8 +159,10 @@ def open_prepared(data_dir: str):
   have = set(builder.info.features.keys())
   want = set(features().keys())
   if builder.info.name != PREPARED_NAME or not want <= have:
-    raise InputError(f"{data_dir}: TFDS dataset {builder.info.name!r} is not an `rrtf prepare` output "
-                     f"(missing features {sorted(want - have)})")
+    raise InputError(
+      f"{data_dir}: TFDS dataset {builder.info.name!r} is not an `rrtf prepare` output "
+      f"(missing features {sorted(want - have)})"
+    )
   if SPLIT not in builder.info.splits:
     raise InputError(f"{data_dir}: no {SPLIT!r} split")
   return builder
@@ -135,4 +171,3 @@ def open_prepared(data_dir: str):
 def dataset_size(data_dir: str) -> int:
   """Number of prompts in a prepared dataset (from its TFDS metadata)."""
   return int(open_prepared(data_dir).info.splits[SPLIT].num_examples)
-

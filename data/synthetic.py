@@ -31,11 +31,33 @@ from data.problems import write_jsonl_atomic
 SPLITS = ("warmup", "train", "heldout")
 TESTS = 4  # asserts per problem, besides the docstring example
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+  "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+  "fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-_AFFIXES = ("ing", "ed", "er", "ly", "s", "es", "un", "re", "pre", "x", "ab", "cat", "dog", "zip", "top",
-            "box", "red", "sun", "py", "ok")
+_AFFIXES = (
+  "ing",
+  "ed",
+  "er",
+  "ly",
+  "s",
+  "es",
+  "un",
+  "re",
+  "pre",
+  "x",
+  "ab",
+  "cat",
+  "dog",
+  "zip",
+  "top",
+  "box",
+  "red",
+  "sun",
+  "py",
+  "ok",
+)
 
 
 def number_word(n: int) -> str:
@@ -52,12 +74,14 @@ def number_word(n: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """One instance: what the prompt says, the solution, and a trusted reference."""
+
   name: str  # the entry point
   arg: str  # the one parameter: xs (a list of ints), x (an int) or s (a str)
   doc: str  # the docstring's first line
   body: str  # the solution's one statement, unindented
   ref: Callable  # the same function as plain Python, for expected values
-  cases: Callable[[random.Random], list[tuple]]  # 1 + TESTS argument tuples; the first is the example
+  # 1 + TESTS argument tuples; the first is the example
+  cases: Callable[[random.Random], list[tuple]]
 
 
 def _ints(r: random.Random, n: int, lo: int, hi: int) -> list[int]:
@@ -78,37 +102,64 @@ def _mixed(r: random.Random, must: list[int], lo: int, hi: int, more: int = 0) -
 # ------------------------------------------------------------------------------ templates
 # Each takes one parameter tuple and returns a Spec; _FAMILY_TABLE lists every tuple.
 
+
 def _add(k):
-  return Spec(f"add_{number_word(k)}", "xs", f"Return a new list with {k} added to every element.",
-              f"return [x + {k} for x in xs]", lambda xs: [x + k for x in xs],
-              lambda r: [(_ints(r, 2, 0, 9),)] + [(_ints(r, r.randint(1, 5), -9, 20),) for _ in range(TESTS)])
+  return Spec(
+    f"add_{number_word(k)}",
+    "xs",
+    f"Return a new list with {k} added to every element.",
+    f"return [x + {k} for x in xs]",
+    lambda xs: [x + k for x in xs],
+    lambda r: [(_ints(r, 2, 0, 9),)] + [(_ints(r, r.randint(1, 5), -9, 20),) for _ in range(TESTS)],
+  )
 
 
 def _multiply(k):
   nonzero = [v for v in range(-9, 10) if v]
-  return Spec(f"multiply_by_{number_word(k)}", "xs",
-              f"Return a new list with every element multiplied by {k}.",
-              f"return [x * {k} for x in xs]", lambda xs: [x * k for x in xs],
-              lambda r: [([r.randint(1, 5) for _ in range(2)],)]
-              + [([r.choice(nonzero) for _ in range(r.randint(1, 5))],) for _ in range(TESTS)])
+  return Spec(
+    f"multiply_by_{number_word(k)}",
+    "xs",
+    f"Return a new list with every element multiplied by {k}.",
+    f"return [x * {k} for x in xs]",
+    lambda xs: [x * k for x in xs],
+    lambda r: (
+      [([r.randint(1, 5) for _ in range(2)],)]
+      + [([r.choice(nonzero) for _ in range(r.randint(1, 5))],) for _ in range(TESTS)]
+    ),
+  )
 
 
 def _filter(op, k):
   word, keep = {">": ("above", lambda x: x > k), "<": ("below", lambda x: x < k)}[op]
   cmp = "greater" if op == ">" else "less"
-  return Spec(f"keep_{word}_{number_word(k)}", "xs",
-              f"Return the elements of xs {cmp} than {k}.",
-              f"return [x for x in xs if x {op} {k}]", lambda xs: [x for x in xs if keep(x)],
-              lambda r: [(_mixed(r, [k - 1, k + 1], k - 5, k + 5, 1),),  # boundaries: a neighbouring k fails
-                         (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),)]
-              + [(_ints(r, r.randint(2, 6), k - 8, k + 8),) for _ in range(TESTS - 1)])
+  return Spec(
+    f"keep_{word}_{number_word(k)}",
+    "xs",
+    f"Return the elements of xs {cmp} than {k}.",
+    f"return [x for x in xs if x {op} {k}]",
+    lambda xs: [x for x in xs if keep(x)],
+    lambda r: (
+      [
+        (_mixed(r, [k - 1, k + 1], k - 5, k + 5, 1),),  # boundaries: a neighbouring k fails
+        (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),),
+      ]
+      + [(_ints(r, r.randint(2, 6), k - 8, k + 8),) for _ in range(TESTS - 1)]
+    ),
+  )
 
 
 def _count(k):
-  return Spec(f"count_equal_to_{number_word(k)}", "xs", f"Return how many elements of xs are equal to {k}.",
-              f"return xs.count({k})", lambda xs: xs.count(k),
-              lambda r: [(_mixed(r, [k], k - 1, k + 1, 2),), (_mixed(r, [k, k], k - 2, k + 2),)]
-              + [(_ints(r, r.randint(3, 7), k - 2, k + 2),) for _ in range(TESTS - 1)])
+  return Spec(
+    f"count_equal_to_{number_word(k)}",
+    "xs",
+    f"Return how many elements of xs are equal to {k}.",
+    f"return xs.count({k})",
+    lambda xs: xs.count(k),
+    lambda r: (
+      [(_mixed(r, [k], k - 1, k + 1, 2),), (_mixed(r, [k, k], k - 2, k + 2),)]
+      + [(_ints(r, r.randint(3, 7), k - 2, k + 2),) for _ in range(TESTS - 1)]
+    ),
+  )
 
 
 def _elements(k: int) -> str:
@@ -117,40 +168,67 @@ def _elements(k: int) -> str:
 
 def _slice_sum(end, k):
   first = end == "first"
-  return Spec(f"sum_{end}_{number_word(k)}", "xs", f"Return the sum of the {end} {_elements(k)} of xs.",
-              f"return sum(xs[:{k}])" if first else f"return sum(xs[-{k}:])",
-              lambda xs: sum(xs[:k]) if first else sum(xs[-k:]),
-              lambda r: [(_ints(r, k + 1, 1, 9),)] + [(_ints(r, k + r.randint(1, 4), 1, 20),) for _ in range(TESTS)])
+  return Spec(
+    f"sum_{end}_{number_word(k)}",
+    "xs",
+    f"Return the sum of the {end} {_elements(k)} of xs.",
+    f"return sum(xs[:{k}])" if first else f"return sum(xs[-{k}:])",
+    lambda xs: sum(xs[:k]) if first else sum(xs[-k:]),
+    lambda r: (
+      [(_ints(r, k + 1, 1, 9),)] + [(_ints(r, k + r.randint(1, 4), 1, 20),) for _ in range(TESTS)]
+    ),
+  )
 
 
 def _extreme(fn, k):
   big = fn == "max"
-  return Spec(f"{fn}_plus_{number_word(k)}", "xs",
-              f"Return the {'largest' if big else 'smallest'} element of xs plus {k}.",
-              f"return {fn}(xs) + {k}", lambda xs: (max(xs) if big else min(xs)) + k,
-              lambda r: [(r.sample(range(10), 3),)]
-              + [(r.sample(range(-9, 21), r.randint(2, 6)),) for _ in range(TESTS)])
+  return Spec(
+    f"{fn}_plus_{number_word(k)}",
+    "xs",
+    f"Return the {'largest' if big else 'smallest'} element of xs plus {k}.",
+    f"return {fn}(xs) + {k}",
+    lambda xs: (max(xs) if big else min(xs)) + k,
+    lambda r: (
+      [(r.sample(range(10), 3),)]
+      + [(r.sample(range(-9, 21), r.randint(2, 6)),) for _ in range(TESTS)]
+    ),
+  )
 
 
 def _repeat(k):
-  return Spec(f"repeat_{number_word(k)}_times", "s", f"Return s repeated {k} times.",
-              f"return s * {k}", lambda s: s * k,
-              lambda r: [(_word(r, 1, 1),)] + [(_word(r, 1, 3),) for _ in range(TESTS)])
+  return Spec(
+    f"repeat_{number_word(k)}_times",
+    "s",
+    f"Return s repeated {k} times.",
+    f"return s * {k}",
+    lambda s: s * k,
+    lambda r: [(_word(r, 1, 1),)] + [(_word(r, 1, 3),) for _ in range(TESTS)],
+  )
 
 
 def _take(end, reverse, k):
   first = end == "first"
-  body = {(True, False): f"xs[:{k}]", (False, False): f"xs[-{k}:]", (True, True): f"xs[:{k}][::-1]",
-          (False, True): f"xs[::-1][:{k}]"}[first, reverse]
+  body = {
+    (True, False): f"xs[:{k}]",
+    (False, False): f"xs[-{k}:]",
+    (True, True): f"xs[:{k}][::-1]",
+    (False, True): f"xs[::-1][:{k}]",
+  }[first, reverse]
 
   def ref(xs):
-    return (xs[:k] if first else xs[-k:])[::-1 if reverse else 1]
+    return (xs[:k] if first else xs[-k:])[:: -1 if reverse else 1]
 
-  return Spec(f"{end}_{number_word(k)}" + ("_reversed" if reverse else ""), "xs",
-              f"Return the {end} {_elements(k)} of xs" + (", reversed." if reverse else "."),
-              f"return {body}", ref,
-              lambda r: [(r.sample(range(10), k + 1),)]
-              + [(r.sample(range(40), k + r.randint(1, 4)),) for _ in range(TESTS)])
+  return Spec(
+    f"{end}_{number_word(k)}" + ("_reversed" if reverse else ""),
+    "xs",
+    f"Return the {end} {_elements(k)} of xs" + (", reversed." if reverse else "."),
+    f"return {body}",
+    ref,
+    lambda r: (
+      [(r.sample(range(10), k + 1),)]
+      + [(r.sample(range(40), k + r.randint(1, 4)),) for _ in range(TESTS)]
+    ),
+  )
 
 
 def _clamp(lo, hi):
@@ -158,42 +236,67 @@ def _clamp(lo, hi):
     tests = [lo - 1, hi + 1, r.randint(lo, hi), r.randint(lo - 20, lo - 2)]
     r.shuffle(tests)
     return [(r.randint(lo - 5, hi + 5),)] + [(x,) for x in tests]
-  return Spec(f"clamp_{number_word(lo)}_to_{number_word(hi)}", "x",
-              f"Return x limited to the range [{lo}, {hi}].", f"return max({lo}, min(x, {hi}))",
-              lambda x: max(lo, min(x, hi)), cases)
+
+  return Spec(
+    f"clamp_{number_word(lo)}_to_{number_word(hi)}",
+    "x",
+    f"Return x limited to the range [{lo}, {hi}].",
+    f"return max({lo}, min(x, {hi}))",
+    lambda x: max(lo, min(x, hi)),
+    cases,
+  )
 
 
 def _divisible(k):
   def cases(r):
     # k itself fails every larger k; an even non-multiple fails most smaller ones.
-    tests = [k, k * (2 * r.randint(1, 5) + 1), k * r.randint(1, 9) + r.randint(1, k - 1),
-             r.choice([x for x in range(2, 120, 2) if x % k] or [k + 1])]
+    tests = [
+      k,
+      k * (2 * r.randint(1, 5) + 1),
+      k * r.randint(1, 9) + r.randint(1, k - 1),
+      r.choice([x for x in range(2, 120, 2) if x % k] or [k + 1]),
+    ]
     r.shuffle(tests)
     return [(k * r.randint(1, 4),)] + [(x,) for x in tests]
-  return Spec(f"is_multiple_of_{number_word(k)}", "x", f"Return True if x is a multiple of {k}.",
-              f"return x % {k} == 0", lambda x: x % k == 0, cases)
+
+  return Spec(
+    f"is_multiple_of_{number_word(k)}",
+    "x",
+    f"Return True if x is a multiple of {k}.",
+    f"return x % {k} == 0",
+    lambda x: x % k == 0,
+    cases,
+  )
 
 
 def _affix(where, w):
   after = where == "append"
-  return Spec(f"{where}_{w}", "s", f"Return s with {w!r} {where}ed.",
-              f"return s + {w!r}" if after else f"return {w!r} + s", lambda s: s + w if after else w + s,
-              lambda r: [(_word(r, 2, 3),)] + [(_word(r, 0, 5),) for _ in range(TESTS)])
+  return Spec(
+    f"{where}_{w}",
+    "s",
+    f"Return s with {w!r} {where}ed.",
+    f"return s + {w!r}" if after else f"return {w!r} + s",
+    lambda s: s + w if after else w + s,
+    lambda r: [(_word(r, 2, 3),)] + [(_word(r, 0, 5),) for _ in range(TESTS)],
+  )
 
 
 # name -> (builder, every parameter tuple)
 _FAMILY_TABLE: dict[str, tuple[Callable[..., Spec], list[tuple]]] = {
-    "add": (_add, [(k,) for k in range(1, 41)]),
-    "multiply": (_multiply, [(k,) for k in range(2, 41)]),
-    "filter": (_filter, [(op, k) for op in "><" for k in range(0, 31)]),
-    "count": (_count, [(k,) for k in range(0, 31)]),
-    "slice_sum": (_slice_sum, [(end, k) for end in ("first", "last") for k in range(1, 9)]),
-    "extreme": (_extreme, [(fn, k) for fn in ("max", "min") for k in range(1, 31)]),
-    "repeat": (_repeat, [(k,) for k in range(2, 17)]),
-    "take": (_take, [(end, rev, k) for end in ("first", "last") for rev in (False, True) for k in range(1, 6)]),
-    "clamp": (_clamp, [(lo, lo + d) for lo in range(-5, 11) for d in range(1, 11)]),
-    "divisible": (_divisible, [(k,) for k in range(2, 41)]),
-    "affix": (_affix, [(where, w) for where in ("append", "prepend") for w in _AFFIXES]),
+  "add": (_add, [(k,) for k in range(1, 41)]),
+  "multiply": (_multiply, [(k,) for k in range(2, 41)]),
+  "filter": (_filter, [(op, k) for op in "><" for k in range(0, 31)]),
+  "count": (_count, [(k,) for k in range(0, 31)]),
+  "slice_sum": (_slice_sum, [(end, k) for end in ("first", "last") for k in range(1, 9)]),
+  "extreme": (_extreme, [(fn, k) for fn in ("max", "min") for k in range(1, 31)]),
+  "repeat": (_repeat, [(k,) for k in range(2, 17)]),
+  "take": (
+    _take,
+    [(end, rev, k) for end in ("first", "last") for rev in (False, True) for k in range(1, 6)],
+  ),
+  "clamp": (_clamp, [(lo, lo + d) for lo in range(-5, 11) for d in range(1, 11)]),
+  "divisible": (_divisible, [(k,) for k in range(2, 41)]),
+  "affix": (_affix, [(where, w) for where in ("append", "prepend") for w in _AFFIXES]),
 }
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_TABLE)
 
@@ -214,15 +317,25 @@ def instance(seed: int, family: str, params: tuple, task_id: str) -> dict:
     return ", ".join(map(repr, args))
 
   example = cases[0]
-  prompt = (f"def {spec.name}({spec.arg}):\n"
-            f'    """{spec.doc}\n'
-            f"    >>> {spec.name}({call(example)})\n"
-            f"    {spec.ref(*example)!r}\n"
-            f'    """\n')
+  prompt = (
+    f"def {spec.name}({spec.arg}):\n"
+    f'    """{spec.doc}\n'
+    f"    >>> {spec.name}({call(example)})\n"
+    f"    {spec.ref(*example)!r}\n"
+    f'    """\n'
+  )
   test = "def check(candidate):\n" + "".join(
-      f"    assert candidate({call(args)}) == {spec.ref(*args)!r}\n" for args in cases[1:])
-  return dict(task_id=task_id, prompt=prompt, test=test, entry_point=spec.name,
-              canonical_solution=f"    {spec.body}\n", family=family, params=list(params))
+    f"    assert candidate({call(args)}) == {spec.ref(*args)!r}\n" for args in cases[1:]
+  )
+  return dict(
+    task_id=task_id,
+    prompt=prompt,
+    test=test,
+    entry_point=spec.name,
+    canonical_solution=f"    {spec.body}\n",
+    family=family,
+    params=list(params),
+  )
 
 
 def _order(seed: int) -> list[tuple[str, tuple]]:
@@ -246,7 +359,10 @@ def generate(seed: int, count: int) -> list[dict]:
   and generate(seed, n) is a prefix of generate(seed, m) for n < m."""
   if not 0 <= count <= capacity():
     raise ValueError(f"the synthetic family has {capacity()} distinct instances; asked for {count}")
-  return [instance(seed, fam, params, f"synthetic/{fam}/{i}") for i, (fam, params) in enumerate(_order(seed)[:count])]
+  return [
+    instance(seed, fam, params, f"synthetic/{fam}/{i}")
+    for i, (fam, params) in enumerate(_order(seed)[:count])
+  ]
 
 
 def splits(seed: int, warmup: int, train: int, heldout: int) -> dict[str, list[dict]]:
@@ -275,8 +391,10 @@ def splits(seed: int, warmup: int, train: int, heldout: int) -> dict[str, list[d
         rng.shuffle(rounds[name])
       fam = rounds[name].pop()
     picked[name].append(pools[fam].popleft())
-  return {name: [instance(seed, *order[j], f"synthetic/{order[j][0]}/{j}") for j in picked[name]]
-          for name in SPLITS}
+  return {
+    name: [instance(seed, *order[j], f"synthetic/{order[j][0]}/{j}") for j in picked[name]]
+    for name in SPLITS
+  }
 
 
 def write_splits(out_dir: str, seed: int, warmup: int, train: int, heldout: int) -> dict[str, str]:

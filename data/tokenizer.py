@@ -24,6 +24,7 @@ SPM_SPECIAL = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 class SentencePieceTokenizer:
   def __init__(self, model_path: str):
     import sentencepiece as spm
+
     self.path = model_path
     self.sp = spm.SentencePieceProcessor(model_file=model_path)
 
@@ -55,6 +56,7 @@ class HFTokenizer:
 
   def __init__(self, path: str, eos_token: str = "<|endoftext|>"):
     from tokenizers import Tokenizer
+
     self.path = path
     self.tok = Tokenizer.from_file(path)
     self._eos = self.tok.token_to_id(eos_token)
@@ -97,6 +99,7 @@ def builtin_corpus() -> list[str]:
   import configs
   import data
   import model
+
   texts = []
   for pkg in (model, data, configs):
     root = Path(pkg.__file__).parent
@@ -118,18 +121,32 @@ def _chunks(texts: Iterable[str], size: int = 2000) -> Iterable[str]:
       yield buf
 
 
-def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 1024,
-                        model_type: str = "bpe") -> SentencePieceTokenizer:
+def train_sentencepiece(
+  texts: Iterable[str], out_dir: str, vocab_size: int = 1024, model_type: str = "bpe"
+) -> SentencePieceTokenizer:
   """Trains a code-friendly SentencePiece model and writes OUT_DIR/tokenizer.model."""
   import sentencepiece as spm
+
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(list(_chunks(texts))), model_writer=buf, vocab_size=vocab_size,
-      model_type=model_type, character_coverage=1.0, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, add_dummy_prefix=False, byte_fallback=True,
-      split_digits=True, allow_whitespace_only_pieces=True, split_by_whitespace=True,
-      user_defined_symbols=["\n", "\t"], max_sentence_length=8192, num_threads=1,
-      minloglevel=2, **SPM_SPECIAL)
+    sentence_iterator=iter(list(_chunks(texts))),
+    model_writer=buf,
+    vocab_size=vocab_size,
+    model_type=model_type,
+    character_coverage=1.0,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    byte_fallback=True,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    split_by_whitespace=True,
+    user_defined_symbols=["\n", "\t"],
+    max_sentence_length=8192,
+    num_threads=1,
+    minloglevel=2,
+    **SPM_SPECIAL,
+  )
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, SPM_FILE)
   tmp = path + ".tmp"
@@ -143,10 +160,13 @@ def resolve_tokenizer(tokenizer):
   """A tokenizer object as is, or one loaded from a tokenizer dir or a checkpoint's tokenizer/."""
   if not isinstance(tokenizer, (str, os.PathLike)):
     if not (callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "eos_id")):
-      raise TypeError(f"tokenizer must be a path or have encode() and eos_id, got {type(tokenizer).__name__}")
+      raise TypeError(
+        f"tokenizer must be a path or have encode() and eos_id, got {type(tokenizer).__name__}"
+      )
     return tokenizer
   import fsspec
   from fsspec.implementations.local import LocalFileSystem
+
   path = str(tokenizer).rstrip("/")
   fs, root = fsspec.core.url_to_fs(path)
   if os.path.basename(root) in (HF_FILE, SPM_FILE) and fs.isfile(root):
@@ -157,9 +177,11 @@ def resolve_tokenizer(tokenizer):
       if isinstance(fs, LocalFileSystem):
         return load_tokenizer(d)
       import tempfile  # load_tokenizer reads local files: copy them from gs:// first
+
       local = tempfile.mkdtemp(prefix="rrtf-tokenizer-")
       for n in names:
         fs.get(f"{d}/{n}", os.path.join(local, n))
       return load_tokenizer(local)
-  raise InputError(f"{path}: no tokenizer ({HF_FILE} or {SPM_FILE}) in it or in its tokenizer/ subdirectory")
-
+  raise InputError(
+    f"{path}: no tokenizer ({HF_FILE} or {SPM_FILE}) in it or in its tokenizer/ subdirectory"
+  )

@@ -11,13 +11,13 @@ pull in JAX and orbax.
 import importlib
 
 _EXPORTS = {
-    "ModelConfig": "model.config",
-    "Transformer": "model.transformer",
-    "abstract_params": "model.transformer",
-    "count_params": "model.transformer",
-    "init_params": "model.transformer",
-    "load_checkpoint": "model.checkpoint",
-    "save_checkpoint": "model.checkpoint",
+  "ModelConfig": "model.config",
+  "Transformer": "model.transformer",
+  "abstract_params": "model.transformer",
+  "count_params": "model.transformer",
+  "init_params": "model.transformer",
+  "load_checkpoint": "model.checkpoint",
+  "save_checkpoint": "model.checkpoint",
 }
 __all__ = list(_EXPORTS)
 

@@ -70,22 +70,27 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_mask, *, sm_scale=
   kh = k_new.shape[2]
   qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
   neg = jnp.finfo(jnp.float32).min
-  s_old = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+  s_old = jnp.einsum(
+    "BTKGH,BSKH->BKGTS", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
+  )
   s_old = jnp.where(cache_mask.astype(bool)[:, None, None, None, :], s_old * sm_scale, neg)
   s_new = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_new, preferred_element_type=jnp.float32) * sm_scale
   s_new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s_new, neg)
   m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
   p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
   denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-  out = (jnp.einsum("BKGTS,BSKH->BTKGH", (p_old / denom).astype(v_new.dtype), v_cache.astype(v_new.dtype))
-         + jnp.einsum("BKGTS,BSKH->BTKGH", (p_new / denom).astype(v_new.dtype), v_new))
+  out = jnp.einsum(
+    "BKGTS,BSKH->BTKGH", (p_old / denom).astype(v_new.dtype), v_cache.astype(v_new.dtype)
+  ) + jnp.einsum("BKGTS,BSKH->BTKGH", (p_new / denom).astype(v_new.dtype), v_new)
   return out.reshape(b, t, n, h)
 
 
-def splash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, block=512,
-                     interpret=None):
+def splash_attention(
+  q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, block=512, interpret=None
+):
   """JAX's splash attention kernels (self-attention, T == S), MQA per kv head or MHA."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   if s != t:
@@ -96,25 +101,42 @@ def splash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_
   pad = ((0, 0), (0, tp - t))
   q_seg = jnp.pad(q_segment_ids.astype(jnp.int32), pad, constant_values=-(2**31))
   kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), pad, constant_values=-(2**31) + 1)
-  qt = jnp.pad((q * sm_scale).astype(q.dtype).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4),
-               ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))  # [B, K, G, Tp, H]
+  qt = jnp.pad(
+    (q * sm_scale).astype(q.dtype).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4),
+    ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)),
+  )  # [B, K, G, Tp, H]
   kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tp - t), (0, 0)))  # [B, K, Tp, H]
   vt = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
   base = sa.CausalMask((tp, tp)) if causal else sa.FullMask((tp, tp))
-  sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                        block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+  sizes = sa.BlockSizes(
+    block_q=blk,
+    block_kv=blk,
+    block_kv_compute=blk,
+    block_q_dkv=blk,
+    block_kv_dkv=blk,
+    block_kv_dkv_compute=blk,
+    block_q_dq=blk,
+    block_kv_dq=blk,
+  )
   if interpret is None:
     from model.flash_attention import target_platform
+
     interpret = target_platform() != "tpu"
   if kh == n:  # multi-head: one kernel over all heads
-    kernel = sa.make_splash_mha_single_device(sa.MultiHeadMask([base] * n), block_sizes=sizes, interpret=interpret)
+    kernel = sa.make_splash_mha_single_device(
+      sa.MultiHeadMask([base] * n), block_sizes=sizes, interpret=interpret
+    )
 
     def run(qe, ke, ve, seg):
       return kernel(qe[:, 0], ke, ve, segment_ids=seg)[:, None]
 
   else:  # multi-query per kv head: q [G, Tp, H] against k, v [Tp, H]
-    kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([base] * g), block_sizes=sizes, interpret=interpret)
-    run = jax.vmap(lambda qe, ke, ve, seg: kernel(qe, ke, ve, segment_ids=seg), in_axes=(0, 0, 0, None))
+    kernel = sa.make_splash_mqa_single_device(
+      sa.MultiHeadMask([base] * g), block_sizes=sizes, interpret=interpret
+    )
+    run = jax.vmap(
+      lambda qe, ke, ve, seg: kernel(qe, ke, ve, segment_ids=seg), in_axes=(0, 0, 0, None)
+    )
 
   def per_example(qe, ke, ve, qs, ks):
     return run(qe, ke, ve, sa.SegmentIds(q=qs, kv=ks))
@@ -126,20 +148,26 @@ def splash_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_
 def resolve(impl: str, platform: str | None = None) -> str:
   """The implementation `impl` means on `platform` (default: the platform being compiled for)."""
   from model.flash_attention import target_platform
+
   platform = platform or target_platform()
   if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
+    raise ValueError(
+      f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}"
+    )
   if impl == "auto":
     return "pallas" if platform == "tpu" else "xla"
   if impl in ("pallas", "splash") and platform not in ("tpu", "cpu"):
-    raise ValueError(f"attention={impl!r} is a TPU (Mosaic) kernel and cannot run on {platform}; "
-                     "use attention='xla' there")
+    raise ValueError(
+      f"attention={impl!r} is a TPU (Mosaic) kernel and cannot run on {platform}; "
+      "use attention='xla' there"
+    )
   return impl
 
 
 def _mesh_specs(mesh, num_kv_heads: int):
   """shard_map specs from the logical rules in force: batch and heads sharded, H and T whole."""
   import flax.linen as nn
+
   q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
   q_spec = P(q_spec[0], None, q_spec[2], None)
   heads = q_spec[2]
@@ -150,30 +178,48 @@ def _mesh_specs(mesh, num_kv_heads: int):
   elif num_kv_heads % head_shards == 0:
     kv_spec = P(q_spec[0], None, heads, None)  # kv groups shard with their query heads
   else:
-    raise ValueError(f"{num_kv_heads} kv heads cannot be split over {head_shards} head shards; "
-                     "use a tensor axis that divides the kv heads, or attention='xla'")
+    raise ValueError(
+      f"{num_kv_heads} kv heads cannot be split over {head_shards} head shards; "
+      "use a tensor axis that divides the kv heads, or attention='xla'"
+    )
   return q_spec, kv_spec, P(q_spec[0], None)
 
 
-def dot_product_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0,
-                          impl="xla"):
+def dot_product_attention(
+  q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, impl="xla"
+):
   """Dispatch to the configured implementation; Pallas kernels run under shard_map on a mesh."""
   impl = resolve(impl)
   if impl == "xla":
-    return xla_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                         causal=causal, sm_scale=sm_scale)
+    return xla_attention(
+      q,
+      k,
+      v,
+      q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      causal=causal,
+      sm_scale=sm_scale,
+    )
   if impl == "pallas":
     from model.flash_attention import flash_attention
 
     def kernel(q, k, v, qs, ks):
       return flash_attention(q, k, v, causal=causal, segment_ids=(qs, ks), sm_scale=sm_scale)
   else:
+
     def kernel(q, k, v, qs, ks):
-      return splash_attention(q, k, v, q_segment_ids=qs, kv_segment_ids=ks, causal=causal, sm_scale=sm_scale)
+      return splash_attention(
+        q, k, v, q_segment_ids=qs, kv_segment_ids=ks, causal=causal, sm_scale=sm_scale
+      )
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or math.prod(mesh.shape.values()) == 1:
     return kernel(q, k, v, q_segment_ids, kv_segment_ids)
   q_spec, kv_spec, seg_spec = _mesh_specs(mesh, k.shape[2])
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
-                       out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+  return jax.shard_map(
+    kernel,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q, k, v, q_segment_ids, kv_segment_ids)

@@ -65,9 +65,13 @@ def write_params(path: str, params) -> None:
   arrays here are not mutated while saving, so that copy is switched off.
   """
   from orbax.checkpoint import type_handlers as th
+
   registry = th.create_type_handler_registry(
-      (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, th.ArrayHandler()))
-  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=use_ocdbt()))
+    (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, th.ArrayHandler())
+  )
+  ckptr = ocp.Checkpointer(
+    ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=use_ocdbt())
+  )
   ckptr.save(f"{abspath(path)}/{PARAMS_DIR}", args=ocp.args.PyTreeSave(params))
 
 
@@ -93,8 +97,14 @@ def check_output(path: str) -> None:
   raise FileExistsError(f"{final}: output already exists and is not a checkpoint")
 
 
-def save_checkpoint(path: str, config: ModelConfig, params, tokenizer_dir: str | None = None,
-                    tokenizer_files: tuple[str, ...] = (), extra_files: dict[str, str] | None = None) -> str:
+def save_checkpoint(
+  path: str,
+  config: ModelConfig,
+  params,
+  tokenizer_dir: str | None = None,
+  tokenizer_files: tuple[str, ...] = (),
+  extra_files: dict[str, str] | None = None,
+) -> str:
   """Writes a complete checkpoint directory; returns its path. `extra_files`: name -> text of
   files written beside the config (e.g. quantization.json).
 
@@ -163,6 +173,7 @@ def load_checkpoint(path: str, *, shardings=None, dtype=None):
   if shardings is None:
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, meta)
+
   # `dtype` casts the floating-point parameters only (a quantized checkpoint's integers stay).
   def restored(m, sharding):
     cast = dtype and jax.numpy.issubdtype(m.dtype, jax.numpy.floating)
@@ -180,7 +191,13 @@ def tokenizer_path(path: str) -> str | None:
 
 def param_bytes(params) -> int:
   """Bytes of a parameter tree as an accelerator holds it: int4 packs two values per byte."""
+
   def nbytes(x) -> int:
     n = int(np.prod(x.shape))
-    return (n + 1) // 2 if np.dtype(x.dtype) == np.dtype(jax.numpy.int4) else n * np.dtype(x.dtype).itemsize
+    return (
+      (n + 1) // 2
+      if np.dtype(x.dtype) == np.dtype(jax.numpy.int4)
+      else n * np.dtype(x.dtype).itemsize
+    )
+
   return sum(nbytes(x) for x in jax.tree.leaves(params))

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
 REMAT_POLICIES = ("none", "full", "dots")
 QUANT_BITS = (0, 8, 4)
@@ -50,17 +51,25 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.embed_dim % self.num_heads:
-      raise ValueError(f"model.embed_dim={self.embed_dim} is not a multiple of model.num_heads={self.num_heads}")
+      raise ValueError(
+        f"model.embed_dim={self.embed_dim} is not a multiple of model.num_heads={self.num_heads}"
+      )
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}")
+      raise ValueError(
+        f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}"
+      )
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
     if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention={self.attention!r} is not available; choose one of {ATTENTION_IMPLS}")
+      raise ValueError(
+        f"model.attention={self.attention!r} is not available; choose one of {ATTENTION_IMPLS}"
+      )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.quant_bits not in QUANT_BITS:
-      raise ValueError(f"model.quant_bits={self.quant_bits} is not one of {QUANT_BITS} (0 = not quantized)")
+      raise ValueError(
+        f"model.quant_bits={self.quant_bits} is not one of {QUANT_BITS} (0 = not quantized)"
+      )
     if self.quant_group < 0 or (self.quant_group and not self.quant_bits):
       raise ValueError(f"model.quant_group={self.quant_group} needs quant_bits and must be >= 0")
     if self.quant_embedding and not self.quant_bits:
@@ -94,7 +103,9 @@ class ModelConfig:
     if not self.quant_group or self.quant_group >= d_in:
       return 1
     if d_in % self.quant_group:
-      raise ValueError(f"model.quant_group={self.quant_group} does not divide a kernel's {d_in} input rows")
+      raise ValueError(
+        f"model.quant_group={self.quant_group} does not divide a kernel's {d_in} input rows"
+      )
     return d_in // self.quant_group
 
   def replace(self, **kw) -> "ModelConfig":
@@ -123,19 +134,19 @@ class ModelConfig:
     if isinstance(eos, (list, tuple)):
       eos = eos[0] if eos else None
     kw = dict(
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("n_positions", hf.get("max_position_embeddings")),
-        num_layers=hf.get("n_layer", hf.get("num_hidden_layers")),
-        embed_dim=n_embd,
-        num_heads=n_head,
-        num_kv_heads=1 if hf.get("multi_query", True) else n_head,
-        mlp_dim=hf.get("n_inner") or 4 * n_embd,
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        activation=hf.get("activation_function", "gelu_pytorch_tanh"),
-        scale_attn_weights=hf.get("scale_attn_weights", True),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos,
-        pad_token_id=hf.get("pad_token_id"),
+      vocab_size=hf["vocab_size"],
+      max_position_embeddings=hf.get("n_positions", hf.get("max_position_embeddings")),
+      num_layers=hf.get("n_layer", hf.get("num_hidden_layers")),
+      embed_dim=n_embd,
+      num_heads=n_head,
+      num_kv_heads=1 if hf.get("multi_query", True) else n_head,
+      mlp_dim=hf.get("n_inner") or 4 * n_embd,
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+      activation=hf.get("activation_function", "gelu_pytorch_tanh"),
+      scale_attn_weights=hf.get("scale_attn_weights", True),
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_id=eos,
+      pad_token_id=hf.get("pad_token_id"),
     )
     kw.update(overrides)
     return cls(**kw)
@@ -143,34 +154,37 @@ class ModelConfig:
   def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
     """An HF `config.json` dict that transformers' GPTBigCodeForCausalLM loads."""
     if self.quant_bits:
-      raise ValueError("a quantized checkpoint has no HF GPTBigCode form; export the full-precision one")
+      raise ValueError(
+        "a quantized checkpoint has no HF GPTBigCode form; export the full-precision one"
+      )
     if self.num_kv_heads not in (1, self.num_heads):
       raise ValueError(
-          f"GPTBigCode supports only multi-query (K=1) or multi-head (K=N) attention, not K={self.num_kv_heads}")
+        f"GPTBigCode supports only multi-query (K=1) or multi-head (K=N) attention, not K={self.num_kv_heads}"
+      )
     return {
-        "architectures": ["GPTBigCodeForCausalLM"],
-        "model_type": "gpt_bigcode",
-        "vocab_size": self.vocab_size,
-        "n_positions": self.max_position_embeddings,
-        "n_embd": self.embed_dim,
-        "n_layer": self.num_layers,
-        "n_head": self.num_heads,
-        "n_inner": self.mlp_dim,
-        "multi_query": self.num_kv_heads == 1,
-        "activation_function": self.activation,
-        "layer_norm_epsilon": self.layer_norm_epsilon,
-        "scale_attn_weights": self.scale_attn_weights,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
-        "pad_token_id": self.pad_token_id,
-        "attention_softmax_in_fp32": True,
-        "scale_attention_softmax_in_fp32": True,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "torch_dtype": torch_dtype,
+      "architectures": ["GPTBigCodeForCausalLM"],
+      "model_type": "gpt_bigcode",
+      "vocab_size": self.vocab_size,
+      "n_positions": self.max_position_embeddings,
+      "n_embd": self.embed_dim,
+      "n_layer": self.num_layers,
+      "n_head": self.num_heads,
+      "n_inner": self.mlp_dim,
+      "multi_query": self.num_kv_heads == 1,
+      "activation_function": self.activation,
+      "layer_norm_epsilon": self.layer_norm_epsilon,
+      "scale_attn_weights": self.scale_attn_weights,
+      "bos_token_id": self.bos_token_id,
+      "eos_token_id": self.eos_token_id,
+      "pad_token_id": self.pad_token_id,
+      "attention_softmax_in_fp32": True,
+      "scale_attention_softmax_in_fp32": True,
+      "resid_pdrop": 0.0,
+      "embd_pdrop": 0.0,
+      "attn_pdrop": 0.0,
+      "tie_word_embeddings": True,
+      "use_cache": True,
+      "torch_dtype": torch_dtype,
     }
 
   def to_json(self) -> str:

@@ -53,6 +53,7 @@ class Generation:
 @dataclasses.dataclass(frozen=True)
 class Request:
   """One row: a prompt (text or token ids) and how to continue it."""
+
   prompt: str | Sequence[int]
   max_new_tokens: int = 256
   temperature: float = 0.0  # 0 = greedy
@@ -91,8 +92,12 @@ def sample_tokens(logits, keys, step, temperature, top_p, top_k):
 
   def draw(_):
     scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
-    filtered = jax.lax.cond(jnp.any(sampling & ((top_p < 1) | (top_k > 0))),
-                            lambda x: _top_k_top_p(x, top_p, top_k), lambda x: x, scaled)
+    filtered = jax.lax.cond(
+      jnp.any(sampling & ((top_p < 1) | (top_k > 0))),
+      lambda x: _top_k_top_p(x, top_p, top_k),
+      lambda x: x,
+      scaled,
+    )
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
     sampled = jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
     return jnp.where(sampling, sampled, greedy)
@@ -123,26 +128,52 @@ def _head(params, cfg: ModelConfig, hidden):
 _CACHE_AXES = ("layers", "batch", "length", "kv", "head_dim")
 
 
-def prefill(params, cfg: ModelConfig, tokens, mask, keys, temperature, top_p, top_k, max_new, done, *,
-            new_tokens: int) -> DecodeState:
+def prefill(
+  params,
+  cfg: ModelConfig,
+  tokens,
+  mask,
+  keys,
+  temperature,
+  top_p,
+  top_k,
+  max_new,
+  done,
+  *,
+  new_tokens: int,
+) -> DecodeState:
   """Runs the left-padded prompts [B, P] through the model and returns a state whose cache
   holds them, with room for `new_tokens` more."""
   b, p = tokens.shape
-  hidden, (k, v) = Transformer(cfg).apply({"params": params}, tokens, mask, return_hidden=True, return_kv=True)
+  hidden, (k, v) = Transformer(cfg).apply(
+    {"params": params}, tokens, mask, return_hidden=True, return_kv=True
+  )
   pad = ((0, 0), (0, 0), (0, new_tokens), (0, 0), (0, 0))
   cache_k = nn.with_logical_constraint(jnp.pad(k, pad), _CACHE_AXES)  # [L, B, S, K, H]
   cache_v = nn.with_logical_constraint(jnp.pad(v, pad), _CACHE_AXES)
   mask = mask.astype(jnp.int32)
   return DecodeState(
-      cache_k=cache_k, cache_v=cache_v, cache_mask=jnp.pad(mask, ((0, 0), (0, new_tokens))),
-      logits=_head(params, cfg, hidden[:, -1]), positions=mask.sum(-1).astype(jnp.int32),
-      out=jnp.zeros((b, new_tokens), jnp.int32), lengths=jnp.zeros((b,), jnp.int32), done=done, keys=keys,
-      temperature=temperature, top_p=top_p, top_k=top_k, max_new=max_new,
-      step=jnp.zeros((), jnp.int32), offset=jnp.asarray(p, jnp.int32))
+    cache_k=cache_k,
+    cache_v=cache_v,
+    cache_mask=jnp.pad(mask, ((0, 0), (0, new_tokens))),
+    logits=_head(params, cfg, hidden[:, -1]),
+    positions=mask.sum(-1).astype(jnp.int32),
+    out=jnp.zeros((b, new_tokens), jnp.int32),
+    lengths=jnp.zeros((b,), jnp.int32),
+    done=done,
+    keys=keys,
+    temperature=temperature,
+    top_p=top_p,
+    top_k=top_k,
+    max_new=max_new,
+    step=jnp.zeros((), jnp.int32),
+    offset=jnp.asarray(p, jnp.int32),
+  )
 
 
-def decode_chunk(params, cfg: ModelConfig, state: DecodeState, stop_at, *, eos_id: int | None,
-                 pad_id: int) -> DecodeState:
+def decode_chunk(
+  params, cfg: ModelConfig, state: DecodeState, stop_at, *, eos_id: int | None, pad_id: int
+) -> DecodeState:
   """Generates tokens until step == stop_at or every row is done (a `lax.while_loop`)."""
   model = Transformer(cfg)
   b = state.out.shape[0]
@@ -159,16 +190,33 @@ def decode_chunk(params, cfg: ModelConfig, state: DecodeState, stop_at, *, eos_i
     if eos_id is not None:
       done = done | (tok == eos_id)
     hidden, (k, v) = model.apply(
-        {"params": params}, tok[:, None], segment_ids=jnp.ones((b, 1), jnp.int32), positions=st.positions[:, None],
-        cache=(st.cache_k, st.cache_v, st.cache_mask), return_hidden=True, return_kv=True)
+      {"params": params},
+      tok[:, None],
+      segment_ids=jnp.ones((b, 1), jnp.int32),
+      positions=st.positions[:, None],
+      cache=(st.cache_k, st.cache_v, st.cache_mask),
+      return_hidden=True,
+      return_kv=True,
+    )
     idx = st.offset + st.step
-    cache_k = jax.lax.dynamic_update_slice(st.cache_k, k.astype(st.cache_k.dtype), (0, 0, idx, 0, 0))
-    cache_v = jax.lax.dynamic_update_slice(st.cache_v, v.astype(st.cache_v.dtype), (0, 0, idx, 0, 0))
+    cache_k = jax.lax.dynamic_update_slice(
+      st.cache_k, k.astype(st.cache_k.dtype), (0, 0, idx, 0, 0)
+    )
+    cache_v = jax.lax.dynamic_update_slice(
+      st.cache_v, v.astype(st.cache_v.dtype), (0, 0, idx, 0, 0)
+    )
     cache_mask = jax.lax.dynamic_update_slice(st.cache_mask, jnp.ones((b, 1), jnp.int32), (0, idx))
-    return st.replace(cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
-                      cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES), cache_mask=cache_mask,
-                      logits=_head(params, cfg, hidden[:, 0]), positions=st.positions + 1, out=out,
-                      lengths=lengths, done=done, step=st.step + 1)
+    return st.replace(
+      cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
+      cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES),
+      cache_mask=cache_mask,
+      logits=_head(params, cfg, hidden[:, 0]),
+      positions=st.positions + 1,
+      out=out,
+      lengths=lengths,
+      done=done,
+      step=st.step + 1,
+    )
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -196,14 +244,27 @@ class Decoder:
     seed: the generator's seed; each row folds its own `Request.seed` into it.
   """
 
-  def __init__(self, config: ModelConfig, params, tokenizer=None, *, mesh=None, chunk: int = 32,
-               max_batch: int = 16, seed: int = 0):
+  def __init__(
+    self,
+    config: ModelConfig,
+    params,
+    tokenizer=None,
+    *,
+    mesh=None,
+    chunk: int = 32,
+    max_batch: int = 16,
+    seed: int = 0,
+  ):
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.chunk, self.max_batch, self.seed = int(chunk), int(max_batch), int(seed)
-    self.eos_id = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_id", None)
+    self.eos_id = (
+      config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_id", None)
+    )
     self.pad_id = config.replace(eos_token_id=self.eos_id).pad_id
     self._prefill = jax.jit(prefill, static_argnames=("cfg", "new_tokens"))
-    self._decode = jax.jit(decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
+    self._decode = jax.jit(
+      decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,)
+    )
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, dtype: str | None = None, **kw) -> "Decoder":
@@ -212,6 +273,7 @@ class Decoder:
     from model.checkpoint import load_checkpoint, read_config, tokenizer_path
     from model.sharding import logical_to_sharding
     from model.transformer import abstract_params
+
     cfg = read_config(path)
     if dtype:
       cfg = cfg.replace(dtype=dtype)
@@ -226,7 +288,9 @@ class Decoder:
   def encode(self, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
       if self.tokenizer is None:
-        raise ValueError("text prompts need a tokenizer; pass token ids or a checkpoint with tokenizer/")
+        raise ValueError(
+          "text prompts need a tokenizer; pass token ids or a checkpoint with tokenizer/"
+        )
       ids = self.tokenizer.encode(prompt)
     else:
       ids = [int(t) for t in prompt]
@@ -234,16 +298,24 @@ class Decoder:
       ids = [self.config.bos_token_id if self.config.bos_token_id is not None else self.pad_id]
     limit = self.config.max_position_embeddings
     if len(ids) >= limit:
-      raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's {limit} positions")
+      raise ValueError(
+        f"prompt of {len(ids)} tokens leaves no room in the model's {limit} positions"
+      )
     return ids
 
   def validate(self, r: Request) -> list[int]:
     """Checks one request (ValueError naming what is wrong) and returns its prompt's ids."""
     if r.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
-    if not (math.isfinite(r.temperature) and r.temperature >= 0) or not 0 < r.top_p <= 1 or r.top_k < 0:
-      raise ValueError(f"bad sampling settings: temperature={r.temperature} (>= 0), top_p={r.top_p} "
-                       f"(in (0, 1]), top_k={r.top_k} (>= 0)")
+    if (
+      not (math.isfinite(r.temperature) and r.temperature >= 0)
+      or not 0 < r.top_p <= 1
+      or r.top_k < 0
+    ):
+      raise ValueError(
+        f"bad sampling settings: temperature={r.temperature} (>= 0), top_p={r.top_p} "
+        f"(in (0, 1]), top_k={r.top_k} (>= 0)"
+      )
     if not 0 <= r.seed < 2**32:
       raise ValueError(f"seed must be in [0, 2**32), got {r.seed}")
     if r.stop and self.tokenizer is None:
@@ -254,8 +326,14 @@ class Decoder:
       raise ValueError(f"prompt token ids must be in [0, {vocab})")
     return ids
 
-  def generate(self, requests: Sequence[Request | str], *, on_chunk: Callable | None = None,
-               on_batch: Callable | None = None, **defaults) -> list[Generation]:
+  def generate(
+    self,
+    requests: Sequence[Request | str],
+    *,
+    on_chunk: Callable | None = None,
+    on_batch: Callable | None = None,
+    **defaults,
+  ) -> list[Generation]:
     """Generations for `requests` (Request objects, or prompts with `defaults` as Request fields),
     in order. Rows are batched by prompt length. `on_chunk(i, text, finished)` is called after
     every chunk for each live row i with its text so far, held back where a stop sequence
@@ -265,8 +343,10 @@ class Decoder:
     order = sorted(range(len(reqs)), key=lambda i: (len(ids[i]), i))
     results: list[Generation | None] = [None] * len(reqs)
     for start in range(0, len(order), self.max_batch):
-      rows = order[start:start + self.max_batch]
-      cb = None if on_chunk is None else (lambda j, text, fin, rows=rows: on_chunk(rows[j], text, fin))
+      rows = order[start : start + self.max_batch]
+      cb = (
+        None if on_chunk is None else (lambda j, text, fin, rows=rows: on_chunk(rows[j], text, fin))
+      )
       for i, g in zip(rows, self._run_batch([reqs[i] for i in rows], [ids[i] for i in rows], cb)):
         results[i] = g
       if on_batch is not None:
@@ -279,8 +359,13 @@ class Decoder:
     if self.mesh is None:
       return x
     from jax.sharding import NamedSharding, PartitionSpec
+
     with nn.logical_axis_rules(LOGICAL_RULES):
-      spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (x.ndim - 1)) if batch_axis else PartitionSpec()
+      spec = (
+        nn.logical_to_mesh_axes(("batch",) + (None,) * (x.ndim - 1))
+        if batch_axis
+        else PartitionSpec()
+      )
     axes = spec[0] if len(spec) else None
     axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
     if x.ndim == 0 or x.shape[0] % math.prod(self.mesh.shape[a] for a in axes):
@@ -289,6 +374,7 @@ class Decoder:
 
   def _context(self):
     import contextlib
+
     stack = contextlib.ExitStack()
     if self.mesh is not None:
       stack.enter_context(jax.set_mesh(self.mesh))
@@ -302,18 +388,21 @@ class Decoder:
       tokens = tokens[:-1]
     return self.tokenizer.decode(tokens)
 
-  def _run_batch(self, reqs: list[Request], ids: list[list[int]], on_chunk=None) -> list[Generation]:
+  def _run_batch(
+    self, reqs: list[Request], ids: list[list[int]], on_chunk=None
+  ) -> list[Generation]:
     n = len(reqs)
     b = min(_bucket(n, 1), max(self.max_batch, n))
     p = min(_bucket(max(map(len, ids)), MIN_PROMPT_BUCKET), self.config.max_position_embeddings)
     limit = self.config.max_position_embeddings
-    budgets = [min(r.max_new_tokens, limit - len(row)) for r, row in zip(reqs, ids)]  # no row outgrows the model
+    # no row outgrows the model
+    budgets = [min(r.max_new_tokens, limit - len(row)) for r, row in zip(reqs, ids)]
     m = -(-max(budgets) // self.chunk) * self.chunk
     tokens = np.full((b, p), self.pad_id, np.int32)
     mask = np.zeros((b, p), np.int32)
     for i, row in enumerate(ids):
-      tokens[i, p - len(row):] = row
-      mask[i, p - len(row):] = 1
+      tokens[i, p - len(row) :] = row
+      mask[i, p - len(row) :] = 1
     max_new = np.zeros((b,), np.int32)
     max_new[:n] = budgets
 
@@ -326,20 +415,35 @@ class Decoder:
     done = np.arange(b) >= n  # padding rows are finished from the start
     with self._context():
       state = self._prefill(
-          self.params, self.config, self._put(tokens), self._put(mask), keys, self._put(col("temperature", np.float32)),
-          self._put(col("top_p", np.float32)), self._put(col("top_k", np.int32)),
-          self._put(max_new), self._put(done), new_tokens=m)
+        self.params,
+        self.config,
+        self._put(tokens),
+        self._put(mask),
+        keys,
+        self._put(col("temperature", np.float32)),
+        self._put(col("top_p", np.float32)),
+        self._put(col("top_k", np.int32)),
+        self._put(max_new),
+        self._put(done),
+        new_tokens=m,
+      )
       stopped: dict[int, int] = {}  # row -> tokens through the one that completed a stop sequence
       live = set(range(n))
       hold = max((len(s) for r in reqs for s in r.stop), default=1) - 1
       while live:
         step = int(state.step)
-        state = self._decode(self.params, self.config, state, jnp.asarray(min(step + self.chunk, m), jnp.int32),
-                             eos_id=self.eos_id, pad_id=self.pad_id)
+        state = self._decode(
+          self.params,
+          self.config,
+          state,
+          jnp.asarray(min(step + self.chunk, m), jnp.int32),
+          eos_id=self.eos_id,
+          pad_id=self.pad_id,
+        )
         out, lengths, done = (np.array(x) for x in (state.out, state.lengths, state.done))
         newly_stopped = []
         for i in sorted(live):
-          toks = out[i, :lengths[i]].tolist()
+          toks = out[i, : lengths[i]].tolist()
           text = self._text(toks) if (reqs[i].stop or on_chunk) else ""
           if reqs[i].stop and _cut(text, reqs[i].stop) is not None:
             stopped[i] = self._stop_prefix(toks, reqs[i].stop)
@@ -350,7 +454,7 @@ class Decoder:
               cut = _cut(text, reqs[i].stop)
               on_chunk(i, text if cut is None else text[:cut], True)
             else:
-              safe = text[:len(text) - hold] if hold else text
+              safe = text[: len(text) - hold] if hold else text
               on_chunk(i, safe.rstrip("\ufffd"), False)  # an incomplete UTF-8 character waits too
           if finished:
             live.discard(i)
@@ -361,14 +465,20 @@ class Decoder:
           break
     results = []
     for i, r in enumerate(reqs):
-      toks = out[i, :lengths[i]].tolist()
+      toks = out[i, : lengths[i]].tolist()
       if i in stopped:
-        toks = toks[:stopped[i]]
+        toks = toks[: stopped[i]]
       text = self._text(toks)
       cut = _cut(text, r.stop) if r.stop else None
       ended = i in stopped or (toks and self.eos_id is not None and toks[-1] == self.eos_id)
-      results.append(Generation(tokens=toks, text=text if cut is None else text[:cut],
-                                finish_reason="stop" if ended else "length", prompt_tokens=len(ids[i])))
+      results.append(
+        Generation(
+          tokens=toks,
+          text=text if cut is None else text[:cut],
+          finish_reason="stop" if ended else "length",
+          prompt_tokens=len(ids[i]),
+        )
+      )
     return results
 
   def _stop_prefix(self, toks: list[int], stop: Sequence[str]) -> int:

@@ -67,8 +67,26 @@ def _mask(q_seg, kv_seg, q_pos0, k_pos0, shape, causal, transposed):
 
 
 # ---- forward --------------------------------------------------------------------------------
-def _fwd_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                sm_scale, causal, bq, bk, offset, groups, num_k_blocks):
+def _fwd_kernel(
+  q_seg_ref,
+  kv_seg_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  lse_ref,
+  m_sc,
+  l_sc,
+  acc_sc,
+  *,
+  sm_scale,
+  causal,
+  bq,
+  bk,
+  offset,
+  groups,
+  num_k_blocks,
+):
   i, j = pl.program_id(2), pl.program_id(3)
   head_dim = q_ref.shape[-1]
 
@@ -168,8 +186,10 @@ _MAX_SCOPED_VMEM = 48 << 20  # below every TPU generation's VMEM since v4
 
 def _vmem_bytes(in_specs, out_specs, scratch, args, out_shape) -> int:
   """Double-buffered blocks plus scratch, plus room for a few [bq, bk] fp32 temporaries."""
+
   def block_bytes(spec, dtype):
     return math.prod(d for d in spec.block_shape if d is not None) * jnp.dtype(dtype).itemsize
+
   outs = out_specs if isinstance(out_specs, (list, tuple)) else [out_specs]
   oshapes = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
   total = sum(2 * block_bytes(s, a.dtype) for s, a in zip(in_specs, args))
@@ -186,7 +206,9 @@ def _cost(*, b, n, tp, sp, h, bq, bk, offset, causal, matmuls, exps, args, outs)
     tiles = nq * nk
   pairs = b * n * tiles * bq * bk  # (query, key) score entries computed
   nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (*args, *outs))
-  return pl.CostEstimate(flops=2 * h * matmuls * pairs, transcendentals=exps * pairs, bytes_accessed=nbytes)
+  return pl.CostEstimate(
+    flops=2 * h * matmuls * pairs, transcendentals=exps * pairs, bytes_accessed=nbytes
+  )
 
 
 def _pallas(kernel, *args, interpret, semantics, tile_elems, **kw):
@@ -217,37 +239,88 @@ def _forward(q, k, v, q_seg, kv_seg, *, causal, sm_scale, bq, bk, interpret):
   def kv_block(i, j):  # skipped causal blocks repeat the last needed block: no DMA
     return jnp.minimum(j, _last_kv_block(i, bq, bk, offset)) if causal else j
 
-  kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, bq=bq, bk=bk, offset=offset,
-                             groups=g, num_k_blocks=nk)
+  kernel = functools.partial(
+    _fwd_kernel,
+    sm_scale=sm_scale,
+    causal=causal,
+    bq=bq,
+    bk=bk,
+    offset=offset,
+    groups=g,
+    num_k_blocks=nk,
+  )
   out, lse = _pallas(
-      kernel, _lane_ids(q_seg_p), _row_ids(kv_seg_p), qt, kt, vt, interpret=interpret,
-      semantics=("parallel", "parallel", "parallel", "arbitrary"), tile_elems=bq * bk,
-      grid=(b, kh, nq, nk),
-      in_specs=[
-          pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j: (bi, i, 0)),
-          pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j: (bi, 0, kv_block(i, j))),
-          pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, i, j: (bi, hi, 0, i, 0)),
-          pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0)),
-          pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, i, j: (bi, hi, 0, i, 0)),
-          pl.BlockSpec((None, None, g, SUBLANES, bq), lambda bi, hi, i, j: (bi, hi, 0, 0, i)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, kh, g, SUBLANES, tp), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((g, bq, LANES), jnp.float32), pltpu.VMEM((g, bq, LANES), jnp.float32),
-                      pltpu.VMEM((g, bq, h), jnp.float32)],
-      name="mqa_flash_fwd",
-      cost_estimate=_cost(b=b, n=n, tp=tp, sp=sp, h=h, bq=bq, bk=bk, offset=offset, causal=causal, matmuls=2,
-                          exps=1, args=(qt, kt, vt), outs=(qt,)),
+    kernel,
+    _lane_ids(q_seg_p),
+    _row_ids(kv_seg_p),
+    qt,
+    kt,
+    vt,
+    interpret=interpret,
+    semantics=("parallel", "parallel", "parallel", "arbitrary"),
+    tile_elems=bq * bk,
+    grid=(b, kh, nq, nk),
+    in_specs=[
+      pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j: (bi, i, 0)),
+      pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j: (bi, 0, kv_block(i, j))),
+      pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, i, j: (bi, hi, 0, i, 0)),
+      pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0)),
+      pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, i, j: (bi, hi, 0, i, 0)),
+      pl.BlockSpec((None, None, g, SUBLANES, bq), lambda bi, hi, i, j: (bi, hi, 0, 0, i)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(qt.shape, q.dtype),
+      jax.ShapeDtypeStruct((b, kh, g, SUBLANES, tp), jnp.float32),
+    ],
+    scratch_shapes=[
+      pltpu.VMEM((g, bq, LANES), jnp.float32),
+      pltpu.VMEM((g, bq, LANES), jnp.float32),
+      pltpu.VMEM((g, bq, h), jnp.float32),
+    ],
+    name="mqa_flash_fwd",
+    cost_estimate=_cost(
+      b=b,
+      n=n,
+      tp=tp,
+      sp=sp,
+      h=h,
+      bq=bq,
+      bk=bk,
+      offset=offset,
+      causal=causal,
+      matmuls=2,
+      exps=1,
+      args=(qt, kt, vt),
+      outs=(qt,),
+    ),
   )
   return _unlayout_q(out, t), lse[..., 0, :]  # [B,T,N,H], [B,K,G,Tp]
 
 
 # ---- backward -------------------------------------------------------------------------------
-def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *,
-               sm_scale, causal, bq, bk, offset, groups, num_k_blocks):
+def _dq_kernel(
+  q_seg_ref,
+  kv_seg_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  di_ref,
+  dq_ref,
+  dq_sc,
+  *,
+  sm_scale,
+  causal,
+  bq,
+  bk,
+  offset,
+  groups,
+  num_k_blocks,
+):
   i, j = pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -270,7 +343,9 @@ def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
       p = jnp.exp(jnp.where(mask, s, MASK_VALUE) - lse)  # [bq, bk]
       dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)  # [bq, bk]
       ds = p * (dp - di)
-      dq_sc[g] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32) * sm_scale
+      dq_sc[g] += (
+        lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32) * sm_scale
+      )
       return carry
 
     lax.fori_loop(0, groups, head, None)
@@ -280,8 +355,28 @@ def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
     dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(kv_seg_ref, q_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc,
-                *, sm_scale, causal, bq, bk, offset, groups, num_q_blocks):
+def _dkv_kernel(
+  kv_seg_ref,
+  q_seg_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  di_ref,
+  dk_ref,
+  dv_ref,
+  dk_sc,
+  dv_sc,
+  *,
+  sm_scale,
+  causal,
+  bq,
+  bk,
+  offset,
+  groups,
+  num_q_blocks,
+):
   j, i = pl.program_id(2), pl.program_id(3)
 
   @pl.when(i == 0)
@@ -306,7 +401,9 @@ def _dkv_kernel(kv_seg_ref, q_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
       dv_sc[...] += lax.dot_general(pt.astype(do.dtype), do, NN, preferred_element_type=jnp.float32)
       dpt = lax.dot_general(v, do, NT, preferred_element_type=jnp.float32)  # [bk, bq]
       dst = pt * (dpt - di)
-      dk_sc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=jnp.float32) * sm_scale
+      dk_sc[...] += (
+        lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=jnp.float32) * sm_scale
+      )
       return carry
 
     lax.fori_loop(0, groups, head, None)
@@ -336,19 +433,48 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
   kv_spec = pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0))
   col_spec = pl.BlockSpec((None, None, g, 1, bq), lambda bi, hi, i, j: (bi, hi, 0, 0, i))
   dq = _pallas(
-      functools.partial(_dq_kernel, num_k_blocks=nk, **common),
-      _lane_ids(q_seg_p), _row_ids(kv_seg_p), qt, kt, vt, dot, lse[:, :, :, None, :], di[:, :, :, None, :],
-      interpret=interpret, semantics=("parallel", "parallel", "parallel", "arbitrary"), tile_elems=bq * bk,
-      grid=(b, kh, nq, nk),
-      in_specs=[pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j: (bi, i, 0)),
-                pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j: (bi, 0, kv_block(i, j))),
-                q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
-      scratch_shapes=[pltpu.VMEM((g, bq, h), jnp.float32)],
-      name="mqa_flash_dq",
-      cost_estimate=_cost(b=b, n=n, tp=tp, sp=sp, h=h, bq=bq, bk=bk, offset=offset, causal=causal, matmuls=3,
-                          exps=1, args=(qt, kt, vt, dot), outs=(qt,)),
+    functools.partial(_dq_kernel, num_k_blocks=nk, **common),
+    _lane_ids(q_seg_p),
+    _row_ids(kv_seg_p),
+    qt,
+    kt,
+    vt,
+    dot,
+    lse[:, :, :, None, :],
+    di[:, :, :, None, :],
+    interpret=interpret,
+    semantics=("parallel", "parallel", "parallel", "arbitrary"),
+    tile_elems=bq * bk,
+    grid=(b, kh, nq, nk),
+    in_specs=[
+      pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, j: (bi, i, 0)),
+      pl.BlockSpec((None, SUBLANES, bk), lambda bi, hi, i, j: (bi, 0, kv_block(i, j))),
+      q_spec,
+      kv_spec,
+      kv_spec,
+      q_spec,
+      col_spec,
+      col_spec,
+    ],
+    out_specs=q_spec,
+    out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
+    scratch_shapes=[pltpu.VMEM((g, bq, h), jnp.float32)],
+    name="mqa_flash_dq",
+    cost_estimate=_cost(
+      b=b,
+      n=n,
+      tp=tp,
+      sp=sp,
+      h=h,
+      bq=bq,
+      bk=bk,
+      offset=offset,
+      causal=causal,
+      matmuls=3,
+      exps=1,
+      args=(qt, kt, vt, dot),
+      outs=(qt,),
+    ),
   )
 
   def q_block(j, i):
@@ -358,40 +484,92 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
 
   q_spec2 = pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, j, i: (bi, hi, 0, q_block(j, i), 0))
   kv_spec2 = pl.BlockSpec((None, None, bk, h), lambda bi, hi, j, i: (bi, hi, j, 0))
-  row_spec = pl.BlockSpec((None, None, g, SUBLANES, bq), lambda bi, hi, j, i: (bi, hi, 0, 0, q_block(j, i)))
-  dk, dv = _pallas(
-      functools.partial(_dkv_kernel, num_q_blocks=nq, **common),
-      _lane_ids(kv_seg_p), _row_ids(q_seg_p), qt, kt, vt, dot, _row_ids(lse), _row_ids(di),
-      interpret=interpret, semantics=("parallel", "parallel", "parallel", "arbitrary"), tile_elems=bq * bk,
-      grid=(b, kh, nk, nq),
-      in_specs=[pl.BlockSpec((None, bk, LANES), lambda bi, hi, j, i: (bi, j, 0)),
-                pl.BlockSpec((None, SUBLANES, bq), lambda bi, hi, j, i: (bi, 0, q_block(j, i))),
-                q_spec2, kv_spec2, kv_spec2, q_spec2, row_spec, row_spec],
-      out_specs=[kv_spec2, kv_spec2],
-      out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-      scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
-      name="mqa_flash_dkv",
-      cost_estimate=_cost(b=b, n=n, tp=tp, sp=sp, h=h, bq=bq, bk=bk, offset=offset, causal=causal, matmuls=4,
-                          exps=1, args=(qt, kt, vt, dot), outs=(kt, vt)),
+  row_spec = pl.BlockSpec(
+    (None, None, g, SUBLANES, bq), lambda bi, hi, j, i: (bi, hi, 0, 0, q_block(j, i))
   )
-  return (_unlayout_q(dq, t), dk[:, :, :s].transpose(0, 2, 1, 3), dv[:, :, :s].transpose(0, 2, 1, 3))
+  dk, dv = _pallas(
+    functools.partial(_dkv_kernel, num_q_blocks=nq, **common),
+    _lane_ids(kv_seg_p),
+    _row_ids(q_seg_p),
+    qt,
+    kt,
+    vt,
+    dot,
+    _row_ids(lse),
+    _row_ids(di),
+    interpret=interpret,
+    semantics=("parallel", "parallel", "parallel", "arbitrary"),
+    tile_elems=bq * bk,
+    grid=(b, kh, nk, nq),
+    in_specs=[
+      pl.BlockSpec((None, bk, LANES), lambda bi, hi, j, i: (bi, j, 0)),
+      pl.BlockSpec((None, SUBLANES, bq), lambda bi, hi, j, i: (bi, 0, q_block(j, i))),
+      q_spec2,
+      kv_spec2,
+      kv_spec2,
+      q_spec2,
+      row_spec,
+      row_spec,
+    ],
+    out_specs=[kv_spec2, kv_spec2],
+    out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+    scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
+    name="mqa_flash_dkv",
+    cost_estimate=_cost(
+      b=b,
+      n=n,
+      tp=tp,
+      sp=sp,
+      h=h,
+      bq=bq,
+      bk=bk,
+      offset=offset,
+      causal=causal,
+      matmuls=4,
+      exps=1,
+      args=(qt, kt, vt, dot),
+      outs=(kt, vt),
+    ),
+  )
+  return (
+    _unlayout_q(dq, t),
+    dk[:, :, :s].transpose(0, 2, 1, 3),
+    dv[:, :, :s].transpose(0, 2, 1, 3),
+  )
 
 
 # ---- public API -----------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _flash(q, k, v, q_seg, kv_seg, causal, sm_scale, bq, bk, interpret):
-  return _forward(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale, bq=bq, bk=bk, interpret=interpret)[0]
+  return _forward(
+    q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale, bq=bq, bk=bk, interpret=interpret
+  )[0]
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, causal, sm_scale, bq, bk, interpret):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale, bq=bq, bk=bk, interpret=interpret)
+  out, lse = _forward(
+    q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale, bq=bq, bk=bk, interpret=interpret
+  )
   return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _flash_bwd(causal, sm_scale, bq, bk, interpret, res, do):
   q, k, v, q_seg, kv_seg, out, lse = res
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, causal=causal, sm_scale=sm_scale, bq=bq, bk=bk,
-                         interpret=interpret)
+  dq, dk, dv = _backward(
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    out,
+    lse,
+    do,
+    causal=causal,
+    sm_scale=sm_scale,
+    bq=bq,
+    bk=bk,
+    interpret=interpret,
+  )
   return dq, dk, dv, None, None
 
 
@@ -404,8 +582,18 @@ def default_block_sizes(groups: int) -> tuple[int, int]:
   return (128 if groups > 4 else 512), 512
 
 
-def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale: float | None = None,
-                    block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None):
+def flash_attention(
+  q,
+  k,
+  v,
+  *,
+  causal: bool = True,
+  segment_ids=None,
+  sm_scale: float | None = None,
+  block_q: int | None = None,
+  block_k: int | None = None,
+  interpret: bool | None = None,
+):
   """Multi-/grouped-query flash attention.
 
   Args:
@@ -423,7 +611,9 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
   """
   b, t, n, h = q.shape
   if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"flash_attention: k and v must be [B, S, K, H] matching q {q.shape}; got {k.shape}, {v.shape}")
+    raise ValueError(
+      f"flash_attention: k and v must be [B, S, K, H] matching q {q.shape}; got {k.shape}, {v.shape}"
+    )
   s, kh = k.shape[1], k.shape[2]
   if n % kh:
     raise ValueError(f"flash_attention: {n} query heads are not a multiple of {kh} kv heads")

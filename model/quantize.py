@@ -38,11 +38,11 @@ DEFAULT_GROUP = 128  # int4 input rows per scale (GPTQ's and AutoGPTQ's usual ch
 
 # The linear layers of a block: (path under params["h"], input dims, the sown input they see).
 KERNELS = (
-    (("attn", "q_kernel"), 1, ("attn", "attn_in")),
-    (("attn", "kv_kernel"), 1, ("attn", "attn_in")),
-    (("attn", "o_kernel"), 2, ("attn", "o_in")),
-    (("mlp", "fc_kernel"), 1, ("mlp", "fc_in")),
-    (("mlp", "proj_kernel"), 1, ("mlp", "proj_in")),
+  (("attn", "q_kernel"), 1, ("attn", "attn_in")),
+  (("attn", "kv_kernel"), 1, ("attn", "attn_in")),
+  (("attn", "o_kernel"), 2, ("attn", "o_in")),
+  (("mlp", "fc_kernel"), 1, ("mlp", "fc_in")),
+  (("mlp", "proj_kernel"), 1, ("mlp", "proj_in")),
 )
 
 
@@ -80,8 +80,12 @@ def _check(w, group: int | None) -> int:
 
 def _how(bits: int, group: int, d_in: int, in_axis: int):
   from qwix._src.core import qarray
-  return qarray.HowToQuantize(qtype=_qtype(bits), channelwise_axes=(1 - in_axis,),
-                              tiled_axes={in_axis: group} if group < d_in else {})
+
+  return qarray.HowToQuantize(
+    qtype=_qtype(bits),
+    channelwise_axes=(1 - in_axis,),
+    tiled_axes={in_axis: group} if group < d_in else {},
+  )
 
 
 def _to_numpy(qa, bits: int, transpose: bool = False) -> Quantized:
@@ -92,6 +96,7 @@ def _to_numpy(qa, bits: int, transpose: bool = False) -> Quantized:
 def quantize_rtn(w, bits: int = 8, group: int | None = None) -> Quantized:
   """Round to nearest: per output channel (group None) or per `group` input rows."""
   from qwix._src.core import qarray
+
   w = jnp.asarray(w, jnp.float32)
   group = _check(w, group)
   return _to_numpy(qarray.quantize(w, _how(bits, group, w.shape[0], 0)), bits)
@@ -103,8 +108,9 @@ def hessian(x) -> np.ndarray:
   return np.asarray(x.T @ x)
 
 
-def quantize_gptq(w, h, bits: int = 4, group: int | None = None, damp: float = 0.01,
-                  blocksize: int = 128) -> Quantized:
+def quantize_gptq(
+  w, h, bits: int = 4, group: int | None = None, damp: float = 0.01, blocksize: int = 128
+) -> Quantized:
   """GPTQ of a kernel w [D_in, D_out] given the Hessian h [D_in, D_in] of its inputs (`hessian`):
   qwix's `gptq_core.quantize_weight` steps (the scales of each group from the weights as GPTQ has
   updated them by then; inputs never active get zero weights), run as `lax.fori_loop`s.
@@ -116,7 +122,9 @@ def quantize_gptq(w, h, bits: int = 4, group: int | None = None, damp: float = 0
   group = _check(w, group)
   if np.shape(h) != (w.shape[0], w.shape[0]):
     raise ValueError(f"the Hessian must be [{w.shape[0]}, {w.shape[0]}], got {np.shape(h)}")
-  q, scale = _gptq(w.T, jnp.asarray(h, jnp.float32), bits=bits, group=group, damp=float(damp), blocksize=blocksize)
+  q, scale = _gptq(
+    w.T, jnp.asarray(h, jnp.float32), bits=bits, group=group, damp=float(damp), blocksize=blocksize
+  )
   return Quantized(np.asarray(q).astype(np.int8).T, np.asarray(scale, np.float32).T, bits)
 
 
@@ -125,6 +133,7 @@ def _gptq(w, h, *, bits: int, group: int, damp: float, blocksize: int):
   """w [O, I] (rows are output channels, as qwix and the reference lay them out), h [I, I] ->
   (q [O, I] int, scale [O, G])."""
   from qwix.contrib import gptq_core
+
   o, i_dim = w.shape
   grouped = group < i_dim
   how = _how(bits, group, i_dim, 1)
@@ -147,7 +156,8 @@ def _gptq(w, h, *, bits: int, group: int, damp: float, blocksize: int):
     hinv1 = jax.lax.dynamic_slice(hinv, (i1, i1), (blk, blk))
     if grouped:  # [O, blk / group]
       scale = jax.vmap(lambda g: gptq_core.find_params(g, how)[0][:, 0], in_axes=1, out_axes=1)(
-          w1.reshape(o, blk // group, group))
+        w1.reshape(o, blk // group, group)
+      )
     else:
       scale = channel_scale
 
@@ -160,15 +170,21 @@ def _gptq(w, h, *, bits: int, group: int, damp: float, blocksize: int):
       w1 = w1 - jnp.outer(e, jnp.where(cols >= i, hinv1[i], 0.0))
       return w1, err1.at[:, i].set(e), q1.at[:, i].set(qc[:, 0])
 
-    _, err1, q1 = jax.lax.fori_loop(0, blk, column, (w1, jnp.zeros_like(w1), jnp.zeros((o, blk), how.qtype)))
-    rest = jnp.where(jnp.arange(i_dim) >= i1 + blk, jax.lax.dynamic_slice(hinv, (i1, 0), (blk, i_dim)), 0.0)
+    _, err1, q1 = jax.lax.fori_loop(
+      0, blk, column, (w1, jnp.zeros_like(w1), jnp.zeros((o, blk), how.qtype))
+    )
+    rest = jnp.where(
+      jnp.arange(i_dim) >= i1 + blk, jax.lax.dynamic_slice(hinv, (i1, 0), (blk, i_dim)), 0.0
+    )
     w = w - err1 @ rest  # spread the block's errors over the columns after it
     if grouped:
       scales = jax.lax.dynamic_update_slice(scales, scale, (0, b * (blk // group)))
     return w, jax.lax.dynamic_update_slice(q, q1, (0, i1)), scales
 
   g = i_dim // group if grouped else 1
-  _, q, scales = jax.lax.fori_loop(0, i_dim // blk, block, (w, jnp.zeros((o, i_dim), how.qtype), jnp.zeros((o, g))))
+  _, q, scales = jax.lax.fori_loop(
+    0, i_dim // blk, block, (w, jnp.zeros((o, i_dim), how.qtype), jnp.zeros((o, g)))
+  )
   return q, scales if grouped else channel_scale
 
 
@@ -188,8 +204,13 @@ def _relative_error(w, quantized: Quantized, h) -> float:
 
 
 # ---- a whole model ---------------------------------------------------------------------------------
-def quantized_config(cfg: ModelConfig, method: str, group: int | None = None, embedding: bool = False,
-                     dtype: str = "bfloat16") -> ModelConfig:
+def quantized_config(
+  cfg: ModelConfig,
+  method: str,
+  group: int | None = None,
+  embedding: bool = False,
+  dtype: str = "bfloat16",
+) -> ModelConfig:
   """The config of `cfg` quantized by `method`; int8 is per channel unless `group` is given."""
   if method not in METHODS:
     raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
@@ -199,14 +220,25 @@ def quantized_config(cfg: ModelConfig, method: str, group: int | None = None, em
   group = (0 if bits == 8 else DEFAULT_GROUP) if group is None else group
   if group < 0:
     raise ValueError(f"--group must be >= 0 (0 = one scale per output channel), got {group}")
-  qcfg = cfg.replace(quant_bits=bits, quant_group=group, quant_embedding=embedding, param_dtype=dtype)
+  qcfg = cfg.replace(
+    quant_bits=bits, quant_group=group, quant_embedding=embedding, param_dtype=dtype
+  )
   for d_in in {cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim}:
     qcfg.quant_groups(d_in)  # a group that does not divide a kernel's rows is an error now
   return qcfg
 
 
-def quantize_params(cfg: ModelConfig, params, method: str, *, group: int | None = None, embedding: bool = False,
-                    dtype: str = "bfloat16", calibration=None, progress: bool = False):
+def quantize_params(
+  cfg: ModelConfig,
+  params,
+  method: str,
+  *,
+  group: int | None = None,
+  embedding: bool = False,
+  dtype: str = "bfloat16",
+  calibration=None,
+  progress: bool = False,
+):
   """Quantizes a model's parameters -> (quantized config, parameters, report).
 
   Args:
@@ -226,9 +258,13 @@ def quantize_params(cfg: ModelConfig, params, method: str, *, group: int | None 
   # Host (NumPy) arrays throughout: a large model's parameters need not fit one device.
   fdt = jnp.dtype(dtype)
   layers = jax.tree.map(np.asarray, params["h"])
-  out = jax.tree.map(lambda a: np.asarray(a).astype(fdt), {k: v for k, v in params.items() if k != "h"})
+  out = jax.tree.map(
+    lambda a: np.asarray(a).astype(fdt), {k: v for k, v in params.items() if k != "h"}
+  )
   kernels = {path for path, _, _ in KERNELS}  # replaced below, not cast
-  out_layers = {m: {n: a.astype(fdt) for n, a in d.items() if (m, n) not in kernels} for m, d in layers.items()}
+  out_layers = {
+    m: {n: a.astype(fdt) for n, a in d.items() if (m, n) not in kernels} for m, d in layers.items()
+  }
   if embedding:
     e = quantize_rtn(np.asarray(params["wte"], np.float32).T, 8)  # rows of wte are output channels
     out["wte"], out["wte_scale"] = e.q.T.copy(), e.scale[0].astype(fdt)
@@ -237,7 +273,10 @@ def quantize_params(cfg: ModelConfig, params, method: str, *, group: int | None 
   report: dict = {"kernels": {}}
   qs: dict = {path: [] for path, _, _ in KERNELS}
   from tqdm import tqdm
-  for i in tqdm(range(cfg.num_layers), desc=f"quantize ({method})", unit="layer", disable=not progress):
+
+  for i in tqdm(
+    range(cfg.num_layers), desc=f"quantize ({method})", unit="layer", disable=not progress
+  ):
     layer = jax.tree.map(lambda a: a[i], layers)
     inputs = calib.layer_inputs(layer) if calib is not None else None
     for path, n_in, source in KERNELS:
@@ -249,8 +288,10 @@ def quantize_params(cfg: ModelConfig, params, method: str, *, group: int | None 
       qs[path].append(quant)
       if inputs is not None:
         name = ".".join(("h", str(i)) + path)
-        report["kernels"][name] = {"calibration_error": _relative_error(w2, quant, inputs[source]),
-                                   "rtn_calibration_error": _relative_error(w2, rtn, inputs[source])}
+        report["kernels"][name] = {
+          "calibration_error": _relative_error(w2, quant, inputs[source]),
+          "rtn_calibration_error": _relative_error(w2, rtn, inputs[source]),
+        }
       _set(layer, path, quant.dequantize().reshape(w.shape))
     if calib is not None:
       calib.advance(layer)  # the next layer sees this layer's quantized outputs
@@ -283,6 +324,7 @@ class _Calibration:
 
   def __init__(self, cfg: ModelConfig, params, tokens, mask, batch: int = 16):
     from model.transformer import Block, positions_from_segments
+
     self.cfg = cfg.replace(dtype="float32", param_dtype="float32", remat="none", attention="xla")
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
     if tokens.ndim != 2 or tokens.shape != mask.shape or not mask.any():
@@ -291,11 +333,13 @@ class _Calibration:
     wte, wpe = (np.asarray(params[k], np.float32) for k in ("wte", "wpe"))
     self.batches = []
     for s in range(0, len(tokens), batch):
-      t, m = tokens[s:s + batch], mask[s:s + batch]
+      t, m = tokens[s : s + batch], mask[s : s + batch]
       x = wte[t] + wpe[np.asarray(positions_from_segments(jnp.asarray(m)))]
       self.batches.append((jnp.asarray(x), jnp.asarray(m)))
     block = Block(self.cfg)
-    self._apply = jax.jit(lambda p, x, m: block.apply({"params": p}, x, m, mutable=["intermediates"]))
+    self._apply = jax.jit(
+      lambda p, x, m: block.apply({"params": p}, x, m, mutable=["intermediates"])
+    )
 
   def layer_inputs(self, layer) -> dict:
     hs: dict = {}

@@ -20,15 +20,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: tuple[tuple[str, object], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),  # K is 1 for StarCoder: the shared kv head stays replicated
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv", None),  # K is 1 for StarCoder: the shared kv head stays replicated
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("layers", None),
 )
 
 
@@ -69,8 +69,9 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None, num_devices: int) -> d
   full = {a: sizes.get(a, 1) for a in MESH_AXES}
   if math.prod(full.values()) != num_devices:
     raise ValueError(
-        f"mesh {','.join(f'{a}={v}' for a, v in full.items())} has {math.prod(full.values())} devices, "
-        f"but there are {num_devices}")
+      f"mesh {','.join(f'{a}={v}' for a, v in full.items())} has {math.prod(full.values())} devices, "
+      f"but there are {num_devices}"
+    )
   return full
 
 
@@ -80,6 +81,7 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence | N
   shape = tuple(sizes[a] for a in MESH_AXES)
   try:  # topology-aware assignment on real TPU slices
     from jax.experimental import mesh_utils
+
     arr = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # noqa: BLE001  (CPU devices, abstract topologies without coordinates)
     arr = np.asarray(devices).reshape(shape)

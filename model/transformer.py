@@ -43,8 +43,14 @@ def _dense(module, name: str, axes, shape, n_in: int, eq: str, x):
     return jnp.einsum(eq, x, _param(module, name, axes, shape, _INIT, param_dtype).astype(dtype))
   groups = cfg.quant_groups(math.prod(shape[:n_in]))
   q = _param(module, name, axes, shape, nn.initializers.zeros, cfg.quant_dtype)
-  scale = _param(module, f"{name}_scale", (None,) + tuple(axes[n_in:]), (groups,) + tuple(shape[n_in:]),
-                 nn.initializers.ones, param_dtype)
+  scale = _param(
+    module,
+    f"{name}_scale",
+    (None,) + tuple(axes[n_in:]),
+    (groups,) + tuple(shape[n_in:]),
+    nn.initializers.ones,
+    param_dtype,
+  )
   return jnp.einsum(eq, x, dequantize(q, scale, dtype))
 
 
@@ -62,16 +68,21 @@ def lm_head(x, wte, wte_scale=None, *, dtype):
   accumulation and output. An int8 table's per-row scales multiply the logits (exact: one scale
   per vocab row)."""
   logits = jnp.einsum(
-      "...D,VD->...V", x.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32)
+    "...D,VD->...V", x.astype(dtype), wte.astype(dtype), preferred_element_type=jnp.float32
+  )
   return logits if wte_scale is None else logits * wte_scale.astype(jnp.float32)
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-      use_fast_variance=False,  # two-pass variance, as torch computes it
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name)
+    epsilon=cfg.layer_norm_epsilon,
+    dtype=jnp.dtype(cfg.dtype),
+    param_dtype=jnp.dtype(cfg.param_dtype),
+    use_fast_variance=False,  # two-pass variance, as torch computes it
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    name=name,
+  )
 
 
 def positions_from_segments(segment_ids):
@@ -79,7 +90,8 @@ def positions_from_segments(segment_ids):
   t = segment_ids.shape[1]
   idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
   starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
   return idx - start_idx
 
@@ -111,19 +123,34 @@ class Attention(nn.Module):
     x = x.astype(dtype)
     self.sow("intermediates", "attn_in", x)  # the inputs GPTQ calibrates on (model/quantize.py)
     q = _dense(self, "q_kernel", ("embed", "heads", "head_dim"), (d, n, h), 1, "BTD,DNH->BTNH", x)
-    q = nn.with_logical_constraint(q + q_bias.astype(dtype), ("batch", "length", "heads", "head_dim"))  # [B, T, N, H]
-    kv = _dense(self, "kv_kernel", ("embed", None, "kv", "head_dim"), (d, 2, k, h), 1, "BTD,DCKH->CBTKH", x)
+    # [B, T, N, H]
+    q = nn.with_logical_constraint(
+      q + q_bias.astype(dtype), ("batch", "length", "heads", "head_dim")
+    )
+    kv = _dense(
+      self, "kv_kernel", ("embed", None, "kv", "head_dim"), (d, 2, k, h), 1, "BTD,DCKH->CBTKH", x
+    )
     kv = kv + kv_bias.astype(dtype)[:, None, None]
     key, value = kv[0], kv[1]  # [B, T, K, H] each
     scale = h**-0.5 if cfg.scale_attn_weights else 1.0
     if cache is None:
-      out = dot_product_attention(q, key, value, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                  causal=True, sm_scale=scale, impl=cfg.attention)  # [B, T, N, H]
+      out = dot_product_attention(
+        q,
+        key,
+        value,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids,
+        causal=True,
+        sm_scale=scale,
+        impl=cfg.attention,
+      )  # [B, T, N, H]
     else:
       out = cached_attention(q, key, value, *cache, sm_scale=scale)  # [B, T, N, H]
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     self.sow("intermediates", "o_in", out)
-    out = _dense(self, "o_kernel", ("heads", "head_dim", "embed"), (n, h, d), 2, "BTNH,NHD->BTD", out)
+    out = _dense(
+      self, "o_kernel", ("heads", "head_dim", "embed"), (n, h, d), 2, "BTNH,NHD->BTD", out
+    )
     return out + o_bias.astype(dtype), (key, value)
 
 
@@ -140,11 +167,16 @@ class Mlp(nn.Module):
     proj_bias = _param(self, "proj_bias", ("embed",), (d,), zeros, param_dtype)
     x = x.astype(dtype)
     self.sow("intermediates", "fc_in", x)
-    hid = _dense(self, "fc_kernel", ("embed", "mlp"), (d, f), 1, "BTD,DF->BTF", x) + fc_bias.astype(dtype)
+    hid = _dense(self, "fc_kernel", ("embed", "mlp"), (d, f), 1, "BTD,DF->BTF", x) + fc_bias.astype(
+      dtype
+    )
     hid = nn.with_logical_constraint(hid, ("batch", "length", "mlp"))  # [B, T, F]
     hid = jax.nn.gelu(hid, approximate=cfg.activation != "gelu")
     self.sow("intermediates", "proj_in", hid)
-    return _dense(self, "proj_kernel", ("mlp", "embed"), (f, d), 1, "BTF,FD->BTD", hid) + proj_bias.astype(dtype)  # [B, T, D]
+    # [B, T, D]
+    return _dense(
+      self, "proj_kernel", ("mlp", "embed"), (f, d), 1, "BTF,FD->BTD", hid
+    ) + proj_bias.astype(dtype)
 
 
 class Block(nn.Module):
@@ -159,7 +191,9 @@ class Block(nn.Module):
     """cache_kv: this layer's cached (k, v) [B, S, K, H] when decoding; returns (x, ys) with ys
     this layer's new (k, v) when `return_kv` (stacked over layers by the scan), else None."""
     cache = None if cache_kv is None else (*cache_kv, cache_mask)
-    a, kv = Attention(self.config, name="attn")(_layer_norm(self.config, "ln_1")(x), segment_ids, cache)
+    a, kv = Attention(self.config, name="attn")(
+      _layer_norm(self.config, "ln_1")(x), segment_ids, cache
+    )
     x = x + a
     x = x + Mlp(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B, T, D]
@@ -167,8 +201,8 @@ class Block(nn.Module):
 
 
 _REMAT_POLICY = {
-    "full": None,  # save nothing, recompute the block
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing, recompute the block
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -186,8 +220,17 @@ class Transformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, attention_mask=None, *, segment_ids=None, positions=None,
-               return_hidden=False, cache=None, return_kv=False):
+  def __call__(
+    self,
+    tokens,
+    attention_mask=None,
+    *,
+    segment_ids=None,
+    positions=None,
+    return_hidden=False,
+    cache=None,
+    return_kv=False,
+  ):
     """Runs the decoder.
 
     Args:
@@ -205,21 +248,42 @@ class Transformer(nn.Module):
     """
     cfg = self.config
     if isinstance(cfg, dict) or not isinstance(cfg, ModelConfig):
-      raise TypeError("Transformer needs a model.ModelConfig; use ModelConfig.from_dict(config.model)")
+      raise TypeError(
+        "Transformer needs a model.ModelConfig; use ModelConfig.from_dict(config.model)"
+      )
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if segment_ids is None:
-      segment_ids = (jnp.ones_like(tokens) if attention_mask is None else attention_mask).astype(jnp.int32)
+      segment_ids = (jnp.ones_like(tokens) if attention_mask is None else attention_mask).astype(
+        jnp.int32
+      )
     if positions is None:
       positions = positions_from_segments(segment_ids)  # [B, T]
 
     if cfg.quant_embedding:  # int8, one scale per vocab row
-      wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), nn.initializers.zeros, jnp.int8)
-      wte_scale = _param(self, "wte_scale", ("vocab",), (cfg.vocab_size,), nn.initializers.ones, param_dtype)
+      wte = _param(
+        self,
+        "wte",
+        ("vocab", "embed"),
+        (cfg.vocab_size, cfg.embed_dim),
+        nn.initializers.zeros,
+        jnp.int8,
+      )
+      wte_scale = _param(
+        self, "wte_scale", ("vocab",), (cfg.vocab_size,), nn.initializers.ones, param_dtype
+      )
     else:
-      wte = _param(self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, param_dtype)
+      wte = _param(
+        self, "wte", ("vocab", "embed"), (cfg.vocab_size, cfg.embed_dim), _INIT, param_dtype
+      )
       wte_scale = None
-    wpe = _param(self, "wpe", ("length", "embed"), (cfg.max_position_embeddings, cfg.embed_dim), _INIT,
-                 param_dtype)
+    wpe = _param(
+      self,
+      "wpe",
+      ("length", "embed"),
+      (cfg.max_position_embeddings, cfg.embed_dim),
+      _INIT,
+      param_dtype,
+    )
     # Gather the tables over `embed` first, as FSDP does for every weight before use: a lookup
     # into an embed-sharded table yields embed-sharded rows, which SPMD cannot move to the
     # batch-sharded activation layout without replicating them.
@@ -235,15 +299,21 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
     cache_kv, cache_mask = (None, None) if cache is None else (cache[:2], cache[2])
     x, kv = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0, nn.broadcast),  # the cache is per layer, the rest shared
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, 0, nn.broadcast),  # the cache is per layer, the rest shared
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, return_kv=return_kv, name="h")(x, segment_ids, cache_kv, cache_mask)
     x = _layer_norm(cfg, "ln_f")(x)  # [B, T, D]
     if return_hidden:
       out = x
     else:
-      out = nn.with_logical_constraint(lm_head(x, wte, wte_scale, dtype=dtype), ("batch", "length", "vocab"))  # [B, T, V]
+      # [B, T, V]
+      out = nn.with_logical_constraint(
+        lm_head(x, wte, wte_scale, dtype=dtype), ("batch", "length", "vocab")
+      )
     return (out, kv) if return_kv else out
 
 
@@ -266,7 +336,9 @@ def init_params(config: ModelConfig, rng):
 def abstract_params(config: ModelConfig):
   """Shapes/dtypes of the parameters via jax.eval_shape (allocates nothing), still boxed."""
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(lambda t: Transformer(config).init(jax.random.PRNGKey(0), t), tokens)["params"]
+  return jax.eval_shape(lambda t: Transformer(config).init(jax.random.PRNGKey(0), t), tokens)[
+    "params"
+  ]
 
 
 def count_params(config: ModelConfig) -> int:

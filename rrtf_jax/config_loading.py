@@ -18,18 +18,24 @@ class ConfigError(ValueError):
   pass
 
 
-def load_config(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+def load_config(
+  path_or_name: str, overrides: list[str] | tuple[str, ...] = ()
+) -> ml_collections.ConfigDict:
   if path_or_name.endswith(".py") or os.sep in path_or_name:
     if not os.path.exists(path_or_name):
       raise ConfigError(f"{path_or_name}: config file not found")
-    spec = importlib.util.spec_from_file_location(f"_rrtf_config_{abs(hash(path_or_name))}", path_or_name)
+    spec = importlib.util.spec_from_file_location(
+      f"_rrtf_config_{abs(hash(path_or_name))}", path_or_name
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   else:
     try:
       module = importlib.import_module(f"configs.{path_or_name}")
     except ModuleNotFoundError:
-      raise ConfigError(f"unknown config {path_or_name!r}: not a file and not configs/{path_or_name}.py") from None
+      raise ConfigError(
+        f"unknown config {path_or_name!r}: not a file and not configs/{path_or_name}.py"
+      ) from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path_or_name}: has no get_config()")
   config = module.get_config()

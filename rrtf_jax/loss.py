@@ -33,8 +33,16 @@ def check_loss_settings(*, weighting: str) -> None:
     raise ValueError(f"train.weighting={weighting!r} is not one of {WEIGHTINGS}")
 
 
-def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap",
-              ft_weight: float = 1.0, rank_weight: float = 1.0):
+def rrtf_loss(
+  token_logprobs,
+  mask,
+  scores,
+  is_teacher,
+  *,
+  weighting: str = "gap",
+  ft_weight: float = 1.0,
+  rank_weight: float = 1.0,
+):
   """Returns (loss, metrics) for one batch.
 
   Args:
@@ -57,7 +65,8 @@ def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap
   p = (logp * mask).sum(-1) / jnp.maximum(lengths, 1.0)  # [B, R] length-normalised
 
   # pair[b, i, j]: response i should rank below response j.
-  pair = (scores[:, :, None] < scores[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [B, R, R]
+  # [B, R, R]
+  pair = (scores[:, :, None] < scores[:, None, :]) & valid[:, :, None] & valid[:, None, :]
   gap = scores[:, None, :] - scores[:, :, None]  # [B, R, R] r_j - r_i
   weight = jnp.where(pair, gap if weighting == "gap" else 1.0, 0.0)
   diff = p[:, :, None] - p[:, None, :]  # [B, R, R] p_i - p_j
@@ -77,13 +86,13 @@ def rrtf_loss(token_logprobs, mask, scores, is_teacher, *, weighting: str = "gap
   n_pairs = pair.sum()
   pairs = jnp.maximum(n_pairs, 1)
   metrics = {
-      "rank_loss": rank_loss,
-      "ft_loss": ft_loss,
-      # fraction of scored pairs already in the right order (the better one more likely)
-      "ranking_accuracy": jnp.where(pair, diff < 0, False).sum() / pairs,
-      "margin": jnp.where(pair, -diff, 0.0).sum() / pairs,  # mean of p_j - p_i over pairs
-      "pairs": n_pairs,
-      "response_tokens": mask.sum(),
+    "rank_loss": rank_loss,
+    "ft_loss": ft_loss,
+    # fraction of scored pairs already in the right order (the better one more likely)
+    "ranking_accuracy": jnp.where(pair, diff < 0, False).sum() / pairs,
+    "margin": jnp.where(pair, -diff, 0.0).sum() / pairs,  # mean of p_j - p_i over pairs
+    "pairs": n_pairs,
+    "response_tokens": mask.sum(),
   }
   loss = rank_weight * rank_loss + ft_weight * ft_loss
   metrics["loss"] = loss
@@ -115,5 +124,6 @@ def token_logprobs(hidden, embedding, targets, *, chunk: int = 128):
     picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]  # [N, C]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
-  out = jax.lax.map(lambda xs: one(*xs), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)))  # [T/C, N, C]
+  # [T/C, N, C]
+  out = jax.lax.map(lambda xs: one(*xs), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)))
   return jnp.moveaxis(out, 0, 1).reshape(n, t + pad)[:, :t]

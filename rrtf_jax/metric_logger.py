@@ -32,14 +32,29 @@ class MetricLogger:
   history: the fetched per-step rows of this run (host floats).
   """
 
-  def __init__(self, logdir: str | None, *, start: int, steps: int, progress: bool,
-               process_count: int, newest_checkpoint: Callable[[], int | None]):
+  def __init__(
+    self,
+    logdir: str | None,
+    *,
+    start: int,
+    steps: int,
+    progress: bool,
+    process_count: int,
+    newest_checkpoint: Callable[[], int | None],
+  ):
     from tqdm import tqdm
+
     self.writer = None
     if logdir:
       self.writer = _summary_writer(logdir, purge_step=start + 1 if start else None)
-    self.bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress,
-                    dynamic_ncols=True)
+    self.bar = tqdm(
+      total=steps,
+      initial=start,
+      desc="train",
+      unit="step",
+      disable=not progress,
+      dynamic_ncols=True,
+    )
     self.process_count, self.newest_checkpoint = process_count, newest_checkpoint
     self.history: list[dict] = []
     self.pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, host figures)
@@ -54,8 +69,11 @@ class MetricLogger:
   def add(self, step: int, metrics: dict, batch: dict) -> None:
     """Queues `step`'s device metrics with figures of this host's batch (its [b, R, T] arrays)."""
     seg = batch["segment_ids"]  # [b, R, T]
-    host = {"tokens": int(seg.sum()) * self.process_count, "seq_len": seg.shape[-1],
-            "padding_fraction": padding_fraction(batch)}
+    host = {
+      "tokens": int(seg.sum()) * self.process_count,
+      "seq_len": seg.shape[-1],
+      "padding_fraction": padding_fraction(batch),
+    }
     self.pending.append((step, metrics, host))
 
   def flush(self) -> None:
@@ -67,8 +85,10 @@ class MetricLogger:
     for (step, _, host), metrics in zip(self.pending, fetched):
       row = {k: float(v) for k, v in metrics.items()}
       if not math.isfinite(row["loss"]):
-        raise TrainError(f"non-finite loss ({row['loss']}) at step {step}; stopping without saving "
-                         f"this step (the newest checkpoint is step {self.newest_checkpoint()})")
+        raise TrainError(
+          f"non-finite loss ({row['loss']}) at step {step}; stopping without saving "
+          f"this step (the newest checkpoint is step {self.newest_checkpoint()})"
+        )
       row.update(step=step, padding_fraction=host["padding_fraction"], seq_len=host["seq_len"])
       self.history.append(row)
       self._scalars(row, step)
@@ -81,9 +101,10 @@ class MetricLogger:
       self.writer.flush()
     r = self.history[-1]
     self.bar.set_postfix_str(
-        f"loss {r['loss']:.4f} rank {r['rank_loss']:.4f} ft {r['ft_loss']:.2f} "
-        f"acc {r['ranking_accuracy']:.2f} tok/s {rate:,.0f} pad {r['padding_fraction']:.2f}",
-        refresh=False)
+      f"loss {r['loss']:.4f} rank {r['rank_loss']:.4f} ft {r['ft_loss']:.2f} "
+      f"acc {r['ranking_accuracy']:.2f} tok/s {rate:,.0f} pad {r['padding_fraction']:.2f}",
+      refresh=False,
+    )
     self.bar.update(last_step - self.bar.n)
     self.pending.clear()
 
@@ -113,6 +134,7 @@ class _ObjectStoreEventFile:
 
   def flush(self) -> None:
     import fsspec
+
     with fsspec.open(self.path, "wb") as f:
       f.write(self.buffer.getvalue())
 
@@ -131,6 +153,7 @@ class _ObjectStoreEventFiles:
 def _summary_writer(logdir: str, purge_step: int | None):
   from tensorboardX import SummaryWriter
   from tensorboardX.record_writer import register_writer_factory
+
   if is_url(logdir):
     register_writer_factory(logdir.split("://", 1)[0], _ObjectStoreEventFiles())
   return SummaryWriter(logdir, purge_step=purge_step)

@@ -40,6 +40,7 @@ class Host:
 
 def _metadata(key: str, timeout: float = 2.0) -> str | None:
   import requests
+
   try:
     r = requests.get(METADATA_URL + key, headers={"Metadata-Flavor": "Google"}, timeout=timeout)
   except requests.RequestException:
@@ -59,7 +60,9 @@ def _ints(index: str, count: str, source: str) -> Host:
   try:
     host = Host(int(index), int(count), source)
   except ValueError:
-    raise ValueError(f"{source}: process index {index!r} and count {count!r} must be integers") from None
+    raise ValueError(
+      f"{source}: process index {index!r} and count {count!r} must be integers"
+    ) from None
   if not 0 <= host.index < host.count:
     raise ValueError(f"{source}: process index {host.index} is not in [0, {host.count})")
   return host
@@ -69,7 +72,9 @@ def detect(environ=None) -> Host:
   """This process's index and the process count from the environment (sources 2-5 above)."""
   env = os.environ if environ is None else environ
   if env.get("JAX_NUM_PROCESSES"):
-    return _ints(env.get("JAX_PROCESS_ID", ""), env["JAX_NUM_PROCESSES"], "JAX_PROCESS_ID/JAX_NUM_PROCESSES")
+    return _ints(
+      env.get("JAX_PROCESS_ID", ""), env["JAX_NUM_PROCESSES"], "JAX_PROCESS_ID/JAX_NUM_PROCESSES"
+    )
   hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   worker = env.get("TPU_WORKER_ID", "").strip()
   # Only a real several-host layout counts: libtpu itself may leave a one-host value, or a
@@ -94,8 +99,11 @@ def work_shard(shard: int | None, num_shards: int | None, *, stage: str) -> tupl
   return host.index, host.count
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """jax.distributed.initialize() when this process is one of several; nothing otherwise.
 
   Explicit arguments win; then JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID);
@@ -103,19 +111,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   backend the processes' devices form one device set over gloo collectives.
   """
   import jax
+
   if jax.distributed.is_initialized():
     return
   explicit = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   kw = {}
   if explicit:
     host = detect() if num_processes is None or process_id is None else None
-    kw = dict(coordinator_address=explicit,
-              num_processes=num_processes if num_processes is not None else host.count,
-              process_id=process_id if process_id is not None else host.index)
+    kw = dict(
+      coordinator_address=explicit,
+      num_processes=num_processes if num_processes is not None else host.count,
+      process_id=process_id if process_id is not None else host.index,
+    )
     if kw["num_processes"] == 1:
       return
   elif detect().count == 1:
     return
-  if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # (jax.default_backend() would start the backend too early)
+  if (
+    os.environ.get("JAX_PLATFORMS", "") == "cpu"
+  ):  # (jax.default_backend() would start the backend too early)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kw)

@@ -30,8 +30,14 @@ from model.sharding import LOGICAL_RULES, make_mesh
 GIB = 1 << 30
 # HBM per chip by JAX device_kind (public Cloud TPU specs).
 HBM_PER_CHIP = {
-    "TPU v2": 16 * GIB, "TPU v3": 32 * GIB, "TPU v4": 32 * GIB, "TPU v4 lite": 8 * GIB,
-    "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB, "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB,
+  "TPU v2": 16 * GIB,
+  "TPU v3": 32 * GIB,
+  "TPU v4": 32 * GIB,
+  "TPU v4 lite": 8 * GIB,
+  "TPU v5 lite": 16 * GIB,
+  "TPU v5": 95 * GIB,
+  "TPU v5p": 95 * GIB,
+  "TPU v6 lite": 32 * GIB,
 }
 
 
@@ -43,6 +49,7 @@ class PlanError(ValueError):
 class _Memory:
   """What every plan holds: the topology and mesh, and the per-device memory of the compiled
   executable (or the compiler's refusal), with its verdict."""
+
   topology: str
   device_kind: str
   num_devices: int
@@ -59,7 +66,9 @@ class _Memory:
 
   @property
   def total_bytes(self) -> int:
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    return (
+      self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    )
 
   @property
   def fits(self) -> bool | None:
@@ -74,32 +83,44 @@ class _Memory:
 
   def _topology_line(self) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
-    return f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}"
+    return (
+      f"topology     {self.topology} ({self.num_devices} devices, {self.device_kind}), mesh {mesh}"
+    )
 
   def _memory_lines(self, arguments: str, outputs: str, temporaries: str) -> list[str]:
     g = _bytes
     hbm = g(self.hbm_bytes) if self.hbm_bytes else "   unknown"
-    lines = ["per device:", f"  arguments  {g(self.argument_bytes)}   ({arguments})",
-             f"  outputs    {g(self.output_bytes)}   ({outputs})"]
+    lines = [
+      "per device:",
+      f"  arguments  {g(self.argument_bytes)}   ({arguments})",
+      f"  outputs    {g(self.output_bytes)}   ({outputs})",
+    ]
     if self.compiler_error:  # no executable: only what the compiler said, no code size or total
       return lines + [f"  temporaries{g(self.temp_bytes)}   (as the compiler reported them)"]
-    return lines + [f"  temporaries{g(self.temp_bytes)}   ({temporaries})", f"  code       {g(self.code_bytes)}",
-                    f"  total      {g(self.total_bytes)}   of {hbm} HBM"]
+    return lines + [
+      f"  temporaries{g(self.temp_bytes)}   ({temporaries})",
+      f"  code       {g(self.code_bytes)}",
+      f"  total      {g(self.total_bytes)}   of {hbm} HBM",
+    ]
 
   def _verdict(self, advice: str) -> str:
     hbm = _bytes(self.hbm_bytes).strip() if self.hbm_bytes else "unknown"
     if self.compiler_error and "vmem" in self.compiler_error.lower():
-      return (f"verdict      DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM "
-              f"({self.compiler_error}); split the heads over --mesh ...,tensor=N or try "
-              "--config.model.attention=splash")
+      return (
+        f"verdict      DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM "
+        f"({self.compiler_error}); split the heads over --mesh ...,tensor=N or try "
+        "--config.model.attention=splash"
+      )
     if self.compiler_error:
       return f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); {advice}"
     if self.fits is None:
       return "verdict      unknown: no HBM figure for this chip"
     if self.fits:
       return f"verdict      fits ({self.total_bytes / self.hbm_bytes:.0%} of HBM)"
-    return (f"verdict      DOES NOT FIT: needs {_bytes(self.total_bytes).strip()} per device, the chip has "
-            f"{hbm}; {advice}")
+    return (
+      f"verdict      DOES NOT FIT: needs {_bytes(self.total_bytes).strip()} per device, the chip has "
+      f"{hbm}; {advice}"
+    )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -114,16 +135,21 @@ class Plan(_Memory):
 
   def report(self) -> str:
     lines = [
-        self._topology_line(),
-        f"model        {_count(self.params)} parameters; attention: {self.attention}",
-        f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x {self.responses} "
-        f"responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
-        f"compiled in  {self.compile_seconds:.1f} s",
+      self._topology_line(),
+      f"model        {_count(self.params)} parameters; attention: {self.attention}",
+      f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x {self.responses} "
+      f"responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
+      f"compiled in  {self.compile_seconds:.1f} s",
     ]
-    lines += self._memory_lines("parameters, optimizer state and batch shards",
-                                "the new state, in place of the donated one, and metrics", "activations and workspace")
-    lines.append(f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} "
-                 "per device (analytic: 3x forward matmuls and attention)")
+    lines += self._memory_lines(
+      "parameters, optimizer state and batch shards",
+      "the new state, in place of the donated one, and metrics",
+      "activations and workspace",
+    )
+    lines.append(
+      f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} "
+      "per device (analytic: 3x forward matmuls and attention)"
+    )
     advice = "add chips, shard more (--mesh), raise --config.train.microbatches"
     advice += ", or set --config.model.remat=full" if self.remat != "full" else ""
     lines.append(self._verdict(advice))
@@ -134,6 +160,7 @@ class Plan(_Memory):
 class DecodePlan(_Memory):
   """The decode step (`model.decode.decode_chunk`, as `rrtf serve`/`sample`/`evaluate` jit it)
   compiled for a topology: one new token per row per loop step against a KV cache."""
+
   batch_size: int  # rows decoded together
   context: int  # KV-cache length (prompt + new tokens)
   weights: str  # how the linear layers are stored: bfloat16 | int8 | int4 (group G)
@@ -143,25 +170,35 @@ class DecodePlan(_Memory):
   def report(self) -> str:
     g = _bytes
     lines = [
-        self._topology_line(),
-        f"model        {_count(self.params)} parameters, {self.weights} weights: {g(self.param_bytes).strip()}",
-        f"step         decode (one token per row per step, KV cache): batch {self.batch_size}, context "
-        f"{self.context} tokens (cache {g(self.cache_bytes).strip()})",
-        f"compiled in  {self.compile_seconds:.1f} s",
+      self._topology_line(),
+      f"model        {_count(self.params)} parameters, {self.weights} weights: {g(self.param_bytes).strip()}",
+      f"step         decode (one token per row per step, KV cache): batch {self.batch_size}, context "
+      f"{self.context} tokens (cache {g(self.cache_bytes).strip()})",
+      f"compiled in  {self.compile_seconds:.1f} s",
     ]
-    lines += self._memory_lines("weights, KV cache and decode state", "the new state, in place of the donated one",
-                                "activations, logits, sampling, dequantized kernels XLA did not fuse")
-    lines.append(self._verdict("quantize (--quant int8|int4), shorten --seq-len, lower --batch-size, or shard "
-                               "over more chips (--mesh)"))
+    lines += self._memory_lines(
+      "weights, KV cache and decode state",
+      "the new state, in place of the donated one",
+      "activations, logits, sampling, dequantized kernels XLA did not fuse",
+    )
+    lines.append(
+      self._verdict(
+        "quantize (--quant int8|int4), shorten --seq-len, lower --batch-size, or shard "
+        "over more chips (--mesh)"
+      )
+    )
     return "\n".join(lines)
 
 
 # When compiling for TPU from a machine without one (JAX_PLATFORMS=cpu), these stop libtpu from
 # probing for a local TPU and its pod peers, which only prints errors there. Never set on a TPU VM.
-_CPU_HOST_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
-                        "TPU_SKIP_MDS_QUERY": "1",
-                        # several compiling processes (tests, parallel plans) may each load libtpu
-                        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+_CPU_HOST_LIBTPU_ENV = {
+  "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+  "TPU_WORKER_HOSTNAMES": "localhost",
+  "TPU_SKIP_MDS_QUERY": "1",
+  # several compiling processes (tests, parallel plans) may each load libtpu
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
 
 
 def _bytes(b: float) -> str:
@@ -178,6 +215,7 @@ def _count(n: int) -> str:
 def topology_devices(topology: str):
   """The abstract devices of a TPU topology ('v5p:2x2x1'), from any host with libtpu."""
   from jax.experimental import topologies
+
   if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     for k, v in _CPU_HOST_LIBTPU_ENV.items():
       os.environ.setdefault(k, v)
@@ -189,12 +227,17 @@ def topology_devices(topology: str):
         raise
       # A slice smaller than a host's default 2x2 chips (v5e:1x1, v5e:2x1): the host holds all of it.
       dims = [int(x) for x in topology.split(":")[-1].split("x")]
-      return topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                          chips_per_host_bounds=(dims + [1, 1])[:3]).devices
+      return topologies.get_topology_desc(
+        platform="tpu", topology_name=topology, chips_per_host_bounds=(dims + [1, 1])[:3]
+      ).devices
   except Exception as e:  # noqa: BLE001  (libtpu missing, unknown name)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "tpu" in first.lower() and ("not found" in first.lower() or "unknown backend" in first.lower()):
-      raise PlanError(f"cannot compile for TPU here: {first} (install the tpu extra: pip install -e '.[tpu]')") from None
+    if "tpu" in first.lower() and (
+      "not found" in first.lower() or "unknown backend" in first.lower()
+    ):
+      raise PlanError(
+        f"cannot compile for TPU here: {first} (install the tpu extra: pip install -e '.[tpu]')"
+      ) from None
     raise PlanError(f"unknown or unsupported topology {topology!r}: {first}") from None
 
 
@@ -212,14 +255,24 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
 
   XLA's own cost analysis counts a scanned layer's body once, so it is not used here.
   """
-  d, n, k, h, f, v = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  d, n, k, h, f, v = (
+    cfg.embed_dim,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.mlp_dim,
+    cfg.vocab_size,
+  )
   per_token = cfg.num_layers * 2 * (d * n * h + d * 2 * k * h + n * h * d + 2 * d * f) + 2 * d * v
-  attention = cfg.num_layers * 2 * 2 * seq_len * seq_len * n * h  # QK^T and PV per sequence, unmasked
+  # QK^T and PV per sequence, unmasked
+  attention = cfg.num_layers * 2 * 2 * seq_len * seq_len * n * h
   return 3.0 * batch_size * (seq_len * per_token + attention)
 
 
 def _shard_bytes(tree) -> int:
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+  )
 
 
 def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
@@ -232,8 +285,16 @@ def _refused(cls, common: dict, error: str, secs: float, *, arguments: int, dona
   """A plan without an executable: the argument and donated-state bytes as sharded, and the
   compiler's own figure for the temporaries and what ran out."""
   temp, reason = _refusal(error)
-  return cls(**common, argument_bytes=arguments, output_bytes=donated, alias_bytes=donated, temp_bytes=temp,
-             code_bytes=0, compile_seconds=secs, compiler_error=reason)
+  return cls(
+    **common,
+    argument_bytes=arguments,
+    output_bytes=donated,
+    alias_bytes=donated,
+    temp_bytes=temp,
+    code_bytes=0,
+    compile_seconds=secs,
+    compiler_error=reason,
+  )
 
 
 def _compile(cls, lowered, common: dict, t0: float, *, arguments: int, donated: int):
@@ -244,25 +305,43 @@ def _compile(cls, lowered, common: dict, t0: float, *, arguments: int, donated: 
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return _refused(cls, common, str(e), time.perf_counter() - t0, arguments=arguments, donated=donated)
+    return _refused(
+      cls, common, str(e), time.perf_counter() - t0, arguments=arguments, donated=donated
+    )
   mem = compiled.memory_analysis()
-  return cls(**common, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-             alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-             code_bytes=int(mem.generated_code_size_in_bytes), compile_seconds=time.perf_counter() - t0)
+  return cls(
+    **common,
+    argument_bytes=int(mem.argument_size_in_bytes),
+    output_bytes=int(mem.output_size_in_bytes),
+    alias_bytes=int(mem.alias_size_in_bytes),
+    temp_bytes=int(mem.temp_size_in_bytes),
+    code_bytes=int(mem.generated_code_size_in_bytes),
+    compile_seconds=time.perf_counter() - t0,
+  )
 
 
 def _where(topology: str, devices, mesh) -> dict:
   """The plan fields that say what was compiled for."""
-  return dict(topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
-              hbm_bytes=hbm_per_device(devices))
+  return dict(
+    topology=topology,
+    device_kind=devices[0].device_kind,
+    num_devices=len(devices),
+    mesh=dict(mesh.shape),
+    hbm_bytes=hbm_per_device(devices),
+  )
 
 
 def _refusal(error: str) -> tuple[int, str]:
   """(the temporaries' bytes the compiler reported, what ran out) of a RESOURCE_EXHAUSTED error."""
   import re
+
   msg = " ".join(error.split())
   m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", msg)
-  temp = int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2)]) if m else 0
+  temp = (
+    int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB, "T": 1 << 40}[m.group(2)])
+    if m
+    else 0
+  )
   sentences = msg.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().split(". ")
   # Keep what ran out and by how much ("Ran out of memory in memory space vmem", "Used 16.91M of
   # 16.00M vmem"), not the generic "XLA:TPU compile permanent error", plus the kernel named.
@@ -274,19 +353,35 @@ def _refusal(error: str) -> tuple[int, str]:
   return temp, reason
 
 
-def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None = None,
-         batch_size: int | None = None, seq_len: int | None = None) -> Plan:
-  from rrtf_jax.train_step import TrainError, abstract_batch, check_batch_layout, jit_train_step, make_optimizer
+def plan(
+  config: ml_collections.ConfigDict,
+  topology: str,
+  mesh_spec: str | None = None,
+  batch_size: int | None = None,
+  seq_len: int | None = None,
+) -> Plan:
+  from rrtf_jax.train_step import (
+    TrainError,
+    abstract_batch,
+    check_batch_layout,
+    jit_train_step,
+    make_optimizer,
+  )
   from rrtf_jax.train_step import state_shardings
+
   model_cfg = ModelConfig.from_dict(config.model)
   if model_cfg.quant_bits:
-    raise PlanError("model.quant_bits: a quantized model is for inference; plan its decode step with "
-                    "--decode --quant int8|int4")
+    raise PlanError(
+      "model.quant_bits: a quantized model is for inference; plan its decode step with "
+      "--decode --quant int8|int4"
+    )
   train_cfg = config.train.copy_and_resolve_references()
   train_cfg.batch_size = batch_size or train_cfg.batch_size
   train_cfg.seq_len = seq_len or train_cfg.seq_len
   if train_cfg.seq_len > model_cfg.max_position_embeddings:
-    raise PlanError(f"seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}")
+    raise PlanError(
+      f"seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}"
+    )
   devices = topology_devices(topology)
   mesh = make_mesh(mesh_spec if mesh_spec is not None else (config.mesh or None), devices)
   try:
@@ -299,18 +394,29 @@ def plan(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None
   batch_abs = abstract_batch(train_cfg.batch_size, train_cfg.responses, train_cfg.seq_len, mesh)
   t0 = time.perf_counter()
   common = dict(
-      **_where(topology, devices, mesh), batch_size=train_cfg.batch_size, responses=train_cfg.responses, seq_len=train_cfg.seq_len,
-      microbatches=train_cfg.microbatches, remat=model_cfg.remat, attention=resolve_attention(model_cfg.attention, devices[0].platform),
-      params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)),
-      flops_per_step=train_flops(model_cfg, train_cfg.batch_size * train_cfg.responses, train_cfg.seq_len))
+    **_where(topology, devices, mesh),
+    batch_size=train_cfg.batch_size,
+    responses=train_cfg.responses,
+    seq_len=train_cfg.seq_len,
+    microbatches=train_cfg.microbatches,
+    remat=model_cfg.remat,
+    attention=resolve_attention(model_cfg.attention, devices[0].platform),
+    params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)),
+    flops_per_step=train_flops(
+      model_cfg, train_cfg.batch_size * train_cfg.responses, train_cfg.seq_len
+    ),
+  )
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    lowered = jit_train_step(model_cfg, train_cfg, tx, mesh, state_shard).lower(state_abs, batch_abs)
+    lowered = jit_train_step(model_cfg, train_cfg, tx, mesh, state_shard).lower(
+      state_abs, batch_abs
+    )
     sbytes = _shard_bytes(state_abs)
     return _compile(Plan, lowered, common, t0, arguments=sbytes, donated=sbytes)
 
 
-def decode_config(model_cfg: ModelConfig, quant: str = "none", group: int | None = None,
-                  embedding: bool = False) -> ModelConfig:
+def decode_config(
+  model_cfg: ModelConfig, quant: str = "none", group: int | None = None, embedding: bool = False
+) -> ModelConfig:
   """The model as it is served: weights stored in the compute dtype (a converted StarCoder
   checkpoint is bfloat16), or quantized as `rrtf quantize` stores them."""
   cfg = model_cfg.replace(param_dtype=model_cfg.dtype, remat="none")
@@ -319,6 +425,7 @@ def decode_config(model_cfg: ModelConfig, quant: str = "none", group: int | None
       raise PlanError("--quant-group and --quant-embedding need --quant int8|int4")
     return cfg
   from model.quantize import quantized_config
+
   method = {"int8": "int8", "int4": "int4-rtn"}.get(quant)  # GPTQ and RTN store the same format
   if method is None:
     raise PlanError(f"--quant must be none, int8 or int4, got {quant!r}")
@@ -328,20 +435,31 @@ def decode_config(model_cfg: ModelConfig, quant: str = "none", group: int | None
     raise PlanError(str(e)) from None
 
 
-def plan_decode(config: ml_collections.ConfigDict, topology: str, mesh_spec: str | None = None,
-                batch_size: int = 16, context: int | None = None, quant: str = "none", group: int | None = None,
-                embedding: bool = False, new_tokens: int = 128) -> DecodePlan:
+def plan_decode(
+  config: ml_collections.ConfigDict,
+  topology: str,
+  mesh_spec: str | None = None,
+  batch_size: int = 16,
+  context: int | None = None,
+  quant: str = "none",
+  group: int | None = None,
+  embedding: bool = False,
+  new_tokens: int = 128,
+) -> DecodePlan:
   """Compiles the decode step for `topology` with a KV cache of `context` tokens per row (a
   prompt of context - new_tokens, then new_tokens generated) and reports per-device memory."""
   from model.checkpoint import param_bytes
   from model.decode import DecodeState, _CACHE_AXES, decode_chunk, prefill
   from model.sharding import logical_to_sharding, replicated
   from model.transformer import abstract_params
+
   cfg = decode_config(ModelConfig.from_dict(config.model), quant, group, embedding)
   context = context or cfg.max_position_embeddings
   if not new_tokens < context <= cfg.max_position_embeddings:
-    raise PlanError(f"context {context} must exceed {new_tokens} new tokens and be at most "
-                    f"model.max_position_embeddings={cfg.max_position_embeddings}")
+    raise PlanError(
+      f"context {context} must exceed {new_tokens} new tokens and be at most "
+      f"model.max_position_embeddings={cfg.max_position_embeddings}"
+    )
   if batch_size < 1:
     raise PlanError(f"batch size must be at least 1, got {batch_size}")
   devices = topology_devices(topology)
@@ -349,8 +467,12 @@ def plan_decode(config: ml_collections.ConfigDict, topology: str, mesh_spec: str
   boxed = abstract_params(cfg)
   with nn.logical_axis_rules(LOGICAL_RULES):
     p_shard = logical_to_sharding(boxed, mesh)
-    cache_shard = nn.logical_to_mesh_sharding(nn.logical_to_mesh_axes(_CACHE_AXES), mesh, LOGICAL_RULES)
-  p_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), p_shard)
+    cache_shard = nn.logical_to_mesh_sharding(
+      nn.logical_to_mesh_axes(_CACHE_AXES), mesh, LOGICAL_RULES
+    )
+  p_abs = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), p_shard
+  )
   b, prompt = batch_size, context - new_tokens
 
   def i32(*shape):
@@ -358,27 +480,67 @@ def plan_decode(config: ml_collections.ConfigDict, topology: str, mesh_spec: str
 
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
   state = jax.eval_shape(
-      lambda p, t, m, k: prefill(p, cfg, t, m, k, jax.numpy.zeros(b), jax.numpy.ones(b), jax.numpy.zeros(b, "int32"),
-                                 jax.numpy.full(b, new_tokens), jax.numpy.zeros(b, bool), new_tokens=new_tokens),
-      nn.unbox(boxed), i32(b, prompt), i32(b, prompt), keys)
+    lambda p, t, m, k: prefill(
+      p,
+      cfg,
+      t,
+      m,
+      k,
+      jax.numpy.zeros(b),
+      jax.numpy.ones(b),
+      jax.numpy.zeros(b, "int32"),
+      jax.numpy.full(b, new_tokens),
+      jax.numpy.zeros(b, bool),
+      new_tokens=new_tokens,
+    ),
+    nn.unbox(boxed),
+    i32(b, prompt),
+    i32(b, prompt),
+    keys,
+  )
   rep = replicated(mesh)
-  state_shard = DecodeState(**{f: (cache_shard if f in ("cache_k", "cache_v") else rep) for f in state.__dataclass_fields__})
-  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shard)
+  state_shard = DecodeState(
+    **{f: (cache_shard if f in ("cache_k", "cache_v") else rep) for f in state.__dataclass_fields__}
+  )
+  state_abs = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shard
+  )
   cache_bytes = 2 * math.prod(state.cache_k.shape) * state.cache_k.dtype.itemsize
-  common = dict(**_where(topology, devices, mesh), batch_size=b, context=context,
-                params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)), weights=_weights(cfg),
-                param_bytes=param_bytes(p_abs), cache_bytes=cache_bytes)
+  common = dict(
+    **_where(topology, devices, mesh),
+    batch_size=b,
+    context=context,
+    params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)),
+    weights=_weights(cfg),
+    param_bytes=param_bytes(p_abs),
+    cache_bytes=cache_bytes,
+  )
   step = jax.jit(decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    lowered = step.lower(p_abs, cfg, state_abs, jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=rep),
-                         eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id or 0)
+    lowered = step.lower(
+      p_abs,
+      cfg,
+      state_abs,
+      jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=rep),
+      eos_id=cfg.eos_token_id,
+      pad_id=cfg.pad_token_id or 0,
+    )
     state_bytes = _shard_bytes(state_abs)
-    return _compile(DecodePlan, lowered, common, t0, arguments=_shard_bytes(p_abs) + state_bytes, donated=state_bytes)
+    return _compile(
+      DecodePlan,
+      lowered,
+      common,
+      t0,
+      arguments=_shard_bytes(p_abs) + state_bytes,
+      donated=state_bytes,
+    )
 
 
 def _weights(cfg: ModelConfig) -> str:
   if not cfg.quant_bits:
     return str(cfg.param_dtype)
-  how = f"int{cfg.quant_bits} " + (f"(groups of {cfg.quant_group} rows)" if cfg.quant_group else "(per channel)")
+  how = f"int{cfg.quant_bits} " + (
+    f"(groups of {cfg.quant_group} rows)" if cfg.quant_group else "(per channel)"
+  )
   return how + (", int8 embedding" if cfg.quant_embedding else f", {cfg.param_dtype} embedding")

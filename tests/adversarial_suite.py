@@ -42,7 +42,9 @@ import pytest
 
 from rrtf_jax.sandbox import Job, Limits, Sandbox
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the adversarial suite needs root (per-slot uids)")
+pytestmark = pytest.mark.skipif(
+  os.geteuid() != 0, reason="the adversarial suite needs root (per-slot uids)"
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 2.0
@@ -55,7 +57,8 @@ def check(candidate):
     assert candidate(123456, 654321) == 777777
 """
 CORRECT = "def add(a, b):\n    return a + b\n"
-ESCAPED = "ESCAPED"  # attacks raise RuntimeError("ESCAPED ...") at import when a forbidden step worked
+# attacks raise RuntimeError("ESCAPED ...") at import when a forbidden step worked
+ESCAPED = "ESCAPED"
 
 
 def _humaneval_data() -> str:
@@ -958,8 +961,13 @@ def _slot_processes(box: Sandbox, include_zombies: bool) -> list[str]:
     state = fields.get("State", "").strip()
     zombie = state.startswith(("Z", "X"))
     desc = f"pid {status.split('/')[2]} {fields.get('Name', '').strip()} uid {sorted(ids)} ppid {fields.get('PPid', '').strip()} {state}"
-    if (len(ids) == 1 and ids <= judge_uids and not zombie and server is not None
-        and int(fields.get("PPid", "0")) == server):
+    if (
+      len(ids) == 1
+      and ids <= judge_uids
+      and not zombie
+      and server is not None
+      and int(fields.get("PPid", "0")) == server
+    ):
       judges.setdefault(next(iter(ids)), []).append(desc)
       continue
     if include_zombies or not zombie:
@@ -982,8 +990,11 @@ def _wait_no_processes(box: Sandbox, include_zombies: bool, wait: float = 2.0) -
 def _ipc_objects(uids: set[int], remove: bool) -> list[str]:
   """SysV IPC objects owned or created by `uids`; removed (as root) when `remove`."""
   found = []
-  for kind, rm in (("shm", lambda i: _libc.shmctl(i, 0, None)), ("msg", lambda i: _libc.msgctl(i, 0, None)),
-                   ("sem", lambda i: _libc.semctl(i, 0, 0))):
+  for kind, rm in (
+    ("shm", lambda i: _libc.shmctl(i, 0, None)),
+    ("msg", lambda i: _libc.msgctl(i, 0, None)),
+    ("sem", lambda i: _libc.semctl(i, 0, 0)),
+  ):
     try:
       lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
     except OSError:
@@ -996,8 +1007,10 @@ def _ipc_objects(uids: set[int], remove: bool) -> list[str]:
       owners = {int(row.get(c, -1)) for c in ("uid", "cuid")}
       if owners & uids:
         ident = int(row.get("shmid", row.get("msqid", row.get("semid", -1))))
-        found.append(f"{kind} id {ident} size {row.get('size', row.get('cbytes', row.get('nsems', '?')))} "
-                     f"owner {sorted(owners)}")
+        found.append(
+          f"{kind} id {ident} size {row.get('size', row.get('cbytes', row.get('nsems', '?')))} "
+          f"owner {sorted(owners)}"
+        )
         if remove:
           rm(ident)
   return found
@@ -1050,9 +1063,16 @@ class Host:
       s.setblocking(False)
     self.expected_files = sorted(os.listdir(self.dir))
     self.values = {
-        "CANARY": self.canary, "CANARY_DIR": self.dir, "PORT": str(self.tcp.getsockname()[1]),
-        "UDP_PORT": str(self.udp.getsockname()[1]), "HOST_IP": _host_ip(), "ABSTRACT": self.abstract_name,
-        "TOKEN": self.token, "REPO": str(REPO), "HUMANEVAL": _humaneval_data(), "ESCAPED": ESCAPED,
+      "CANARY": self.canary,
+      "CANARY_DIR": self.dir,
+      "PORT": str(self.tcp.getsockname()[1]),
+      "UDP_PORT": str(self.udp.getsockname()[1]),
+      "HOST_IP": _host_ip(),
+      "ABSTRACT": self.abstract_name,
+      "TOKEN": self.token,
+      "REPO": str(REPO),
+      "HUMANEVAL": _humaneval_data(),
+      "ESCAPED": ESCAPED,
     }
 
   def program(self, name: str) -> str:
@@ -1080,7 +1100,11 @@ class Host:
       out.append(f"canary dir gone: {e}")
     if hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest() != self.passwd:
       out.append("/etc/passwd changed")
-    for path in (f"/etc/rrtf-pwned-{self.token}", f"/tmp/rrtf-pwned-{self.token}", f"/rrtf-pwned-{self.token}"):
+    for path in (
+      f"/etc/rrtf-pwned-{self.token}",
+      f"/tmp/rrtf-pwned-{self.token}",
+      f"/rrtf-pwned-{self.token}",
+    ):
       if os.path.lexists(path):
         out.append(f"{path} created")
     for name, sock in (("tcp", self.tcp), ("abstract unix", self.abstract), ("unix", self.unix)):
@@ -1120,7 +1144,9 @@ class _Boxes:
     if self.box is None or self.box._proc is None or self.box._proc.poll() is not None:
       self.close()
       self.box = Sandbox(workers=2, limits=Limits(timeout=TIMEOUT), quiet=True)
-      assert self.box.isolation == "full", f"the suite needs full isolation, got {self.box.isolation}"
+      assert self.box.isolation == "full", (
+        f"the suite needs full isolation, got {self.box.isolation}"
+      )
     return self.box
 
   def close(self):
@@ -1142,7 +1168,9 @@ def boxes():
 def _params():
   for name in ATTACKS:
     if name in KNOWN_BUGS:
-      yield pytest.param(name, id=name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name]))
+      yield pytest.param(
+        name, id=name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name])
+      )
     else:
       yield pytest.param(name, id=name)
 
@@ -1181,13 +1209,17 @@ def test_attack(name, host, boxes):
   box = boxes.get()
   uids = set(box.slot_uids())
   assert uids, "no slot uids: not running as root?"
-  assert not _wait_no_processes(box, include_zombies=True), "processes of the slot uids before the attack"
+  assert not _wait_no_processes(box, include_zombies=True), (
+    "processes of the slot uids before the attack"
+  )
   problems = []
 
   t0 = time.monotonic()
   verdict = box.run(Job(program=host.program(name), test=TEST, entry_point=ENTRY))
   took = time.monotonic() - t0
-  print(f"{name}: {verdict.outcome} {verdict.tests_passed}/{verdict.tests_total} in {took:.2f} s: {verdict.error[:200]}")
+  print(
+    f"{name}: {verdict.outcome} {verdict.tests_passed}/{verdict.tests_total} in {took:.2f} s: {verdict.error[:200]}"
+  )
   if verdict.passed:
     problems.append(f"the attack passed: {verdict}")
   if host.secret in verdict.error:

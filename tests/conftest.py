@@ -4,7 +4,9 @@ import os
 
 # Before anything imports jax.
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 # (libtpu's own settings for compiling from a CPU host come from rrtf_jax.plan.topology_devices.)
 for _k, _v in {"TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
   os.environ.setdefault(_k, _v)
@@ -13,19 +15,32 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Shape of the tiny HF models: D 32, 4 heads of 8, 2 layers, vocab 97 (not a power of 2).
-TINY_HF = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
-               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+TINY_HF = dict(
+  vocab_size=97,
+  n_positions=64,
+  n_embd=32,
+  n_layer=2,
+  n_head=4,
+  bos_token_id=1,
+  eos_token_id=2,
+  resid_pdrop=0.0,
+  embd_pdrop=0.0,
+  attn_pdrop=0.0,
+)
 
 
 def make_hf_model(multi_query: bool, seed: int = 0, **overrides):
   """A random GPTBigCodeForCausalLM (torch, fp32) with non-trivial biases and norms."""
   import torch
   from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
   torch.manual_seed(seed)
   cfg = GPTBigCodeConfig(**{**TINY_HF, "multi_query": multi_query, **overrides})
   model = GPTBigCodeForCausalLM(cfg).eval()
   with torch.no_grad():
-    for p in model.parameters():  # init leaves biases at 0 and LN at 1: perturb so every tensor matters
+    for (
+      p
+    ) in model.parameters():  # init leaves biases at 0 and LN at 1: perturb so every tensor matters
       p.add_(torch.randn_like(p) * 0.05)
   return model
 
@@ -38,9 +53,12 @@ def save_hf(model, directory, **kw) -> str:
 def hf_logits(model, tokens, mask):
   """HF logits with positions from the mask (transformers 5 does not derive them itself)."""
   import torch
+
   pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
   with torch.no_grad():
-    out = model(torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+    out = model(
+      torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)
+    )
   return out.logits.numpy()
 
 
@@ -55,6 +73,7 @@ def hf_checkpoint(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted(hf_checkpoint, tmp_path_factory):
   from model.convert import convert_hf
+
   model, d = hf_checkpoint
   out = convert_hf(d, str(tmp_path_factory.mktemp("ours") / "ckpt"), progress=False)
   return model, d, out
@@ -67,18 +86,26 @@ def gcs_bucket():
   import socket
   import subprocess
   import time
+
   exe = shutil.which("gcp-storage-emulator")
   assert exe, "gcp-storage-emulator is part of the test extra"
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   url = f"http://127.0.0.1:{port}"
-  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-                    # Orbax's OCDBT writes on the emulator fail about 1 run in 4 ("Malformed
-                    # StorageGeneration" reading manifest.ocdbt); per-array storage is reliable there.
-                    RRTF_ORBAX_OCDBT="0")
+  os.environ.update(
+    STORAGE_EMULATOR_HOST=url,
+    TENSORSTORE_GCS_HTTP_URL=url,
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+    # Orbax's OCDBT writes on the emulator fail about 1 run in 4 ("Malformed
+    # StorageGeneration" reading manifest.ocdbt); per-array storage is reliable there.
+    RRTF_ORBAX_OCDBT="0",
+  )
   try:
     deadline = time.time() + 30
     while True:
@@ -90,6 +117,7 @@ def gcs_bucket():
           raise RuntimeError("gcp-storage-emulator did not start")
         time.sleep(0.2)
     import gcsfs
+
     fs = gcsfs.GCSFileSystem(token="anon", project="test")
     fs.mkdir("rrtf-test")
     yield "gs://rrtf-test"
@@ -102,6 +130,7 @@ def gcs_bucket():
 def spm_dir(tmp_path_factory):
   """The tiny config's SentencePiece tokenizer (trained from shipped text), as a directory."""
   from data.tokenizer import builtin_corpus, train_sentencepiece
+
   d = str(tmp_path_factory.mktemp("spm"))
   train_sentencepiece(builtin_corpus(), d, vocab_size=1024)
   return d
@@ -115,9 +144,14 @@ def tiny_ckpt(spm_dir, tmp_path_factory):
 
   from model import ModelConfig, init_params, save_checkpoint
   from rrtf_jax.config_loading import load_config
+
   cfg = ModelConfig.from_dict(load_config("tiny").model)
-  return save_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), cfg, init_params(cfg, jax.random.PRNGKey(0)),
-                         tokenizer_dir=spm_dir)
+  return save_checkpoint(
+    str(tmp_path_factory.mktemp("tiny") / "ckpt"),
+    cfg,
+    init_params(cfg, jax.random.PRNGKey(0)),
+    tokenizer_dir=spm_dir,
+  )
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +161,29 @@ def serve_teacher(tiny_ckpt, tmp_path_factory):
   import subprocess
   import sys
   import time
+
   log = str(tmp_path_factory.mktemp("serve") / "requests.jsonl")
-  proc = subprocess.Popen([sys.executable, "-m", "rrtf_jax.cli", "serve", "--ckpt", tiny_ckpt, "--port", "0",
-                           "--model-name", "tiny-teacher", "--chunk", "8", "--request-log", log],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "rrtf_jax.cli",
+      "serve",
+      "--ckpt",
+      tiny_ckpt,
+      "--port",
+      "0",
+      "--model-name",
+      "tiny-teacher",
+      "--chunk",
+      "8",
+      "--request-log",
+      log,
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   try:
     deadline = time.time() + 120
     line = ""
@@ -155,6 +208,7 @@ def init_params_one_compile(cfg, seed: int):
   import jax
 
   from model.transformer import param_initializer
+
   if cfg not in _INIT_FNS:
     _INIT_FNS[cfg] = jax.jit(param_initializer(cfg))
   return _INIT_FNS[cfg](jax.random.PRNGKey(seed))
@@ -196,7 +250,12 @@ def cli_runs_in_one_process(argvs: list[list[str]], **popen_kw) -> list[tuple[in
   import json
   import subprocess
   import sys
-  proc = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(argvs)], capture_output=True, text=True,
-                        **popen_kw)
+
+  proc = subprocess.run(
+    [sys.executable, "-c", _CLI_DRIVER, json.dumps(argvs)],
+    capture_output=True,
+    text=True,
+    **popen_kw,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]

@@ -25,8 +25,15 @@ def test_configs_load_by_name_and_path(name):
 
 
 def test_overrides_are_typed():
-  c = load_config("tiny", ["--config.model.num_layers=3", "--config.model.scale_attn_weights=false",
-                           "--config.model.dtype=bfloat16", "--config.mesh=fsdp=2,tensor=2"])
+  c = load_config(
+    "tiny",
+    [
+      "--config.model.num_layers=3",
+      "--config.model.scale_attn_weights=false",
+      "--config.model.dtype=bfloat16",
+      "--config.mesh=fsdp=2,tensor=2",
+    ],
+  )
   assert c.model.num_layers == 3 and c.model.scale_attn_weights is False
   assert c.model.dtype == "bfloat16" and c.mesh == "fsdp=2,tensor=2"
   with pytest.raises(ConfigError, match="no field 'model.nope'"):
@@ -38,8 +45,13 @@ def test_overrides_are_typed():
 
 
 def test_split_overrides():
-  rest, over = split_overrides(["plan", "--config", "tiny", "--config.model.num_layers", "3", "--config.seed=1"])
-  assert rest == ["plan", "--config", "tiny"] and over == ["--config.model.num_layers=3", "--config.seed=1"]
+  rest, over = split_overrides(
+    ["plan", "--config", "tiny", "--config.model.num_layers", "3", "--config.seed=1"]
+  )
+  assert rest == ["plan", "--config", "tiny"] and over == [
+    "--config.model.num_layers=3",
+    "--config.seed=1",
+  ]
 
 
 def test_bugs_keep_their_traceback_and_bad_overrides_are_one_line(monkeypatch, capsys):
@@ -58,12 +70,15 @@ def test_bugs_keep_their_traceback_and_bad_overrides_are_one_line(monkeypatch, c
   for override in ("--config.model.nope=1", "--config.model.num_layers.x=1"):
     assert cli.main(["plan", "--config", "tiny", "--topology", "v5e:2x2", override]) == 2
     err = capsys.readouterr().err
-    assert err == (f"rrtf plan: error: bad override {override!r}: no field "
-                   f"{override.removeprefix('--config.').partition('=')[0]!r} in the config\n")
+    assert err == (
+      f"rrtf plan: error: bad override {override!r}: no field "
+      f"{override.removeprefix('--config.').partition('=')[0]!r} in the config\n"
+    )
 
 
 def test_params_on_a_config_without_a_model_section_is_one_line(tmp_path, capsys):
   from rrtf_jax.cli import main
+
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "config.json").write_text("{}")
   assert main(["params", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2

@@ -19,6 +19,7 @@ def _convert(hf_dir, out, capfd):
   """`rrtf convert` through cli.main (what the console script runs) in this process, its stderr
   captured at the file descriptor: a subprocess per case paid ~2 s of start-up for a failure."""
   from rrtf_jax.cli import main
+
   capfd.readouterr()
   code = main(["convert", "--hf-dir", str(hf_dir), "--out", str(out)])
   lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("rrtf convert:")]
@@ -37,7 +38,9 @@ def _edit_tensors(hf_dir, edit):
 def _assert_no_output(out):
   parent = os.path.dirname(out)
   assert not os.path.exists(out)
-  assert not [n for n in os.listdir(parent) if n.startswith(os.path.basename(out))], os.listdir(parent)
+  assert not [n for n in os.listdir(parent) if n.startswith(os.path.basename(out))], os.listdir(
+    parent
+  )
 
 
 def test_not_gpt_bigcode(hf_dir, tmp_path, capfd):
@@ -67,7 +70,9 @@ def test_shape_disagrees_with_config(hf_dir, tmp_path, capfd):
   out = str(tmp_path / "out")
   rc, lines = _convert(hf_dir, out, capfd)
   assert rc == 2 and len(lines) == 1
-  assert path in lines[0] and "transformer.h.0.attn.c_attn.weight" in lines[0] and "[40, 32]" in lines[0]
+  assert (
+    path in lines[0] and "transformer.h.0.attn.c_attn.weight" in lines[0] and "[40, 32]" in lines[0]
+  )
   _assert_no_output(out)
 
 

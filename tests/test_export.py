@@ -10,6 +10,7 @@ from model.convert import export_hf
 
 def test_roundtrip_tensors_identical_and_transformers_loads(converted, tmp_path):
   from transformers import GPTBigCodeForCausalLM
+
   model, hf_dir, ckpt = converted
   out = export_hf(ckpt, str(tmp_path / "export"), progress=False)
   original = load_file(f"{hf_dir}/model.safetensors")
@@ -30,10 +31,14 @@ def test_roundtrip_tensors_identical_and_transformers_loads(converted, tmp_path)
 
 def test_export_shards_and_dtype(converted, tmp_path):
   from transformers import GPTBigCodeForCausalLM
+
   _, _, ckpt = converted
-  out = export_hf(ckpt, str(tmp_path / "export"), dtype="bfloat16", max_shard_bytes=8 << 10, progress=False)
+  out = export_hf(
+    ckpt, str(tmp_path / "export"), dtype="bfloat16", max_shard_bytes=8 << 10, progress=False
+  )
   import json
   import os
+
   index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
   files = set(index["weight_map"].values())
   assert len(files) > 1 and all(os.path.exists(os.path.join(out, f)) for f in files)

@@ -22,15 +22,20 @@ from data.problems import InputError
 # GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT at import, and its default (gRPC) client hangs on the emulator.
 
 SHORT = [  # problems short enough for the tiny model's positions
-    ("add", "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n", "    assert candidate(1, 2) == 3\n"),
-    ("neg", "def neg(x):\n    \"\"\"Return -x.\"\"\"\n", "    assert candidate(4) == -4\n"),
-    ("one", "def one():\n    \"\"\"Return 1.\"\"\"\n    return 1\n", "    assert candidate() == 1\n"),
-    ("first", "def first(xs):\n    \"\"\"The first item of xs.\"\"\"\n", "    assert candidate([5, 6]) == 5\n"),
+  ("add", "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n", "    assert candidate(1, 2) == 3\n"),
+  ("neg", "def neg(x):\n    \"\"\"Return -x.\"\"\"\n", "    assert candidate(4) == -4\n"),
+  ("one", "def one():\n    \"\"\"Return 1.\"\"\"\n    return 1\n", "    assert candidate() == 1\n"),
+  (
+    "first",
+    "def first(xs):\n    \"\"\"The first item of xs.\"\"\"\n",
+    "    assert candidate([5, 6]) == 5\n",
+  ),
 ]
 
 
 def _gcs():
   import gcsfs
+
   return gcsfs.GCSFileSystem(token="anon", project="test")
 
 
@@ -42,22 +47,40 @@ def _put(url: str, data: bytes | str) -> None:
 def _gs_files(url: str) -> dict[str, bytes]:
   """name -> bytes of the objects directly under `url` (no 'directories')."""
   fs = _gcs()
-  return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.ls(url, detail=False, refresh=True) if fs.isfile(p)}
+  return {
+    p.rsplit("/", 1)[-1]: fs.cat_file(p)
+    for p in fs.ls(url, detail=False, refresh=True)
+    if fs.isfile(p)
+  }
 
 
 def _local_files(d: str) -> dict[str, bytes]:
-  return {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d) if os.path.isfile(os.path.join(d, n))}
+  return {
+    n: open(os.path.join(d, n), "rb").read()
+    for n in os.listdir(d)
+    if os.path.isfile(os.path.join(d, n))
+  }
 
 
 def _problems_jsonl(rows=SHORT) -> str:
-  return "".join(json.dumps({"task_id": f"short/{i}", "prompt": prompt, "entry_point": name,
-                             "test": f"def check(candidate):\n{test}"}) + "\n"
-                 for i, (name, prompt, test) in enumerate(rows))
+  return "".join(
+    json.dumps(
+      {
+        "task_id": f"short/{i}",
+        "prompt": prompt,
+        "entry_point": name,
+        "test": f"def check(candidate):\n{test}",
+      }
+    )
+    + "\n"
+    for i, (name, prompt, test) in enumerate(rows)
+  )
 
 
 @pytest.fixture(scope="module")
 def student(tiny_ckpt):
   from model.decode import Decoder
+
   return Decoder.from_checkpoint(tiny_ckpt, chunk=8)
 
 
@@ -67,17 +90,29 @@ def test_sample_on_gcs(gcs_bucket, student, serve_teacher, tmp_path):
   shapes: the student compiles once.)"""
   from rrtf_jax.stages.sample import Teacher, output_files, sample_stage
   from rrtf_jax.serving.teacher import TeacherClient
+
   url, _ = serve_teacher
   root = f"{gcs_bucket}/sample"
   _put(f"{root}/problems.jsonl", _problems_jsonl())
   (tmp_path / "problems.jsonl").write_text(_problems_jsonl())
 
   def run(problems, out, **kw):
-    with TeacherClient(url, "tiny-teacher", max_retries=0, timeout=60.0,
-                       cache_dir=f"{out}/.teacher-cache") as client:
+    with TeacherClient(
+      url, "tiny-teacher", max_retries=0, timeout=60.0, cache_dir=f"{out}/.teacher-cache"
+    ) as client:
       teacher = Teacher(client=client, samples=1, max_tokens=8)
-      return sample_stage(problems, out, decoder=student, num_samples=2, temperatures=(0.0, 1.0), max_new_tokens=8,
-                          teacher=teacher, problems_per_file=2, progress=False, **kw)
+      return sample_stage(
+        problems,
+        out,
+        decoder=student,
+        num_samples=2,
+        temperatures=(0.0, 1.0),
+        max_new_tokens=8,
+        teacher=teacher,
+        problems_per_file=2,
+        progress=False,
+        **kw,
+      )
 
   out = f"{root}/out"
   first = run(f"{root}/problems.jsonl", out, shard=1, num_shards=2)
@@ -101,15 +136,23 @@ def test_sample_on_gcs(gcs_bucket, student, serve_teacher, tmp_path):
 
 def _ranked_fixture_shards():
   from test_rank import _record
-  return [[_record("t0", ["right", "partial", "syntax"], [0, 0, 1]),  # the student beats the teacher: dropped
-           _record("t1", ["partial", "crash", "right"], [0, 0, 1])],
-          [_record("t2", ["syntax", "right", "right"], [0, 0, 1])]]
+
+  return [
+    [
+      _record(
+        "t0", ["right", "partial", "syntax"], [0, 0, 1]
+      ),  # the student beats the teacher: dropped
+      _record("t1", ["partial", "crash", "right"], [0, 0, 1]),
+    ],
+    [_record("t2", ["syntax", "right", "right"], [0, 0, 1])],
+  ]
 
 
 def test_rank_on_gcs(gcs_bucket, tmp_path):
   """Samples on gs:// -> ranked TFDS dataset on gs://, shard by shard (metadata once all
   exist), equal to ranking the same samples locally: records and metadata JSON."""
   from rrtf_jax.stages.rank import rank_stage
+
   samples, local_samples = f"{gcs_bucket}/rank/samples", str(tmp_path / "samples")
   os.makedirs(local_samples)
   shards = _ranked_fixture_shards()
@@ -121,7 +164,9 @@ def test_rank_on_gcs(gcs_bucket, tmp_path):
 
   out = f"{gcs_bucket}/rank/ranked"
   s = rank_stage(samples, out, shard=1, num_shards=2, workers=2, progress=False)
-  assert s.shards_done == [1] and not s.metadata_written and "dataset_info.json" not in _gs_files(out)
+  assert (
+    s.shards_done == [1] and not s.metadata_written and "dataset_info.json" not in _gs_files(out)
+  )
   s = rank_stage(samples, out, workers=2, progress=False)
   assert s.shards_done == [0] and s.shards_skipped == [1] and s.metadata_written
   s = rank_stage(samples, out, workers=2, progress=False)
@@ -132,12 +177,18 @@ def test_rank_on_gcs(gcs_bucket, tmp_path):
   got, want = _gs_files(out), _local_files(local)
   assert sorted(got) == sorted(want) and {"dataset_info.json", "features.json"} <= set(got)
   assert got == want
-  assert json.loads(got["dataset_info.json"])["splits"][0]["shardLengths"] == ["1", "1"]  # t0 dropped
+  # t0 dropped
+  assert json.loads(got["dataset_info.json"])["splits"][0]["shardLengths"] == ["1", "1"]
 
   # Bad input on gs:// fails in one line naming the object, and writes nothing.
-  _put(f"{gcs_bucket}/rank/bad/rrtf_samples-train.tfrecord-00000-of-00001", b"this is not a tfrecord")
-  with pytest.raises(InputError, match=f"^{gcs_bucket}/rank/bad/rrtf_samples-train.tfrecord-00000-of-00001: "
-                                       "not a readable TFRecord file") as e:
+  _put(
+    f"{gcs_bucket}/rank/bad/rrtf_samples-train.tfrecord-00000-of-00001", b"this is not a tfrecord"
+  )
+  with pytest.raises(
+    InputError,
+    match=f"^{gcs_bucket}/rank/bad/rrtf_samples-train.tfrecord-00000-of-00001: "
+    "not a readable TFRecord file",
+  ) as e:
     rank_stage(f"{gcs_bucket}/rank/bad", f"{gcs_bucket}/rank/bad-out", workers=1, progress=False)
   assert "\n" not in str(e.value) and not _gcs().exists(f"{gcs_bucket}/rank/bad-out")
   with pytest.raises(InputError, match="no such directory"):
@@ -150,15 +201,19 @@ def test_prepare_on_gcs(gcs_bucket, spm_dir, tmp_path):
   from data import prepared
   from rrtf_jax.stages import prepare
   from test_pipeline import _problem
+
   probs = [_problem(k) for k in range(5)]
   parts = [probs[:3], probs[3:]]
   ranked, local_ranked = f"{gcs_bucket}/prepare/ranked", str(tmp_path / "ranked")
   os.makedirs(local_ranked)
   for base in (ranked, local_ranked):
     for j, recs in enumerate(parts):
-      records.write_atomic(f"{base}/{records.shard_name(records.RANKED_NAME, 'train', j, 2)}", recs, ranked=True)
+      records.write_atomic(
+        f"{base}/{records.shard_name(records.RANKED_NAME, 'train', j, 2)}", recs, ranked=True
+      )
     records.write_ranked_metadata(base)
-  assert _gs_files(ranked) == _local_files(local_ranked)  # the ranked metadata, written through a staging dir
+  # the ranked metadata, written through a staging dir
+  assert _gs_files(ranked) == _local_files(local_ranked)
   tokenizer = f"{gcs_bucket}/prepare/tokenizer"
   for name in os.listdir(spm_dir):
     _gcs().put_file(os.path.join(spm_dir, name), f"{tokenizer}/{name}")
@@ -182,10 +237,19 @@ def test_prepare_on_gcs(gcs_bucket, spm_dir, tmp_path):
 def test_evaluate_on_gcs(gcs_bucket, student, tiny_ckpt, tmp_path):
   """gs:// problems in, parts and summary on gs://, two shards; results equal a local run's."""
   from rrtf_jax.stages.evaluate import evaluate
+
   problems, out = f"{gcs_bucket}/evaluate/problems.jsonl", f"{gcs_bucket}/evaluate/out"
   _put(problems, _problems_jsonl(SHORT[:2]))
   # 4 rows per part at 8 new tokens: the shapes test_sample_on_gcs compiled.
-  kw = dict(n=4, temperature=0.8, max_new_tokens=8, problems_per_file=1, workers=2, decoder=student, progress=False)
+  kw = dict(
+    n=4,
+    temperature=0.8,
+    max_new_tokens=8,
+    problems_per_file=1,
+    workers=2,
+    decoder=student,
+    progress=False,
+  )
   s = evaluate(tiny_ckpt, problems, out, shard=1, num_shards=2, **kw)
   assert s.parts_sampled == [1] and s.summary is None
   s = evaluate(tiny_ckpt, problems, out, shard=0, num_shards=2, **kw)
@@ -200,7 +264,9 @@ def test_evaluate_on_gcs(gcs_bucket, student, tiny_ckpt, tmp_path):
   local = str(tmp_path / "out")
   evaluate(tiny_ckpt, str(tmp_path / "p.jsonl"), local, **kw)
   want = _local_files(local)
-  assert got["samples.jsonl"] == want["samples.jsonl"] and got["results.jsonl"] == want["results.jsonl"]
+  assert (
+    got["samples.jsonl"] == want["samples.jsonl"] and got["results.jsonl"] == want["results.jsonl"]
+  )
 
 
 def test_evolve_on_gcs(gcs_bucket, serve_teacher):
@@ -208,21 +274,38 @@ def test_evolve_on_gcs(gcs_bucket, serve_teacher):
   answered from the cache. (The tiny teacher writes nonsense, so nothing is kept.)"""
   from rrtf_jax.stages.evolve import evolve_stage
   from rrtf_jax.serving.teacher import TeacherClient
+
   url, _ = serve_teacher
   seeds, out = f"{gcs_bucket}/evolve/seeds.jsonl", f"{gcs_bucket}/evolve/evolved.jsonl"
-  _put(seeds, "".join(json.dumps({"instruction": f"Write a function that returns {w} of a list.", "input": "",
-                                  "output": ""}) + "\n" for w in ("the sum", "the max")))
+  _put(
+    seeds,
+    "".join(
+      json.dumps(
+        {"instruction": f"Write a function that returns {w} of a list.", "input": "", "output": ""}
+      )
+      + "\n"
+      for w in ("the sum", "the max")
+    ),
+  )
 
   def run():
-    with TeacherClient(url, "tiny-teacher", max_retries=0, timeout=60.0,
-                       cache_dir=f"{gcs_bucket}/evolve/.teacher-cache") as client:
+    with TeacherClient(
+      url,
+      "tiny-teacher",
+      max_retries=0,
+      timeout=60.0,
+      cache_dir=f"{gcs_bucket}/evolve/.teacher-cache",
+    ) as client:
       return evolve_stage(seeds, out, client, workers=2, max_tokens=8, progress=False)
 
   first = run()
   asked = first.teacher["requests"]
   assert asked >= 2 and first.teacher["cache_hits"] == 0
   got = _gs_files(f"{gcs_bucket}/evolve")
-  assert got["evolved.jsonl"] == b"" and json.loads(got["evolved.jsonl.report.json"])["rounds"][0]["problems_in"] == 2
+  assert (
+    got["evolved.jsonl"] == b""
+    and json.loads(got["evolved.jsonl.report.json"])["rounds"][0]["problems_in"] == 2
+  )
   assert len(_gcs().find(f"{gcs_bucket}/evolve/.teacher-cache")) == asked
   again = run()
   assert again.teacher["requests"] == 0 and again.teacher["cache_hits"] == asked

@@ -18,14 +18,16 @@ def _inputs(left_pad: bool, t: int = 13, b: int = 3, seed: int = 0):
   mask = np.ones((b, t), np.int64)
   if left_pad:
     mask[1, :4] = 0
-    mask[2, :t - 1] = 0  # a single real token
+    mask[2, : t - 1] = 0  # a single real token
   return tokens, mask
 
 
 def _ours(ckpt, tokens, mask):
   cfg, params = load_checkpoint(ckpt)
   cfg = cfg.replace(dtype="float32")
-  return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask)))
+  return np.asarray(
+    Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask))
+  )
 
 
 @pytest.mark.parametrize("left_pad", [False, True], ids=["unpadded", "left_padded"])
@@ -54,16 +56,33 @@ def test_convert_cli_sharded_bf16_checkpoint(tmp_path):
   hf_dir = save_hf(model, tmp_path / "hf", max_shard_size="20KB")
   assert os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json"))
   out = tmp_path / "ours"
-  proc = subprocess.run([sys.executable, "-m", "rrtf_jax.cli", "convert", "--hf-dir", hf_dir, "--out", str(out),
-                         "--dtype", "bfloat16"], capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rrtf_jax.cli",
+      "convert",
+      "--hf-dir",
+      hf_dir,
+      "--out",
+      str(out),
+      "--dtype",
+      "bfloat16",
+    ],
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 0, proc.stderr
   cfg, params = load_checkpoint(str(out))
   assert str(params["wte"].dtype) == "bfloat16"
   assert json.loads((out / "model_config.json").read_text())["num_kv_heads"] == 1
   tokens, mask = _inputs(True)
   ref = hf_logits(model, tokens, mask)
-  ours = np.asarray(Transformer(cfg.replace(dtype="float32")).apply(
-      {"params": params}, jnp.asarray(tokens), jnp.asarray(mask)))
+  ours = np.asarray(
+    Transformer(cfg.replace(dtype="float32")).apply(
+      {"params": params}, jnp.asarray(tokens), jnp.asarray(mask)
+    )
+  )
   # bf16 weights: only the rounding of the weights separates the two.
   assert np.abs(ours - ref)[mask.astype(bool)].max() < 5e-2
 

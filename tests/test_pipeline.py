@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from data import loader, records
-from data.prepared import PREPARED_NAME, dataset_size, features, prepare_record, prompt_text, serialize
+from data.prepared import (
+  PREPARED_NAME,
+  dataset_size,
+  features,
+  prepare_record,
+  prompt_text,
+  serialize,
+)
 from data.loader import DataState, train_batches
 from data.problems import InputError
 from data.tokenizer import resolve_tokenizer
@@ -20,6 +27,7 @@ from rrtf_jax.stages import prepare
 
 class ByteTokenizer:
   """Bytes + 4 as ids: lengths and token classes are known exactly (2 EOS, 3 pad)."""
+
   eos_id, pad_id = 2, 3
 
   def encode(self, text: str) -> list[int]:
@@ -30,12 +38,14 @@ class ByteTokenizer:
 
 
 BYTES = ByteTokenizer()
-RESPONSE_IDS = {BYTES.eos_id} | {b + 4 for b in b"abcdefghijklmnopqrstuvwxyz"}  # responses are lowercase
+# responses are lowercase
+RESPONSE_IDS = {BYTES.eos_id} | {b + 4 for b in b"abcdefghijklmnopqrstuvwxyz"}
 
 
 @pytest.fixture(scope="session")
 def spm(tmp_path_factory):
   from data.tokenizer import builtin_corpus, train_sentencepiece
+
   return train_sentencepiece(builtin_corpus(), str(tmp_path_factory.mktemp("spm")), vocab_size=1024)
 
 
@@ -43,23 +53,40 @@ def _ranked(task_id, prompt, codes, scores=None, teacher=None, exec_prefix=""):
   n = len(codes)
   scores = [float(i) for i in range(n)] if scores is None else scores
   teacher = [0] * n if teacher is None else teacher
-  return dict(task_id=task_id, prompt=prompt, test="", entry_point="f", exec_prefix=exec_prefix,
-              responses=list(codes), codes=list(codes), sources=["m"] * n, is_teacher=list(teacher),
-              outcomes=["passed"] * n, tests_passed=[1] * n, tests_total=[1] * n, scores=list(scores))
+  return dict(
+    task_id=task_id,
+    prompt=prompt,
+    test="",
+    entry_point="f",
+    exec_prefix=exec_prefix,
+    responses=list(codes),
+    codes=list(codes),
+    sources=["m"] * n,
+    is_teacher=list(teacher),
+    outcomes=["passed"] * n,
+    tests_passed=[1] * n,
+    tests_total=[1] * n,
+    scores=list(scores),
+  )
 
 
 def _write_ranked(d, shards, metadata=True):
   os.makedirs(d, exist_ok=True)
   for j, recs in enumerate(shards):
-    records.write_atomic(os.path.join(d, records.shard_name(records.RANKED_NAME, "train", j, len(shards))),
-                         recs, ranked=True)
+    records.write_atomic(
+      os.path.join(d, records.shard_name(records.RANKED_NAME, "train", j, len(shards))),
+      recs,
+      ranked=True,
+    )
   if metadata:
     records.write_ranked_metadata(str(d))
   return str(d)
 
 
 def _outputs(d):
-  return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d)) if ".tfrecord" in n}
+  return {
+    n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d)) if ".tfrecord" in n
+  }
 
 
 def _letters(k: int, upper: bool) -> str:
@@ -75,7 +102,14 @@ def _problem(k: int, long_every: int = 0):
     prompt += "L" * 200
   codes = ["r" + _letters(i, False) + "z" * ((k * 7 + i * 13) % 40) for i in range(n)]
   scores = [float((k + 3 * i) % 5) for i in range(n)]
-  return _ranked(f"t{k}", prompt, codes, scores, [int(i == n - 1) for i in range(n)], exec_prefix="def f():\n"[:0])
+  return _ranked(
+    f"t{k}",
+    prompt,
+    codes,
+    scores,
+    [int(i == n - 1) for i in range(n)],
+    exec_prefix="def f():\n"[:0],
+  )
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +129,11 @@ def _take(it, n):
 
 def _same(a, b):
   (ba, sa), (bb, sb) = a, b
-  return sa == sb and ba.keys() == bb.keys() and all(
-      ba[k].dtype == bb[k].dtype and np.array_equal(ba[k], bb[k]) for k in ba)
+  return (
+    sa == sb
+    and ba.keys() == bb.keys()
+    and all(ba[k].dtype == bb[k].dtype and np.array_equal(ba[k], bb[k]) for k in ba)
+  )
 
 
 def _prompt(batch, i):
@@ -108,8 +145,11 @@ def _prompt(batch, i):
 
 # ------------------------------------------------------------------------------ prepare
 
+
 def test_paper_format_round_trips_through_the_tokenizer(spm):
-  rec = _ranked("x/1", "\n\nWrite add(a, b).\n", ["    return a + b\n"], exec_prefix="def add(a, b):\n")
+  rec = _ranked(
+    "x/1", "\n\nWrite add(a, b).\n", ["    return a + b\n"], exec_prefix="def add(a, b):\n"
+  )
   ex = prepare_record(rec, spm)
   p = ex["prompt_length"]
   assert spm.decode(ex["tokens"][:p]) == '"""\nWrite add(a, b).\n"""\n'
@@ -130,15 +170,27 @@ def test_fast_encoder_writes_the_bytes_of_the_declared_features():
 
 def test_prepare_writes_tfds_and_reruns_byte_identical(tmp_path, spm):
   import tensorflow_datasets as tfds
-  shards = [[_ranked("a", "add", ["x = 1\n", "x = 2\n"], [1.0, 3.5], [0, 1], "# p\n")],
-            [_ranked("b", "sub", ["y = 1\n"]), _ranked("c", "mul", [])],
-            []]  # rank can leave a shard empty
+
+  shards = [
+    [_ranked("a", "add", ["x = 1\n", "x = 2\n"], [1.0, 3.5], [0, 1], "# p\n")],
+    [_ranked("b", "sub", ["y = 1\n"]), _ranked("c", "mul", [])],
+    [],
+  ]  # rank can leave a shard empty
   ranked = _write_ranked(tmp_path / "ranked", shards)
   tok_dir = os.path.dirname(spm.path)
   out = str(tmp_path / "out")
   s = prepare.prepare_stage(ranked, out, tok_dir, progress=False)  # a tokenizer directory
-  assert (s.shards_done, s.problems, s.responses, s.empty, s.metadata_written) == ([0, 1, 2], 2, 3, 1, True)
-  assert "prepared 2 problems (3 responses" in s.report() and "left out 1 problems without responses" in s.report()
+  assert (s.shards_done, s.problems, s.responses, s.empty, s.metadata_written) == (
+    [0, 1, 2],
+    2,
+    3,
+    1,
+    True,
+  )
+  assert (
+    "prepared 2 problems (3 responses" in s.report()
+    and "left out 1 problems without responses" in s.report()
+  )
   assert "TFDS metadata written" in s.report()
   builder = tfds.builder_from_directory(out)
   assert builder.info.name == PREPARED_NAME and dataset_size(out) == 2
@@ -146,11 +198,13 @@ def test_prepare_writes_tfds_and_reruns_byte_identical(tmp_path, spm):
   a = got["a"]
   p = int(a["prompt_length"])
   assert spm.decode(a["tokens"][:p]) == '"""\nadd\n"""\n'
-  first = a["tokens"][p:p + a["response_lengths"][0]]
+  first = a["tokens"][p : p + a["response_lengths"][0]]
   assert spm.decode(first[:-1]) == "# p\nx = 1\n" and first[-1] == spm.eos_id
   assert len(a["tokens"]) == p + sum(a["response_lengths"])
   assert list(a["scores"]) == [1.0, 3.5] and list(a["is_teacher"]) == [0, 1]
-  assert builder.info.metadata["max_prompt_length"] == max(int(e["prompt_length"]) for e in got.values())
+  assert builder.info.metadata["max_prompt_length"] == max(
+    int(e["prompt_length"]) for e in got.values()
+  )
 
   # A checkpoint directory with a tokenizer/ subdirectory works too; a rerun redoes only what is missing.
   ckpt = tmp_path / "ckpt"
@@ -171,7 +225,9 @@ def test_prepare_shards_and_metadata_only_when_complete(tmp_path):
   assert sorted(_outputs(out)) == [records.shard_name(PREPARED_NAME, "train", 1, 3)]
   assert not os.path.exists(os.path.join(out, "dataset_info.json"))
   with pytest.raises(InputError, match="not every `rrtf prepare` shard is done"):
-    train_batches(out, batch_size=1, responses=2, seq_len=64, pad_id=3, process_count=1, process_index=0)
+    train_batches(
+      out, batch_size=1, responses=2, seq_len=64, pad_id=3, process_count=1, process_index=0
+    )
   s = prepare.prepare_stage(ranked, out, BYTES, shard=0, num_shards=2, progress=False)
   assert s.shards_done == [0, 2] and s.metadata_written and len(_outputs(out)) == 3
   assert dataset_size(out) == 3
@@ -193,16 +249,25 @@ def test_prepare_bad_input_one_line_nothing_written(tmp_path, spm):
   samples = tmp_path / "samples"
   samples.mkdir()
   rec = _problem(1)
-  records.write_atomic(str(samples / records.shard_name(records.RANKED_NAME, "train", 0, 1)),
-                       [{k: rec[k] for k in list(records.TEXT_FIELDS) + list(records.SAMPLE_LISTS)}], ranked=False)
-  fails(str(samples), "rrtf_ranked-train.tfrecord-00000-of-00001: record 0 (t1): per-response fields differ")
+  records.write_atomic(
+    str(samples / records.shard_name(records.RANKED_NAME, "train", 0, 1)),
+    [{k: rec[k] for k in list(records.TEXT_FIELDS) + list(records.SAMPLE_LISTS)}],
+    ranked=False,
+  )
+  fails(
+    str(samples),
+    "rrtf_ranked-train.tfrecord-00000-of-00001: record 0 (t1): per-response fields differ",
+  )
   corrupt = tmp_path / "corrupt"
   corrupt.mkdir()
   (corrupt / records.shard_name(records.RANKED_NAME, "train", 0, 1)).write_bytes(b"not a tfrecord")
   fails(str(corrupt), "rrtf_ranked-train.tfrecord-00000-of-00001: not a readable TFRecord")
   bad = _problem(2)
   bad["scores"][0] = float("nan")
-  fails(_write_ranked(tmp_path / "nan", [[_problem(1), bad]], metadata=False), "record 1 (t2): non-finite score")
+  fails(
+    _write_ranked(tmp_path / "nan", [[_problem(1), bad]], metadata=False),
+    "record 1 (t2): non-finite score",
+  )
   partial = _write_ranked(tmp_path / "partial", [[_problem(1)], [_problem(2)]], metadata=False)
   os.remove(os.path.join(partial, records.shard_name(records.RANKED_NAME, "train", 1, 2)))
   fails(partial, "finish every `rrtf rank` shard")
@@ -213,31 +278,48 @@ def test_prepare_bad_input_one_line_nothing_written(tmp_path, spm):
 
 # ------------------------------------------------------------------------------- loader
 
+
 def test_masks_cover_exactly_the_response_tokens(prepared):
   out, probs = prepared
-  it = train_batches(out, batch_size=4, responses=3, seq_len=128, pad_id=3, process_count=1, process_index=0)
+  it = train_batches(
+    out, batch_size=4, responses=3, seq_len=128, pad_id=3, process_count=1, process_index=0
+  )
   assert it.batches_per_epoch == 12 and it.long_prompts == 0
   for batch, state in _take(it, 12):  # seq_len 128 > every prompt + response: nothing truncated
     b, r, t = batch["inputs"].shape
-    assert (b, r) == (4, 3) and batch["targets"].shape == batch["loss_mask"].shape == batch["segment_ids"].shape
+    assert (b, r) == (4, 3) and batch["targets"].shape == batch["loss_mask"].shape == batch[
+      "segment_ids"
+    ].shape
     assert batch["inputs"].dtype == batch["targets"].dtype == batch["segment_ids"].dtype == np.int32
-    assert batch["loss_mask"].dtype == batch["scores"].dtype == np.float32 and batch["is_teacher"].dtype == bool
-    seg, mask, tgt, inp = batch["segment_ids"], batch["loss_mask"], batch["targets"], batch["inputs"]
+    assert (
+      batch["loss_mask"].dtype == batch["scores"].dtype == np.float32
+      and batch["is_teacher"].dtype == bool
+    )
+    seg, mask, tgt, inp = (
+      batch["segment_ids"],
+      batch["loss_mask"],
+      batch["targets"],
+      batch["inputs"],
+    )
     lengths = seg.sum(-1)  # [b, R]
     assert np.array_equal(seg, np.arange(t) < lengths[..., None])  # real tokens first, then padding
     # The loss covers every target that is a response token (EOS included) and nothing else.
     assert np.array_equal(mask == 1, np.isin(tgt, list(RESPONSE_IDS)) & (seg == 1))
     assert set(np.unique(mask)) <= {0.0, 1.0}
     assert np.all(inp[seg == 0] == 3) and np.all(tgt[seg == 0] == 3)
-    assert np.array_equal(inp[..., 1:][seg[..., 1:] == 1], tgt[..., :-1][seg[..., 1:] == 1])  # shifted by one
+    # shifted by one
+    assert np.array_equal(inp[..., 1:][seg[..., 1:] == 1], tgt[..., :-1][seg[..., 1:] == 1])
     ends = tgt[seg == 1].reshape(-1)
-    assert (ends == BYTES.eos_id).sum() == (mask.sum(-1) > 0).sum()  # one EOS per real response, none truncated
+    # one EOS per real response, none truncated
+    assert (ends == BYTES.eos_id).sum() == (mask.sum(-1) > 0).sum()
     assert 0 <= loader.padding_fraction(batch) < 1
 
 
 def test_epoch_visits_every_prompt_once_and_responses_selected_or_padded(prepared):
   out, probs = prepared
-  it = train_batches(out, batch_size=4, responses=3, seq_len=128, pad_id=3, process_count=1, process_index=0)
+  it = train_batches(
+    out, batch_size=4, responses=3, seq_len=128, pad_id=3, process_count=1, process_index=0
+  )
   by_prompt = {prompt_text(p["prompt"]): p for p in probs}
   seen = []
   for batch, _ in _take(it, it.batches_per_epoch):
@@ -248,14 +330,19 @@ def test_epoch_visits_every_prompt_once_and_responses_selected_or_padded(prepare
       keep = loader.select_responses(np.array(p["scores"], np.float32), 3)
       real = batch["loss_mask"][i].sum(-1) > 0  # [R]
       assert list(real) == [True] * min(n, 3) + [False] * (3 - min(n, 3))
-      assert list(batch["scores"][i][:len(keep)]) == [p["scores"][k] for k in keep]
-      assert list(batch["is_teacher"][i][:len(keep)]) == [bool(p["is_teacher"][k]) for k in keep]
-      assert not batch["is_teacher"][i][len(keep):].any() and not batch["segment_ids"][i][len(keep):].any()
+      assert list(batch["scores"][i][: len(keep)]) == [p["scores"][k] for k in keep]
+      assert list(batch["is_teacher"][i][: len(keep)]) == [bool(p["is_teacher"][k]) for k in keep]
+      assert (
+        not batch["is_teacher"][i][len(keep) :].any()
+        and not batch["segment_ids"][i][len(keep) :].any()
+      )
       for j, k in enumerate(keep):
         row = batch["targets"][i, j][batch["loss_mask"][i, j] == 1]
         assert BYTES.decode(row[:-1]) == p["codes"][k] and row[-1] == BYTES.eos_id
       if n > 3:  # thinned over the score order: the best and the worst stay
-        assert max(batch["scores"][i]) == max(p["scores"]) and min(batch["scores"][i]) == min(p["scores"])
+        assert max(batch["scores"][i]) == max(p["scores"]) and min(batch["scores"][i]) == min(
+          p["scores"]
+        )
   assert sorted(seen) == sorted(p["task_id"] for p in probs)
 
 
@@ -274,10 +361,21 @@ def test_buckets_and_truncation(prepared):
   assert loader.bucket_length(64, [64, 128]) == 64 and loader.bucket_length(65, [64, 128]) == 128
   out, _ = prepared
   buckets = [48, 64, 80, 200]
-  it = train_batches(out, batch_size=2, responses=6, seq_len=96, pad_id=3, buckets=buckets, window=3,
-                     process_count=1, process_index=0)
+  it = train_batches(
+    out,
+    batch_size=2,
+    responses=6,
+    seq_len=96,
+    pad_id=3,
+    buckets=buckets,
+    window=3,
+    process_count=1,
+    process_index=0,
+  )
   assert it.buckets == [48, 64, 80, 96]  # seq_len is always a bucket, and the longest
-  default = train_batches(out, batch_size=2, responses=6, seq_len=300, pad_id=3, process_count=1, process_index=0)
+  default = train_batches(
+    out, batch_size=2, responses=6, seq_len=300, pad_id=3, process_count=1, process_index=0
+  )
   assert default.buckets == [64, 128, 256, 300]  # no buckets given: powers of two, then seq_len
   default.close()
   used = set()
@@ -288,11 +386,22 @@ def test_buckets_and_truncation(prepared):
     used.add(t)
   assert len(used) >= 3  # windows sort by length, so short batches get short buckets
   # agree_length: every host uses the agreed (longer) length.
-  it = train_batches(out, batch_size=2, responses=2, seq_len=64, pad_id=3, buckets=buckets,
-                     agree_length=lambda t: 64, process_count=1, process_index=0)
+  it = train_batches(
+    out,
+    batch_size=2,
+    responses=2,
+    seq_len=64,
+    pad_id=3,
+    buckets=buckets,
+    agree_length=lambda t: 64,
+    process_count=1,
+    process_index=0,
+  )
   assert {b["inputs"].shape[-1] for b, _ in _take(it, 5)} == {64}
   # Truncation to seq_len + 1 tokens; prompts of seq_len or more are skipped and counted.
-  it = train_batches(out, batch_size=2, responses=4, seq_len=32, pad_id=3, process_count=1, process_index=0)
+  it = train_batches(
+    out, batch_size=2, responses=4, seq_len=32, pad_id=3, process_count=1, process_index=0
+  )
   long = sum(1 for k in range(48) if 9 + 6 + 5 + 7 * (k % 5) >= 32)
   assert it.long_prompts == long and it.batches_per_epoch == (48 - long) // 2
   for batch, _ in _take(it, it.batches_per_epoch):
@@ -301,7 +410,9 @@ def test_buckets_and_truncation(prepared):
 
 def test_deterministic_order_and_seed_changes_it(prepared):
   out, _ = prepared
-  kw = dict(batch_size=3, responses=2, seq_len=64, pad_id=3, window=2, process_count=1, process_index=0)
+  kw = dict(
+    batch_size=3, responses=2, seq_len=64, pad_id=3, window=2, process_count=1, process_index=0
+  )
   a = _take(train_batches(out, seed=7, **kw), 20)
   b = _take(train_batches(out, seed=7, **kw), 20)
   assert all(_same(x, y) for x, y in zip(a, b))
@@ -309,7 +420,7 @@ def test_deterministic_order_and_seed_changes_it(prepared):
   assert not all(_same(x, y) for x, y in zip(a, c))
   # Epochs differ in order too.
   n = train_batches(out, seed=7, **kw).batches_per_epoch
-  assert [s for _, s in a[:n + 1]] == [DataState(0, i + 1) for i in range(n)] + [DataState(1, 1)]
+  assert [s for _, s in a[: n + 1]] == [DataState(0, i + 1) for i in range(n)] + [DataState(1, 1)]
   assert not all(_same((x[0], None), (y[0], None)) for x, y in zip(a[:n], a[n:]))
 
 
@@ -330,14 +441,31 @@ print(h.hexdigest())
 def test_same_order_in_another_process(prepared):
   import subprocess
   import sys
+
   out, _ = prepared
   env = dict(os.environ, PYTHONHASHSEED="123")
-  there = subprocess.run([sys.executable, "-c", _HASH_BATCHES, out], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout.split()[-1]
+  there = subprocess.run(
+    [sys.executable, "-c", _HASH_BATCHES, out],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    check=True,
+  ).stdout.split()[-1]
   import hashlib
+
   h = hashlib.sha256()
-  it = train_batches(out, batch_size=3, responses=2, seq_len=48, pad_id=3, window=2, seed=5, process_index=1,
-                     process_count=2)
+  it = train_batches(
+    out,
+    batch_size=3,
+    responses=2,
+    seq_len=48,
+    pad_id=3,
+    window=2,
+    seed=5,
+    process_index=1,
+    process_count=2,
+  )
   for batch, state in _take(it, 12):
     for k in sorted(batch):
       h.update(batch[k].tobytes())
@@ -347,7 +475,16 @@ def test_same_order_in_another_process(prepared):
 
 def test_resume_is_exact_across_windows_and_epochs(prepared):
   out, _ = prepared
-  kw = dict(batch_size=3, responses=3, seq_len=48, pad_id=3, window=2, seed=3, process_count=1, process_index=0)
+  kw = dict(
+    batch_size=3,
+    responses=3,
+    seq_len=48,
+    pad_id=3,
+    window=2,
+    seed=3,
+    process_count=1,
+    process_index=0,
+  )
   it = train_batches(out, **kw)
   n = it.batches_per_epoch
   ref = _take(it, 2 * n + 3)
@@ -368,7 +505,16 @@ def test_task_ids_read_are_the_yielded_prompts(prepared):
   the current window."""
   out, probs = prepared
   by_prompt = {prompt_text(p["prompt"]): p["task_id"] for p in probs}
-  kw = dict(batch_size=5, responses=2, seq_len=64, pad_id=3, window=2, seed=2, process_count=1, process_index=0)
+  kw = dict(
+    batch_size=5,
+    responses=2,
+    seq_len=64,
+    pad_id=3,
+    window=2,
+    seed=2,
+    process_count=1,
+    process_index=0,
+  )
 
   def yielded(batches):
     return {by_prompt[_prompt(b, i)] for b, _ in batches for i in range(len(b["inputs"]))}
@@ -381,7 +527,11 @@ def test_task_ids_read_are_the_yielded_prompts(prepared):
   # Resumed in the middle of a window (batch 3 is its second), then stopped in the middle of the next.
   it = train_batches(out, start=DataState(0, 3), **kw)
   resumed = _take(it, 2)
-  assert _same(resumed[0], epoch[3]) and it.task_ids_read == yielded(resumed) and len(it.task_ids_read) == 10
+  assert (
+    _same(resumed[0], epoch[3])
+    and it.task_ids_read == yielded(resumed)
+    and len(it.task_ids_read) == 10
+  )
 
 
 def test_hosts_split_disjoint_and_covering(prepared):
@@ -403,22 +553,36 @@ def test_fixed_splits_make_batches_independent_of_the_host_count(prepared):
   kw = dict(responses=2, seq_len=64, pad_id=3, window=2, seed=4)
   one = train_batches(out, batch_size=4, process_index=0, process_count=1, splits=2, **kw)
   assert one.parts == [0, 1] and one.batches_per_epoch == 12
-  hosts = [train_batches(out, batch_size=2, process_index=h, process_count=2, splits=2,
-                         agree_length=lambda t: 64, **kw) for h in range(2)]
+  hosts = [
+    train_batches(
+      out, batch_size=2, process_index=h, process_count=2, splits=2, agree_length=lambda t: 64, **kw
+    )
+    for h in range(2)
+  ]
   for (b, state), (b0, s0), (b1, s1) in zip(_take(one, 8), _take(hosts[0], 8), _take(hosts[1], 8)):
     assert state == s0 == s1
     for k in b:
       pad = 3 if k in ("inputs", "targets") else 0
-      x = b[k] if b[k].ndim == 2 else np.pad(b[k], ((0, 0), (0, 0), (0, 64 - b[k].shape[-1])), constant_values=pad)
+      x = (
+        b[k]
+        if b[k].ndim == 2
+        else np.pad(b[k], ((0, 0), (0, 0), (0, 64 - b[k].shape[-1])), constant_values=pad)
+      )
       np.testing.assert_array_equal(x, np.concatenate([b0[k], b1[k]]), err_msg=k)
   assert one.task_ids_read == hosts[0].task_ids_read | hosts[1].task_ids_read
   assert not hosts[0].task_ids_read & hosts[1].task_ids_read
   # One split (the default for one process) orders the data differently: the knob matters.
   default = train_batches(out, batch_size=4, process_index=0, process_count=1, **kw)
   assert default.parts == [0]
-  assert any(not np.array_equal(a["scores"], b["scores"]) or a["inputs"].shape != b["inputs"].shape
-             or not np.array_equal(a["inputs"], b["inputs"]) for (a, _), (b, _) in zip(_take(default, 6), _take(
-                 train_batches(out, batch_size=4, process_index=0, process_count=1, splits=2, **kw), 6)))
+  assert any(
+    not np.array_equal(a["scores"], b["scores"])
+    or a["inputs"].shape != b["inputs"].shape
+    or not np.array_equal(a["inputs"], b["inputs"])
+    for (a, _), (b, _) in zip(
+      _take(default, 6),
+      _take(train_batches(out, batch_size=4, process_index=0, process_count=1, splits=2, **kw), 6),
+    )
+  )
   with pytest.raises(ValueError, match="do not divide over 2 processes"):
     train_batches(out, batch_size=4, process_index=0, process_count=2, splits=3, **kw)
 
@@ -434,7 +598,9 @@ def test_hosts_step_together_when_long_prompts_are_skipped(tmp_path):
   assert [it.long_prompts for it in its] == [6, 0]
   assert [it.batches_per_epoch for it in its] == [3, 3]
   states = [[s for _, s in _take(it, 4)] for it in its]
-  assert states[0] == states[1] == [DataState(0, 1), DataState(0, 2), DataState(0, 3), DataState(1, 1)]
+  assert (
+    states[0] == states[1] == [DataState(0, 1), DataState(0, 2), DataState(0, 3), DataState(1, 1)]
+  )
 
 
 def test_loader_bad_input_one_line(tmp_path, prepared):
@@ -444,7 +610,9 @@ def test_loader_bad_input_one_line(tmp_path, prepared):
   def fails(d, needle, **over):
     with pytest.raises(InputError) as e:
       train_batches(d, **{**kw, **over})
-    assert needle in str(e.value) and str(d) in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert needle in str(e.value) and str(d) in str(e.value) and "\n" not in str(e.value), str(
+      e.value
+    )
 
   fails(str(tmp_path / "missing"), "no such directory")
   ranked = _write_ranked(tmp_path / "ranked", [[_problem(1)]])

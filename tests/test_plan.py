@@ -29,9 +29,26 @@ def test_tiny_on_v5e_2x2():
 
 def test_cli_reports_and_writes_json(tmp_path):
   out = tmp_path / "plan.json"
-  proc = subprocess.run([sys.executable, "-m", "rrtf_jax.cli", "plan", "--config", "configs/tiny.py",
-                         "--topology", "v5e:2x2", "--mesh", "fsdp=2,tensor=2", "--config.model.num_layers=3",
-                         "--json", str(out)], capture_output=True, text=True, cwd=_root())
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rrtf_jax.cli",
+      "plan",
+      "--config",
+      "configs/tiny.py",
+      "--topology",
+      "v5e:2x2",
+      "--mesh",
+      "fsdp=2,tensor=2",
+      "--config.model.num_layers=3",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=_root(),
+  )
   assert proc.returncode == 0, proc.stderr
   assert "mesh data=1,fsdp=2,tensor=2" in proc.stdout and "fits" in proc.stdout
   assert "attention: pallas" in proc.stdout
@@ -40,24 +57,42 @@ def test_cli_reports_and_writes_json(tmp_path):
 
 def test_does_not_fit_verdict():
   """XLA attention's [N, T, T] scores at 8192 tokens exceed a v5e chip: the compiler itself refuses."""
-  result = plan(load_config("starcoder_15b", ["--config.model.num_layers=2", "--config.model.attention=xla",
-                                               "--config.train.microbatches=1"]),
-                "v5e:2x2", batch_size=4, seq_len=8192)
+  result = plan(
+    load_config(
+      "starcoder_15b",
+      [
+        "--config.model.num_layers=2",
+        "--config.model.attention=xla",
+        "--config.train.microbatches=1",
+      ],
+    ),
+    "v5e:2x2",
+    batch_size=4,
+    seq_len=8192,
+  )
   assert result.fits is False
   assert "DOES NOT FIT" in result.report()
 
 
 BAD_INPUTS = [
-    (["--topology", "v9z:2x2"], "unknown or unsupported topology 'v9z:2x2'"),
-    (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "has 3 devices, but there are 4"),
-    (["--topology", "v5e:2x2", "--mesh", "tensor=3,fsdp=-1"], "does not divide 4 devices"),
-    (["--topology", "v5e:2x2", "--batch-size", "6"], "micro-batch of 6 prompts"),
-    (["--topology", "v5e:2x2", "--config.train.microbatches=3"], "not a multiple of train.microbatches=3"),
-    (["--topology", "v5e:2x2", "--config.model.num_layerz=1"], "no field 'model.num_layerz'"),
-    (["--topology", "v5e:2x2", "--quant", "int8"], "plan the decode step: add --decode"),
-    (["--topology", "v5e:1x1", "--decode", "--seq-len", "100"], "context 100 must exceed 128 new tokens"),
-    (["--topology", "v5e:1x1", "--decode", "--quant", "int4", "--quant-group", "48"],
-     "model.quant_group=48 does not divide a kernel's 64 input rows"),
+  (["--topology", "v9z:2x2"], "unknown or unsupported topology 'v9z:2x2'"),
+  (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "has 3 devices, but there are 4"),
+  (["--topology", "v5e:2x2", "--mesh", "tensor=3,fsdp=-1"], "does not divide 4 devices"),
+  (["--topology", "v5e:2x2", "--batch-size", "6"], "micro-batch of 6 prompts"),
+  (
+    ["--topology", "v5e:2x2", "--config.train.microbatches=3"],
+    "not a multiple of train.microbatches=3",
+  ),
+  (["--topology", "v5e:2x2", "--config.model.num_layerz=1"], "no field 'model.num_layerz'"),
+  (["--topology", "v5e:2x2", "--quant", "int8"], "plan the decode step: add --decode"),
+  (
+    ["--topology", "v5e:1x1", "--decode", "--seq-len", "100"],
+    "context 100 must exceed 128 new tokens",
+  ),
+  (
+    ["--topology", "v5e:1x1", "--decode", "--quant", "int4", "--quant-group", "48"],
+    "model.quant_group=48 does not divide a kernel's 64 input rows",
+  ),
 ]
 
 
@@ -74,7 +109,9 @@ def test_bad_inputs_one_line_errors(bad_input_runs, case):
   code, stderr = bad_input_runs[case]
   assert code == 2, stderr
   lines = stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("rrtf plan: error:") and message in lines[0], stderr
+  assert len(lines) == 1 and lines[0].startswith("rrtf plan: error:") and message in lines[0], (
+    stderr
+  )
 
 
 def test_decode_plan_quantized_starcoder_15b_on_one_v5e():
@@ -82,12 +119,14 @@ def test_decode_plan_quantized_starcoder_15b_on_one_v5e():
   refuses); int8 weights (per channel) do, with the dequantization fused into the matmuls (no
   kernel-sized temporaries). (int4 at batch 16 and 8192 tokens: benchmarks/quantize.py.)"""
   from rrtf_jax.plan import plan_decode
+
   cfg = load_config("starcoder_15b")
   bf16 = plan_decode(cfg, "v5e:1x1", batch_size=1, context=2048)
   assert bf16.fits is False and "HBM" in bf16.compiler_error and "DOES NOT FIT" in bf16.report()
   int8 = plan_decode(cfg, "v5e:1x1", batch_size=1, context=2048, quant="int8")
   assert int8.fits and int8.weights == "int8 (per channel), bfloat16 embedding"
-  assert 14.5 * 2**30 < int8.param_bytes < 15 * 2**30 and int8.temp_bytes < 16 << 20  # measured 1.3 MiB
+  # measured 1.3 MiB
+  assert 14.5 * 2**30 < int8.param_bytes < 15 * 2**30 and int8.temp_bytes < 16 << 20
   assert int8.cache_bytes == 2 * 40 * 2048 * 128 * 2  # K and V, 40 layers, one kv head of 128, bf16
   assert "verdict      fits" in int8.report()
 
@@ -101,11 +140,28 @@ def test_plan_error_type():
 def test_starcoder_15b_full_train_step_on_v5p_4x4x4(tmp_path):
   """The issue's acceptance command: the real RRTF step (R=4, 2048 tokens, AdamW, 8 micro-batches)."""
   out = tmp_path / "plan.json"
-  proc = subprocess.run([sys.executable, "-m", "rrtf_jax.cli", "plan", "--config", "configs/starcoder_15b.py",
-                         "--topology", "v5p:4x4x4", "--json", str(out)], capture_output=True, text=True, cwd=_root())
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rrtf_jax.cli",
+      "plan",
+      "--config",
+      "configs/starcoder_15b.py",
+      "--topology",
+      "v5p:4x4x4",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=_root(),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "RRTF train step (forward, backward, AdamW): 512 prompts x 4 responses x 2048 tokens in 8 micro-batch" \
-      in proc.stdout
+  assert (
+    "RRTF train step (forward, backward, AdamW): 512 prompts x 4 responses x 2048 tokens in 8 micro-batch"
+    in proc.stdout
+  )
   r = json.loads(out.read_text())
   assert r["num_devices"] == 64 and r["params"] > 15e9 and r["fits"]
   # fp32 parameters and two AdamW moments over 64 chips, about 2.7 GiB each.
@@ -120,17 +176,36 @@ V4_VMEM_REFUSAL = 'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out 
 
 def test_vmem_refusal_is_reported_as_vmem_not_hbm():
   from rrtf_jax import plan as plan_lib
-  common = dict(topology="v4:2x4x4", device_kind="TPU v4", num_devices=64, mesh={"data": 1, "fsdp": 64, "tensor": 1},
-                batch_size=512, responses=4, seq_len=2048, microbatches=8, remat="full", attention="pallas",
-                params=10, hbm_bytes=16 << 30, flops_per_step=1.0)
+
+  common = dict(
+    topology="v4:2x4x4",
+    device_kind="TPU v4",
+    num_devices=64,
+    mesh={"data": 1, "fsdp": 64, "tensor": 1},
+    batch_size=512,
+    responses=4,
+    seq_len=2048,
+    microbatches=8,
+    remat="full",
+    attention="pallas",
+    params=10,
+    hbm_bytes=16 << 30,
+    flops_per_step=1.0,
+  )
   r = plan_lib._refused_plan(common, {}, V4_VMEM_REFUSAL, 1.0)
   assert r.fits is False
-  assert r.compiler_error == ("Ran out of memory in memory space vmem. Used 16.91M of 16.00M vmem in mqa_flash_fwd")
+  assert r.compiler_error == (
+    "Ran out of memory in memory space vmem. Used 16.91M of 16.00M vmem in mqa_flash_fwd"
+  )
   report = r.report()
-  assert "DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM" in report and "HBM (" not in report
+  assert (
+    "DOES NOT COMPILE: a kernel's blocks exceed the chip's on-chip VMEM" in report
+    and "HBM (" not in report
+  )
   assert "tensor=N" in report and "remat=full" not in report  # remat is already full
 
 
 def _root():
   import os
+
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,14 +18,18 @@ from model.quantize import hessian, output_error, quantize_gptq, quantize_rtn
 
 def _kernel(d_in=128, d_out=96, seed=0):
   rng = np.random.default_rng(seed)
-  return (rng.standard_normal((d_in, d_out)) * rng.uniform(0.01, 0.1, (1, d_out))).astype(np.float32)
+  return (rng.standard_normal((d_in, d_out)) * rng.uniform(0.01, 0.1, (1, d_out))).astype(
+    np.float32
+  )
 
 
 @pytest.mark.parametrize("bits,group,bound", [(8, None, 0.01), (4, 32, 0.12), (4, 128, 0.15)])
 def test_round_to_nearest_error_is_at_most_half_a_step(bits, group, bound):
   w = _kernel()
   qw = quantize_rtn(w, bits, group)
-  assert qw.q.dtype == np.int8 and qw.q.min() >= -(2 ** (bits - 1)) and qw.q.max() <= 2 ** (bits - 1) - 1
+  assert (
+    qw.q.dtype == np.int8 and qw.q.min() >= -(2 ** (bits - 1)) and qw.q.max() <= 2 ** (bits - 1) - 1
+  )
   g = w.shape[0] // (group or w.shape[0])
   assert qw.scale.shape == (g, w.shape[1])
   step = np.repeat(qw.scale, w.shape[0] // g, axis=0)
@@ -74,12 +78,17 @@ def test_gptq_equals_qwix_reference(group=8):
   16 columns here, so error spreading across blocks and group scales are compared too)."""
   from qwix._src.core import qarray
   from qwix.contrib import gptq_core
+
   rng = np.random.default_rng(4)
   w = _kernel(48, 24, seed=5)
   h = hessian(_correlated(256, 48, rng))
   ours = quantize_gptq(w, h, 4, group, blocksize=16)
-  how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=(0,), tiled_axes={1: group} if group else {})
-  ref, _ = jax.jit(lambda w, h: gptq_core.quantize_weight(w, h, how, blocksize=16))(jnp.asarray(w.T), jnp.asarray(h))
+  how = qarray.HowToQuantize(
+    qtype=jnp.int4, channelwise_axes=(0,), tiled_axes={1: group} if group else {}
+  )
+  ref, _ = jax.jit(lambda w, h: gptq_core.quantize_weight(w, h, how, blocksize=16))(
+    jnp.asarray(w.T), jnp.asarray(h)
+  )
   np.testing.assert_array_equal(ours.q, np.asarray(ref.qvalue).astype(np.int8).T)
   np.testing.assert_allclose(ours.scale, np.asarray(ref.scale).T, rtol=1e-6)
 
@@ -101,10 +110,12 @@ def peaked_tiny():
   distributions are far from uniform, and random calibration / evaluation tokens."""
   from model import ModelConfig, init_params
   from rrtf_jax.config_loading import load_config
+
   cfg = ModelConfig.from_dict(load_config("tiny").model)
   params = jax.tree_util.tree_map_with_path(
-      lambda p, a: a * 6 if any(k in jax.tree_util.keystr(p) for k in ("kernel", "wte")) else a,
-      init_params(cfg, jax.random.PRNGKey(0)))
+    lambda p, a: a * 6 if any(k in jax.tree_util.keystr(p) for k in ("kernel", "wte")) else a,
+    init_params(cfg, jax.random.PRNGKey(0)),
+  )
   rng = np.random.default_rng(0)
   calib = rng.integers(4, cfg.vocab_size, (32, 64))
   mask = np.ones_like(calib)
@@ -121,33 +132,56 @@ def test_quantized_tiny_model_stays_close(peaked_tiny):
 
   from model.quantize import KERNELS, Quantized, quantize_params
   from model.transformer import Transformer, abstract_params
+
   cfg, params, calibration, tokens = peaked_tiny
   ref = jax.nn.log_softmax(Transformer(cfg).apply({"params": params}, tokens))
   entropy = float(-(jnp.exp(ref) * ref).sum(-1).mean())
   assert entropy < 0.95 * np.log(cfg.vocab_size)  # the scaled model is not uniform
   kl, reports = {}, {}
   for method, embedding in [("int8", True), ("int4-rtn", False), ("int4-gptq", False)]:
-    qcfg, qp, reports[method] = quantize_params(cfg, params, method, group=32, embedding=embedding, dtype="float32",
-                                                calibration=calibration)
+    qcfg, qp, reports[method] = quantize_params(
+      cfg, params, method, group=32, embedding=embedding, dtype="float32", calibration=calibration
+    )
     want = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), nn.unbox(abstract_params(qcfg)))
     assert jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), qp) == want
     logq = jax.nn.log_softmax(Transformer(qcfg).apply({"params": qp}, tokens))
     kl[method] = float((jnp.exp(ref) * (ref - logq)).sum(-1).mean())
-    if method == "int4-rtn":  # the quantized forward pass == the float one on the dequantized kernels
+    if (
+      method == "int4-rtn"
+    ):  # the quantized forward pass == the float one on the dequantized kernels
       deq = jax.tree.map(lambda a: a, params)
       for (mod, name), n_in, _ in KERNELS:
-        q, s = np.asarray(qp["h"][mod][name]).astype(np.int8), np.asarray(qp["h"][mod][f"{name}_scale"])
-        deq["h"][mod][name] = np.stack([
-            Quantized(q[i].reshape(-1, int(np.prod(q.shape[1 + n_in:]))), s[i].reshape(s.shape[1], -1), 4)
-            .dequantize().reshape(q.shape[1:]) for i in range(cfg.num_layers)])
-      np.testing.assert_allclose(Transformer(cfg).apply({"params": deq}, tokens), Transformer(qcfg).apply({"params": qp}, tokens),
-                                 rtol=2e-4, atol=2e-4)
+        q, s = (
+          np.asarray(qp["h"][mod][name]).astype(np.int8),
+          np.asarray(qp["h"][mod][f"{name}_scale"]),
+        )
+        deq["h"][mod][name] = np.stack(
+          [
+            Quantized(
+              q[i].reshape(-1, int(np.prod(q.shape[1 + n_in :]))), s[i].reshape(s.shape[1], -1), 4
+            )
+            .dequantize()
+            .reshape(q.shape[1:])
+            for i in range(cfg.num_layers)
+          ]
+        )
+      np.testing.assert_allclose(
+        Transformer(cfg).apply({"params": deq}, tokens),
+        Transformer(qcfg).apply({"params": qp}, tokens),
+        rtol=2e-4,
+        atol=2e-4,
+      )
   # measured: int8 (and an int8 embedding) 1.4e-4, int4 RTN 0.024, int4 GPTQ 0.016
   assert kl["int8"] < 1e-3 and kl["int4-rtn"] < 0.05 and kl["int4-gptq"] < kl["int4-rtn"], kl
   gptq = reports["int4-gptq"]
   assert gptq["calibration_error"] < 0.7 * gptq["rtn_calibration_error"], gptq  # measured 0.51
-  assert len(gptq["kernels"]) == 5 * cfg.num_layers and gptq["calibration_tokens"] == calibration[1].sum()
-  assert reports["int4-rtn"]["calibration_error"] == pytest.approx(reports["int4-rtn"]["rtn_calibration_error"])
+  assert (
+    len(gptq["kernels"]) == 5 * cfg.num_layers
+    and gptq["calibration_tokens"] == calibration[1].sum()
+  )
+  assert reports["int4-rtn"]["calibration_error"] == pytest.approx(
+    reports["int4-rtn"]["rtn_calibration_error"]
+  )
 
 
 def test_quantized_checkpoints_round_trip_and_load_in_evaluate_sample_serve(tiny_ckpt, tmp_path):
@@ -156,24 +190,36 @@ def test_quantized_checkpoints_round_trip_and_load_in_evaluate_sample_serve(tiny
   `rrtf serve`; bad input gets one line."""
   from data import synthetic
   from rrtf_jax.stages.quantize import quantize_stage
+
   problems = tmp_path / "problems.jsonl"
   problems.write_text("".join(json.dumps(r) + "\n" for r in synthetic.splits(0, 4, 4, 4)["train"]))
   q4, q8 = str(tmp_path / "q4"), str(tmp_path / "q8")
   # rrtf serve on an int8 checkpoint (int8 embedding too) starts while the commands below run.
   summary = quantize_stage(tiny_ckpt, "int8", q8, embedding=True, progress=False)
-  assert summary.bytes_after < 0.35 * summary.bytes_before  # fp32 -> int8, and bf16 positions and biases
-  serve = subprocess.Popen([sys.executable, "-m", "rrtf_jax.cli", "serve", "--ckpt", q8, "--port", "0", "--chunk", "4"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  # fp32 -> int8, and bf16 positions and biases
+  assert summary.bytes_after < 0.35 * summary.bytes_before
+  serve = subprocess.Popen(
+    [sys.executable, "-m", "rrtf_jax.cli", "serve", "--ckpt", q8, "--port", "0", "--chunk", "4"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   try:
     _quantize_cli_and_stages(tiny_ckpt, problems, q4, q8, tmp_path)
     line = serve.stdout.readline()
     assert line.startswith("serving"), line
-    req = urllib.request.Request(line.split(" on ")[1].strip() + "/completions", method="POST",
-                                 data=json.dumps({"prompt": "def f():", "max_tokens": 4}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+      line.split(" on ")[1].strip() + "/completions",
+      method="POST",
+      data=json.dumps({"prompt": "def f():", "max_tokens": 4}).encode(),
+      headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
       body = json.loads(r.read())
-    assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["finish_reason"] in (
+      "stop",
+      "length",
+    )
   finally:
     serve.terminate()
     serve.wait(timeout=30)
@@ -186,30 +232,87 @@ def _quantize_cli_and_stages(tiny_ckpt, problems, q4, q8, tmp_path):
   from model.decode import Decoder
   from model.quantize import quantize_params
   from rrtf_jax.stages.quantize import calibration_tokens
-  runs = cli_runs_in_one_process([
-      ["quantize", "--ckpt", tiny_ckpt, "--method", "int4-gptq", "--calibration", str(problems), "--group", "32",
-       "--out", q4, "--quiet"],
+
+  runs = cli_runs_in_one_process(
+    [
+      [
+        "quantize",
+        "--ckpt",
+        tiny_ckpt,
+        "--method",
+        "int4-gptq",
+        "--calibration",
+        str(problems),
+        "--group",
+        "32",
+        "--out",
+        q4,
+        "--quiet",
+      ],
       ["quantize", "--ckpt", q4, "--method", "int8", "--out", str(tmp_path / "x")],
       ["quantize", "--ckpt", tiny_ckpt, "--method", "int4-gptq", "--out", str(tmp_path / "x")],
-      ["quantize", "--ckpt", tiny_ckpt, "--method", "int4-rtn", "--group", "48", "--out", str(tmp_path / "x")],
+      [
+        "quantize",
+        "--ckpt",
+        tiny_ckpt,
+        "--method",
+        "int4-rtn",
+        "--group",
+        "48",
+        "--out",
+        str(tmp_path / "x"),
+      ],
       ["quantize", "--ckpt", tiny_ckpt, "--method", "int8", "--out", q4],
-      ["quantize", "--ckpt", str(tmp_path / "nope"), "--method", "int8", "--out", str(tmp_path / "x")],
+      [
+        "quantize",
+        "--ckpt",
+        str(tmp_path / "nope"),
+        "--method",
+        "int8",
+        "--out",
+        str(tmp_path / "x"),
+      ],
       ["export", "--ckpt", q4, "--out", str(tmp_path / "hf")],
-      ["evaluate", "--ckpt", q4, "--problems", str(problems), "--out", str(tmp_path / "eval"), "--greedy",
-       "--max-new-tokens", "8", "--quiet"],
-      ["sample", "--ckpt", q8, "--problems", str(problems), "--out", str(tmp_path / "samples"), "--num-samples", "2",
-       "--max-new-tokens", "8", "--quiet"],
-  ], cwd=str(tmp_path))
+      [
+        "evaluate",
+        "--ckpt",
+        q4,
+        "--problems",
+        str(problems),
+        "--out",
+        str(tmp_path / "eval"),
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+        "--quiet",
+      ],
+      [
+        "sample",
+        "--ckpt",
+        q8,
+        "--problems",
+        str(problems),
+        "--out",
+        str(tmp_path / "samples"),
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--quiet",
+      ],
+    ],
+    cwd=str(tmp_path),
+  )
   assert [c for c, _ in runs] == [0, 2, 2, 2, 2, 2, 2, 0, 0], runs
   errors = [e.strip().splitlines()[-1] for _, e in runs[1:7]]
   assert errors == [
-      f"rrtf quantize: error: {q4}: quantized already; quantize the full-precision checkpoint",
-      "rrtf quantize: error: int4-gptq needs calibration prompts: --calibration FILE (problems JSONL, e.g. the "
-      "training problems)",
-      "rrtf quantize: error: model.quant_group=48 does not divide a kernel's 64 input rows",
-      f"rrtf quantize: error: {q4}: output already exists",
-      f"rrtf quantize: error: {tmp_path / 'nope'}: not a model checkpoint (no model_config.json)",
-      f"rrtf export: error: {q4}: a quantized checkpoint has no HF GPTBigCode form; export the one it was quantized from",
+    f"rrtf quantize: error: {q4}: quantized already; quantize the full-precision checkpoint",
+    "rrtf quantize: error: int4-gptq needs calibration prompts: --calibration FILE (problems JSONL, e.g. the "
+    "training problems)",
+    "rrtf quantize: error: model.quant_group=48 does not divide a kernel's 64 input rows",
+    f"rrtf quantize: error: {q4}: output already exists",
+    f"rrtf quantize: error: {tmp_path / 'nope'}: not a model checkpoint (no model_config.json)",
+    f"rrtf export: error: {q4}: a quantized checkpoint has no HF GPTBigCode form; export the one it was quantized from",
   ]
   assert not (tmp_path / "x").exists() and not (tmp_path / "hf").exists()
   assert json.loads((tmp_path / "eval" / "summary.json").read_text())["problems"] == 4
@@ -217,24 +320,33 @@ def _quantize_cli_and_stages(tiny_ckpt, problems, q4, q8, tmp_path):
 
   # Round trip: what the CLI saved is what quantize_params makes in memory.
   cfg, params = load_checkpoint(tiny_ckpt)
-  calib = calibration_tokens(str(problems), resolve_tokenizer(tokenizer_path(tiny_ckpt)), max_prompts=128, seq_len=512)
+  calib = calibration_tokens(
+    str(problems), resolve_tokenizer(tokenizer_path(tiny_ckpt)), max_prompts=128, seq_len=512
+  )
   qcfg, qparams, _ = quantize_params(cfg, params, "int4-gptq", group=32, calibration=calib)
   assert read_config(q4) == qcfg and qcfg.quant_bits == 4 and qcfg.param_dtype == "bfloat16"
   loaded_cfg, loaded = load_checkpoint(q4)
   assert jax.tree.structure(loaded) == jax.tree.structure(qparams)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
     assert a.dtype == b.dtype
-    np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32)
+    )
   assert loaded["h"]["mlp"]["fc_kernel"].dtype == jnp.int4
   record = json.loads((tmp_path / "q4" / "quantization.json").read_text())
   assert record["method"] == "int4-gptq" and record["calibration_prompts"] == 4
   assert record["calibration_error"] < record["rtn_calibration_error"]
   prompts = ["def add(a, b):\n", "x = 1\n"]
   from_disk = Decoder.from_checkpoint(q4, chunk=4).generate(prompts, max_new_tokens=8)
-  in_memory = Decoder(qcfg, qparams, resolve_tokenizer(tokenizer_path(tiny_ckpt)), chunk=4).generate(
-      prompts, max_new_tokens=8)
+  in_memory = Decoder(
+    qcfg, qparams, resolve_tokenizer(tokenizer_path(tiny_ckpt)), chunk=4
+  ).generate(prompts, max_new_tokens=8)
   assert [g.tokens for g in from_disk] == [g.tokens for g in in_memory]
   from model.sharding import make_mesh  # sharded over 4 of the 8 fake devices, as `--mesh` does
-  sharded = Decoder.from_checkpoint(q4, mesh=make_mesh("fsdp=2,tensor=2", jax.devices()[:4]), chunk=4)
-  assert [g.tokens for g in sharded.generate(prompts, max_new_tokens=8)] == [g.tokens for g in from_disk]
 
+  sharded = Decoder.from_checkpoint(
+    q4, mesh=make_mesh("fsdp=2,tensor=2", jax.devices()[:4]), chunk=4
+  )
+  assert [g.tokens for g in sharded.generate(prompts, max_new_tokens=8)] == [
+    g.tokens for g in from_disk
+  ]

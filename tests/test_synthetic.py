@@ -30,6 +30,7 @@ def parts():
 @pytest.fixture(scope="module")
 def box():
   from rrtf_jax.sandbox import Limits, Sandbox
+
   with Sandbox(workers=2, limits=Limits(timeout=3.0), quiet=True) as b:
     yield b
 
@@ -47,19 +48,26 @@ def test_deterministic_per_seed_and_seeds_differ():
 
 def test_problem_shape_and_names():
   problems = synthetic.generate(0, synthetic.capacity())
-  assert {p["family"] for p in problems} == set(synthetic.FAMILIES) and 8 <= len(synthetic.FAMILIES) <= 12
+  assert {p["family"] for p in problems} == set(synthetic.FAMILIES) and 8 <= len(
+    synthetic.FAMILIES
+  ) <= 12
   assert len({key(p) for p in problems}) == len(problems) == synthetic.capacity()
-  assert len({p["entry_point"] for p in problems}) == len(problems)  # the name spells every parameter
+  # the name spells every parameter
+  assert len({p["entry_point"] for p in problems}) == len(problems)
   for i, p in enumerate(problems):
     assert p["task_id"] == f"synthetic/{p['family']}/{i}"
     assert p["prompt"].startswith(f"def {p['entry_point']}(") and p["prompt"].endswith('    """\n')
-    assert p["canonical_solution"].startswith("    return ") and p["canonical_solution"].count("\n") == 1
+    assert (
+      p["canonical_solution"].startswith("    return ") and p["canonical_solution"].count("\n") == 1
+    )
     assert p["test"].startswith("def check(candidate):\n") and 3 <= p["test"].count("assert ") <= 5
     doc = p["prompt"].split('"""')[1].splitlines()[0]
     for v in p["params"]:  # every number shows in the docstring's first line
       assert not isinstance(v, int) or isinstance(v, bool) or str(v) in doc, (v, doc)
   assert synthetic.number_word(0) == "zero" and synthetic.number_word(40) == "forty"
-  assert synthetic.number_word(-21) == "minus_twenty_one" and synthetic.number_word(17) == "seventeen"
+  assert (
+    synthetic.number_word(-21) == "minus_twenty_one" and synthetic.number_word(17) == "seventeen"
+  )
 
 
 def test_docstring_examples_hold():
@@ -97,15 +105,22 @@ def test_splits_disjoint_sized_and_cover_every_family(parts):
 
 def test_written_splits_load_as_problems(tmp_path):
   paths = synthetic.write_splits(str(tmp_path), 0, 2, 3, 4)
-  assert {k: len(load_problems(v)) for k, v in paths.items()} == {"warmup": 2, "train": 3, "heldout": 4}
+  assert {k: len(load_problems(v)) for k, v in paths.items()} == {
+    "warmup": 2,
+    "train": 3,
+    "heldout": 4,
+  }
   sample = load_sample_problems(paths["heldout"])
   assert all(sp.completion_style and sp.exec_prefix == sp.prompt for sp in sample)
 
 
 def test_canonical_passes_empty_and_neighbour_fail_in_sandbox(parts, box):
   from rrtf_jax.stages.evaluate import execute
+
   problems = [p for v in parts.values() for p in v]
-  table = {p["task_id"]: Problem(p["task_id"], p["prompt"], p["test"], p["entry_point"]) for p in problems}
+  table = {
+    p["task_id"]: Problem(p["task_id"], p["prompt"], p["test"], p["entry_point"]) for p in problems
+  }
   by_family = collections.defaultdict(list)
   for p in problems:
     by_family[p["family"]].append(p)
@@ -114,9 +129,15 @@ def test_canonical_passes_empty_and_neighbour_fail_in_sandbox(parts, box):
   for fam in by_family.values():
     for i, p in enumerate(fam):
       neighbour[p["task_id"]] = fam[(i + 1) % len(fam)]["canonical_solution"]
-  samples = [dict(task_id=p["task_id"], completion=c, kind=kind) for p in problems
-             for kind, c in [("canonical", p["canonical_solution"]), ("empty", "    pass\n"),
-                             ("neighbour", neighbour[p["task_id"]])]]
+  samples = [
+    dict(task_id=p["task_id"], completion=c, kind=kind)
+    for p in problems
+    for kind, c in [
+      ("canonical", p["canonical_solution"]),
+      ("empty", "    pass\n"),
+      ("neighbour", neighbour[p["task_id"]]),
+    ]
+  ]
   results = execute(table, samples, box=box, progress=False)
   passed = collections.defaultdict(list)
   for r in results:
@@ -131,8 +152,14 @@ def test_prompts_fit_the_tiny_model(tmp_path):
   """The rrtf training text (problem in triple quotes, then the prompt) stays well under 256
   tokens of a 1024-piece SentencePiece trained on the builtin corpus (the demo's tokenizer)."""
   from data.tokenizer import builtin_corpus, train_sentencepiece
+
   tok = train_sentencepiece(builtin_corpus(), str(tmp_path), vocab_size=1024)
-  texts = [prompt_text(p["prompt"]) + p["prompt"] for p in synthetic.generate(0, synthetic.capacity())]
+  texts = [
+    prompt_text(p["prompt"]) + p["prompt"] for p in synthetic.generate(0, synthetic.capacity())
+  ]
   assert max(map(len, texts)) < 360
   lengths = [len(tok.encode(t)) for t in texts]
-  assert max(lengths) < 224 and sum(lengths) / len(lengths) < 180, (max(lengths), sum(lengths) / len(lengths))
+  assert max(lengths) < 224 and sum(lengths) / len(lengths) < 180, (
+    max(lengths),
+    sum(lengths) / len(lengths),
+  )

@@ -28,8 +28,14 @@ def default_reply(body: dict) -> dict:
   prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
   n = body.get("n", 1)
   if "messages" in body:
-    choices = [{"index": i, "message": {"role": "assistant", "content": f"{prompt}|{i}"}, "finish_reason": "stop"}
-               for i in range(n)]
+    choices = [
+      {
+        "index": i,
+        "message": {"role": "assistant", "content": f"{prompt}|{i}"},
+        "finish_reason": "stop",
+      }
+      for i in range(n)
+    ]
   else:
     choices = [{"index": i, "text": f"{prompt}|{i}", "finish_reason": "stop"} for i in range(n)]
   return {"status": 200, "json": {"id": "x", "object": "test", "choices": choices[::-1]}}
@@ -56,8 +62,13 @@ class FakeServer:
       def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         with fake.lock:
-          fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                "body": body})
+          fake.requests.append(
+            {
+              "path": self.path,
+              "headers": {k.lower(): v for k, v in self.headers.items()},
+              "body": body,
+            }
+          )
           behaviour = fake.script.pop(0) if fake.script else fake.default
           fake.in_flight += 1
           fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
@@ -109,13 +120,18 @@ def no_key(monkeypatch):
 
 
 def client(url, **kw) -> TeacherClient:
-  return TeacherClient(url, "teacher-model", **{"backoff": 0.001, "max_retries": 3, "timeout": 5.0, **kw})
+  return TeacherClient(
+    url, "teacher-model", **{"backoff": 0.001, "max_retries": 3, "timeout": 5.0, **kw}
+  )
 
 
 # --- retries ---
 
+
 def test_429_retry_after_zero_is_honoured(server, sleeps):
-  server.script = [{"status": 429, "headers": {"Retry-After": "0"}, "json": {"error": {"message": "slow down"}}}]
+  server.script = [
+    {"status": 429, "headers": {"Retry-After": "0"}, "json": {"error": {"message": "slow down"}}}
+  ]
   with client(server.url, backoff=10.0, max_backoff=30.0) as c:
     assert c.complete("p") == ["p|0"]
     assert (c.stats.requests, c.stats.retries) == (2, 1)
@@ -123,7 +139,9 @@ def test_429_retry_after_zero_is_honoured(server, sleeps):
 
 
 def test_retry_after_is_capped_and_backoff_grows_with_jitter(server, sleeps):
-  server.script = [{"status": 429, "headers": {"Retry-After": "120"}, "json": {}}] + [{"status": 503, "json": {}}] * 3
+  server.script = [{"status": 429, "headers": {"Retry-After": "120"}, "json": {}}] + [
+    {"status": 503, "json": {}}
+  ] * 3
   with client(server.url, backoff=1.0, max_backoff=3.0, max_retries=4) as c:
     assert c.complete("p") == ["p|0"]
     assert c.stats.retries == 4
@@ -142,7 +160,10 @@ def test_500_then_200(server):
 
 
 def test_5xx_exhausts_retries(server, sleeps):
-  server.default = lambda body: {"status": 502, "json": {"error": {"message": "bad gateway upstream"}}}
+  server.default = lambda body: {
+    "status": 502,
+    "json": {"error": {"message": "bad gateway upstream"}},
+  }
   with client(server.url, max_retries=2) as c, pytest.raises(TeacherError) as e:
     c.complete("q")
   msg = str(e.value)
@@ -183,10 +204,13 @@ def test_connection_refused():
 
 # --- errors that a retry cannot fix ---
 
+
 def test_401_no_retry_and_key_not_leaked(server, monkeypatch, sleeps):
   monkeypatch.setenv("MY_TEACHER_KEY", KEY)
   # a server that echoes the key back must not get it into our message either
-  server.script = [{"status": 401, "json": {"error": {"message": f"Incorrect API key provided: {KEY}"}}}]
+  server.script = [
+    {"status": 401, "json": {"error": {"message": f"Incorrect API key provided: {KEY}"}}}
+  ]
   with client(server.url, api_key_env="MY_TEACHER_KEY") as c, pytest.raises(TeacherError) as e:
     c.complete("x")
   msg = str(e.value)
@@ -216,13 +240,17 @@ def test_404_names_url_and_suggests_v1(server):
   with client(server.url + "/", api="completions") as c, pytest.raises(TeacherError) as e:
     c.complete("x")
   msg = str(e.value)
-  assert server.url + "/completions" in msg and "404" in msg and "/v1" in msg and "teacher-model" in msg
+  assert (
+    server.url + "/completions" in msg and "404" in msg and "/v1" in msg and "teacher-model" in msg
+  )
   assert len(server.requests) == 1
 
 
 def test_400_includes_server_message_truncated(server):
   long = "maximum context length is 8192 tokens. " + "x" * 1000
-  server.script = [{"status": 400, "json": {"error": {"message": long, "type": "invalid_request_error"}}}]
+  server.script = [
+    {"status": 400, "json": {"error": {"message": long, "type": "invalid_request_error"}}}
+  ]
   with client(server.url) as c, pytest.raises(TeacherError) as e:
     c.complete("x")
   msg = str(e.value)
@@ -230,11 +258,14 @@ def test_400_includes_server_message_truncated(server):
   assert len(msg) < 500 and len(server.requests) == 1
 
 
-@pytest.mark.parametrize("reply, match", [
+@pytest.mark.parametrize(
+  "reply, match",
+  [
     ({"choices": []}, "no choices"),
     ({"object": "error", "error": {"message": "model overloaded"}}, "no choices.*model overloaded"),
     (default_reply({"prompt": "p", "n": 1})["json"], "n=2 but the response has 1 choices"),
-])
+  ],
+)
 def test_200_without_enough_choices(server, reply, match):
   server.script = [{"status": 200, "json": reply}]
   with client(server.url, api="completions") as c, pytest.raises(TeacherError, match=match):
@@ -244,17 +275,29 @@ def test_200_without_enough_choices(server, reply, match):
 
 # --- request shape ---
 
+
 def test_chat_body_and_choice_order(server):
   url = server.url + "/chat/completions"  # a full endpoint URL is accepted too
   with client(url, system="You are a careful programmer.") as c:
-    texts = c.complete("write f", n=3, temperature=0.5, top_p=0.9, max_tokens=64, stop=["\nclass"], seed=7)
+    texts = c.complete(
+      "write f", n=3, temperature=0.5, top_p=0.9, max_tokens=64, stop=["\nclass"], seed=7
+    )
   assert texts == ["write f|0", "write f|1", "write f|2"]  # server listed them 2, 1, 0
   req = server.requests[0]
   assert req["path"] == "/v1/chat/completions"
-  assert req["body"] == {"model": "teacher-model", "n": 3, "temperature": 0.5, "top_p": 0.9, "max_tokens": 64,
-                         "stop": ["\nclass"], "seed": 7,
-                         "messages": [{"role": "system", "content": "You are a careful programmer."},
-                                      {"role": "user", "content": "write f"}]}
+  assert req["body"] == {
+    "model": "teacher-model",
+    "n": 3,
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "max_tokens": 64,
+    "stop": ["\nclass"],
+    "seed": 7,
+    "messages": [
+      {"role": "system", "content": "You are a careful programmer."},
+      {"role": "user", "content": "write f"},
+    ],
+  }
 
 
 def test_completions_body(server):
@@ -262,11 +305,18 @@ def test_completions_body(server):
     assert c.complete("def f():", n=2) == ["def f():|0", "def f():|1"]
   req = server.requests[0]
   assert req["path"] == "/v1/completions"
-  assert req["body"] == {"model": "teacher-model", "prompt": "def f():", "n": 2, "temperature": 0.8,
-                         "top_p": 0.95, "max_tokens": 512}  # None stop/seed are omitted
+  assert req["body"] == {
+    "model": "teacher-model",
+    "prompt": "def f():",
+    "n": 2,
+    "temperature": 0.8,
+    "top_p": 0.95,
+    "max_tokens": 512,
+  }  # None stop/seed are omitted
 
 
 # --- cache ---
+
 
 def test_cache(server, tmp_path, monkeypatch):
   monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -319,9 +369,13 @@ def test_cache_written_before_a_later_failure(server, tmp_path):
 
 # --- map ---
 
+
 def test_map_order_concurrency_and_progress(server):
   # later prompts answer sooner, so completion order is the reverse of input order
-  server.default = lambda body: {"sleep": 0.01 * (12 - int(body["messages"][-1]["content"])), **default_reply(body)}
+  server.default = lambda body: {
+    "sleep": 0.01 * (12 - int(body["messages"][-1]["content"])),
+    **default_reply(body),
+  }
   done = []
   reqs = [{"prompt": str(i), "n": 1 + i % 2} for i in range(12)]
   with client(server.url, concurrency=3) as c:
@@ -341,8 +395,11 @@ def test_map_first_error_cancels_the_rest(server):
 
 def test_map_error_stops_in_flight_retries(server):
   # request "bad" fails at once; "slow" keeps getting 503 and must stop retrying
-  server.default = lambda body: ({"status": 400, "json": {"error": {"message": "nope"}}, "sleep": 0.05}
-                                 if body["messages"][-1]["content"] == "bad" else {"status": 503, "json": {}})
+  server.default = lambda body: (
+    {"status": 400, "json": {"error": {"message": "nope"}}, "sleep": 0.05}
+    if body["messages"][-1]["content"] == "bad"
+    else {"status": 503, "json": {}}
+  )
   t0 = time.monotonic()
   with client(server.url, concurrency=2, backoff=0.2, max_backoff=0.2, max_retries=50) as c:
     with pytest.raises(TeacherError, match="nope"):
@@ -361,4 +418,6 @@ def test_map_empty_and_bad_request_key(server):
 
 def test_import_is_light():
   code = "import sys, rrtf_jax.serving.teacher; assert not {'jax', 'fsspec'} & set(sys.modules), sys.modules.keys()"
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  subprocess.run(
+    [sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__))
+  )

@@ -4,8 +4,10 @@ import pytest
 
 from data.tokenizer import HFTokenizer, builtin_corpus, load_tokenizer, train_sentencepiece
 
-CODE = ('def add(a, b):\n\t"""Adds.  Two  spaces."""\n    if a  >= 10:\n        return a+b  # ünïcode ✓\n\n\n'
-        'class X:\n  pass\r\n' + " " * 12 + "x = [1,2,3]\n")
+CODE = (
+  'def add(a, b):\n\t"""Adds.  Two  spaces."""\n    if a  >= 10:\n        return a+b  # ünïcode ✓\n\n\n'
+  'class X:\n  pass\r\n' + " " * 12 + "x = [1,2,3]\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,18 @@ def test_training_is_deterministic(spm_dir, tmp_path):
 
 def test_hf_tokenizer_json(tmp_path):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator([CODE] * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    [CODE] * 5,
+    trainers.BpeTrainer(
+      vocab_size=300,
+      special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
   tok.save(str(tmp_path / "tokenizer.json"))
   loaded = load_tokenizer(str(tmp_path))
   assert isinstance(loaded, HFTokenizer) and loaded.eos_id == 0

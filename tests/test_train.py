@@ -36,11 +36,23 @@ def _ranked_records(n: int = 24):
     bad = f"def f(x):\n    return x {OPS[(i + 1) % 3][1]} {k + 1}\n"
     broken = f"def f(x)\n    return x {op} {k}\n"
     codes = [good, good.replace("return", "y ="), broken, bad]
-    recs.append(dict(
-        task_id=f"toy/{i}", prompt=prompt, test=f"assert f(3) == 3 {op} {k}\n", entry_point="f", exec_prefix="",
-        responses=codes, codes=codes, sources=["teacher", "student", "student", "student"], is_teacher=[1, 0, 0, 0],
-        outcomes=["passed", "runtime_error", "syntax_error", "wrong_answer"], tests_passed=[1, 0, 0, 0],
-        tests_total=[1, 1, 0, 1], scores=[3.5, 1.0, 0.0, 2.0]))
+    recs.append(
+      dict(
+        task_id=f"toy/{i}",
+        prompt=prompt,
+        test=f"assert f(3) == 3 {op} {k}\n",
+        entry_point="f",
+        exec_prefix="",
+        responses=codes,
+        codes=codes,
+        sources=["teacher", "student", "student", "student"],
+        is_teacher=[1, 0, 0, 0],
+        outcomes=["passed", "runtime_error", "syntax_error", "wrong_answer"],
+        tests_passed=[1, 0, 0, 0],
+        tests_total=[1, 1, 0, 1],
+        scores=[3.5, 1.0, 0.0, 2.0],
+      )
+    )
   return recs
 
 
@@ -49,6 +61,7 @@ def prepared(tmp_path_factory):
   """A prepared dataset (rrtf prepare) of 24 toy problems, tokenised by the tiny SentencePiece model."""
   from rrtf_jax.stages.prepare import prepare_stage
   from data.tokenizer import builtin_corpus, train_sentencepiece
+
   root = tmp_path_factory.mktemp("data")
   tok_dir = str(root / "tokenizer")
   train_sentencepiece(builtin_corpus(), tok_dir, vocab_size=1024)
@@ -56,7 +69,9 @@ def prepared(tmp_path_factory):
   ranked.mkdir()
   recs = _ranked_records()
   for j in range(2):
-    records.write_atomic(str(ranked / records.shard_name(records.RANKED_NAME, "train", j, 2)), recs[j::2], ranked=True)
+    records.write_atomic(
+      str(ranked / records.shard_name(records.RANKED_NAME, "train", j, 2)), recs[j::2], ranked=True
+    )
   records.write_ranked_metadata(str(ranked))
   out = str(root / "prepared")
   prepare_stage(str(ranked), out, tok_dir, progress=False)
@@ -71,8 +86,17 @@ def _config(data_dir, **train):
 
 
 def _train_args(data_dir, workdir, *extra):
-  return [*RRTF, "train", "--config", "tiny", "--workdir", str(workdir), "--quiet",
-          f"--config.data.dir={data_dir}", *extra]
+  return [
+    *RRTF,
+    "train",
+    "--config",
+    "tiny",
+    "--workdir",
+    str(workdir),
+    "--quiet",
+    f"--config.data.dir={data_dir}",
+    *extra,
+  ]
 
 
 # Training subprocesses see 2 CPU devices (the mesh default puts both on fsdp): sharded, but
@@ -85,22 +109,30 @@ def _run(args, env=TWO_DEVICES):
 
 
 def _start(args, env=TWO_DEVICES):
-  return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+  return subprocess.Popen(
+    args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+  )
 
 
 def _final_params(workdir):
   """(newest step, its parameters on one device, its data position) from a run's checkpoints."""
   import orbax.checkpoint as ocp
+
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
   step = mngr.latest_step()
   from model import ModelConfig
   from model.sharding import make_mesh
   from rrtf_jax.train_step import make_optimizer, state_shardings
-  c = load_config("tiny")  # the abstract state on one device: checkpoints of any topology restore to it
-  target, _ = state_shardings(ModelConfig.from_dict(c.model), make_optimizer(c.train),
-                              make_mesh("fsdp=1", jax.devices()[:1]))
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                        data=ocp.args.JsonRestore()))
+
+  # the abstract state on one device: checkpoints of any topology restore to it
+  c = load_config("tiny")
+  target, _ = state_shardings(
+    ModelConfig.from_dict(c.model), make_optimizer(c.train), make_mesh("fsdp=1", jax.devices()[:1])
+  )
+  restored = mngr.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+  )
   mngr.close()
   return step, restored["state"].params, restored["data"]
 
@@ -108,6 +140,7 @@ def _final_params(workdir):
 def _tensorboard(workdir, tag="train/loss") -> dict:
   """step -> value of `tag` in a run's TensorBoard events."""
   import tensorflow as tf
+
   out = {}
   for name in sorted(os.listdir(workdir / "tensorboard")):
     for ev in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name)):
@@ -118,11 +151,27 @@ def _tensorboard(workdir, tag="train/loss") -> dict:
 def _two_processes(data_dir, workdir, flags, env) -> list:
   """Two `rrtf train` processes joined by jax.distributed on 127.0.0.1, 4 CPU devices each."""
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  return [_start(_train_args(data_dir, workdir, *flags, "--coordinator-address", f"127.0.0.1:{port}",
-                             "--num-processes", "2", "--process-id", str(i)), env) for i in range(2)]
+  return [
+    _start(
+      _train_args(
+        data_dir,
+        workdir,
+        *flags,
+        "--coordinator-address",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+      ),
+      env,
+    )
+    for i in range(2)
+  ]
 
 
 def _finish(procs, timeout) -> list[tuple[str, str]]:
@@ -135,8 +184,10 @@ def _finish(procs, timeout) -> list[tuple[str, str]]:
     for p in procs:
       p.kill()
     outs = [p.communicate() for p in procs]
-    pytest.fail(f"still running after {timeout} s (killed): "
-                + " | ".join(f"process {i}: {err[-1500:]}" for i, (_, err) in enumerate(outs)))
+    pytest.fail(
+      f"still running after {timeout} s (killed): "
+      + " | ".join(f"process {i}: {err[-1500:]}" for i, (_, err) in enumerate(outs))
+    )
 
 
 @pytest.mark.slow
@@ -152,14 +203,23 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   rerun ends equal to the uninterrupted pair bit for bit."""
   import tensorflow_datasets as tfds
   from rrtf_jax.stages.train import train_and_evaluate
+
   steps = 12
   # data.splits=2 fixes the data order whatever the host count: one process reads both halves.
-  flags = [f"--config.train.steps={steps}", "--config.train.microbatches=2", "--config.data.splits=2",
-           "--config.train.checkpoint_every=6", "--config.mesh=data=2,fsdp=2,tensor=2"]
+  flags = [
+    f"--config.train.steps={steps}",
+    "--config.train.microbatches=2",
+    "--config.data.splits=2",
+    "--config.train.checkpoint_every=6",
+    "--config.mesh=data=2,fsdp=2,tensor=2",
+  ]
   two = tmp_path / "two"
   # The pairs after the first load its executables from this cache instead of compiling them.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"))
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+  )
   procs = _two_processes(prepared, two, flags, env)
 
   # Meanwhile, in this process (8 devices):
@@ -172,8 +232,11 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   la, lb = [h["loss"] for h in a.history], [h["loss"] for h in b.history]
   assert len(la) == steps and a.step == steps
   np.testing.assert_allclose(la, lb, rtol=2e-5)
-  np.testing.assert_allclose([h["ranking_accuracy"] for h in a.history],
-                             [h["ranking_accuracy"] for h in b.history], atol=1e-6)
+  np.testing.assert_allclose(
+    [h["ranking_accuracy"] for h in a.history],
+    [h["ranking_accuracy"] for h in b.history],
+    atol=1e-6,
+  )
   # It learns: the loss falls and the responses come to be ordered as their scores.
   assert np.mean(la[-3:]) < 0.8 * la[0]
   acc = [h["ranking_accuracy"] for h in a.history]
@@ -181,18 +244,30 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   margin = [h["margin"] for h in a.history]  # mean p_better - p_worse over scored pairs
   assert np.mean(margin[-3:]) > np.mean(margin[:3]) + 0.05, margin
   for h in a.history:
-    assert set(h) >= {"rank_loss", "ft_loss", "margin", "grad_norm", "param_norm", "update_norm", "learning_rate",
-                      "padding_fraction"}
+    assert set(h) >= {
+      "rank_loss",
+      "ft_loss",
+      "margin",
+      "grad_norm",
+      "param_norm",
+      "update_norm",
+      "learning_rate",
+      "padding_fraction",
+    }
     assert 0 <= h["padding_fraction"] < 1
   # Metrics went to TensorBoard event files.
-  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "sharded" / "tensorboard"))
+  assert any(
+    n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "sharded" / "tensorboard")
+  )
 
   # The two processes.
   outs = _finish(procs, 600)
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   lines = [out.strip().splitlines()[-1] for out, _ in outs]
-  assert lines[0] == lines[1] and lines[0].startswith(f"trained to step {steps} (from the start); loss ")
+  assert lines[0] == lines[1] and lines[0].startswith(
+    f"trained to step {steps} (from the start); loss "
+  )
   losses = _tensorboard(two)
   assert sorted(losses) == list(range(1, steps + 1))
   np.testing.assert_allclose([losses[s] for s in sorted(losses)], la, rtol=2e-5)
@@ -201,13 +276,23 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
 
   # Each process read its own half (TFDS's split for its part), nothing of the other's.
   builder = tfds.builder_from_directory(prepared)
-  halves = [{ex["task_id"].numpy().decode() for ex in builder.as_dataset(
-      split=tfds.split_for_jax_process("train", process_index=i, process_count=2, drop_remainder=True))}
-      for i in range(2)]
+  halves = [
+    {
+      ex["task_id"].numpy().decode()
+      for ex in builder.as_dataset(
+        split=tfds.split_for_jax_process(
+          "train", process_index=i, process_count=2, drop_remainder=True
+        )
+      )
+    }
+    for i in range(2)
+  ]
   assert halves[0] and not halves[0] & halves[1]
   for i in range(2):
     read = json.loads((two / "data_read" / f"process-{i}-of-2.json").read_text())
-    assert read["parts"] == [i] and read["steps"] == [0, steps] and set(read["task_ids"]) == halves[i]
+    assert (
+      read["parts"] == [i] and read["steps"] == [0, steps] and set(read["task_ids"]) == halves[i]
+    )
   read = json.loads((tmp_path / "sharded" / "data_read" / "process-0-of-1.json").read_text())
   assert read["parts"] == [0, 1] and set(read["task_ids"]) == halves[0] | halves[1]
 
@@ -216,12 +301,17 @@ def test_sharded_one_device_and_two_processes_agree_and_learn(prepared, tmp_path
   step1, params1, data1 = _final_params(str(tmp_path / "sharded"))
   assert step == step1 == steps and data == data1
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params1)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)  # gloo vs in-process sums
+    # gloo vs in-process sums
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
   # `rrtf params`: the run's parameters as a model checkpoint (what evaluate and serve read).
   from model import load_checkpoint
   from rrtf_jax.cli import main
-  assert main(["params", "--workdir", str(two), "--out", str(tmp_path / "model"), "--dtype", "bfloat16"]) == 0
+
+  assert (
+    main(["params", "--workdir", str(two), "--out", str(tmp_path / "model"), "--dtype", "bfloat16"])
+    == 0
+  )
   cfg, model = load_checkpoint(str(tmp_path / "model"))
   assert cfg.param_dtype == "bfloat16" and cfg.num_layers == 2
   for x, y in zip(jax.tree.leaves(model), jax.tree.leaves(params)):
@@ -279,7 +369,11 @@ def test_preemption_sigterm_then_sigkill_then_rerun_is_bit_exact(prepared, tmp_p
   """SIGTERM saves the current step and exits; a rerun resumes, is SIGKILLed after a checkpoint;
   a third run finishes. The final parameters equal an uninterrupted run's bit for bit."""
   steps, every = 24, 4
-  extra = [f"--config.train.steps={steps}", f"--config.train.checkpoint_every={every}", "--config.train.log_every=2"]
+  extra = [
+    f"--config.train.steps={steps}",
+    f"--config.train.checkpoint_every={every}",
+    "--config.train.log_every=2",
+  ]
   work = tmp_path / "work"
 
   # Every run of the same command shares one JAX compilation cache (as restarts of a TPU job can):
@@ -304,7 +398,9 @@ def test_preemption_sigterm_then_sigkill_then_rerun_is_bit_exact(prepared, tmp_p
   target = (term_step // every + 1) * every
   assert target < steps
   proc = _start(_train_args(prepared, work, *extra), env)
-  assert _wait_for(lambda: (work / "checkpoints" / str(target)).is_dir(), proc), proc.communicate()[1][-2000:]
+  assert _wait_for(lambda: (work / "checkpoints" / str(target)).is_dir(), proc), proc.communicate()[
+    1
+  ][-2000:]
   proc.kill()
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL
@@ -335,26 +431,45 @@ def test_preemption_sigterm_then_sigkill_then_rerun_is_bit_exact(prepared, tmp_p
 def test_non_finite_loss_stops_naming_the_step(prepared, tmp_path):
   from rrtf_jax.stages.train import train_and_evaluate
   from rrtf_jax.train_step import TrainError
-  c = _config(prepared, learning_rate=1e30, warmup_steps=0, grad_clip=0.0, steps=6, checkpoint_every=1)
+
+  c = _config(
+    prepared, learning_rate=1e30, warmup_steps=0, grad_clip=0.0, steps=6, checkpoint_every=1
+  )
   c.mesh = "fsdp=1"
   with pytest.raises(TrainError) as e:
     train_and_evaluate(c, str(tmp_path / "w"), progress=False, devices=jax.devices()[:1])
   msg = str(e.value)
-  assert re.match(r"non-finite loss \(\S+\) at step ([2-6]); stopping without saving this step", msg), msg
+  assert re.match(
+    r"non-finite loss \(\S+\) at step ([2-6]); stopping without saving this step", msg
+  ), msg
   bad = int(re.search(r"at step (\d+)", msg).group(1))
   # Every step before the bad one was checked and saved; the bad one was not.
-  assert sorted(int(n) for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit())[-1] == bad - 1
+  assert (
+    sorted(int(n) for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit())[-1] == bad - 1
+  )
 
 
 BAD_CONFIGS = [
-    ([], "config.data.dir is empty"),
-    (["--config.data.dir=/nonexistent/prepared"], "/nonexistent/prepared"),
-    (["--config.data.dir={data}", "--config.train.batch_size=5"], "does not split over data*fsdp = 2"),
-    (["--config.data.dir={data}", "--config.train.microbatches=3"], "not a multiple of train.microbatches=3"),
-    (["--config.data.dir={data}", "--config.train.schedule=exp"], "train.schedule='exp'"),
-    (["--config.data.dir={data}", "--config.train.seq_len=4096"], "exceeds model.max_position_embeddings"),
-    (["--config.data.dir={data}", "--config.init_from=/nonexistent/ckpt"], "not a model checkpoint"),
-    (["--config.data.dir={data}", "--config.init_from={quantized}"], "a quantized checkpoint cannot be trained"),
+  ([], "config.data.dir is empty"),
+  (["--config.data.dir=/nonexistent/prepared"], "/nonexistent/prepared"),
+  (
+    ["--config.data.dir={data}", "--config.train.batch_size=5"],
+    "does not split over data*fsdp = 2",
+  ),
+  (
+    ["--config.data.dir={data}", "--config.train.microbatches=3"],
+    "not a multiple of train.microbatches=3",
+  ),
+  (["--config.data.dir={data}", "--config.train.schedule=exp"], "train.schedule='exp'"),
+  (
+    ["--config.data.dir={data}", "--config.train.seq_len=4096"],
+    "exceeds model.max_position_embeddings",
+  ),
+  (["--config.data.dir={data}", "--config.init_from=/nonexistent/ckpt"], "not a model checkpoint"),
+  (
+    ["--config.data.dir={data}", "--config.init_from={quantized}"],
+    "a quantized checkpoint cannot be trained",
+  ),
 ]
 
 
@@ -366,12 +481,26 @@ def bad_config_runs(prepared, tmp_path_factory):
   import jax
 
   from model import ModelConfig, init_params, save_checkpoint
+
   root = tmp_path_factory.mktemp("bad-configs")
   qcfg = ModelConfig.from_dict(load_config("tiny").model).replace(quant_bits=8)
   quantized = save_checkpoint(str(root / "int8"), qcfg, init_params(qcfg, jax.random.PRNGKey(0)))
-  return cli_runs_in_one_process([["train", "--config", "tiny", "--workdir", str(root / f"w{i}"), "--quiet",
-                                   *[e.format(data=prepared, quantized=quantized) for e in extra]]
-                                  for i, (extra, _) in enumerate(BAD_CONFIGS)], cwd=ROOT, env=TWO_DEVICES)
+  return cli_runs_in_one_process(
+    [
+      [
+        "train",
+        "--config",
+        "tiny",
+        "--workdir",
+        str(root / f"w{i}"),
+        "--quiet",
+        *[e.format(data=prepared, quantized=quantized) for e in extra],
+      ]
+      for i, (extra, _) in enumerate(BAD_CONFIGS)
+    ],
+    cwd=ROOT,
+    env=TWO_DEVICES,
+  )
 
 
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[m for _, m in BAD_CONFIGS])
@@ -387,6 +516,7 @@ def test_init_from_a_converted_checkpoint(prepared, tmp_path):
   """Training starts from a model checkpoint's parameters (rrtf convert output format)."""
   from model import ModelConfig, save_checkpoint
   from rrtf_jax.stages.train import train_and_evaluate
+
   c = _config(prepared, steps=1)
   c.mesh = "fsdp=1"
   cfg = ModelConfig.from_dict(c.model)
@@ -413,6 +543,7 @@ def test_workdir_on_gcs(prepared, gcs_bucket, tmp_path):
   land in the bucket, and a rerun resumes from there."""
   import fsspec
   from rrtf_jax.stages.train import train_and_evaluate
+
   work = f"{gcs_bucket}/run1"
   c = _config(prepared, steps=3, checkpoint_every=3)  # one save per run: the emulator is slow
   c.mesh = "fsdp=1"
@@ -427,6 +558,7 @@ def test_workdir_on_gcs(prepared, gcs_bucket, tmp_path):
   events = fs.ls(f"{work}/tensorboard", detail=False)
   assert len(events) == 2 and all("events.out.tfevents" in e for e in events)
   import tensorflow as tf
+
   steps = set()
   for e in events:
     local = str(tmp_path / e.rsplit("/", 1)[-1])

@@ -32,6 +32,7 @@ MAX_FRAME = 16 << 20  # bytes; a bigger reply is malformed
 
 # ---------------------------------------------------------------------------- framing
 
+
 class ChannelClosed(Exception):
   """The peer closed its end or died."""
 
@@ -150,6 +151,7 @@ def _exception_name(e: BaseException) -> str:
 
 # -------------------------------------------------------------------------- candidate
 
+
 def run_candidate(judge_fd: int, supervisor_fd: int) -> None:
   """Receive the program, execute it, report how that went to the judge, then serve calls
   until the judge hangs up.
@@ -190,6 +192,7 @@ def run_candidate(judge_fd: int, supervisor_fd: int) -> None:
 
 
 # ------------------------------------------------------------------------------ judge
+
 
 class CandidateError(Exception):
   """The candidate died, hung up, or sent something that is not a valid reply."""
@@ -300,7 +303,12 @@ class PreparedTests:
     try:
       tree = ast.parse(test, "<tests>")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-      self.error, self.sites, self.code, self.free = f"the tests do not compile: {e}", 0, None, set()
+      self.error, self.sites, self.code, self.free = (
+        f"the tests do not compile: {e}",
+        0,
+        None,
+        set(),
+      )
       return
     counter = _AssertCounter()
     tree = ast.fix_missing_locations(counter.visit(tree))

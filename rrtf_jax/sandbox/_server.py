@@ -82,8 +82,20 @@ import _runtime  # noqa: E402  (must load before the chroot hides this file)
 # Modules programs and tests commonly import, loaded once here so that no forked job pays
 # for the import (typing alone takes milliseconds). A job that patches one patches its copy.
 # Each preloaded module also makes every fork dearer, so only the common ones.
-PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "bisect",
-           "string", "random", "copy", "operator")
+PRELOAD = (
+  "typing",
+  "math",
+  "re",
+  "collections",
+  "itertools",
+  "functools",
+  "heapq",
+  "bisect",
+  "string",
+  "random",
+  "copy",
+  "operator",
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x08000000, 0x10000000
@@ -91,7 +103,13 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 15, 36, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = (
+  1,
+  4,
+  15,
+  36,
+  38,
+)
 
 
 def _check(ret: int, what: str) -> None:
@@ -104,7 +122,9 @@ def _mount(src, dst, fstype, flags, data=None) -> None:
   def enc(s):
     return None if s is None else s.encode()
 
-  _check(_libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {dst}")
+  _check(
+    _libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {dst}"
+  )
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -118,6 +138,7 @@ def _drop_capabilities() -> None:
 
 
 # ------------------------------------------------------------------------ the new root
+
 
 def _bind(root: str, src: str, *, file: bool = False) -> None:
   if not os.path.exists(src):
@@ -141,12 +162,16 @@ def build_root(root: str, slots: int) -> None:
     elif os.path.isdir(top):
       libdirs.append(top)
   stdlib = {os.path.realpath(p) for p in _STDLIB_PATHS if os.path.isdir(p)}
-  for path in libdirs + sorted(p for p in stdlib if not any(p.startswith(d + "/") for d in libdirs)):
+  for path in libdirs + sorted(
+    p for p in stdlib if not any(p.startswith(d + "/") for d in libdirs)
+  ):
     _bind(root, path)
   for path in sorted(stdlib):  # site-packages holds installed projects and their data
     for sub in ("site-packages", "dist-packages"):
       if os.path.isdir(root + path + "/" + sub):
-        _mount("tmpfs", root + path + "/" + sub, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k")
+        _mount(
+          "tmpfs", root + path + "/" + sub, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k"
+        )
   _bind(root, "/etc/ld.so.cache", file=True)
   for dev in ("null", "zero", "random", "urandom"):
     _bind(root, "/dev/" + dev, file=True)
@@ -162,7 +187,11 @@ def enter_user_namespace() -> None:
   child continues as the server (pid 1 of the new PID namespace), the original waits."""
   uid, gid = os.getuid(), os.getgid()
   _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
-  for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+  for name, text in (
+    ("setgroups", "deny"),
+    ("uid_map", f"{uid} {uid} 1"),
+    ("gid_map", f"{gid} {gid} 1"),
+  ):
     with open(f"/proc/self/{name}", "w") as f:
       f.write(text)
   pid = os.fork()
@@ -175,8 +204,8 @@ def enter_user_namespace() -> None:
 
 # --------------------------------------------------------------------------- the server
 
-class Server:
 
+class Server:
   def __init__(self, config: dict, ctl: socket.socket):
     self.cfg, self.ctl = config, ctl
     self.privileged = config["privileged"]
@@ -192,9 +221,14 @@ class Server:
 
   def _limits(self, judge: bool) -> None:
     lim = self.cfg["limits"]
-    for name, value in (("RLIMIT_AS", lim["memory_bytes"]), ("RLIMIT_CPU", lim["cpu_seconds"]),
-                        ("RLIMIT_FSIZE", lim["file_bytes"]), ("RLIMIT_NOFILE", lim["open_files"]),
-                        ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", 4 if judge else lim["processes"])):
+    for name, value in (
+      ("RLIMIT_AS", lim["memory_bytes"]),
+      ("RLIMIT_CPU", lim["cpu_seconds"]),
+      ("RLIMIT_FSIZE", lim["file_bytes"]),
+      ("RLIMIT_NOFILE", lim["open_files"]),
+      ("RLIMIT_CORE", 0),
+      ("RLIMIT_NPROC", 4 if judge else lim["processes"]),
+    ):
       if name == "RLIMIT_NPROC" and not self.privileged:
         continue  # counts every process of the user; only meaningful under a slot uid
       if name == "RLIMIT_CPU" and judge:
@@ -223,7 +257,9 @@ class Server:
       scratch = self.scratch(slot)
       os.chdir("/" if judge else scratch)
       os.environ.clear()
-      os.environ.update({"HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "PATH": "/nonexistent"})
+      os.environ.update(
+        {"HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "PATH": "/nonexistent"}
+      )
       self._limits(judge)
       if self.namespaced:  # SysV IPC and POSIX queues die with the process, not the pool
         _check(_libc.unshare(CLONE_NEWIPC), "unshare ipc")
@@ -267,8 +303,13 @@ class Server:
     scratch = self.scratch(slot)
     if self.namespaced:
       if slot not in self.scratch_mounted:
-        _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-               f"size={lim['scratch_bytes']},nr_inodes={lim['scratch_inodes']},mode=0700,uid={uid},gid={uid}")
+        _mount(
+          "tmpfs",
+          scratch,
+          "tmpfs",
+          MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          f"size={lim['scratch_bytes']},nr_inodes={lim['scratch_inodes']},mode=0700,uid={uid},gid={uid}",
+        )
         self.scratch_mounted[slot] = self._dir_state(scratch)
     else:
       os.makedirs(scratch, mode=0o700)
@@ -276,14 +317,24 @@ class Server:
     cand_judge, judge_cand = socket.socketpair()
     sup_cand, cand_sup = socket.socketpair()
     with cand_judge, cand_sup:
-      pid = self._child(slot, False, [cand_judge.fileno(), cand_sup.fileno()], _runtime.run_candidate)
+      pid = self._child(
+        slot, False, [cand_judge.fileno(), cand_sup.fileno()], _runtime.run_candidate
+      )
     self.slots.setdefault(slot, {})["candidate"] = pid
     return sup_cand, judge_cand
 
   @staticmethod
   def _dir_state(path: str) -> tuple:
     st = os.stat(path)
-    return st.st_ctime_ns, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid, st.st_nlink, len(os.listdir(path))
+    return (
+      st.st_ctime_ns,
+      st.st_mtime_ns,
+      st.st_mode,
+      st.st_uid,
+      st.st_gid,
+      st.st_nlink,
+      len(os.listdir(path)),
+    )
 
   def scratch(self, slot: int) -> str:
     return f"/scratch/{slot}" if self.namespaced else os.path.join(self.cfg["root_dir"], str(slot))
@@ -319,7 +370,9 @@ class Server:
     self._reap_zombies()
     # A scratch dir the program left untouched is kept for the next one: any change to it
     # (a file made or removed, chmod, utime, an xattr) moves its ctime. Else a fresh tmpfs.
-    if slot in self.scratch_mounted and (judge or self._dir_state(self.scratch(slot)) != self.scratch_mounted[slot]):
+    if slot in self.scratch_mounted and (
+      judge or self._dir_state(self.scratch(slot)) != self.scratch_mounted[slot]
+    ):
       _check(_libc.umount2(self.scratch(slot).encode(), MNT_DETACH), "umount scratch")
       del self.scratch_mounted[slot]
     elif not self.namespaced and os.path.isdir(self.scratch(slot)):
@@ -351,7 +404,12 @@ class Server:
           status = os.read(fd, 1 << 16).decode()
         finally:
           os.close(fd)
-        uids = {int(u) for line in status.splitlines() if line.startswith("Uid:") for u in line.split()[1:]}
+        uids = {
+          int(u)
+          for line in status.splitlines()
+          if line.startswith("Uid:")
+          for u in line.split()[1:]
+        }
         if uids & ours:
           return True
       return False
@@ -408,22 +466,29 @@ def main() -> None:
       _prctl(PR_SET_CHILD_SUBREAPER, 1)
     else:
       enter_user_namespace()
-      notes.append("not root: all samples share your uid (no per-slot users); they run in user, "
-                   "PID, network and mount namespaces with rlimits; run as root for per-slot uids "
-                   "and the kill of everything a sample leaves behind")
+      notes.append(
+        "not root: all samples share your uid (no per-slot users); they run in user, "
+        "PID, network and mount namespaces with rlimits; run as root for per-slot uids "
+        "and the kill of everything a sample leaves behind"
+      )
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     if privileged:
       config["proc_fd"] = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     build_root(config["root_dir"], config["slots"])
     namespaced = True
   except OSError as e:
-    notes.append(f"namespaces unavailable ({e}); samples run with rlimits"
-                 f"{' and per-slot uids' if privileged else ''} only and can see this machine's "
-                 "files and network")
+    notes.append(
+      f"namespaces unavailable ({e}); samples run with rlimits"
+      f"{' and per-slot uids' if privileged else ''} only and can see this machine's "
+      "files and network"
+    )
     namespaced = False
   config["privileged"], config["namespaced"] = privileged, namespaced
-  isolation = ("full" if privileged else "user-namespace") if namespaced else (
-      "uids+rlimits" if privileged else "rlimits")
+  isolation = (
+    ("full" if privileged else "user-namespace")
+    if namespaced
+    else ("uids+rlimits" if privileged else "rlimits")
+  )
   if privileged:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
   sys.stdout.write(json.dumps({"ready": True, "isolation": isolation, "notes": notes}) + "\n")

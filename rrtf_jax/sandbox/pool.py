@@ -47,21 +47,22 @@ class SandboxError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  timeout: float = 3.0                 # seconds of wall clock per program, tests included
-  memory_bytes: int = 1 << 30          # address space per process
-  processes: int = 16                  # processes of the candidate's uid at once
-  file_bytes: int = 8 << 20            # largest file a program may write
+  timeout: float = 3.0  # seconds of wall clock per program, tests included
+  memory_bytes: int = 1 << 30  # address space per process
+  processes: int = 16  # processes of the candidate's uid at once
+  file_bytes: int = 8 << 20  # largest file a program may write
   open_files: int = 64
-  scratch_bytes: int = 16 << 20        # tmpfs scratch dir per slot
+  scratch_bytes: int = 16 << 20  # tmpfs scratch dir per slot
   scratch_inodes: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  program: str          # what the candidate executes (for HumanEval: prompt + completion)
-  test: str             # test code: asserts at top level and/or `def check(candidate)`
-  entry_point: str      # the function the tests call as `candidate`
-  prefix: str = ""      # problem code the tests may use (HumanEval prompt helpers); not run in the candidate
+  program: str  # what the candidate executes (for HumanEval: prompt + completion)
+  test: str  # test code: asserts at top level and/or `def check(candidate)`
+  entry_point: str  # the function the tests call as `candidate`
+  # problem code the tests may use (HumanEval prompt helpers); not run in the candidate
+  prefix: str = ""
 
   @property
   def tests_key(self) -> tuple:
@@ -71,7 +72,7 @@ class Job:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-  outcome: str          # one of OUTCOMES
+  outcome: str  # one of OUTCOMES
   tests_passed: int
   tests_total: int
   error: str = ""
@@ -91,6 +92,7 @@ class Verdict:
 
 def _recv_frame(sock: socket.socket, deadline: float):
   """One frame from `sock`, or TimeoutError at `deadline` (monotonic)."""
+
   def read(n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -106,6 +108,7 @@ def _recv_frame(sock: socket.socket, deadline: float):
         raise _runtime.ChannelClosed
       buf += chunk
     return bytes(buf)
+
   (n,) = struct.unpack(">I", read(4))
   if n > _runtime.MAX_FRAME:
     raise ValueError("oversized report")
@@ -113,7 +116,11 @@ def _recv_frame(sock: socket.socket, deadline: float):
 
 
 def _verdict(report) -> Verdict:
-  if type(report) is not dict or report.get("status") not in ("ok", "syntax_error", "runtime_error"):
+  if type(report) is not dict or report.get("status") not in (
+    "ok",
+    "syntax_error",
+    "runtime_error",
+  ):
     return Verdict("runtime_error", 0, 0, "malformed report from the judge")
   passed, total = report.get("passed"), report.get("total")
   if type(passed) is not int or type(total) is not int or not 0 <= passed <= total:
@@ -134,10 +141,14 @@ def _make_cgroups(memory_bytes: int, pids: int) -> tuple[list[str], str | None]:
     return [], f"no cgroups ({e}); the pool's memory is bounded only by rlimits"
   v1 = {c: path for _, controllers, path in lines for c in controllers.split(",") if c}
   if "memory" in v1 and "pids" in v1:
-    plan = [(f"/sys/fs/cgroup/memory{v1['memory']}", {"memory.limit_in_bytes": memory_bytes}),
-            (f"/sys/fs/cgroup/pids{v1['pids']}", {"pids.max": pids})]
+    plan = [
+      (f"/sys/fs/cgroup/memory{v1['memory']}", {"memory.limit_in_bytes": memory_bytes}),
+      (f"/sys/fs/cgroup/pids{v1['pids']}", {"pids.max": pids}),
+    ]
   else:
-    unified = next((path for hid, controllers, path in lines if hid == "0" and not controllers), None)
+    unified = next(
+      (path for hid, controllers, path in lines if hid == "0" and not controllers), None
+    )
     if unified is None:
       return [], "no memory/pids cgroups found; the pool's memory is bounded only by rlimits"
     plan = [(f"/sys/fs/cgroup{unified}", {"memory.max": memory_bytes, "pids.max": pids})]
@@ -164,8 +175,15 @@ _pool_ids = itertools.count()
 class Sandbox:
   """A pool of `workers` slots backed by one fork server. Thread-safe; use as a context manager."""
 
-  def __init__(self, workers: int | None = None, limits: Limits = Limits(), *,
-               uid_base: int | None = None, force_unprivileged: bool = False, quiet: bool = False):
+  def __init__(
+    self,
+    workers: int | None = None,
+    limits: Limits = Limits(),
+    *,
+    uid_base: int | None = None,
+    force_unprivileged: bool = False,
+    quiet: bool = False,
+  ):
     self.workers = max(1, workers or os.cpu_count() or 1)
     self.limits = limits
     # Distinct uids per pool so two pools on one machine never kill each other's programs.
@@ -175,20 +193,29 @@ class Sandbox:
     self._cgroups, cgroup_note = [], None
     if os.geteuid() == 0 and not force_unprivileged:
       self._cgroups, cgroup_note = _make_cgroups(
-          memory_bytes=self.workers * limits.memory_bytes + (512 << 20),
-          pids=self.workers * (limits.processes + 8) + 16)
+        memory_bytes=self.workers * limits.memory_bytes + (512 << 20),
+        pids=self.workers * (limits.processes + 8) + 16,
+      )
     self._root = tempfile.mkdtemp(prefix="rrtf-sandbox-")
     os.chmod(self._root, 0o755)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     config = {
-        "slots": self.workers, "uid_base": self.uid_base, "root_dir": self._root,
-        "ctl_fd": theirs.fileno(), "force_unprivileged": force_unprivileged, "cgroups": self._cgroups,
-        "limits": {**dataclasses.asdict(limits), "cpu_seconds": int(math.ceil(limits.timeout)) + 1},
+      "slots": self.workers,
+      "uid_base": self.uid_base,
+      "root_dir": self._root,
+      "ctl_fd": theirs.fileno(),
+      "force_unprivileged": force_unprivileged,
+      "cgroups": self._cgroups,
+      "limits": {**dataclasses.asdict(limits), "cpu_seconds": int(math.ceil(limits.timeout)) + 1},
     }
     # A clean environment: nothing of the caller's (API keys included) reaches a sample.
     self._proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        pass_fds=[theirs.fileno()], env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"})
+      [sys.executable, "-I", "-S", _SERVER],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      pass_fds=[theirs.fileno()],
+      env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"},
+    )
     theirs.close()
     self._ctl, self._ctl_lock = ours, threading.Lock()
     self._judges: list[dict] = [{} for _ in range(self.workers)]  # per slot: key, stream, handoff
@@ -199,7 +226,10 @@ class Sandbox:
       self.close()  # removes the cgroups and the root dir
       raise SandboxError("the sandbox server failed to start (see the error above)")
     ready = json.loads(line)
-    self.isolation, self.notes = ready["isolation"], ready["notes"] + ([cgroup_note] if cgroup_note else [])
+    self.isolation, self.notes = (
+      ready["isolation"],
+      ready["notes"] + ([cgroup_note] if cgroup_note else []),
+    )
     for note in self.notes:
       if note not in _printed_notes and not quiet:
         print(f"rrtf sandbox: {note}", file=sys.stderr)
@@ -246,8 +276,10 @@ class Sandbox:
       self._drop_judge(slot)
       _, (judge["stream"], judge["handoff"]) = self._request({"op": "judge", "slot": slot}, nfds=2)
       with contextlib.suppress(OSError):  # a judge that died is noticed when no report comes
-        _runtime.send_frame(judge["stream"].fileno(),
-                            {"prefix": job.prefix, "test": job.test, "entry_point": job.entry_point})
+        _runtime.send_frame(
+          judge["stream"].fileno(),
+          {"prefix": job.prefix, "test": job.test, "entry_point": job.entry_point},
+        )
         judge["key"] = key
     _, (to_candidate, judge_end) = self._request({"op": "candidate", "slot": slot}, nfds=2)
     clean = False
@@ -286,6 +318,7 @@ class Sandbox:
     Consecutive jobs with the same tests (a problem's samples) run as one chunk of up to
     `chunk` in one slot, so its judge is forked once for them rather than once per slot.
     """
+
     def run_chunk(chunk_jobs: list[Job]) -> list[Verdict]:
       out = []
       for job in chunk_jobs:
@@ -298,7 +331,9 @@ class Sandbox:
       pending: list = []
       current: list[Job] = []
       for job in itertools.chain(jobs, [None]):
-        if current and (job is None or len(current) >= chunk or job.tests_key != current[0].tests_key):
+        if current and (
+          job is None or len(current) >= chunk or job.tests_key != current[0].tests_key
+        ):
           pending.append(pool.submit(run_chunk, current))
           current = []
         if job is not None:

@@ -32,13 +32,14 @@ MAX_BODY = 16 << 20  # bytes
 class ApiError(Exception):
   """An error answered as OpenAI's error JSON."""
 
-  def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+  def __init__(
+    self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None
+  ):
     super().__init__(message)
     self.status, self.message, self.type, self.code = status, message, type_, code
 
   def body(self) -> dict:
     return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
-
 
 
 def row_seed(seed: int, prompt_index: int, choice: int) -> int:
@@ -57,7 +58,10 @@ def chat_prompt(messages) -> str:
       raise ValueError("each message must be an object with a string 'role'")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text ones
-      if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+      if not all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+      ):
         raise ValueError("only text content parts are supported")
       content = "".join(p["text"] for p in content)
     if content is None and m["role"] == "assistant":
@@ -69,7 +73,9 @@ def chat_prompt(messages) -> str:
     elif m["role"] == "assistant":
       answer.append(content)
     else:
-      raise ValueError(f"message role {m['role']!r} is not supported (system, developer, user, assistant)")
+      raise ValueError(
+        f"message role {m['role']!r} is not supported (system, developer, user, assistant)"
+      )
   if not question:
     raise ValueError("messages need at least one system or user message")
   return prompt_text("\n\n".join(question)) + "".join(answer)
@@ -92,7 +98,11 @@ def _number(body: dict, key: str, default, *, integer: bool = False, check=None,
   v = body.get(key)
   if v is None:
     return default
-  if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+  if (
+    isinstance(v, bool)
+    or not isinstance(v, int if integer else (int, float))
+    or not math.isfinite(v)
+  ):
     raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
   if check is not None and not check(v):
     raise ValueError(f"{key} must be {want}, got {v!r}")
@@ -117,11 +127,19 @@ def parse_request(body, *, chat: bool, default_max_tokens: int) -> tuple[list[Re
       raise ValueError("missing 'prompt'")
     prompts = _prompts(body["prompt"])
   n = _number(body, "n", 1, integer=True, check=lambda v: 1 <= v <= MAX_N, want=f"in [1, {MAX_N}]")
-  key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-  max_tokens = _number(body, key, default_max_tokens, integer=True, check=lambda v: v >= 1, want="at least 1")
+  key = (
+    "max_completion_tokens"
+    if chat and body.get("max_completion_tokens") is not None
+    else "max_tokens"
+  )
+  max_tokens = _number(
+    body, key, default_max_tokens, integer=True, check=lambda v: v >= 1, want="at least 1"
+  )
   temperature = _number(body, "temperature", 1.0, check=lambda v: v >= 0, want=">= 0")
   top_p = _number(body, "top_p", 1.0, check=lambda v: 0 < v <= 1, want="in (0, 1]")
-  top_k = _number(body, "top_k", 0, integer=True, check=lambda v: v >= -1, want=">= 0 (or -1 for off)")
+  top_k = _number(
+    body, "top_k", 0, integer=True, check=lambda v: v >= -1, want=">= 0 (or -1 for off)"
+  )
   seed = _number(body, "seed", None, integer=True)
   stop = body.get("stop")
   stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
@@ -133,10 +151,19 @@ def parse_request(body, *, chat: bool, default_max_tokens: int) -> tuple[list[Re
   opts = body.get("stream_options") or {}
   if not isinstance(opts, dict):
     raise ValueError("stream_options must be an object")
-  rows = [Request(p, max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                  top_k=max(top_k, 0), stop=tuple(s for s in stop if s),
-                  seed=secrets.randbits(32) if seed is None else row_seed(seed, pi, i))
-          for pi, p in enumerate(prompts) for i in range(n)]
+  rows = [
+    Request(
+      p,
+      max_new_tokens=max_tokens,
+      temperature=float(temperature),
+      top_p=float(top_p),
+      top_k=max(top_k, 0),
+      stop=tuple(s for s in stop if s),
+      seed=secrets.randbits(32) if seed is None else row_seed(seed, pi, i),
+    )
+    for pi, p in enumerate(prompts)
+    for i in range(n)
+  ]
   return rows, n, {"stream": bool(stream), "include_usage": bool(opts.get("include_usage"))}
 
 
@@ -148,4 +175,8 @@ def choice(i: int, text: str, finish: str, chat: bool) -> dict:
 def usage(gens: list[Generation], n: int) -> dict:
   prompt = sum(g.prompt_tokens for g in gens[::n])  # each prompt once, as OpenAI counts
   completion = sum(len(g.tokens) for g in gens)
-  return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+  return {
+    "prompt_tokens": prompt,
+    "completion_tokens": completion,
+    "total_tokens": prompt + completion,
+  }

@@ -47,7 +47,9 @@ class Engine:
     self._thread = threading.Thread(target=self._loop, name="rrtf-engine", daemon=True)
     self._thread.start()
 
-  def submit(self, rows: list[Request], on_chunk: Callable | None = None) -> concurrent.futures.Future:
+  def submit(
+    self, rows: list[Request], on_chunk: Callable | None = None
+  ) -> concurrent.futures.Future:
     fut: concurrent.futures.Future = concurrent.futures.Future()
     try:
       rows = self._check(rows)
@@ -143,7 +145,8 @@ class Engine:
 
   def _generate(self, batch: list[_Submission]) -> list[list[Generation]]:
     rows = [r for sub in batch for r in sub.rows]
-    owner = [(sub, j) for sub in batch for j in range(len(sub.rows))]  # batch row -> (submission, its row)
+    # batch row -> (submission, its row)
+    owner = [(sub, j) for sub in batch for j in range(len(sub.rows))]
     broken: set[int] = set()
 
     def on_chunk(i, text, finished):
@@ -157,9 +160,11 @@ class Engine:
         log.exception("on_chunk failed; no more chunks for that request")
 
     self.batches += 1
-    gens = self.decoder.generate(rows, on_chunk=on_chunk if any(s.on_chunk for s in batch) else None)
+    gens = self.decoder.generate(
+      rows, on_chunk=on_chunk if any(s.on_chunk for s in batch) else None
+    )
     out, start = [], 0
     for sub in batch:
-      out.append(gens[start:start + len(sub.rows)])
+      out.append(gens[start : start + len(sub.rows)])
       start += len(sub.rows)
     return out

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # ---- HTTP -------------------------------------------------------------------------------------
 
+
 class _Server(ThreadingHTTPServer):
   daemon_threads = True  # a stuck client never holds up shutdown
   engine: Engine
@@ -96,8 +97,11 @@ class _Handler(BaseHTTPRequestHandler):
     header = self.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
     if not hmac.compare_digest(token.encode("utf-8"), key.encode("utf-8")):
-      raise ApiError(401, "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
-                     code="invalid_api_key")
+      raise ApiError(
+        401,
+        "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
+        code="invalid_api_key",
+      )
 
   def _route(self) -> str:
     return urlsplit(self.path).path.rstrip("/") or "/"
@@ -136,7 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
         raise ApiError(411, "a Content-Length header is required") from None
       if not 0 <= length <= MAX_BODY:
         self.close_connection = True
-        raise ApiError(413 if length > 0 else 400, f"Content-Length must be in [0, {MAX_BODY}], got {length}")
+        raise ApiError(
+          413 if length > 0 else 400, f"Content-Length must be in [0, {MAX_BODY}], got {length}"
+        )
       raw = self.rfile.read(length)
       self._pending_log = [path, raw]
       self._auth()
@@ -172,9 +178,16 @@ class _Handler(BaseHTTPRequestHandler):
     except ValueError:
       body = None
     body = body if isinstance(body, dict) else {}
-    line = json.dumps({"time": round(time.time(), 3), "path": path, "status": status,
-                       "sha256": hashlib.sha256(raw).hexdigest(), "model": body.get("model"),
-                       "n": body.get("n", 1) if body else None})
+    line = json.dumps(
+      {
+        "time": round(time.time(), 3),
+        "path": path,
+        "status": status,
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "model": body.get("model"),
+        "n": body.get("n", 1) if body else None,
+      }
+    )
     with self.server.log_lock:
       if self.server.log_file is not None:
         self.server.log_file.write(line + "\n")
@@ -189,14 +202,22 @@ class _Handler(BaseHTTPRequestHandler):
       raise ApiError(400, f"the body is not valid JSON: {e}") from None
     model = body.get("model") if isinstance(body, dict) else None
     if model is not None and model != self.server.model_name:
-      raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.server.model_name!r}",
-                     code="model_not_found")
+      raise ApiError(
+        404,
+        f"the model {model!r} does not exist; this server serves {self.server.model_name!r}",
+        code="model_not_found",
+      )
     try:
-      rows, n, opts = parse_request(body, chat=chat, default_max_tokens=self.server.default_max_tokens)
+      rows, n, opts = parse_request(
+        body, chat=chat, default_max_tokens=self.server.default_max_tokens
+      )
     except ValueError as e:
       raise ApiError(400, str(e)) from None
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": self.server.model_name}
+    meta = {
+      "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+      "created": int(time.time()),
+      "model": self.server.model_name,
+    }
     if opts["stream"]:
       return self._stream(rows, n, chat, meta, opts["include_usage"])
     gens = self._result(self.server.engine.submit(rows))
@@ -211,7 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
     except ValueError as e:  # what the decoder refuses: the request's fault
       raise ApiError(400, str(e)) from None
 
-  def _stream(self, rows: list[Request], n: int, chat: bool, meta: dict, include_usage: bool) -> int:
+  def _stream(
+    self, rows: list[Request], n: int, chat: bool, meta: dict, include_usage: bool
+  ) -> int:
     events: queue.SimpleQueue = queue.SimpleQueue()
     fut = self.server.engine.submit(rows, on_chunk=lambda i, text, finished: events.put((i, text)))
     if fut.done():
@@ -233,11 +256,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def chunk(i, text=None, finish=None, role=False) -> None:
       if chat:
-        delta = ({"role": "assistant", "content": ""} if role else {}) | ({} if text is None else {"content": text})
+        delta = ({"role": "assistant", "content": ""} if role else {}) | (
+          {} if text is None else {"content": text}
+        )
         choice = {"index": i, "delta": delta}
       else:
         choice = {"index": i, "text": text or ""}
-      event({**meta, "object": obj, "choices": [{**choice, "logprobs": None, "finish_reason": finish}]})
+      event(
+        {**meta, "object": obj, "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
+      )
 
     sent = [""] * len(rows)
 
@@ -245,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
       if not text.startswith(sent[i]):  # the decoder's held-back text makes this impossible
         log.warning("row %d text changed after it was streamed; the stream will differ", i)
       elif len(text) > len(sent[i]):
-        chunk(i, text[len(sent[i]):])
+        chunk(i, text[len(sent[i]) :])
         sent[i] = text
 
     if chat:
@@ -276,8 +303,16 @@ class _Handler(BaseHTTPRequestHandler):
     return status
 
 
-def make_server(engine: Engine, host: str, port: int, *, model_name: str, api_key_env: str | None = None,
-                request_log: str | None = None, default_max_tokens: int = 256) -> ThreadingHTTPServer:
+def make_server(
+  engine: Engine,
+  host: str,
+  port: int,
+  *,
+  model_name: str,
+  api_key_env: str | None = None,
+  request_log: str | None = None,
+  default_max_tokens: int = 256,
+) -> ThreadingHTTPServer:
   """A bound (not yet serving) server over `engine`; call `serve_forever()`. With `api_key_env`,
   requests need `Authorization: Bearer $api_key_env` (the variable must be set)."""
   key = None
@@ -290,12 +325,20 @@ def make_server(engine: Engine, host: str, port: int, *, model_name: str, api_ke
   server.default_max_tokens = int(default_max_tokens)
   server.log_lock = threading.Lock()
   if request_log:
-    server.log_file = open(request_log, "a", encoding="utf-8")  # noqa: SIM115  (closed by server_close)
+    # noqa: SIM115  (closed by server_close)
+    server.log_file = open(request_log, "a", encoding="utf-8")
   return server
 
 
-def load_decoder(ckpt: str, *, mesh: str | None = None, dtype: str | None = None, chunk: int = 32,
-                 max_batch: int = 16, seed: int = 0):
+def load_decoder(
+  ckpt: str,
+  *,
+  mesh: str | None = None,
+  dtype: str | None = None,
+  chunk: int = 32,
+  max_batch: int = 16,
+  seed: int = 0,
+):
   """The Decoder of checkpoint `ckpt`, sharded by the mesh spec `mesh` (e.g. tensor=4) over this
   host's own devices: serving, sampling and evaluating are per-host work (every worker of a
   multi-host slice runs its own copy; jax.devices() there holds the other hosts' devices too).
@@ -304,21 +347,36 @@ def load_decoder(ckpt: str, *, mesh: str | None = None, dtype: str | None = None
 
   from model.decode import Decoder
   from model.sharding import make_mesh
+
   local_mesh = make_mesh(mesh, jax.local_devices()) if mesh else None
-  return Decoder.from_checkpoint(ckpt, mesh=local_mesh, dtype=dtype, chunk=chunk,
-                                 max_batch=max_batch, seed=seed)
+  return Decoder.from_checkpoint(
+    ckpt, mesh=local_mesh, dtype=dtype, chunk=chunk, max_batch=max_batch, seed=seed
+  )
 
 
-def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
-               max_batch: int = 16, chunk: int = 32, api_key_env: str | None = None, request_log: str | None = None,
-               dtype: str | None = None, mesh: str | None = None, seed: int = 0) -> None:
+def serve_main(
+  ckpt: str,
+  host: str = "127.0.0.1",
+  port: int = 8000,
+  *,
+  model_name: str | None = None,
+  max_batch: int = 16,
+  chunk: int = 32,
+  api_key_env: str | None = None,
+  request_log: str | None = None,
+  dtype: str | None = None,
+  mesh: str | None = None,
+  seed: int = 0,
+) -> None:
   """Loads `ckpt` and serves it until SIGINT or SIGTERM (see the module docstring). Prints one
   line, "serving NAME on http://HOST:PORT/v1", once listening (port 0 picks a free one)."""
   decoder = load_decoder(ckpt, mesh=mesh, dtype=dtype, chunk=chunk, max_batch=max_batch, seed=seed)
   name = model_name or os.path.basename(ckpt.rstrip("/")) or "rrtf"
   engine = Engine(decoder)
   try:
-    server = make_server(engine, host, port, model_name=name, api_key_env=api_key_env, request_log=request_log)
+    server = make_server(
+      engine, host, port, model_name=name, api_key_env=api_key_env, request_log=request_log
+    )
   except BaseException:
     engine.close()
     raise
@@ -327,8 +385,9 @@ def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, *, model_na
   if threading.current_thread() is threading.main_thread():
     for sig in (signal.SIGINT, signal.SIGTERM):
       previous[sig] = signal.signal(sig, lambda *_: stop.set())
-  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="rrtf-http",
-                            daemon=True)
+  thread = threading.Thread(
+    target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="rrtf-http", daemon=True
+  )
   thread.start()
   url_host = f"[{host}]" if ":" in host else host
   print(f"serving {name} on http://{url_host}:{server.server_address[1]}/v1", flush=True)

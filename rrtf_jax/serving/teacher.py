@@ -74,20 +74,33 @@ def _server_message(response) -> str:
 class TeacherClient:
   """Completions from an OpenAI-compatible server (vLLM, TGI, `rrtf serve`, OpenAI)."""
 
-  def __init__(self, url: str, model: str, *, api: str = "chat", api_key_env: str = "OPENAI_API_KEY",
-               concurrency: int = 8, max_retries: int = 5, timeout: float = 120.0,
-               backoff: float = 1.0, max_backoff: float = 60.0, cache_dir: str | None = None,
-               system: str | None = None):
+  def __init__(
+    self,
+    url: str,
+    model: str,
+    *,
+    api: str = "chat",
+    api_key_env: str = "OPENAI_API_KEY",
+    concurrency: int = 8,
+    max_retries: int = 5,
+    timeout: float = 120.0,
+    backoff: float = 1.0,
+    max_backoff: float = 60.0,
+    cache_dir: str | None = None,
+    system: str | None = None,
+  ):
     if api not in ("chat", "completions"):
       raise ValueError(f"teacher api must be 'chat' or 'completions', not {api!r}")
     if system is not None and api != "chat":
       raise ValueError("a teacher system prompt needs api='chat'")
     if concurrency < 1 or max_retries < 0:
-      raise ValueError(f"teacher concurrency must be >= 1 and max_retries >= 0 (got {concurrency}, {max_retries})")
+      raise ValueError(
+        f"teacher concurrency must be >= 1 and max_retries >= 0 (got {concurrency}, {max_retries})"
+      )
     base = url.rstrip("/")
     for suffix in ("/chat/completions", "/completions"):  # chat first: it also ends in /completions
       if base.endswith(suffix):
-        base = base[:-len(suffix)]
+        base = base[: -len(suffix)]
         break
     self.url = base
     self.endpoint = f"{base}/chat/completions" if api == "chat" else f"{base}/completions"
@@ -104,6 +117,7 @@ class TeacherClient:
     self._fs = self._cache_root = None
     if cache_dir is not None:
       import fsspec
+
       self._fs, self._cache_root = fsspec.core.url_to_fs(cache_dir)
       self._cache_root = self._cache_root.rstrip("/")
       protocol = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
@@ -114,12 +128,25 @@ class TeacherClient:
 
   # --- public API ---
 
-  def complete(self, prompt: str, *, n: int = 1, temperature: float = 0.8, top_p: float = 0.95,
-               max_tokens: int = 512, stop: list[str] | None = None, seed: int | None = None) -> list[str]:
+  def complete(
+    self,
+    prompt: str,
+    *,
+    n: int = 1,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    max_tokens: int = 512,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+  ) -> list[str]:
     """The n choice texts for one prompt (from the cache when present)."""
-    return self._complete(self._body(prompt, n, temperature, top_p, max_tokens, stop, seed), threading.Event())
+    return self._complete(
+      self._body(prompt, n, temperature, top_p, max_tokens, stop, seed), threading.Event()
+    )
 
-  def map(self, requests: list[dict], on_done=None, cancel: threading.Event | None = None) -> list[list[str]]:
+  def map(
+    self, requests: list[dict], on_done=None, cancel: threading.Event | None = None
+  ) -> list[list[str]]:
     """`complete(**r)` for every r, up to `concurrency` at once; results in input order.
 
     `on_done()` is called (in this thread) once per finished request. The first failure
@@ -178,8 +205,16 @@ class TeacherClient:
 
   # --- internals ---
 
-  def _body(self, prompt: str, n: int = 1, temperature: float = 0.8, top_p: float = 0.95,
-            max_tokens: int = 512, stop: list[str] | None = None, seed: int | None = None) -> dict:
+  def _body(
+    self,
+    prompt: str,
+    n: int = 1,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    max_tokens: int = 512,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+  ) -> dict:
     if n < 1:
       raise ValueError(f"n must be >= 1, got {n}")
     if self.api == "chat":
@@ -187,13 +222,17 @@ class TeacherClient:
       body = {"model": self.model, "messages": messages + [{"role": "user", "content": prompt}]}
     else:
       body = {"model": self.model, "prompt": prompt}
-    body.update(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed)
+    body.update(
+      n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed
+    )
     return {k: v for k, v in body.items() if v is not None}
 
   def _complete(self, body: dict, cancel: threading.Event) -> list[str]:
     path = None
     if self._fs is not None:
-      blob = json.dumps({"endpoint": self.endpoint, "body": body}, sort_keys=True, ensure_ascii=False)
+      blob = json.dumps(
+        {"endpoint": self.endpoint, "body": body}, sort_keys=True, ensure_ascii=False
+      )
       key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
       path = f"{self._cache_root}/{key[:2]}/{key}.json"
       texts = self._cache_get(path, body["n"])
@@ -228,11 +267,15 @@ class TeacherClient:
           return self._parse(r, body["n"])
         if r.status_code in (401, 403):
           hint = "is not set" if not self._key else "was rejected"
-          raise self._error(f"{status}: ${self.api_key_env} {hint}; set ${self.api_key_env} to a valid key "
-                            f"(--teacher-key-env names the variable); the server said: {_server_message(r)}")
+          raise self._error(
+            f"{status}: ${self.api_key_env} {hint}; set ${self.api_key_env} to a valid key "
+            f"(--teacher-key-env names the variable); the server said: {_server_message(r)}"
+          )
         if r.status_code == 404:
-          raise self._error(f"{status}: check the base URL (it should end in /v1, e.g. http://HOST:8000/v1) "
-                            f"and the model name {self.model!r}; the server said: {_server_message(r)}")
+          raise self._error(
+            f"{status}: check the base URL (it should end in /v1, e.g. http://HOST:8000/v1) "
+            f"and the model name {self.model!r}; the server said: {_server_message(r)}"
+          )
         if r.status_code != 429 and r.status_code < 500:
           raise self._error(f"{status}: {_server_message(r)}")
         last = f"{status}: {_server_message(r)}"
@@ -243,14 +286,25 @@ class TeacherClient:
         delay = min(self.max_backoff, self.backoff * 2**attempt)
         wait = delay / 2 + random.uniform(0, delay / 2)  # jitter, so parallel clients spread out
       wait = min(wait, self.max_backoff)
-      log.warning("teacher %s: %s; retry %d/%d in %.2fs", self.endpoint, last, attempt + 1, self.max_retries, wait)
+      log.warning(
+        "teacher %s: %s; retry %d/%d in %.2fs",
+        self.endpoint,
+        last,
+        attempt + 1,
+        self.max_retries,
+        wait,
+      )
       _sleep(wait, cancel)
     attempts = self.max_retries + 1
     if last.startswith("unreachable"):
-      raise self._error(f"server unreachable after {attempts} attempts, is it running? last error: {last}")
+      raise self._error(
+        f"server unreachable after {attempts} attempts, is it running? last error: {last}"
+      )
     if last.startswith("timed out"):
-      raise self._error(f"{last} on each of {attempts} attempts: the server is overloaded or the "
-                        f"timeout is too short")
+      raise self._error(
+        f"{last} on each of {attempts} attempts: the server is overloaded or the "
+        f"timeout is too short"
+      )
     raise self._error(f"gave up after {attempts} attempts, last: {last}")
 
   def _parse(self, r, n: int) -> list[str]:
@@ -260,11 +314,17 @@ class TeacherClient:
       raise self._error(f"200 OK but the body is not JSON: {r.text[:_MESSAGE_CHARS]!r}") from None
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices:
-      extra = f" (server said: {_server_message(r)})" if isinstance(data, dict) and "error" in data else ""
+      extra = (
+        f" (server said: {_server_message(r)})"
+        if isinstance(data, dict) and "error" in data
+        else ""
+      )
       raise self._error(f"200 OK but the response has no choices{extra}")
     if len(choices) < n:
-      raise self._error(f"asked for n={n} but the response has {len(choices)} choices; "
-                        f"the server may not support n > 1")
+      raise self._error(
+        f"asked for n={n} but the response has {len(choices)} choices; "
+        f"the server may not support n > 1"
+      )
     try:
       choices = sorted(choices, key=lambda c: c.get("index", 0))[:n]
       if self.api == "chat":
@@ -273,7 +333,9 @@ class TeacherClient:
         texts = [c["text"] for c in choices]
     except (AttributeError, KeyError, TypeError):
       field = "message.content" if self.api == "chat" else "text"
-      raise self._error(f"200 OK but a choice lacks {field}: is the server {self.api}-compatible?") from None
+      raise self._error(
+        f"200 OK but a choice lacks {field}: is the server {self.api}-compatible?"
+      ) from None
     if not all(isinstance(t, str) for t in texts):
       raise self._error("200 OK but a choice's text is not a string")
     return texts
@@ -300,7 +362,9 @@ class TeacherClient:
   def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
     with self._lock:
       if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="teacher")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+          self.concurrency, thread_name_prefix="teacher"
+        )
       return self._pool
 
   def _cache_get(self, path: str, n: int) -> list[str] | None:

@@ -40,12 +40,24 @@ import json
 import os
 from typing import Sequence
 
-from data.problems import (HUMANEVAL, InputError, Problem, load_problems, read_jsonl, write_jsonl_atomic,
-                           write_text_atomic)
+from data.problems import (
+  HUMANEVAL,
+  InputError,
+  Problem,
+  load_problems,
+  read_jsonl,
+  write_jsonl_atomic,
+  write_text_atomic,
+)
 from data.records import check_shard
 from model.paths import abspath
-from rrtf_jax.stages.sample import (COMPLETION_STOPS, FilePlan, SampleProblem, check_prompts_fit,
-                                    derive_seed)
+from rrtf_jax.stages.sample import (
+  COMPLETION_STOPS,
+  FilePlan,
+  SampleProblem,
+  check_prompts_fit,
+  derive_seed,
+)
 
 PROMPT_FORMATS = ("rrtf", "raw")
 PAPER_KS = (1, 10, 100)
@@ -78,32 +90,65 @@ def problem_prompt(p: Problem, prompt_format: str) -> str:
   """What the model sees for `p`."""
   if prompt_format == "raw":
     return p.prompt
-  return SampleProblem(p.task_id, p.prompt, p.test, p.entry_point, exec_prefix=p.prompt).student_text()
+  return SampleProblem(
+    p.task_id, p.prompt, p.test, p.entry_point, exec_prefix=p.prompt
+  ).student_text()
 
 
 # ---------------------------------------------------------------------------------- scoring
 
-def execute(problems: dict[str, Problem], samples: Sequence[dict], *, box=None, workers: int | None = None,
-            timeout: float = 3.0, progress: bool = True, desc: str = "execute") -> list[dict]:
+
+def execute(
+  problems: dict[str, Problem],
+  samples: Sequence[dict],
+  *,
+  box=None,
+  workers: int | None = None,
+  timeout: float = 3.0,
+  progress: bool = True,
+  desc: str = "execute",
+) -> list[dict]:
   """Runs every sample in the sandbox as check.py does (program = prompt + completion, the
   prompt's helpers available to the tests); returns the samples with RESULT_FIELDS added."""
   from tqdm import tqdm
 
   from rrtf_jax.sandbox import Job, Limits, Sandbox
-  jobs = [Job(problems[s["task_id"]].prompt + s["completion"], problems[s["task_id"]].test,
-              problems[s["task_id"]].entry_point, prefix=problems[s["task_id"]].prompt) for s in samples]
+
+  jobs = [
+    Job(
+      problems[s["task_id"]].prompt + s["completion"],
+      problems[s["task_id"]].test,
+      problems[s["task_id"]].entry_point,
+      prefix=problems[s["task_id"]].prompt,
+    )
+    for s in samples
+  ]
   with contextlib.ExitStack() as stack:
     if box is None:
       box = stack.enter_context(Sandbox(workers, Limits(timeout=timeout)))
-    bar = stack.enter_context(tqdm(total=len(jobs), desc=desc, unit="sample", disable=not progress,
-                                   dynamic_ncols=True))
+    bar = stack.enter_context(
+      tqdm(total=len(jobs), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
+    )
     verdicts = list(box.map(jobs, on_done=lambda: bar.update(1)))
-  return [dict(s, result=v.result(), passed=v.passed, outcome=v.outcome, tests_passed=v.tests_passed,
-               tests_total=v.tests_total) for s, v in zip(samples, verdicts)]
+  return [
+    dict(
+      s,
+      result=v.result(),
+      passed=v.passed,
+      outcome=v.outcome,
+      tests_passed=v.tests_passed,
+      tests_total=v.tests_total,
+    )
+    for s, v in zip(samples, verdicts)
+  ]
 
 
-def summarize(problems: dict[str, Problem], results: Sequence[dict], ks: Sequence[int],
-              settings: dict | None = None) -> dict:
+def summarize(
+  problems: dict[str, Problem],
+  results: Sequence[dict],
+  ks: Sequence[int],
+  settings: dict | None = None,
+) -> dict:
   """pass@k (mean over problems of the per-problem estimate), per-problem n and c, outcome counts."""
   per = {tid: [0, 0] for tid in problems}  # task_id -> [n, c]
   for r in results:
@@ -119,13 +164,16 @@ def summarize(problems: dict[str, Problem], results: Sequence[dict], ks: Sequenc
       raise InputError(f"--k {too_big[0]} is more than the {n} samples of {tid}")
     rows.append({"task_id": tid, "n": n, "c": c, **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}})
   out = {
-      "pass@k": {f"pass@{k}": sum(r[f"pass@{k}"] for r in rows) / len(rows) for k in ks},
-      "problems": len(rows), "samples": len(results),
-      "solved": sum(_solved(r) for r in rows),
-      "outcomes": dict(sorted(collections.Counter(r["outcome"] for r in results).items())),
+    "pass@k": {f"pass@{k}": sum(r[f"pass@{k}"] for r in rows) / len(rows) for k in ks},
+    "problems": len(rows),
+    "samples": len(results),
+    "solved": sum(_solved(r) for r in rows),
+    "outcomes": dict(sorted(collections.Counter(r["outcome"] for r in results).items())),
   }
   if all("finish_reason" in r for r in results):
-    out["finish_reasons"] = dict(sorted(collections.Counter(r["finish_reason"] for r in results).items()))
+    out["finish_reasons"] = dict(
+      sorted(collections.Counter(r["finish_reason"] for r in results).items())
+    )
   if settings is not None:
     out["settings"] = settings
   out["per_problem"] = rows
@@ -134,22 +182,30 @@ def summarize(problems: dict[str, Problem], results: Sequence[dict], ks: Sequenc
 
 def report_markdown(summary: dict) -> str:
   s = summary.get("settings", {})
-  lines = [f"# HumanEval evaluation of {s.get('ckpt', '?')}", "",
-           "| metric | % |", "|---|---|"]
+  lines = [f"# HumanEval evaluation of {s.get('ckpt', '?')}", "", "| metric | % |", "|---|---|"]
   lines += [f"| {k} | {100 * v:.2f} |" for k, v in summary["pass@k"].items()]
-  lines += ["", f"{summary['problems']} problems, {summary['samples']} samples; "
-            f"{summary['solved']} problems solved (c/n >= {SOLVED_AT}).", "",
-            "Outcomes: " + ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items()) + "."]
+  lines += [
+    "",
+    f"{summary['problems']} problems, {summary['samples']} samples; "
+    f"{summary['solved']} problems solved (c/n >= {SOLVED_AT}).",
+    "",
+    "Outcomes: " + ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items()) + ".",
+  ]
   if "finish_reasons" in summary:
-    lines.append("Finish reasons: " + ", ".join(f"{k} {v}" for k, v in summary["finish_reasons"].items())
-                 + " (length = cut at max_new_tokens).")
+    lines.append(
+      "Finish reasons: "
+      + ", ".join(f"{k} {v}" for k, v in summary["finish_reasons"].items())
+      + " (length = cut at max_new_tokens)."
+    )
   if s:
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in s.items()]
   return "\n".join(lines) + "\n"
 
 
-def write_outputs(out_dir: str, samples: Sequence[dict], results: Sequence[dict], summary: dict) -> None:
+def write_outputs(
+  out_dir: str, samples: Sequence[dict], results: Sequence[dict], summary: dict
+) -> None:
   """samples.jsonl, results.jsonl, summary.json and report.md, each atomically."""
   write_jsonl_atomic(f"{out_dir}/samples.jsonl", samples)
   write_jsonl_atomic(f"{out_dir}/results.jsonl", results)
@@ -158,6 +214,7 @@ def write_outputs(out_dir: str, samples: Sequence[dict], results: Sequence[dict]
 
 
 # ------------------------------------------------------------------------------- evaluation
+
 
 @dataclasses.dataclass
 class EvalSummary:
@@ -172,26 +229,47 @@ class EvalSummary:
   def report(self) -> str:
     if not self.assigned:
       return f"this process's shard has none of the {self.parts} parts: nothing to do"
-    head = (f"parts sampled {self.parts_sampled or '-'}, executed {self.parts_executed or '-'}, "
-            f"already done {self.parts_skipped or '-'} of {self.parts}")
+    head = (
+      f"parts sampled {self.parts_sampled or '-'}, executed {self.parts_executed or '-'}, "
+      f"already done {self.parts_skipped or '-'} of {self.parts}"
+    )
     if self.summary is None:
       return f"{head}; other parts are missing: the process that completes the last one writes {self.out}/summary.json"
     figures = ", ".join(f"{k} {100 * v:.2f}%" for k, v in self.summary["pass@k"].items())
-    return (f"{head}; {figures} over {self.summary['problems']} problems ({self.summary['samples']} samples); "
-            f"wrote {self.out}/summary.json, report.md, samples.jsonl, results.jsonl")
+    return (
+      f"{head}; {figures} over {self.summary['problems']} problems ({self.summary['samples']} samples); "
+      f"wrote {self.out}/summary.json, report.md, samples.jsonl, results.jsonl"
+    )
 
 
 def part_paths(out_dir: str, j: int, count: int) -> tuple[str, str]:
   """(samples, results) paths of part j."""
-  return tuple(f"{out_dir}/parts/{kind}-{j:05d}-of-{count:05d}.jsonl" for kind in ("samples", "results"))
+  return tuple(
+    f"{out_dir}/parts/{kind}-{j:05d}-of-{count:05d}.jsonl" for kind in ("samples", "results")
+  )
 
 
-def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None,
-             temperature: float | None = None, top_p: float | None = None,
-             ks: Sequence[int] | None = None, greedy: bool = False, prompt_format: str = "rrtf",
-             max_new_tokens: int = 512, seed: int = 0, problems_per_file: int = 16, shard: int = 0,
-             num_shards: int = 1, workers: int | None = None, timeout: float = 3.0, decoder=None,
-             progress: bool = True) -> EvalSummary:
+def evaluate(
+  ckpt: str,
+  problems: str,
+  out_dir: str,
+  *,
+  n: int | None = None,
+  temperature: float | None = None,
+  top_p: float | None = None,
+  ks: Sequence[int] | None = None,
+  greedy: bool = False,
+  prompt_format: str = "rrtf",
+  max_new_tokens: int = 512,
+  seed: int = 0,
+  problems_per_file: int = 16,
+  shard: int = 0,
+  num_shards: int = 1,
+  workers: int | None = None,
+  timeout: float = 3.0,
+  decoder=None,
+  progress: bool = True,
+) -> EvalSummary:
   """Samples, executes and scores this process's parts; see the module docstring.
 
   Args:
@@ -206,10 +284,20 @@ def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None,
   table = _load(problems)
   parts = FilePlan(list(table.values()), problems_per_file, shard, num_shards)
   settings = dict(
-      ckpt=abspath(ckpt), problems=problems if problems == HUMANEVAL else abspath(problems),
-      problems_sha256=_digest(parts.problems), n=n, temperature=temperature, top_p=top_p,
-      greedy=greedy, prompt_format=prompt_format, max_new_tokens=max_new_tokens, seed=seed,
-      stop=list(COMPLETION_STOPS), timeout=timeout, problems_per_file=problems_per_file)
+    ckpt=abspath(ckpt),
+    problems=problems if problems == HUMANEVAL else abspath(problems),
+    problems_sha256=_digest(parts.problems),
+    n=n,
+    temperature=temperature,
+    top_p=top_p,
+    greedy=greedy,
+    prompt_format=prompt_format,
+    max_new_tokens=max_new_tokens,
+    seed=seed,
+    stop=list(COMPLETION_STOPS),
+    timeout=timeout,
+    problems_per_file=problems_per_file,
+  )
   _check_previous(out_dir, settings)
   paths = [part_paths(out_dir, j, parts.count) for j in range(parts.count)]
   to_sample = parts.unwritten([samples for samples, _ in paths])
@@ -224,14 +312,16 @@ def evaluate(ckpt: str, problems: str, out_dir: str, *, n: int | None = None,
     for j in parts.mine:
       where = f"part {j + 1}/{parts.count}"
       if j in to_sample:
-        samples = _sample_part(decoder, sampling, parts.chunk(j), desc=f"sample {where}",
-                               progress=progress)
+        samples = _sample_part(
+          decoder, sampling, parts.chunk(j), desc=f"sample {where}", progress=progress
+        )
         write_jsonl_atomic(paths[j][0], samples)
         summary.parts_sampled.append(j)
       if not _exists(paths[j][1]):
         samples = _read_part(paths[j][0], parts.chunk(j), n)
-        results = execute(table, samples, box=sandbox.get(), progress=progress,
-                          desc=f"execute {where}")
+        results = execute(
+          table, samples, box=sandbox.get(), progress=progress, desc=f"execute {where}"
+        )
         write_jsonl_atomic(paths[j][1], results)
         summary.parts_executed.append(j)
       elif j not in to_sample:
@@ -251,7 +341,9 @@ def _check_settings(n, temperature, top_p, ks, greedy):
     temperature = 0.2 if temperature is None else float(temperature)
     top_p = 0.95 if top_p is None else float(top_p)
   if n < 1 or temperature < 0 or not 0 < top_p <= 1:
-    raise InputError(f"need --n >= 1, --temperature >= 0 and --top-p in (0, 1]; got {n}, {temperature}, {top_p}")
+    raise InputError(
+      f"need --n >= 1, --temperature >= 0 and --top-p in (0, 1]; got {n}, {temperature}, {top_p}"
+    )
   ks = tuple(k for k in PAPER_KS if k <= n) if ks is None else tuple(int(k) for k in ks)
   if not ks or min(ks) < 1:
     raise InputError(f"--k needs positive integers, got {','.join(map(str, ks)) or 'none'}")
@@ -264,8 +356,9 @@ def _check_settings(n, temperature, top_p, ks, greedy):
 
 def _check_options(prompt_format, max_new_tokens, problems_per_file, shard, num_shards) -> None:
   if prompt_format not in PROMPT_FORMATS:
-    raise InputError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, "
-                     f"got {prompt_format!r}")
+    raise InputError(
+      f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}"
+    )
   if max_new_tokens < 1 or problems_per_file < 1:
     raise InputError("--max-new-tokens and --problems-per-file must be at least 1")
   check_shard(shard, num_shards)
@@ -287,18 +380,22 @@ def _check_previous(out_dir: str, settings: dict) -> None:
   if not _exists(path):
     return
   import fsspec
+
   with fsspec.open(path, "r") as f:
     old = json.load(f)
   diff = [f"{k}: {old.get(k)!r} there, {v!r} here" for k, v in settings.items() if old.get(k) != v]
   if diff:
-    raise InputError(f"{out_dir} holds an evaluation with other settings ({'; '.join(diff)}): "
-                     "rerun with its settings or use another --out")
+    raise InputError(
+      f"{out_dir} holds an evaluation with other settings ({'; '.join(diff)}): "
+      "rerun with its settings or use another --out"
+    )
 
 
 def _open_decoder(decoder, ckpt: str):
   """`decoder`, or what it returns when it is a function, or else the checkpoint's."""
   if decoder is None:
     from model.decode import Decoder
+
     decoder = Decoder.from_checkpoint(ckpt)
   elif not hasattr(decoder, "generate"):
     decoder = decoder()
@@ -310,6 +407,7 @@ def _open_decoder(decoder, ckpt: str):
 @dataclasses.dataclass(frozen=True)
 class _Sampling:
   """How each problem is sampled: n rows, cut at HumanEval's stops."""
+
   n: int
   temperature: float
   top_p: float
@@ -322,23 +420,37 @@ class _Sampling:
 
   def requests(self, chunk: Sequence[Problem]) -> list:
     from model.decode import Request
-    return [Request(self.prompt(p), max_new_tokens=self.max_new_tokens,
-                    temperature=self.temperature, top_p=self.top_p, stop=COMPLETION_STOPS,
-                    seed=derive_seed(self.seed, p.task_id, i))
-            for p in chunk for i in range(self.n)]
+
+    return [
+      Request(
+        self.prompt(p),
+        max_new_tokens=self.max_new_tokens,
+        temperature=self.temperature,
+        top_p=self.top_p,
+        stop=COMPLETION_STOPS,
+        seed=derive_seed(self.seed, p.task_id, i),
+      )
+      for p in chunk
+      for i in range(self.n)
+    ]
 
 
-def _sample_part(decoder, sampling: _Sampling, chunk: Sequence[Problem], *, desc: str,
-                 progress: bool) -> list[dict]:
+def _sample_part(
+  decoder, sampling: _Sampling, chunk: Sequence[Problem], *, desc: str, progress: bool
+) -> list[dict]:
   """The samples of a part: `sampling.n` lines per problem, in order."""
   from tqdm import tqdm
+
   requests = sampling.requests(chunk)
-  with tqdm(total=len(requests), desc=desc, unit="sample", disable=not progress,
-            dynamic_ncols=True) as bar:
+  with tqdm(
+    total=len(requests), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True
+  ) as bar:
     gens = decoder.generate(requests, on_batch=bar.update)
   task_ids = (p.task_id for p in chunk for _ in range(sampling.n))
-  return [dict(task_id=task_id, completion=g.text, finish_reason=g.finish_reason)
-          for task_id, g in zip(task_ids, gens)]
+  return [
+    dict(task_id=task_id, completion=g.text, finish_reason=g.finish_reason)
+    for task_id, g in zip(task_ids, gens)
+  ]
 
 
 class _SandboxWhenNeeded(contextlib.ExitStack):
@@ -352,6 +464,7 @@ class _SandboxWhenNeeded(contextlib.ExitStack):
   def get(self):
     if self.box is None:
       from rrtf_jax.sandbox import Limits, Sandbox
+
       self.box = self.enter_context(Sandbox(self.workers, Limits(timeout=self.timeout)))
     return self.box
 
@@ -359,14 +472,22 @@ class _SandboxWhenNeeded(contextlib.ExitStack):
 def _read_part(path: str, chunk: Sequence[Problem], n: int) -> list[dict]:
   rows = [r for _, r in read_jsonl(path, PART_FIELDS)]
   if [r["task_id"] for r in rows] != [p.task_id for p in chunk for _ in range(n)]:
-    raise InputError(f"{path}: its task ids are not those of this part's problems, {n} each: "
-                     "written by another evaluation? use another --out")
+    raise InputError(
+      f"{path}: its task ids are not those of this part's problems, {n} each: "
+      "written by another evaluation? use another --out"
+    )
   return rows
 
 
-def _write_totals(out_dir: str, table: dict[str, Problem], parts: FilePlan,
-                  paths: Sequence[tuple[str, str]], n: int, ks: Sequence[int],
-                  settings: dict) -> dict:
+def _write_totals(
+  out_dir: str,
+  table: dict[str, Problem],
+  parts: FilePlan,
+  paths: Sequence[tuple[str, str]],
+  n: int,
+  ks: Sequence[int],
+  settings: dict,
+) -> dict:
   """OUT's samples.jsonl, results.jsonl, summary.json and report.md from every part; returns the
   summary."""
   samples = [r for j in range(parts.count) for r in _read_part(paths[j][0], parts.chunk(j), n)]
@@ -378,10 +499,12 @@ def _write_totals(out_dir: str, table: dict[str, Problem], parts: FilePlan,
 
 def _exists(path: str) -> bool:
   from data.records import exists  # local or a URL (gs://), fresh from the store
+
   return exists(path)
 
 
 # ---------------------------------------------------------------------------------- compare
+
 
 def compare(dir_a: str, dir_b: str, out_dir: str | None = None) -> dict:
   """Solved problems of two `evaluate` outputs and their overlap (the paper's Figure 5).
@@ -391,22 +514,41 @@ def compare(dir_a: str, dir_b: str, out_dir: str | None = None) -> dict:
   per_b = {r["task_id"]: r for r in b["per_problem"]}
   if set(per_a) != set(per_b):
     only = sorted(set(per_a) ^ set(per_b))
-    raise InputError(f"{dir_a} and {dir_b} were evaluated on different problems "
-                     f"({len(only)} in one only, e.g. {only[0]})")
+    raise InputError(
+      f"{dir_a} and {dir_b} were evaluated on different problems "
+      f"({len(only)} in one only, e.g. {only[0]})"
+    )
   names = _names(dir_a, dir_b)
   groups = {"both": [], "only_a": [], "only_b": [], "neither": []}
   per_problem = []
   for tid, ra in per_a.items():
     sa, sb = _solved(ra), _solved(per_b[tid])
     groups["both" if sa and sb else "only_a" if sa else "only_b" if sb else "neither"].append(tid)
-    per_problem.append({"task_id": tid, "a": {"n": ra["n"], "c": ra["c"], "solved": sa},
-                        "b": {"n": per_b[tid]["n"], "c": per_b[tid]["c"], "solved": sb}})
+    per_problem.append(
+      {
+        "task_id": tid,
+        "a": {"n": ra["n"], "c": ra["c"], "solved": sa},
+        "b": {"n": per_b[tid]["n"], "c": per_b[tid]["c"], "solved": sb},
+      }
+    )
   result = {
-      "rule": f"solved = pass@1 estimate c/n >= {SOLVED_AT} (greedy: the greedy sample passes)",
-      "a": {"dir": dir_a, "name": names[0], "pass@k": a["pass@k"], "solved": len(groups["both"]) + len(groups["only_a"])},
-      "b": {"dir": dir_b, "name": names[1], "pass@k": b["pass@k"], "solved": len(groups["both"]) + len(groups["only_b"])},
-      "problems": len(per_a), "counts": {k: len(v) for k, v in groups.items()}, "task_ids": groups,
-      "per_problem": per_problem,
+    "rule": f"solved = pass@1 estimate c/n >= {SOLVED_AT} (greedy: the greedy sample passes)",
+    "a": {
+      "dir": dir_a,
+      "name": names[0],
+      "pass@k": a["pass@k"],
+      "solved": len(groups["both"]) + len(groups["only_a"]),
+    },
+    "b": {
+      "dir": dir_b,
+      "name": names[1],
+      "pass@k": b["pass@k"],
+      "solved": len(groups["both"]) + len(groups["only_b"]),
+    },
+    "problems": len(per_a),
+    "counts": {k: len(v) for k, v in groups.items()},
+    "task_ids": groups,
+    "per_problem": per_problem,
   }
   if out_dir is not None:
     write_text_atomic(f"{out_dir}/compare.json", json.dumps(result, indent=2) + "\n")
@@ -419,19 +561,30 @@ def compare_markdown(result: dict, per_problem: bool = False) -> str:
   """The overlap as a Markdown table with task ids (and, optionally, every problem's c/n)."""
   a, b = result["a"]["name"], result["b"]["name"]
   label = {"both": "both", "only_a": f"only {a}", "only_b": f"only {b}", "neither": "neither"}
-  lines = [f"# {a} vs {b}: solved HumanEval problems", "", f"{result['rule']}; {result['problems']} problems.", "",
-           "| model | solved | " + " | ".join(result["a"]["pass@k"]) + " |",
-           "|---|---|" + "---|" * len(result["a"]["pass@k"])]
+  lines = [
+    f"# {a} vs {b}: solved HumanEval problems",
+    "",
+    f"{result['rule']}; {result['problems']} problems.",
+    "",
+    "| model | solved | " + " | ".join(result["a"]["pass@k"]) + " |",
+    "|---|---|" + "---|" * len(result["a"]["pass@k"]),
+  ]
   for side in ("a", "b"):
     s = result[side]
-    lines.append(f"| {s['name']} | {s['solved']} | " + " | ".join(
-        f"{100 * s['pass@k'].get(k, float('nan')):.2f}" for k in result["a"]["pass@k"]) + " |")
+    lines.append(
+      f"| {s['name']} | {s['solved']} | "
+      + " | ".join(f"{100 * s['pass@k'].get(k, float('nan')):.2f}" for k in result["a"]["pass@k"])
+      + " |"
+    )
   lines += ["", "| solved by | problems | task ids |", "|---|---|---|"]
-  lines += [f"| {label[k]} | {len(v)} | {', '.join(v) or '-'} |" for k, v in result["task_ids"].items()]
+  lines += [
+    f"| {label[k]} | {len(v)} | {', '.join(v) or '-'} |" for k, v in result["task_ids"].items()
+  ]
   if per_problem:
     lines += ["", f"| task id | {a} c/n | {b} c/n |", "|---|---|---|"]
-    lines += [f"| {r['task_id']} | {_c_of_n(r['a'])} | {_c_of_n(r['b'])} |"
-              for r in result["per_problem"]]
+    lines += [
+      f"| {r['task_id']} | {_c_of_n(r['a'])} | {_c_of_n(r['b'])} |" for r in result["per_problem"]
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -440,6 +593,7 @@ def venn_png(result: dict) -> bytes:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   from matplotlib.patches import Circle
+
   fig = Figure(figsize=(6.4, 4.2))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
@@ -448,11 +602,25 @@ def venn_png(result: dict) -> bytes:
     ax.add_patch(Circle((x, 0), 1.0, facecolor=color, alpha=0.35, edgecolor=color, linewidth=2))
   for x, text in ((-1.0, c["only_a"]), (0.0, c["both"]), (1.0, c["only_b"])):
     ax.text(x, 0, str(text), ha="center", va="center", fontsize=18)
-  ax.text(-1.6, 1.12, f"{_short(result['a']['name'])} ({result['a']['solved']})", ha="left",
-          fontsize=10, color="tab:blue")
-  ax.text(1.6, 1.12, f"{_short(result['b']['name'])} ({result['b']['solved']})", ha="right",
-          fontsize=10, color="tab:orange")
-  ax.text(0, -1.3, f"solved by neither: {c['neither']} of {result['problems']}", ha="center", fontsize=10)
+  ax.text(
+    -1.6,
+    1.12,
+    f"{_short(result['a']['name'])} ({result['a']['solved']})",
+    ha="left",
+    fontsize=10,
+    color="tab:blue",
+  )
+  ax.text(
+    1.6,
+    1.12,
+    f"{_short(result['b']['name'])} ({result['b']['solved']})",
+    ha="right",
+    fontsize=10,
+    color="tab:orange",
+  )
+  ax.text(
+    0, -1.3, f"solved by neither: {c['neither']} of {result['problems']}", ha="center", fontsize=10
+  )
   ax.set_xlim(-1.9, 1.9)
   ax.set_ylim(-1.5, 1.4)
   ax.set_aspect("equal")
@@ -483,6 +651,7 @@ def _load_summary(out_dir: str) -> dict:
   if not _exists(path):
     raise InputError(f"{out_dir}: no summary.json (not an rrtf evaluate output, or not finished)")
   import fsspec
+
   with fsspec.open(path, "r") as f:
     try:
       s = json.load(f)

@@ -30,15 +30,15 @@ from data.problems import PROBLEM_FIELDS, InputError, load_problems, read_jsonl,
 
 # In-depth evolving, one way of making a problem harder each (our own wording).
 METHODS = {
-    "constraint": "Add one new constraint or requirement that a solution must also satisfy.",
-    "specific": "Replace a requirement that is common in exercises like this one with a rarer, "
-                "more specific requirement.",
-    "reasoning": "Change the exercise so that solving it takes several more steps of reasoning "
-                 "than before, not just more code.",
-    "complexity": "Require a stricter bound on running time or memory than a straightforward "
-                  "solution meets, and state the bound explicitly.",
-    "misleading_code": "Include a short piece of Python code that looks like a solution but has a "
-                       "subtle bug, presented as a flawed reference attempt, to misdirect.",
+  "constraint": "Add one new constraint or requirement that a solution must also satisfy.",
+  "specific": "Replace a requirement that is common in exercises like this one with a rarer, "
+  "more specific requirement.",
+  "reasoning": "Change the exercise so that solving it takes several more steps of reasoning "
+  "than before, not just more code.",
+  "complexity": "Require a stricter bound on running time or memory than a straightforward "
+  "solution meets, and state the bound explicitly.",
+  "misleading_code": "Include a short piece of Python code that looks like a solution but has a "
+  "subtle bug, presented as a flawed reference attempt, to misdirect.",
 }
 
 EVOLVE_PROMPT = """\
@@ -69,16 +69,22 @@ Exercise:
 
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.S)
 _PY_LANGS = ("", "python", "py", "python3")
-_ENTRY = re.compile(r"^[ \t>*_#\d.)-]*entry[ _-]?point[*_ \t]*:[*_ \t]*`*([A-Za-z_]\w*)", re.I | re.M)
+_ENTRY = re.compile(
+  r"^[ \t>*_#\d.)-]*entry[ _-]?point[*_ \t]*:[*_ \t]*`*([A-Za-z_]\w*)", re.I | re.M
+)
 # A label before the problem: "New problem:", "**Rewritten exercise:**", "## Harder task:".
-_LABEL = re.compile(r"^\s*(?:\*\*|#{1,6}\s*)?(?:(?:the\s+)?(?:new|rewritten|revised|harder|evolved|updated|"
-                    r"more\s+difficult|modified)\s+)?(?:programming\s+|coding\s+)?(?:problem|exercise|task|"
-                    r"question|prompt|instruction)(?:\s+statement)?\s*(?:\*\*)?\s*:\s*(?:\*\*)?", re.I)
+_LABEL = re.compile(
+  r"^\s*(?:\*\*|#{1,6}\s*)?(?:(?:the\s+)?(?:new|rewritten|revised|harder|evolved|updated|"
+  r"more\s+difficult|modified)\s+)?(?:programming\s+|coding\s+)?(?:problem|exercise|task|"
+  r"question|prompt|instruction)(?:\s+statement)?\s*(?:\*\*)?\s*:\s*(?:\*\*)?",
+  re.I,
+)
 _PREAMBLE = re.compile(r"^\s*(?:sure[,.!]?\s*)?here(?:'s| is)\b[^\n]*:[ \t]*\n", re.I)
 _QUOTES = (('"""', '"""'), ("'''", "'''"), ('"', '"'), ("'", "'"), ("\u201c", "\u201d"))
 
 
 # ----------------------------------------------------------------------------- seeds
+
 
 def read_seeds(path: str) -> list[str]:
   """Problem texts of a seeds JSONL, per line Code-Alpaca style (`instruction`, `input`,
@@ -96,8 +102,10 @@ def read_seeds(path: str) -> list[str]:
       if r.get("input", "").strip():
         text += "\n\nInput:\n" + r["input"].strip()
     else:
-      raise InputError(f"{where}: neither a Code-Alpaca seed (instruction, input, output) nor a "
-                       f"HumanEval problem (task_id, prompt, test, entry_point)")
+      raise InputError(
+        f"{where}: neither a Code-Alpaca seed (instruction, input, output) nor a "
+        f"HumanEval problem (task_id, prompt, test, entry_point)"
+      )
     if not text.strip():
       raise InputError(f"{where}: empty problem text")
     seeds.append(text)
@@ -106,7 +114,9 @@ def read_seeds(path: str) -> list[str]:
   return seeds
 
 
-def _require_strings(r: dict, required: tuple[str, ...], optional: tuple[str, ...], where: str) -> None:
+def _require_strings(
+  r: dict, required: tuple[str, ...], optional: tuple[str, ...], where: str
+) -> None:
   for field in required + optional:
     if field not in r:
       if field in required:
@@ -116,6 +126,7 @@ def _require_strings(r: dict, required: tuple[str, ...], optional: tuple[str, ..
 
 
 # ----------------------------------------------------------------------------- prompts and parsing
+
 
 def pick_method(seed: int, index: int, rnd: int) -> str:
   """The evolution method for seed `index` in round `rnd`: fixed, spread evenly."""
@@ -152,9 +163,14 @@ def clean_problem(answer: str) -> str:
     if whole and "```" not in whole.group(1):
       text = whole.group(1).strip()
     for left, right in _QUOTES:
-      inner = text[len(left):-len(right)]
-      if (len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right)
-          and left not in inner and right not in inner):  # one pair around it all, not two quotations
+      inner = text[len(left) : -len(right)]
+      if (
+        len(text) > len(left) + len(right)
+        and text.startswith(left)
+        and text.endswith(right)
+        and left not in inner
+        and right not in inner
+      ):  # one pair around it all, not two quotations
         text = inner.strip()
         break
     if text == before:
@@ -163,10 +179,10 @@ def clean_problem(answer: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Solved:
-  solution: str     # the teacher's code; the program the sandbox runs
-  test: str         # `def check(candidate): assert ...`
+  solution: str  # the teacher's code; the program the sandbox runs
+  test: str  # `def check(candidate): assert ...`
   entry_point: str  # the function the tests call as `candidate`
-  signature: str    # `def name(args) -> ret` of the entry point, for the instruction
+  signature: str  # `def name(args) -> ret` of the entry point, for the instruction
 
 
 def parse_solution(answer: str) -> Solved:
@@ -181,7 +197,9 @@ def parse_solution(answer: str) -> Solved:
   if t is None:
     raise ValueError("no fenced block defines check()")
   test = blocks[t][1]
-  solution = next((body for i, (lang, body) in enumerate(blocks) if lang in _PY_LANGS and i != t), None)
+  solution = next(
+    (body for i, (lang, body) in enumerate(blocks) if lang in _PY_LANGS and i != t), None
+  )
   if solution is None or not solution.strip():
     raise ValueError("no solution block besides the tests")
   try:
@@ -194,26 +212,38 @@ def parse_solution(answer: str) -> Solved:
     raise ValueError(f"the tests do not parse: {e}") from None
   if not any(isinstance(n, ast.Assert) for n in ast.walk(test_tree)):
     raise ValueError("the tests have no assert")
-  defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+  defs = {
+    n.name: n
+    for n in tree.body
+    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+  }
   outside = _FENCE.sub("", answer)
   named = _ENTRY.search(outside)
   if named and named.group(1) in defs:
     entry = named.group(1)
   else:
-    functions = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions = [
+      n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
     if not functions:
       raise ValueError("the solution defines no top-level function")
     entry = functions[-1]
-  return Solved(solution.strip() + "\n", _strip_check_calls(test, test_tree), entry, _signature(defs[entry]))
+  return Solved(
+    solution.strip() + "\n", _strip_check_calls(test, test_tree), entry, _signature(defs[entry])
+  )
 
 
 def _strip_check_calls(test: str, tree: ast.Module) -> str:
   """The tests without top-level `check(...)` calls (the judge calls check itself)."""
   lines = test.splitlines()
   for node in reversed(tree.body):
-    if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
-        and isinstance(node.value.func, ast.Name) and node.value.func.id == "check"):
-      del lines[node.lineno - 1:node.end_lineno]
+    if (
+      isinstance(node, ast.Expr)
+      and isinstance(node.value, ast.Call)
+      and isinstance(node.value.func, ast.Name)
+      and node.value.func.id == "check"
+    ):
+      del lines[node.lineno - 1 : node.end_lineno]
   return "\n".join(lines).strip() + "\n"
 
 
@@ -234,9 +264,10 @@ def instruction(statement: str, solved: Solved) -> str:
 
 # ----------------------------------------------------------------------------- decontamination
 
+
 def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
   words = re.findall(r"\w+", text.lower())
-  return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+  return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -259,6 +290,7 @@ def contamination(text: str, index: dict[tuple[str, ...], str], n: int) -> tuple
 
 # ----------------------------------------------------------------------------- the stage
 
+
 @dataclasses.dataclass
 class EvolveSummary:
   out_path: str
@@ -275,35 +307,60 @@ class EvolveSummary:
     keys = ("problems_in", "evolve_requests", "evolved", "solve_requests", "parse_failures", "kept")
     totals = {k: sum(r[k] for r in self.rounds) for k in keys}
     totals["contaminated"] = sum(len(r["contaminated"]) for r in self.rounds)
-    totals["validation_failures"] = dict(sum((collections.Counter(r["validation_failures"])
-                                              for r in self.rounds), collections.Counter()))
+    totals["validation_failures"] = dict(
+      sum(
+        (collections.Counter(r["validation_failures"]) for r in self.rounds), collections.Counter()
+      )
+    )
     return totals
 
   def to_dict(self) -> dict:
-    return {"out": self.out_path, "ngram": self.ngram, "rounds": self.rounds, "totals": self.totals(),
-            "methods": dict(sorted(self.methods.items())), "teacher": self.teacher}
+    return {
+      "out": self.out_path,
+      "ngram": self.ngram,
+      "rounds": self.rounds,
+      "totals": self.totals(),
+      "methods": dict(sorted(self.methods.items())),
+      "teacher": self.teacher,
+    }
 
   def report(self) -> str:
     lines = []
     for r in self.rounds:
       failed = ", ".join(f"{k} {v}" for k, v in sorted(r["validation_failures"].items())) or "none"
-      lines.append(f"round {r['round']}: {r['problems_in']} in, {r['evolved']} evolved, "
-                   f"{len(r['contaminated'])} contaminated (HumanEval {self.ngram}-grams), "
-                   f"{r['parse_failures']} unparsable answers, failed validation: {failed}; kept {r['kept']}")
-    lines.append(f"wrote {self.kept} problems to {self.out_path} (report: {self.out_path}.report.json)")
+      lines.append(
+        f"round {r['round']}: {r['problems_in']} in, {r['evolved']} evolved, "
+        f"{len(r['contaminated'])} contaminated (HumanEval {self.ngram}-grams), "
+        f"{r['parse_failures']} unparsable answers, failed validation: {failed}; kept {r['kept']}"
+      )
+    lines.append(
+      f"wrote {self.kept} problems to {self.out_path} (report: {self.out_path}.report.json)"
+    )
     lines.append("methods: " + ", ".join(f"{k} {v}" for k, v in sorted(self.methods.items())))
     if self.teacher:
       lines.append("teacher: " + ", ".join(f"{k} {v}" for k, v in self.teacher.items()))
     return "\n".join(lines)
 
 
-def evolve_stage(seeds_path: str, out_path: str, client, *, rounds: int = 1, workers: int | None = None,
-                 timeout: float = 5.0, seed: int = 0, ngram: int = 10, max_tokens: int = 1024,
-                 temperature: float = 0.7, progress: bool = True) -> EvolveSummary:
+def evolve_stage(
+  seeds_path: str,
+  out_path: str,
+  client,
+  *,
+  rounds: int = 1,
+  workers: int | None = None,
+  timeout: float = 5.0,
+  seed: int = 0,
+  ngram: int = 10,
+  max_tokens: int = 1024,
+  temperature: float = 0.7,
+  progress: bool = True,
+) -> EvolveSummary:
   """Evolves the seeds for `rounds` rounds with the teacher `client` (a
   rrtf_jax.serving.teacher.TeacherClient); writes the kept problems to `out_path` (JSONL) and
   the report to `out_path + ".report.json"`."""
   from rrtf_jax.sandbox import Limits, Sandbox
+
   if rounds < 1:
     raise InputError(f"--rounds must be at least 1, got {rounds}")
   if ngram < 1:
@@ -316,14 +373,33 @@ def evolve_stage(seeds_path: str, out_path: str, client, *, rounds: int = 1, wor
   start = _stats(client)
   with Sandbox(workers, Limits(timeout=timeout)) as box:
     for rnd in range(1, rounds + 1):
-      report, parents = _round(parents, rnd, client, box, index, seed=seed, ngram=ngram, max_tokens=max_tokens,
-                               temperature=temperature, progress=progress)
+      report, parents = _round(
+        parents,
+        rnd,
+        client,
+        box,
+        index,
+        seed=seed,
+        ngram=ngram,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        progress=progress,
+      )
       summary.rounds.append(report)
       summary.methods.update(report["methods"])
       kept_all += parents
   end = _stats(client)
   summary.teacher = {k: end[k] - start.get(k, 0) for k in end}
-  fields = ("task_id", "instruction", "test", "entry_point", "solution", "method", "round", "parent")
+  fields = (
+    "task_id",
+    "instruction",
+    "test",
+    "entry_point",
+    "solution",
+    "method",
+    "round",
+    "parent",
+  )
   write_jsonl_atomic(out_path, ({k: p[k] for k in fields} for p in kept_all))
   write_jsonl_atomic(out_path + ".report.json", [summary.to_dict()])
   return summary
@@ -337,24 +413,56 @@ def _stats(client) -> dict:
 def _ask(client, requests: list[dict], desc: str, progress: bool) -> list[str]:
   """The first answer to each request, in order ("" when the teacher gave none)."""
   from tqdm import tqdm
+
   if not requests:
     return []
-  with tqdm(total=len(requests), desc=desc, unit="request", disable=not progress, dynamic_ncols=True) as bar:
+  with tqdm(
+    total=len(requests), desc=desc, unit="request", disable=not progress, dynamic_ncols=True
+  ) as bar:
     answers = client.map(requests, on_done=lambda *_: bar.update(1))
   return [a[0] if a else "" for a in answers]
 
 
-def _round(parents: list[dict], rnd: int, client, box, index: dict, *, seed: int, ngram: int, max_tokens: int,
-           temperature: float, progress: bool) -> tuple[dict, list[dict]]:
+def _round(
+  parents: list[dict],
+  rnd: int,
+  client,
+  box,
+  index: dict,
+  *,
+  seed: int,
+  ngram: int,
+  max_tokens: int,
+  temperature: float,
+  progress: bool,
+) -> tuple[dict, list[dict]]:
   """One round: (its report, the problems it kept)."""
-  report = {"round": rnd, "problems_in": len(parents), "evolve_requests": 0, "evolved": 0, "evolve_empty": [],
-            "contaminated": [], "solve_requests": 0, "parse_failures": 0, "parse_failed": [],
-            "validation_failures": {}, "validation_failed": [], "kept": 0, "methods": {}}
+  report = {
+    "round": rnd,
+    "problems_in": len(parents),
+    "evolve_requests": 0,
+    "evolved": 0,
+    "evolve_empty": [],
+    "contaminated": [],
+    "solve_requests": 0,
+    "parse_failures": 0,
+    "parse_failed": [],
+    "validation_failures": {},
+    "validation_failed": [],
+    "kept": 0,
+    "methods": {},
+  }
   methods = [pick_method(seed, p["seed"], rnd) for p in parents]
   report["methods"] = dict(sorted(collections.Counter(methods).items()))
   sampling = {"n": 1, "temperature": temperature, "max_tokens": max_tokens}
-  evolve = [dict(sampling, prompt=evolve_prompt(p["instruction"], m), seed=request_seed(seed, p["seed"], rnd, "evolve"))
-            for p, m in zip(parents, methods)]
+  evolve = [
+    dict(
+      sampling,
+      prompt=evolve_prompt(p["instruction"], m),
+      seed=request_seed(seed, p["seed"], rnd, "evolve"),
+    )
+    for p, m in zip(parents, methods)
+  ]
   report["evolve_requests"] = len(evolve)
   candidates = []
   for p, method, answer in zip(parents, methods, _ask(client, evolve, f"evolve r{rnd}", progress)):
@@ -368,11 +476,25 @@ def _round(parents: list[dict], rnd: int, client, box, index: dict, *, seed: int
     if hit:
       report["contaminated"].append({"task_id": task_id, "humaneval": hit[0], "ngram": hit[1]})
       continue
-    candidates.append({"seed": p["seed"], "task_id": task_id, "statement": statement, "method": method,
-                       "round": rnd, "parent": p["seed"] if p["task_id"] is None else p["task_id"]})
+    candidates.append(
+      {
+        "seed": p["seed"],
+        "task_id": task_id,
+        "statement": statement,
+        "method": method,
+        "round": rnd,
+        "parent": p["seed"] if p["task_id"] is None else p["task_id"],
+      }
+    )
 
-  solve = [dict(sampling, prompt=solve_prompt(c["statement"]), seed=request_seed(seed, c["seed"], rnd, "solve"))
-           for c in candidates]
+  solve = [
+    dict(
+      sampling,
+      prompt=solve_prompt(c["statement"]),
+      seed=request_seed(seed, c["seed"], rnd, "solve"),
+    )
+    for c in candidates
+  ]
   report["solve_requests"] = len(solve)
   solved = []
   for c, answer in zip(candidates, _ask(client, solve, f"solve r{rnd}", progress)):
@@ -381,32 +503,52 @@ def _round(parents: list[dict], rnd: int, client, box, index: dict, *, seed: int
     except ValueError as e:
       report["parse_failed"].append({"task_id": c["task_id"], "reason": str(e)[:300]})
       continue
-    solved.append(dict(c, instruction=instruction(c["statement"], s), solution=s.solution, test=s.test,
-                       entry_point=s.entry_point))
+    solved.append(
+      dict(
+        c,
+        instruction=instruction(c["statement"], s),
+        solution=s.solution,
+        test=s.test,
+        entry_point=s.entry_point,
+      )
+    )
   report["parse_failures"] = len(report["parse_failed"])
 
-  kept, report["validation_failed"] = validate(solved, box, desc=f"validate r{rnd}", progress=progress)
+  kept, report["validation_failed"] = validate(
+    solved, box, desc=f"validate r{rnd}", progress=progress
+  )
   failures = collections.Counter(f["outcome"] for f in report["validation_failed"])
   report["validation_failures"] = dict(sorted(failures.items()))
   report["kept"] = len(kept)
   return report, kept
 
 
-def validate(problems: list[dict], box, *, desc: str = "validate", progress: bool = False
-             ) -> tuple[list[dict], list[dict]]:
+def validate(
+  problems: list[dict], box, *, desc: str = "validate", progress: bool = False
+) -> tuple[list[dict], list[dict]]:
   """Runs each problem's `solution` against its `test` in the sandbox `box`:
   (the problems that passed, {task_id, outcome, tests_passed, tests_total, error} per other)."""
   from tqdm import tqdm
 
   from rrtf_jax.sandbox import Job
+
   jobs = [Job(p["solution"], p["test"], p["entry_point"]) for p in problems]
-  with tqdm(total=len(jobs), desc=desc, unit="problem", disable=not progress, dynamic_ncols=True) as bar:
+  with tqdm(
+    total=len(jobs), desc=desc, unit="problem", disable=not progress, dynamic_ncols=True
+  ) as bar:
     verdicts = list(box.map(jobs, on_done=lambda: bar.update(1))) if jobs else []
   kept, failed = [], []
   for p, v in zip(problems, verdicts):
     if v.passed:
       kept.append(p)
     else:
-      failed.append({"task_id": p["task_id"], "outcome": v.outcome, "tests_passed": v.tests_passed,
-                     "tests_total": v.tests_total, "error": v.error[:300]})
+      failed.append(
+        {
+          "task_id": p["task_id"],
+          "outcome": v.outcome,
+          "tests_passed": v.tests_passed,
+          "tests_total": v.tests_total,
+          "error": v.error[:300],
+        }
+      )
   return kept, failed

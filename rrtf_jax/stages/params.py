@@ -14,8 +14,14 @@ from rrtf_jax.stages.train import CHECKPOINT_DIR, _join
 from rrtf_jax.train_step import TrainError
 
 
-def save_model(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
-               tokenizer: str | None = None) -> tuple[str, int]:
+def save_model(
+  workdir: str,
+  out: str,
+  *,
+  step: int | None = None,
+  dtype: str | None = None,
+  tokenizer: str | None = None,
+) -> tuple[str, int]:
   """A training run's parameters at `step` (default: its newest checkpoint) -> a model checkpoint
   (`rrtf params`), what serve, sample, evaluate and export read. Only the parameters are read,
   onto this host's CPU, whatever topology wrote them. The tokenizer comes from `tokenizer`, else
@@ -25,6 +31,7 @@ def save_model(workdir: str, out: str, *, step: int | None = None, dtype: str | 
 
   from model import save_checkpoint
   from model.checkpoint import tokenizer_path
+
   cfg_path = _join(workdir, "config.json")
   try:
     with fsspec.open(cfg_path, "r") as f:
@@ -34,7 +41,9 @@ def save_model(workdir: str, out: str, *, step: int | None = None, dtype: str | 
   if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
     raise TrainError(f"{cfg_path}: not an `rrtf train` config (no model section)")
   model_cfg = ModelConfig.from_dict(config["model"])
-  mngr = ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  mngr = ocp.CheckpointManager(
+    _join(workdir, CHECKPOINT_DIR), item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+  )
   try:
     steps = sorted(mngr.all_steps())
     if not steps:
@@ -47,10 +56,19 @@ def save_model(workdir: str, out: str, *, step: int | None = None, dtype: str | 
       want = jnp.dtype(dtype or model_cfg.param_dtype)
     except TypeError:
       raise TrainError(f"--dtype {dtype}: not a dtype") from None
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, want, sharding=cpu), nn.unbox(abstract_params(model_cfg)))
+    target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, want, sharding=cpu),
+      nn.unbox(abstract_params(model_cfg)),
+    )
     args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=cpu, dtype=want), target)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        {"params": target}, restore_args={"params": args}, partial_restore=True)))
+    restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          {"params": target}, restore_args={"params": args}, partial_restore=True
+        )
+      ),
+    )
   finally:
     mngr.close()
   if dtype:

@@ -61,20 +61,26 @@ class RankSummary:
   metadata_written: bool = False
 
   def report(self) -> str:
-    lines = [f"ranked {self.responses} responses of {self.problems} problems in shards "
-             f"{self.shards_done or '-'} (skipped, already done: {self.shards_skipped or '-'})",
-             f"kept {self.kept} problems; dropped {self.problems - self.kept} where a student beat every teacher",
-             "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))]
-    lines.append("TFDS metadata written" if self.metadata_written else
-                 "TFDS metadata not written yet: other shards are missing")
+    lines = [
+      f"ranked {self.responses} responses of {self.problems} problems in shards "
+      f"{self.shards_done or '-'} (skipped, already done: {self.shards_skipped or '-'})",
+      f"kept {self.kept} problems; dropped {self.problems - self.kept} where a student beat every teacher",
+      "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
+    ]
+    lines.append(
+      "TFDS metadata written"
+      if self.metadata_written
+      else "TFDS metadata not written yet: other shards are missing"
+    )
     return "\n".join(lines)
 
 
 def input_files(samples_dir: str) -> list[str]:
   if not records.isdir(samples_dir):
     raise InputError(f"{samples_dir}: no such directory")
-  names = sorted(n for n in records.listdir(samples_dir)
-                 if ".tfrecord" in n and not n.startswith(".tmp-"))
+  names = sorted(
+    n for n in records.listdir(samples_dir) if ".tfrecord" in n and not n.startswith(".tmp-")
+  )
   if not names:
     raise InputError(f"{samples_dir}: no samples TFRecords (*.tfrecord*)")
   return [os.path.join(samples_dir, n) for n in names]
@@ -83,28 +89,49 @@ def input_files(samples_dir: str) -> list[str]:
 def rank_records(recs: list[dict], box, *, keep_student_wins: bool = False, on_done=None):
   """Yields (ranked record, kept) for each samples record, executing all codes in `box`."""
   from rrtf_jax.sandbox import Job
-  jobs = [Job(r["exec_prefix"] + code, r["test"], r["entry_point"], prefix=r["exec_prefix"])
-          for r in recs for code in r["codes"]]
+
+  jobs = [
+    Job(r["exec_prefix"] + code, r["test"], r["entry_point"], prefix=r["exec_prefix"])
+    for r in recs
+    for code in r["codes"]
+  ]
   verdicts = iter(box.map(jobs, on_done=on_done))
   for r in recs:
     vs = [next(verdicts) for _ in r["codes"]]
-    out = dict(r, outcomes=[v.outcome for v in vs], tests_passed=[v.tests_passed for v in vs],
-               tests_total=[v.tests_total for v in vs])
-    out["scores"] = [score(v.outcome, v.tests_passed, v.tests_total, t) for v, t in zip(vs, r["is_teacher"])]
+    out = dict(
+      r,
+      outcomes=[v.outcome for v in vs],
+      tests_passed=[v.tests_passed for v in vs],
+      tests_total=[v.tests_total for v in vs],
+    )
+    out["scores"] = [
+      score(v.outcome, v.tests_passed, v.tests_total, t) for v, t in zip(vs, r["is_teacher"])
+    ]
     yield out, keep(out["scores"], r["is_teacher"], keep_student_wins)
 
 
-def rank_stage(samples_dir: str, out_dir: str, *, shard: int = 0, num_shards: int = 1,
-               workers: int | None = None, timeout: float = 3.0, keep_student_wins: bool = False,
-               progress: bool = True) -> RankSummary:
+def rank_stage(
+  samples_dir: str,
+  out_dir: str,
+  *,
+  shard: int = 0,
+  num_shards: int = 1,
+  workers: int | None = None,
+  timeout: float = 3.0,
+  keep_student_wins: bool = False,
+  progress: bool = True,
+) -> RankSummary:
   import tensorflow as tf
   from tqdm import tqdm
 
   from rrtf_jax.sandbox import Limits, Sandbox
+
   records.check_shard(shard, num_shards)
   inputs = input_files(samples_dir)
-  outputs = [os.path.join(out_dir, records.shard_name(records.RANKED_NAME, "train", j, len(inputs)))
-             for j in range(len(inputs))]
+  outputs = [
+    os.path.join(out_dir, records.shard_name(records.RANKED_NAME, "train", j, len(inputs)))
+    for j in range(len(inputs))
+  ]
   summary = RankSummary()
   todo, summary.shards_skipped = records.shard_plan(outputs, shard, num_shards)
   # Read and check every input before executing anything: bad input fails fast, writes nothing.
@@ -113,7 +140,9 @@ def rank_stage(samples_dir: str, out_dir: str, *, shard: int = 0, num_shards: in
     try:
       recs = list(records.read(inputs[j]))
     except tf.errors.OpError as e:
-      raise InputError(f"{inputs[j]}: not a readable TFRecord file ({e.message.splitlines()[0]})") from None
+      raise InputError(
+        f"{inputs[j]}: not a readable TFRecord file ({e.message.splitlines()[0]})"
+      ) from None
     for i, r in enumerate(recs):
       records.validate(r, ranked=False, where=f"{inputs[j]}: record {i}")
     loaded[j] = recs
@@ -123,10 +152,18 @@ def rank_stage(samples_dir: str, out_dir: str, *, shard: int = 0, num_shards: in
       for j in todo:
         recs = loaded.pop(j)
         total = sum(len(r["codes"]) for r in recs)
-        with tqdm(total=total, desc=f"rank shard {j + 1}/{len(inputs)}", unit="sample",
-                  disable=not progress, dynamic_ncols=True) as bar:
-          ranked = list(rank_records(recs, box, keep_student_wins=keep_student_wins,
-                                     on_done=lambda: bar.update(1)))
+        with tqdm(
+          total=total,
+          desc=f"rank shard {j + 1}/{len(inputs)}",
+          unit="sample",
+          disable=not progress,
+          dynamic_ncols=True,
+        ) as bar:
+          ranked = list(
+            rank_records(
+              recs, box, keep_student_wins=keep_student_wins, on_done=lambda: bar.update(1)
+            )
+          )
         for r, kept in ranked:
           summary.problems += 1
           summary.kept += kept

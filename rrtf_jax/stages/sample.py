@@ -42,8 +42,10 @@ SAMPLES_NAME = "rrtf_samples"
 # HumanEval's usual stops for completion-style problems: the function body ends where the
 # next top-level statement begins.
 COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif ", "\nprint(")
-CHAT_COMPLETION = ("Complete the following Python function. Reply with the whole function, imports "
-                   "included, in one ```python code block.\n\n```python\n{prompt}```\n")
+CHAT_COMPLETION = (
+  "Complete the following Python function. Reply with the whole function, imports "
+  "included, in one ```python code block.\n\n```python\n{prompt}```\n"
+)
 CHAT_INSTRUCTION = "{instruction}\n\nWrite the solution in Python, in one ```python code block.\n"
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
@@ -96,14 +98,19 @@ def load_problems(spec: str) -> list[SampleProblem]:
     where = f"{path}:{lineno}"
     key = "prompt" if "prompt" in r else "instruction" if "instruction" in r else None
     if key is None:
-      raise InputError(f"{where}: needs a 'prompt' (HumanEval style) or an 'instruction' (rrtf evolve) field")
+      raise InputError(
+        f"{where}: needs a 'prompt' (HumanEval style) or an 'instruction' (rrtf evolve) field"
+      )
     if not isinstance(r[key], str) or not r[key].strip():
       raise InputError(f"{where}: field {key!r} must be a non-empty string")
     if r["task_id"] in seen:
       raise InputError(f"{where}: duplicate task_id {r['task_id']!r}")
     seen.add(r["task_id"])
-    out.append(SampleProblem(r["task_id"], r[key], r["test"], r["entry_point"],
-                             r[key] if key == "prompt" else ""))
+    out.append(
+      SampleProblem(
+        r["task_id"], r[key], r["test"], r["entry_point"], r[key] if key == "prompt" else ""
+      )
+    )
   if not out:
     raise InputError(f"{path}: no problems")
   return out
@@ -131,18 +138,21 @@ def teacher_code(problem: SampleProblem, response: str, chat: bool) -> str:
     prefix = problem.exec_prefix.strip("\n")
     stripped = code.lstrip("\n")
     if stripped.startswith(prefix):
-      rest = stripped[len(prefix):]
+      rest = stripped[len(prefix) :]
       return rest[1:] if problem.exec_prefix.endswith("\n") and rest.startswith("\n") else rest
   return code
 
 
 def derive_seed(*parts) -> int:
   """A 32-bit seed from any parts (e.g. seed, task_id, sample index), stable across runs."""
-  return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "little")
+  return int.from_bytes(
+    hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "little"
+  )
 
 
 class Response(NamedTuple):
   """One response of a samples record (data/records.py)."""
+
   source: str  # the model's name
   response: str  # as trained on
   code: str  # program = exec_prefix + code
@@ -152,6 +162,7 @@ class Response(NamedTuple):
 @dataclasses.dataclass
 class Teacher:
   """Where teacher responses come from: an OpenAI-compatible client, or answers from a file."""
+
   client: object | None = None  # rrtf_jax.serving.teacher.TeacherClient
   answers: dict | None = None  # task_id -> [(source, response, is_chat)]
   samples: int = 1
@@ -172,8 +183,15 @@ class Teacher:
     else:
       prompt = CHAT_INSTRUCTION.format(instruction=problem.prompt)
     stop = list(COMPLETION_STOPS) if problem.completion_style and not chat else None
-    return dict(prompt=prompt, n=self.samples, temperature=self.temperature, top_p=self.top_p,
-                max_tokens=self.max_tokens, stop=stop, seed=derive_seed(seed, "teacher", problem.task_id))
+    return dict(
+      prompt=prompt,
+      n=self.samples,
+      temperature=self.temperature,
+      top_p=self.top_p,
+      max_tokens=self.max_tokens,
+      stop=stop,
+      seed=derive_seed(seed, "teacher", problem.task_id),
+    )
 
   @property
   def asks(self) -> bool:
@@ -188,8 +206,10 @@ class Teacher:
       chat = self.client.api == "chat"
       out += [Response(self.name, t, teacher_code(problem, t, chat), 1) for t in asked]
     if self.answers is not None:
-      out += [Response(source, t, teacher_code(problem, t, is_chat), 1)
-              for source, t, is_chat in self.answers.get(problem.task_id, ())]
+      out += [
+        Response(source, t, teacher_code(problem, t, is_chat), 1)
+        for source, t, is_chat in self.answers.get(problem.task_id, ())
+      ]
     return out
 
 
@@ -223,10 +243,12 @@ class SampleSummary:
   teacher_cache_hits: int = 0
 
   def report(self) -> str:
-    return (f"sampled {self.problems} problems in files {self.files_done or '-'} of {self.files} "
-            f"(skipped, already done: {self.files_skipped or '-'}): {self.student_responses} student and "
-            f"{self.teacher_responses} teacher responses; teacher HTTP requests {self.teacher_requests}, "
-            f"answers from the cache {self.teacher_cache_hits}")
+    return (
+      f"sampled {self.problems} problems in files {self.files_done or '-'} of {self.files} "
+      f"(skipped, already done: {self.files_skipped or '-'}): {self.student_responses} student and "
+      f"{self.teacher_responses} teacher responses; teacher HTTP requests {self.teacher_requests}, "
+      f"answers from the cache {self.teacher_cache_hits}"
+    )
 
   def add_file(self, j: int, recs: list[dict]) -> None:
     """Counts file j, written with `recs`."""
@@ -243,15 +265,19 @@ class SampleSummary:
 
 
 def output_files(out_dir: str, count: int) -> list[str]:
-  return [os.path.join(out_dir, records.shard_name(SAMPLES_NAME, "train", j, count)) for j in range(count)]
+  return [
+    os.path.join(out_dir, records.shard_name(SAMPLES_NAME, "train", j, count)) for j in range(count)
+  ]
 
 
 # -------------------------------------------- shared with `rrtf evaluate` (its parts are files)
+
 
 @dataclasses.dataclass(frozen=True)
 class FilePlan:
   """`problems` in files of `per_file` each, in order; process `shard` of `num_shards` does
   files shard, shard + num_shards, ..."""
+
   problems: Sequence
   per_file: int
   shard: int = 0
@@ -268,30 +294,35 @@ class FilePlan:
 
   def chunk(self, j: int) -> Sequence:
     """The problems of file j."""
-    return self.problems[j * self.per_file:(j + 1) * self.per_file]
+    return self.problems[j * self.per_file : (j + 1) * self.per_file]
 
   def unwritten(self, paths: Sequence[str]) -> list[int]:
     """This process's files j whose paths[j] does not exist (a file appears only when complete)."""
     return records.shard_plan(paths, self.shard, self.num_shards)[0]
 
 
-def check_prompts_fit(decoder, prompts: Iterable[tuple[str, str]], where: str, *,
-                      model: str = "student", kind: str = "") -> None:
+def check_prompts_fit(
+  decoder, prompts: Iterable[tuple[str, str]], where: str, *, model: str = "student", kind: str = ""
+) -> None:
   """Fails on the first (task_id, prompt text) whose tokens leave `decoder` no position to
   generate in; `kind` qualifies "its prompt" in the message."""
   limit = decoder.config.max_position_embeddings
   for task_id, text in prompts:
     n = len(decoder.tokenizer.encode(text))
     if n >= limit:
-      raise InputError(f"{where}: problem {task_id}: its prompt{kind} is {n} tokens, which "
-                       f"leaves no room in the {model}'s {limit} positions")
+      raise InputError(
+        f"{where}: problem {task_id}: its prompt{kind} is {n} tokens, which "
+        f"leaves no room in the {model}'s {limit} positions"
+      )
 
 
 # ------------------------------------------------------------------------------- the stage
 
+
 @dataclasses.dataclass(frozen=True)
 class _Student:
   """How the student samples: `num_samples` rows per problem from `decoder`."""
+
   decoder: object | None  # model.decode.Decoder; None when num_samples is 0
   num_samples: int
   temperatures: Sequence[float]  # row i of a problem uses temperatures[i % len(temperatures)]
@@ -304,10 +335,19 @@ class _Student:
   def generate(self, chunk: Sequence[SampleProblem], on_batch) -> list:
     """Generations of `chunk`'s rows: num_samples per problem, in problem order."""
     from model.decode import Request
-    rows = [Request(p.student_text(), max_new_tokens=self.max_new_tokens,
-                    temperature=self.temperatures[i % len(self.temperatures)], top_p=self.top_p,
-                    stop=self._stops(p), seed=derive_seed(self.seed, "student", p.task_id, i))
-            for p in chunk for i in range(self.num_samples)]
+
+    rows = [
+      Request(
+        p.student_text(),
+        max_new_tokens=self.max_new_tokens,
+        temperature=self.temperatures[i % len(self.temperatures)],
+        top_p=self.top_p,
+        stop=self._stops(p),
+        seed=derive_seed(self.seed, "student", p.task_id, i),
+      )
+      for p in chunk
+      for i in range(self.num_samples)
+    ]
     return self.decoder.generate(rows, on_batch=on_batch) if rows else []
 
   def _stops(self, problem: SampleProblem) -> tuple[str, ...]:
@@ -321,12 +361,24 @@ class _Student:
     return [Response(self.name, g.text, extract_code(g.text), 0) for g in gens]
 
 
-def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples: int = 4,
-                 temperatures: tuple[float, ...] = (0.8,), top_p: float = 0.95,
-                 max_new_tokens: int = 512, stop: tuple[str, ...] | None = None,
-                 teacher: Teacher | None = None, seed: int = 0, problems_per_file: int = 64,
-                 shard: int = 0, num_shards: int = 1, student_name: str = "student",
-                 progress: bool = True) -> SampleSummary:
+def sample_stage(
+  problems_spec: str,
+  out_dir: str,
+  *,
+  decoder=None,
+  num_samples: int = 4,
+  temperatures: tuple[float, ...] = (0.8,),
+  top_p: float = 0.95,
+  max_new_tokens: int = 512,
+  stop: tuple[str, ...] | None = None,
+  teacher: Teacher | None = None,
+  seed: int = 0,
+  problems_per_file: int = 64,
+  shard: int = 0,
+  num_shards: int = 1,
+  student_name: str = "student",
+  progress: bool = True,
+) -> SampleSummary:
   """Samples every problem of this process's files; see the module docstring.
 
   Args:
@@ -343,8 +395,9 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
   if num_samples:  # every prompt must fit before any work starts
     prompts = ((p.task_id, p.student_text()) for j in todo for p in files.chunk(j))
     check_prompts_fit(decoder, prompts, problems_spec)
-  student = _Student(decoder, num_samples, temperatures, top_p, max_new_tokens, stop, seed,
-                     student_name)
+  student = _Student(
+    decoder, num_samples, temperatures, top_p, max_new_tokens, stop, seed, student_name
+  )
   stats_before = _teacher_stats(teacher)
   if todo:
     records.makedirs(out_dir)
@@ -353,8 +406,15 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
   try:
     with _sigterm_stops(cancel):
       for j in todo:
-        recs = _sample_file(files.chunk(j), student, teacher, pool, cancel,
-                            desc=f"sample file {j + 1}/{files.count}", progress=progress)
+        recs = _sample_file(
+          files.chunk(j),
+          student,
+          teacher,
+          pool,
+          cancel,
+          desc=f"sample file {j + 1}/{files.count}",
+          progress=progress,
+        )
         records.write_atomic(outputs[j], recs, ranked=False)
         summary.add_file(j, recs)
   finally:  # on any exit, teacher requests not yet sent are dropped; those in flight land in the cache
@@ -367,21 +427,31 @@ def sample_stage(problems_spec: str, out_dir: str, *, decoder=None, num_samples:
 def _check_arguments(decoder, num_samples, temperatures, problems_per_file, shard, num_shards):
   records.check_shard(shard, num_shards)
   if num_samples < 0 or problems_per_file < 1 or not temperatures:
-    raise InputError("--num-samples must be >= 0, --problems-per-file >= 1, and a temperature "
-                     "given")
+    raise InputError(
+      "--num-samples must be >= 0, --problems-per-file >= 1, and a temperature given"
+    )
   if num_samples and decoder is None:
     raise InputError("student samples need a model (--ckpt)")
 
 
-def _sample_file(chunk: Sequence[SampleProblem], student: _Student, teacher: Teacher | None,
-                 pool: concurrent.futures.Executor, cancel: threading.Event, *, desc: str,
-                 progress: bool) -> list[dict]:
+def _sample_file(
+  chunk: Sequence[SampleProblem],
+  student: _Student,
+  teacher: Teacher | None,
+  pool: concurrent.futures.Executor,
+  cancel: threading.Event,
+  *,
+  desc: str,
+  progress: bool,
+) -> list[dict]:
   """The records of one file's problems, under one progress bar (a tick per response)."""
   from tqdm import tqdm
+
   asks = teacher is not None and teacher.asks
   total = len(chunk) * student.num_samples + (len(chunk) if asks else 0)
-  with tqdm(total=total, desc=desc, unit="response", disable=not progress,
-            dynamic_ncols=True) as bar:
+  with tqdm(
+    total=total, desc=desc, unit="response", disable=not progress, dynamic_ncols=True
+  ) as bar:
     pending = None
     if asks:  # teacher requests go out while the student decodes
       requests = [teacher.request(p, student.seed) for p in chunk]
@@ -389,17 +459,29 @@ def _sample_file(chunk: Sequence[SampleProblem], student: _Student, teacher: Tea
     gens = student.generate(chunk, bar.update)
     asked = pending.result() if asks else [None] * len(chunk)
   n = student.num_samples
-  return [_record(p, student.responses(p, gens[k * n:(k + 1) * n])
-                  + (teacher.responses(p, asked[k]) if teacher is not None else []))
-          for k, p in enumerate(chunk)]
+  return [
+    _record(
+      p,
+      student.responses(p, gens[k * n : (k + 1) * n])
+      + (teacher.responses(p, asked[k]) if teacher is not None else []),
+    )
+    for k, p in enumerate(chunk)
+  ]
 
 
 def _record(problem: SampleProblem, responses: list[Response]) -> dict:
   """A samples record (data/records.py)."""
-  return dict(task_id=problem.task_id, prompt=problem.prompt, test=problem.test,
-              entry_point=problem.entry_point, exec_prefix=problem.exec_prefix,
-              sources=[r.source for r in responses], responses=[r.response for r in responses],
-              codes=[r.code for r in responses], is_teacher=[r.is_teacher for r in responses])
+  return dict(
+    task_id=problem.task_id,
+    prompt=problem.prompt,
+    test=problem.test,
+    entry_point=problem.entry_point,
+    exec_prefix=problem.exec_prefix,
+    sources=[r.source for r in responses],
+    responses=[r.response for r in responses],
+    codes=[r.code for r in responses],
+    is_teacher=[r.is_teacher for r in responses],
+  )
 
 
 def _teacher_stats(teacher) -> tuple[int, int]:
@@ -409,5 +491,3 @@ def _teacher_stats(teacher) -> tuple[int, int]:
 
 def default_cache_dir(out_dir: str) -> str:
   return os.path.join(out_dir, ".teacher-cache")
-
-

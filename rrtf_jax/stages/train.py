@@ -29,15 +29,25 @@ from model.transformer import param_initializer
 from model.sharding import LOGICAL_RULES, make_mesh
 from rrtf_jax import multihost
 from rrtf_jax.metric_logger import MetricLogger
-from rrtf_jax.train_step import (BATCH_DTYPES, SHAPE_FIELDS, TrainError, TrainState,
-                                 batch_shardings, check_batch_layout, jit_train_step,
-                                 make_optimizer, state_shardings, validate_config)
+from rrtf_jax.train_step import (
+  BATCH_DTYPES,
+  SHAPE_FIELDS,
+  TrainError,
+  TrainState,
+  batch_shardings,
+  check_batch_layout,
+  jit_train_step,
+  make_optimizer,
+  state_shardings,
+  validate_config,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 DATA_READ_DIR = "data_read"
 
 # ---- the loop ------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -48,8 +58,9 @@ class TrainResult:
   params: Any = None  # final parameters (jax arrays)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-                       devices=None) -> TrainResult:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, devices=None
+) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; see the module docstring.
 
   The name follows the Flax examples' convention; evaluation (HumanEval pass@k) is `rrtf
@@ -68,8 +79,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   mngr = _checkpoint_manager(workdir, train_cfg)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      state, data_state, resumed_from = _restore_or_init(mngr, config, model_cfg, tx, abstract,
-                                                         shard)
+      state, data_state, resumed_from = _restore_or_init(
+        mngr, config, model_cfg, tx, abstract, shard
+      )
       step_fn = jit_train_step(model_cfg, train_cfg, tx, mesh, shard)
     start = step = int(jax.device_get(state.step))
     batches = _train_batches(config, model_cfg, data_state)
@@ -98,8 +110,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     mngr.wait_until_finished()
     _write_data_read(workdir, batches, start, step)
     batches.close()
-    return TrainResult(step=step, resumed_from=resumed_from, preempted=preempted,
-                       history=logger.history, params=state.params)
+    return TrainResult(
+      step=step,
+      resumed_from=resumed_from,
+      preempted=preempted,
+      history=logger.history,
+      params=state.params,
+    )
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -142,17 +159,21 @@ class _Preemption:
     if jax.process_count() == 1:
       return self.stop.is_set()
     from jax.experimental import multihost_utils
+
     return multihost_utils.reached_preemption_sync_point(step - self.start)
 
 
 # ---- the steps of a run ------------------------------------------------------------------------
 
+
 def _check_data_dir(data_dir: str) -> None:
   """A missing or wrong data dir fails before anything is built."""
   from data.prepared import open_prepared
+
   if not data_dir:
-    raise TrainError("config.data.dir is empty: pass --config.data.dir=DIR "
-                     "(a dataset from `rrtf prepare`)")
+    raise TrainError(
+      "config.data.dir is empty: pass --config.data.dir=DIR (a dataset from `rrtf prepare`)"
+    )
   open_prepared(data_dir)
 
 
@@ -160,11 +181,16 @@ def _checkpoint_manager(workdir: str, train_cfg):
   import orbax.checkpoint as ocp
 
   from model.checkpoint import use_ocdbt
-  opts = ocp.CheckpointManagerOptions(max_to_keep=int(train_cfg.keep_checkpoints),
-                                      save_interval_steps=int(train_cfg.checkpoint_every),
-                                      enable_async_checkpointing=bool(train_cfg.async_checkpoints))
-  handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt()),
-              "data": ocp.JsonCheckpointHandler()}
+
+  opts = ocp.CheckpointManagerOptions(
+    max_to_keep=int(train_cfg.keep_checkpoints),
+    save_interval_steps=int(train_cfg.checkpoint_every),
+    enable_async_checkpointing=bool(train_cfg.async_checkpoints),
+  )
+  handlers = {
+    "state": ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt()),
+    "data": ocp.JsonCheckpointHandler(),
+  }
   return ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR), options=opts, item_handlers=handlers)
 
 
@@ -174,11 +200,14 @@ def _restore_or_init(mngr, config, model_cfg, tx, abstract, shard):
   import orbax.checkpoint as ocp
 
   from data.loader import DataState
+
   latest = mngr.latest_step()
   if latest is None:
     return _initial_state(config, model_cfg, tx, shard), DataState(), None
-  restored = mngr.restore(latest, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+  restored = mngr.restore(
+    latest,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
+  )
   return restored["state"], DataState(**restored["data"]), latest
 
 
@@ -197,12 +226,15 @@ def _init_from_checkpoint(path: str, model_cfg, shard):
   """The parameters of a model checkpoint (config.init_from) of the config's shape."""
   from model import load_checkpoint
   from model.checkpoint import is_checkpoint, read_config
+
   if not is_checkpoint(path):
     raise TrainError(f"config.init_from={path}: not a model checkpoint")
   src = read_config(path)
   if src.quant_bits:
-    raise TrainError(f"config.init_from={path}: a quantized checkpoint cannot be trained; start "
-                     "from the full-precision one it was quantized from")
+    raise TrainError(
+      f"config.init_from={path}: a quantized checkpoint cannot be trained; start "
+      "from the full-precision one it was quantized from"
+    )
   diff = [f for f in SHAPE_FIELDS if getattr(src, f) != getattr(model_cfg, f)]
   if diff:
     which = ", ".join(f"{f} ({getattr(src, f)} vs {getattr(model_cfg, f)})" for f in diff)
@@ -214,14 +246,24 @@ def _init_from_checkpoint(path: str, model_cfg, shard):
 def _train_batches(config, model_cfg, start):
   """This host's [b, R, T] batches from the data position `start` (data/loader.py)."""
   from data.loader import train_batches
+
   train_cfg, n_proc = config.train, jax.process_count()
   buckets = [int(x) for x in str(config.data.buckets).split(",") if x.strip()] or None
   return train_batches(
-      config.data.dir, batch_size=int(train_cfg.batch_size) // n_proc,
-      responses=int(train_cfg.responses), seq_len=int(train_cfg.seq_len), pad_id=model_cfg.pad_id,
-      seed=int(config.seed), start=start, buckets=buckets, window=int(config.data.window),
-      process_index=jax.process_index(), process_count=n_proc,
-      splits=int(config.data.get("splits", 0)) or None, agree_length=_agree_length)
+    config.data.dir,
+    batch_size=int(train_cfg.batch_size) // n_proc,
+    responses=int(train_cfg.responses),
+    seq_len=int(train_cfg.seq_len),
+    pad_id=model_cfg.pad_id,
+    seed=int(config.seed),
+    start=start,
+    buckets=buckets,
+    window=int(config.data.window),
+    process_index=jax.process_index(),
+    process_count=n_proc,
+    splits=int(config.data.get("splits", 0)) or None,
+    agree_length=_agree_length,
+  )
 
 
 def _agree_length(t: int) -> int:
@@ -229,36 +271,49 @@ def _agree_length(t: int) -> int:
   if jax.process_count() == 1:
     return t
   from jax.experimental import multihost_utils
+
   return int(np.max(multihost_utils.process_allgather(np.int32(t))))
 
 
 def _metric_logger(workdir: str, train_cfg, start: int, progress: bool, mngr) -> MetricLogger:
   """Every process checks its metrics; process 0 writes TensorBoard and shows the bar."""
   first = jax.process_index() == 0
-  return MetricLogger(_join(workdir, TENSORBOARD_DIR) if first else None, start=start,
-                      steps=int(train_cfg.steps), progress=progress and first,
-                      process_count=jax.process_count(), newest_checkpoint=mngr.latest_step)
+  return MetricLogger(
+    _join(workdir, TENSORBOARD_DIR) if first else None,
+    start=start,
+    steps=int(train_cfg.steps),
+    progress=progress and first,
+    process_count=jax.process_count(),
+    newest_checkpoint=mngr.latest_step,
+  )
 
 
 def _check_token_ids(local: dict, vocab_size: int, data_dir: str) -> None:
   if local["inputs"].size and int(local["inputs"].max()) >= vocab_size:
-    raise TrainError(f"{data_dir}: token id {int(local['inputs'].max())} is outside the model's "
-                     f"vocabulary ({vocab_size}); prepare the data with this model's tokenizer")
+    raise TrainError(
+      f"{data_dir}: token id {int(local['inputs'].max())} is outside the model's "
+      f"vocabulary ({vocab_size}); prepare the data with this model's tokenizer"
+    )
 
 
 def _global_batch(local: dict, batch_size: int, shardings: dict) -> dict:
   """This host's [b, ...] rows -> global [B, ...] arrays (each host gives its own rows)."""
-  return {k: jax.make_array_from_process_local_data(
-      shardings[k], np.asarray(local[k], BATCH_DTYPES[k]), (batch_size,) + local[k].shape[1:])
-      for k in BATCH_DTYPES}
+  return {
+    k: jax.make_array_from_process_local_data(
+      shardings[k], np.asarray(local[k], BATCH_DTYPES[k]), (batch_size,) + local[k].shape[1:]
+    )
+    for k in BATCH_DTYPES
+  }
 
 
 def _save(mngr, step: int, state: TrainState, data_state, *, force: bool = False) -> None:
   """A checkpoint of `step`: the train state and the data position after it (JSON)."""
   import orbax.checkpoint as ocp
+
   data = ocp.args.JsonSave(dataclasses.asdict(data_state))
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=data),
-            force=force)
+  mngr.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=data), force=force
+  )
 
 
 def _join(a: str, b: str) -> str:
@@ -269,16 +324,26 @@ def _write_data_read(workdir: str, batches, start: int, step: int) -> None:
   """What this host read in this run (its data parts and the task ids of the prompts it
   trained on): data_read/process-I-of-N.json, rewritten by every run."""
   import fsspec
+
   n, i = jax.process_count(), jax.process_index()
   fs, root = fsspec.core.url_to_fs(_join(workdir, DATA_READ_DIR))
   fs.makedirs(root, exist_ok=True)
   with fs.open(f"{root}/process-{i}-of-{n}.json", "w") as f:
-    json.dump({"process_index": i, "process_count": n, "parts": batches.parts,
-               "steps": [start, step], "task_ids": sorted(batches.task_ids_read)}, f)
+    json.dump(
+      {
+        "process_index": i,
+        "process_count": n,
+        "parts": batches.parts,
+        "steps": [start, step],
+        "task_ids": sorted(batches.task_ids_read),
+      },
+      f,
+    )
 
 
 def _write_config(workdir: str, config) -> None:
   import fsspec
+
   fs, _ = fsspec.core.url_to_fs(workdir)
   fs.makedirs(workdir, exist_ok=True)
   with fsspec.open(_join(workdir, "config.json"), "w") as f:
