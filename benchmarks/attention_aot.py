@@ -148,10 +148,11 @@ def _mib(x):
 
 def markdown(rows, topo, shards):
   out = [
-    f"AOT compile for TPU `{topo}` (mesh tensor={shards}), fwd+bwd, B={B} N={N} K={K} H={H} bf16 causal; "
-    "bytes and FLOPs per device.",
+    f"AOT compile for TPU `{topo}` (mesh tensor={shards}), fwd+bwd, B={B} N={N} K={K} H={H} bf16 "
+    "causal; bytes and FLOPs per device.",
     "",
-    "| T | impl | temp | args | outputs | FLOPs/device | compile s | Mosaic kernel | avoided scores [N/4,T,T] f32 |",
+    "| T | impl | temp | args | outputs | FLOPs/device | compile s | Mosaic kernel | avoided "
+    "scores [N/4,T,T] f32 |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
@@ -172,8 +173,9 @@ def markdown(rows, topo, shards):
     )
   out += [
     "",
-    "FLOPs are XLA's cost_analysis: a Pallas kernel without a pl.CostEstimate (splash's) counts as 0, so "
-    "splash's figure covers only the XLA ops around its kernels. Ours counts the tiles it computes.",
+    "FLOPs are XLA's cost_analysis: a Pallas kernel without a pl.CostEstimate (splash's) counts "
+    "as 0, so splash's figure covers only the XLA ops around its kernels. Ours counts the tiles "
+    "it computes.",
   ]
   return "\n".join(out) + "\n"
 
@@ -189,7 +191,8 @@ def main():
   mesh = sharding.make_mesh(f"tensor={len(devices)}", devices)
   shards = mesh.shape["tensor"]
   print(
-    f"topology {a.topology}: {len(devices)} devices ({devices[0].device_kind}); mesh {dict(mesh.shape)}"
+    f"topology {a.topology}: {len(devices)} devices ({devices[0].device_kind}); mesh "
+    f"{dict(mesh.shape)}"
   )
   rows = []
   for t in seq_lens:
@@ -201,8 +204,8 @@ def main():
         + (
           f"FAILED {r['error']}"
           if "error" in r
-          else f"temp {_mib(r['temp_size_in_bytes'])}, flops {r['flops_per_device']}, {r['compile_s']:.1f}s, "
-          f"mosaic={r['mosaic_kernel']}"
+          else f"temp {_mib(r['temp_size_in_bytes'])}, flops {r['flops_per_device']}, "
+          f"{r['compile_s']:.1f}s, mosaic={r['mosaic_kernel']}"
         ),
         flush=True,
       )

@@ -113,7 +113,8 @@ def _load() -> str | None:
 
 
 def code_info() -> dict:
-  """Which model/decode.py was measured: its sha256, and the commit and whether it differs from it."""
+  """Which model/decode.py was measured: its sha256, and the commit and whether it differs from
+  it."""
 
   def git(*args):
     try:
@@ -334,10 +335,10 @@ def run(a) -> dict:
   cfg = decoders[chunks[0]].config
   n_params = sum(p.numel() for p in hf.parameters())
   print(
-    f"[{a.size}] L={cfg.num_layers} D={cfg.embed_dim} N={cfg.num_heads} K={cfg.num_kv_heads} F={cfg.mlp_dim} "
-    f"V={cfg.vocab_size} {cfg.dtype}; {n_params / 1e6:.1f}M params; prompts <= {a.prompt_len}, "
-    f"{a.new_tokens} new tokens, chunks {chunks}, {a.repeats} repeats; torch threads {torch.get_num_threads()}, "
-    f"jax {jax.devices()}; load {_load()}",
+    f"[{a.size}] L={cfg.num_layers} D={cfg.embed_dim} N={cfg.num_heads} K={cfg.num_kv_heads} "
+    f"F={cfg.mlp_dim} V={cfg.vocab_size} {cfg.dtype}; {n_params / 1e6:.1f}M params; prompts <= "
+    f"{a.prompt_len}, {a.new_tokens} new tokens, chunks {chunks}, {a.repeats} repeats; torch "
+    f"threads {torch.get_num_threads()}, jax {jax.devices()}; load {_load()}",
     flush=True,
   )
   rows = {}
@@ -396,9 +397,9 @@ def run(a) -> dict:
       for c in chunks:
         pr = row["profile"][f"chunk{c}"]
         print(
-          f"[B={b}] profile chunk {c}: total {pr['total_s']:.3f} s = prefill {pr['prefill_s']:.3f} + "
-          f"{len(pr['decode_calls_s'])} loop calls {pr['decode_s']:.3f} ({1e3 * pr['decode_s_per_step']:.2f} "
-          f"ms/step) + host {pr['host_s']:.3f}",
+          f"[B={b}] profile chunk {c}: total {pr['total_s']:.3f} s = prefill {pr['prefill_s']:.3f} "
+          f"+ {len(pr['decode_calls_s'])} loop calls {pr['decode_s']:.3f} "
+          f"({1e3 * pr['decode_s_per_step']:.2f} ms/step) + host {pr['host_s']:.3f}",
           flush=True,
         )
       sp = row["profile"]["sampling"]
@@ -413,7 +414,8 @@ def run(a) -> dict:
     env["code"]["changed_during_run_from"] = code_at_start
     print("warning: model/decode.py changed during the run", flush=True)
   return {
-    "benchmark": "decode: batched greedy decoding tokens/s, ours (JAX Decoder) vs HF generate, fp32 CPU",
+    "benchmark": "decode: batched greedy decoding tokens/s, ours (JAX Decoder) vs HF generate, "
+    "fp32 CPU",
     "settings": {
       "size": a.size,
       "model": SIZES[a.size] | {"multi_query": True, "n_inner": 4 * cfg.embed_dim},
@@ -457,7 +459,10 @@ def _code_line(code: dict | None) -> str:
   )
   if "changed_during_run_from" in code:
     state += "; the file CHANGED DURING THE RUN, figures mix versions"
-  return f"Measured `model/decode.py` sha256 {code['model_decode_py_sha256'][:12]}, at commit {commit} ({state})."
+  return (
+    f"Measured `model/decode.py` sha256 {code['model_decode_py_sha256'][:12]}, at commit "
+    f"{commit} ({state})."
+  )
 
 
 def markdown(result: dict) -> str:
@@ -467,13 +472,15 @@ def markdown(result: dict) -> str:
   lines = [
     "# Batched greedy decoding, CPU fp32",
     "",
-    f"Ours: `model.decode.Decoder.generate` (JAX {env['jax']}); HF: `GPTBigCodeForCausalLM.generate` "
-    f"(transformers {env['transformers']}, torch {env['torch']}, {env['torch_num_threads']} threads, attention "
-    f"{s['hf_attn_implementation']}). {env['cpu_count']} CPUs, {env['date']}. Model `{s['size']}`: "
-    f"D{m['n_embd']} L{m['n_layer']} N{m['n_head']} MQA V{m['vocab_size']}, {s['params'] / 1e6:.1f}M params, "
-    f"same random weights; prompts up to {s['prompt_len']} tokens, {s['new_tokens']} new tokens per row, "
-    f"EOS off. Median of {s['repeats']} interleaved calls after one untimed call; tok/s = generated tokens / "
-    f"wall seconds of the whole `generate` call (prefill included). {_code_line(env.get('code'))}",
+    f"Ours: `model.decode.Decoder.generate` (JAX {env['jax']}); HF: "
+    f"`GPTBigCodeForCausalLM.generate` (transformers {env['transformers']}, torch {env['torch']}, "
+    f"{env['torch_num_threads']} threads, attention {s['hf_attn_implementation']}). "
+    f"{env['cpu_count']} CPUs, {env['date']}. Model `{s['size']}`: D{m['n_embd']} L{m['n_layer']} "
+    f"N{m['n_head']} MQA V{m['vocab_size']}, {s['params'] / 1e6:.1f}M params, same random weights; "
+    f"prompts up to {s['prompt_len']} tokens, {s['new_tokens']} new tokens per row, EOS off. "
+    f"Median of {s['repeats']} interleaved calls after one untimed call; tok/s = generated tokens "
+    "/ wall seconds of the whole `generate` call (prefill included). "
+    f"{_code_line(env.get('code'))}",
     "",
     "| batch | "
     + " | ".join(f"ours tok/s (chunk {c})" for c in chunks)
@@ -494,27 +501,29 @@ def markdown(result: dict) -> str:
     )
   lines += [
     "",
-    "Load is the 1/5/15-minute load average, this benchmark's own threads included (about 2 while it "
-    "runs).",
+    "Load is the 1/5/15-minute load average, this benchmark's own threads included (about 2 while "
+    "it runs).",
   ]
   prof = [(b, r["profile"]) for b, r in result["batches"].items() if "profile" in r]
   if prof:
     lines += [
       "",
       "Profile of ours (one extra call, each jitted call blocked on): seconds of the call, of the "
-      "prefill, of the decode-loop calls (and per generated step), and of host work between them; and "
-      "the jitted greedy sampling step `sample_tokens` alone against a bare argmax on the same logits.",
+      "prefill, of the decode-loop calls (and per generated step), and of host work between them; "
+      "and the jitted greedy sampling step `sample_tokens` alone against a bare argmax on the "
+      "same logits.",
       "",
-      "| batch | chunk | total s | prefill s | loop calls | loop s | ms/step | host s | sample_tokens ms | "
-      "argmax ms |",
+      "| batch | chunk | total s | prefill s | loop calls | loop s | ms/step | host s | "
+      "sample_tokens ms | argmax ms |",
       "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b, p in prof:
       for c in chunks:
         pr = p[f"chunk{c}"]
         lines.append(
-          f"| {b} | {c} | {pr['total_s']:.3f} | {pr['prefill_s']:.3f} | {len(pr['decode_calls_s'])} | "
-          f"{pr['decode_s']:.3f} | {1e3 * pr['decode_s_per_step']:.2f} | {pr['host_s']:.3f} | "
+          f"| {b} | {c} | {pr['total_s']:.3f} | {pr['prefill_s']:.3f} | "
+          f"{len(pr['decode_calls_s'])} | {pr['decode_s']:.3f} | "
+          f"{1e3 * pr['decode_s_per_step']:.2f} | {pr['host_s']:.3f} | "
           f"{p['sampling']['sample_tokens_ms']:.2f} | {p['sampling']['argmax_ms']:.3f} |"
         )
   lines.append("")

@@ -48,7 +48,8 @@ def run_seed(seed: int, workdir: str, quick: bool, cache: str) -> dict:
   wall = time.perf_counter() - t0
   if out.returncode:
     raise SystemExit(
-      f"seed {seed}: rrtf demo failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+      f"seed {seed}: rrtf demo failed "
+      f"({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     )
   print(out.stdout, flush=True)
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -102,7 +103,8 @@ def markdown(result: dict) -> str:
       )
   lines += [
     "",
-    f"- RRTF beats the base model (greedy pass@1) on every seed: **{result['rrtf_beats_base_every_seed']}**",
+    "- RRTF beats the base model (greedy pass@1) on every seed: "
+    f"**{result['rrtf_beats_base_every_seed']}**",
     f"- RRTF vs ablation (greedy pass@1), per seed: {result['rrtf_minus_ablation']}",
     "- mean greedy pass@1: " + ", ".join(f"{m} {result['mean_pass@1'][m]:.3f}" for m in MODELS),
     "",
@@ -111,7 +113,8 @@ def markdown(result: dict) -> str:
   ]
   for i, r in enumerate(rows):
     lines.append(
-      f"| {r['seed']} | {r['default_demo_s']:.0f} | {r['wall_s']:.0f} | {'cold' if i == 0 else 'warm'} |"
+      f"| {r['seed']} | {r['default_demo_s']:.0f} | {r['wall_s']:.0f} | "
+      f"{'cold' if i == 0 else 'warm'} |"
     )
   lines += [
     "",

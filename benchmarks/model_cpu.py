@@ -1,4 +1,5 @@
-"""CPU training-step throughput: our Flax GPTBigCode vs HF transformers' torch GPTBigCodeForCausalLM.
+"""CPU training-step throughput: our Flax GPTBigCode vs HF transformers' torch
+GPTBigCodeForCausalLM.
 
 A benchmark, never pass/fail. One forward + backward step (gradients w.r.t. all parameters of the
 mean next-token cross-entropy over the batch) is timed for both implementations in the same run,
@@ -41,7 +42,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "m
 
 
 def parse_args():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  # The first paragraph of the docstring, as one line.
+  p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--d-model", type=int, default=512)
   p.add_argument("--heads", type=int, default=8)

@@ -1,4 +1,5 @@
-"""Our Table 4 (PanGu-Coder2's quantized inference) on the demo's model, plus StarCoder-15B on one v5e.
+"""Our Table 4 (PanGu-Coder2's quantized inference) on the demo's model, plus StarCoder-15B on
+one v5e.
 
 A benchmark, never pass/fail. In one run:
 
@@ -21,9 +22,9 @@ A benchmark, never pass/fail. In one run:
    whether it fits.
 
 Run from the repo root:
-  python benchmarks/quantize.py --demo-workdir /tmp/rrtf-demo-bench/seed0   # reuse a demo run
-  python benchmarks/quantize.py                                             # runs the demo first
-  python benchmarks/quantize.py --report-only                               # quantize.md from the JSON
+  python benchmarks/quantize.py --demo-workdir /tmp/rrtf-demo-bench/seed0  # reuse a demo run
+  python benchmarks/quantize.py                # runs the demo first
+  python benchmarks/quantize.py --report-only  # quantize.md from the JSON
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ AOT_CASES = ((1, 2048), (16, 8192))
 
 
 def parse_args():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  # The first paragraph of the docstring, as one line.
+  p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
   p.add_argument(
     "--demo-workdir",
     default=None,
@@ -211,7 +213,8 @@ def mid_size(new_tokens: int, repeats: int) -> dict:
 
 
 def kl_to_fp32(models: dict, tok, demo: str) -> dict:
-  """Mean KL(fp32 || variant) of next-token distributions over held-out prompt + reference tokens."""
+  """Mean KL(fp32 || variant) of next-token distributions over held-out prompt + reference
+  tokens."""
   import jax
   import numpy as np
 
@@ -326,10 +329,11 @@ def markdown(r: dict) -> str:
     f"{r['machine']}; {r['date']}. The demo's RRTF model ({r['model']}), its own variants; "
     f"int4 groups of {r['group']} input rows, GPTQ calibrated on {r['calibration']}. Every variant "
     "computes in float32 on CPU (the weights differ, nothing else); decode ms per step = "
-    f"(t(8 + {r['new_tokens']} tokens) - t(8)) / {r['new_tokens']}, median of {r['repeats']}, variants interleaved.",
+    f"(t(8 + {r['new_tokens']} tokens) - t(8)) / {r['new_tokens']}, median of {r['repeats']}, "
+    "variants interleaved.",
     "",
-    "| weights | params | linear layers | ratio to fp32 | decode ms/step b=1 | b=16 | ratio b=1 | ratio b=16 "
-    "| KL to fp32 | held-out pass@1 (greedy) |",
+    "| weights | params | linear layers | ratio to fp32 | decode ms/step b=1 | b=16 | ratio b=1 | "
+    "ratio b=16 | KL to fp32 | held-out pass@1 (greedy) |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
   base = r["variants"]["fp32"]
@@ -337,9 +341,10 @@ def markdown(r: dict) -> str:
     v = r["variants"][name]
     lines.append(
       f"| {name} | {v['param_bytes'] / 1024:.1f} KiB | {v['linear_bytes'] / 1024:.1f} KiB | "
-      f"{v['param_bytes'] / base['param_bytes']:.2f} | {v['ms_per_step_b1']:.2f} | {v['ms_per_step_b16']:.2f} | "
-      f"{v['ms_per_step_b1'] / base['ms_per_step_b1']:.2f} | {v['ms_per_step_b16'] / base['ms_per_step_b16']:.2f} | "
-      f"{v['kl_to_fp32']:.2e} | {v['pass@1']:.3f} ({v['passed']}/{v['problems']}) |"
+      f"{v['param_bytes'] / base['param_bytes']:.2f} | {v['ms_per_step_b1']:.2f} | "
+      f"{v['ms_per_step_b16']:.2f} | {v['ms_per_step_b1'] / base['ms_per_step_b1']:.2f} | "
+      f"{v['ms_per_step_b16'] / base['ms_per_step_b16']:.2f} | {v['kl_to_fp32']:.2e} | "
+      f"{v['pass@1']:.3f} ({v['passed']}/{v['problems']}) |"
     )
   lines += [
     "",
@@ -352,8 +357,8 @@ def markdown(r: dict) -> str:
     c = m["config"]
     lines += [
       "",
-      f"## Decode on CPU where the weights dominate: a random {m['params'] / 1e6:.0f}M-parameter model "
-      f"({c['num_layers']} layers, D {c['embed_dim']}, V {c['vocab_size']}, MQA)",
+      f"## Decode on CPU where the weights dominate: a random {m['params'] / 1e6:.0f}M-parameter "
+      f"model ({c['num_layers']} layers, D {c['embed_dim']}, V {c['vocab_size']}, MQA)",
       "",
       "| weights | params | decode ms/step b=1 | b=16 | ratio b=1 | ratio b=16 |",
       "|---|---|---|---|---|---|",
@@ -361,8 +366,9 @@ def markdown(r: dict) -> str:
     mb = m["variants"]["fp32"]
     for name, v in m["variants"].items():
       lines.append(
-        f"| {name} | {v['param_bytes'] / 2**20:.1f} MiB | {v['ms_per_step_b1']:.2f} | {v['ms_per_step_b16']:.2f} | "
-        f"{v['ms_per_step_b1'] / mb['ms_per_step_b1']:.2f} | {v['ms_per_step_b16'] / mb['ms_per_step_b16']:.2f} |"
+        f"| {name} | {v['param_bytes'] / 2**20:.1f} MiB | {v['ms_per_step_b1']:.2f} | "
+        f"{v['ms_per_step_b16']:.2f} | {v['ms_per_step_b1'] / mb['ms_per_step_b1']:.2f} | "
+        f"{v['ms_per_step_b16'] / mb['ms_per_step_b16']:.2f} |"
       )
   if r.get("aot"):
     lines += [
@@ -381,8 +387,9 @@ def markdown(r: dict) -> str:
       )
       verdict = "fits" if a["fits"] else "does not fit"
       lines.append(
-        f"| {a['weights']} | {a['batch_size']} | {a['context']} | {a['param_bytes'] / gib:.2f} GiB | "
-        f"{a['cache_bytes'] / gib:.2f} GiB | {total} | {a['temp_bytes'] / mib:.1f} MiB | {verdict} |"
+        f"| {a['weights']} | {a['batch_size']} | {a['context']} | {a['param_bytes'] / gib:.2f} GiB "
+        f"| {a['cache_bytes'] / gib:.2f} GiB | {total} | {a['temp_bytes'] / mib:.1f} MiB | "
+        f"{verdict} |"
       )
   return "\n".join(lines) + "\n"
 
@@ -415,8 +422,8 @@ def main():
   import jax
 
   result = {
-    "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), JAX {jax.__version__} "
-    f"on {jax.default_backend()}",
+    "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), JAX "
+    f"{jax.__version__} on {jax.default_backend()}",
     "date": time.strftime("%Y-%m-%d"),
     "demo_workdir": demo,
     "model": "configs/tiny.py: 2 layers, D 64, V 1024",

@@ -153,7 +153,8 @@ def env_info() -> dict:
 
 
 def matmul_timer(n: int):
-  """-> timer(reps): seconds per jitted fp32 n x n @ n x n, each blocked on (compiled and warmed here)."""
+  """-> timer(reps): seconds per jitted fp32 n x n @ n x n, each blocked on (compiled and warmed
+  here)."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   a = jax.random.normal(k1, (n, n), jnp.float32)
   b = jax.random.normal(k2, (n, n), jnp.float32)
@@ -210,9 +211,9 @@ def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) ->
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   print(
     f"[{name}] {cfg_name} {' '.join(overrides) or '(as shipped)'}: L={model_cfg.num_layers} "
-    f"D={model_cfg.embed_dim} N={model_cfg.num_heads} K={model_cfg.num_kv_heads} F={model_cfg.mlp_dim} "
-    f"V={model_cfg.vocab_size} {model_cfg.dtype}; B={b} R={r} T={t} M={train_cfg.microbatches}; "
-    f"{n_params / 1e6:.2f}M params",
+    f"D={model_cfg.embed_dim} N={model_cfg.num_heads} K={model_cfg.num_kv_heads} "
+    f"F={model_cfg.mlp_dim} V={model_cfg.vocab_size} {model_cfg.dtype}; B={b} R={r} T={t} "
+    f"M={train_cfg.microbatches}; {n_params / 1e6:.2f}M params",
     flush=True,
   )
   host = synthetic_batch(b, r, t, model_cfg.vocab_size, a.seed)
@@ -244,10 +245,10 @@ def run_cpu_config(name: str, cfg_name: str, overrides: list[str], a, matmul) ->
   mm_med = statistics.median(mm)
   mfu = flops / med / (mm_flops / mm_med)
   print(
-    f"[{name}] compile {compile_s:.2f} s; step median {med:.4f} s (min {min(times):.4f}, max {max(times):.4f}); "
-    f"{tokens / med:,.0f} tokens/s ({real_tokens / med:,.0f} real); {flops:.3e} FLOPs/step = "
-    f"{flops / med / 1e9:.2f} GFLOP/s; matmul baseline {mm_flops / mm_med / 1e9:.2f} GFLOP/s; MFU estimate "
-    f"{mfu:.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+    f"[{name}] compile {compile_s:.2f} s; step median {med:.4f} s (min {min(times):.4f}, max "
+    f"{max(times):.4f}); {tokens / med:,.0f} tokens/s ({real_tokens / med:,.0f} real); {flops:.3e} "
+    f"FLOPs/step = {flops / med / 1e9:.2f} GFLOP/s; matmul baseline {mm_flops / mm_med / 1e9:.2f} "
+    f"GFLOP/s; MFU estimate {mfu:.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f}",
     flush=True,
   )
   return {
@@ -303,17 +304,18 @@ def run_cpu(a) -> dict:
   every = [s for c in configs.values() for s in c["matmul_s_interleaved"]]
   med = statistics.median(every)
   print(
-    f"matmul baseline over all configs: {mm_flops / med / 1e9:.2f} GFLOP/s (median of {len(every)}: "
-    f"{med * 1e3:.1f} ms; fastest {mm_flops / min(every) / 1e9:.2f} GFLOP/s)",
+    f"matmul baseline over all configs: {mm_flops / med / 1e9:.2f} GFLOP/s (median of "
+    f"{len(every)}: {med * 1e3:.1f} ms; fastest {mm_flops / min(every) / 1e9:.2f} GFLOP/s)",
     flush=True,
   )
   return {
     "device": str(jax.devices()[0]),
     "mesh": "fsdp=1 (one CPU device)",
-    "batch": "synthetic: prompt = first T/2 tokens shared by its R responses; real length ~U[0.8T, T]; "
-    "random tokens; distinct scores per prompt; response 0 the teacher; the same batch every step",
-    "flops": "rrtf_jax.plan.train_flops(model, B*R, T): 3x forward matmuls + unmasked attention over every "
-    "position (padding is computed too)",
+    "batch": "synthetic: prompt = first T/2 tokens shared by its R responses; real length "
+    "~U[0.8T, T]; random tokens; distinct scores per prompt; response 0 the teacher; the same "
+    "batch every step",
+    "flops": "rrtf_jax.plan.train_flops(model, B*R, T): 3x forward matmuls + unmasked attention "
+    "over every position (padding is computed too)",
     "matmul_baseline": {
       "n": n,
       "dtype": "float32",
@@ -323,8 +325,8 @@ def run_cpu(a) -> dict:
       "flops_per_s_all": mm_flops / med,
       "flops_per_s_fastest": mm_flops / min(every),
     },
-    "mfu_definition": "achieved model FLOP/s (analytic FLOPs / median step) / the matmul FLOP/s (median of "
-    "the matmuls interleaved with that config's timed steps)",
+    "mfu_definition": "achieved model FLOP/s (analytic FLOPs / median step) / the matmul FLOP/s "
+    "(median of the matmuls interleaved with that config's timed steps)",
     "configs": configs,
     "env": env_info(),
   }
@@ -334,7 +336,8 @@ def run_cpu(a) -> dict:
 
 
 def _keep_compiler_errors(raw: list[str]) -> None:
-  """rrtf_jax.plan keeps one phrase of a refusal; wrap its _refused_plan to keep the whole message too."""
+  """rrtf_jax.plan keeps one phrase of a refusal; wrap its _refused_plan to keep the whole message
+  too."""
   import rrtf_jax.plan as plan_mod
 
   refused = plan_mod._refused_plan
@@ -393,18 +396,18 @@ def run_tpu(a) -> dict:
       ideal_tokens_per_s_upper_bound=p.batch_size * p.responses * p.seq_len / ideal,
     )
     print(
-      f"[{name}] ideal step at {peak / 1e12:.0f} TFLOP/s x {chips} chips (100% MFU, a lower bound): "
-      f"{ideal:.2f} s\n",
+      f"[{name}] ideal step at {peak / 1e12:.0f} TFLOP/s x {chips} chips (100% MFU, a lower "
+      f"bound): {ideal:.2f} s\n",
       flush=True,
     )
     out[name] = row
   return {
     "config": TPU_CONFIG,
     "targets": out,
-    "ideal_step_note": "ideal_step_s_lower_bound = flops_per_step / (chips * public peak bf16 FLOP/s per chip): "
-    "the step at 100% MFU, a lower bound, not a measurement (no TPU was used)",
-    "bytes_note": "argument/output/alias/temp/code/total/hbm bytes are per device, from the compiled "
-    "executable's memory_analysis (libtpu AOT); v4 has 2 devices (TensorCores) per chip",
+    "ideal_step_note": "ideal_step_s_lower_bound = flops_per_step / (chips * public peak bf16 "
+    "FLOP/s per chip): the step at 100% MFU, a lower bound, not a measurement (no TPU was used)",
+    "bytes_note": "argument/output/alias/temp/code/total/hbm bytes are per device, from the "
+    "compiled executable's memory_analysis (libtpu AOT); v4 has 2 devices (TensorCores) per chip",
     "env": env_info(),
   }
 
@@ -441,10 +444,11 @@ def markdown(result: dict) -> str:
   if cpu:
     mm = cpu["matmul_baseline"]
     lines += [
-      f"CPU, one device ({cpu['env']['cpu_count']} CPUs, jax {cpu['env']['jax']}, {cpu['env']['date']}). "
-      f"Baseline in the same run: jitted fp32 {mm['n']}x{mm['n']} matmul, {mm['reps_after_each_step']} "
-      "timed after every timed step. MFU estimate = analytic model FLOP/s / the median matmul FLOP/s "
-      "interleaved with that config's steps (a ratio to this machine's matmul, not a vendor peak).",
+      f"CPU, one device ({cpu['env']['cpu_count']} CPUs, jax {cpu['env']['jax']}, "
+      f"{cpu['env']['date']}). Baseline in the same run: jitted fp32 {mm['n']}x{mm['n']} matmul, "
+      f"{mm['reps_after_each_step']} timed after every timed step. MFU estimate = analytic model "
+      "FLOP/s / the median matmul FLOP/s interleaved with that config's steps (a ratio to this "
+      "machine's matmul, not a vendor peak).",
       "",
       "| config | params | B x R x T | compile s | step s (median) | tokens/s | real tokens/s | "
       "FLOPs/step | GFLOP/s | matmul GFLOP/s | MFU est. | loss first -> last |",
@@ -457,9 +461,9 @@ def markdown(result: dict) -> str:
         f"V{m['vocab_size']} {m['dtype']})"
       )
       lines.append(
-        f"| {desc} | {c['params'] / 1e6:.2f}M | {c['batch_size']} x {c['responses']} x {c['seq_len']} | "
-        f"{c['compile_s']:.1f} | {c['step_s_median']:.3f} | {c['tokens_per_s']:,.0f} | "
-        f"{c['real_tokens_per_s']:,.0f} | {c['flops_per_step']:.3e} | "
+        f"| {desc} | {c['params'] / 1e6:.2f}M | {c['batch_size']} x {c['responses']} x "
+        f"{c['seq_len']} | {c['compile_s']:.1f} | {c['step_s_median']:.3f} | "
+        f"{c['tokens_per_s']:,.0f} | {c['real_tokens_per_s']:,.0f} | {c['flops_per_step']:.3e} | "
         f"{c['achieved_flops_per_s'] / 1e9:.1f} | {c['matmul_flops_per_s'] / 1e9:.1f} | "
         f"{c['mfu_estimate']:.0%} | "
         f"{c['loss_per_step'][0]:.3f} -> {c['loss_per_step'][-1]:.3f} |"
@@ -469,28 +473,31 @@ def markdown(result: dict) -> str:
   if tpu:
     lines += [
       f"TPU plans of `{tpu['config']}` (libtpu {tpu['env']['libtpu']} AOT from this CPU host, "
-      f"{tpu['env']['date']}). Bytes per device (v4: 2 devices per chip, 16 GiB HBM each). The ideal step is FLOPs / (chips x public peak bf16), "
-      "a lower bound at 100% MFU, not a measurement.",
+      f"{tpu['env']['date']}). Bytes per device (v4: 2 devices per chip, 16 GiB HBM each). The "
+      "ideal step is FLOPs / (chips x public peak bf16), a lower bound at 100% MFU, not a "
+      "measurement.",
       "",
-      "| target | topology | chips (devices) | mesh | micro-batches | attention | FLOPs/step | FLOPs/chip | "
-      "args | temps | total | HBM | fits | compile s | ideal step s (lower bound) |",
+      "| target | topology | chips (devices) | mesh | micro-batches | attention | FLOPs/step | "
+      "FLOPs/chip | args | temps | total | HBM | fits | compile s | ideal step s (lower bound) |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in tpu["targets"].items():
       if "error" in r:
         lines.append(
-          f"| {name} | {r['topology']} | {r['chips']} | {r['microbatches']} | plan error: {r['error']} |"
+          f"| {name} | {r['topology']} | {r['chips']} | {r['microbatches']} | plan error: "
+          f"{r['error']} |"
         )
         continue
       refused = bool(r["compiler_error"])
       mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
       lines.append(
-        f"| {name} | {r['topology']} | {r['chips']} ({r['num_devices']}) | {mesh} | {r['microbatches']} | "
-        f"{r['attention']} | {r['flops_per_step']:.3e} | {r['flops_per_chip']:.3e} | "
-        f"{_gib(r['argument_bytes'])} | {'-' if refused else _gib(r['temp_bytes'])} | "
+        f"| {name} | {r['topology']} | {r['chips']} ({r['num_devices']}) | {mesh} | "
+        f"{r['microbatches']} | {r['attention']} | {r['flops_per_step']:.3e} | "
+        f"{r['flops_per_chip']:.3e} | {_gib(r['argument_bytes'])} | "
+        f"{'-' if refused else _gib(r['temp_bytes'])} | "
         f"{'-' if refused else _gib(r['total_bytes'])} | "
-        f"{_gib(r['hbm_bytes']) if r['hbm_bytes'] else '?'} | {_verdict(r)} | {r['compile_seconds']:.0f} | "
-        f"{r['ideal_step_s_lower_bound']:.2f} |"
+        f"{_gib(r['hbm_bytes']) if r['hbm_bytes'] else '?'} | {_verdict(r)} | "
+        f"{r['compile_seconds']:.0f} | {r['ideal_step_s_lower_bound']:.2f} |"
       )
     lines.append("")
   return "\n".join(lines)
@@ -502,7 +509,8 @@ def main():
     results_io.rewrite_markdown(a.out, markdown)
     return
   result = {
-    "benchmark": "train_step: RRTF train step, CPU tokens/s and MFU estimate; StarCoder-15B TPU plans"
+    "benchmark": "train_step: RRTF train step, CPU tokens/s and MFU estimate; StarCoder-15B TPU "
+    "plans"
   }
   if a.only and os.path.exists(a.out):
     with open(a.out) as f:

@@ -54,7 +54,8 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 
 
 def select_responses(scores: np.ndarray, r: int) -> np.ndarray:
-  """Indices of at most r responses, spread over the score order (best and worst kept), ascending."""
+  """Indices of at most r responses, spread over the score order (best and worst kept),
+  ascending."""
   n = len(scores)
   if n <= r:
     return np.arange(n)
@@ -251,10 +252,7 @@ class _Reader:
       self.builder.info.metadata.get("max_prompt_length") if self.builder.info.metadata else None
     )
     self.filter = longest is None or int(longest) >= seq_len
-    if self.filter:
-      kept = self._count_fitting(splits)
-    else:
-      kept = [per_host] * process_count
+    kept = self._count_fitting(splits) if self.filter else [per_host] * process_count
     self.examples = per_host
     self.long_prompts = per_host - kept[process_index]
     self.batches_per_epoch = min(kept) // batch_size
@@ -273,7 +271,8 @@ class _Reader:
       )
 
   def _count_fitting(self, splits) -> list[int]:
-    """Per host split: prompts shorter than seq_len. One pass over the prompt lengths of all files."""
+    """Per host split: prompts shorter than seq_len. One pass over the prompt lengths of all
+    files."""
     files = [fi for fi in self.builder.info.splits[SPLIT].file_instructions if fi.take]
     offset = dict(zip([fi.filename for fi in files], np.cumsum([0] + [fi.take for fi in files])))
     fits = np.concatenate(

@@ -92,7 +92,8 @@ def write_atomic(path: str, examples, feats=None) -> int:
 
 
 def prompt_lengths(paths: Sequence[str]) -> np.ndarray:
-  """[N] prompt_length of every record of local prepared shards, in order, reading only that field."""
+  """[N] prompt_length of every record of local prepared shards, in order, reading only that
+  field."""
   import tensorflow as tf
 
   if not paths:
@@ -154,7 +155,7 @@ def open_prepared(data_dir: str):
     )
   try:
     builder = tfds.builder_from_directory(data_dir)
-  except Exception as e:  # tfds raises a variety of errors on damaged metadata
+  except Exception as e:  # noqa: BLE001  (tfds raises a variety of errors on damaged metadata)
     raise InputError(f"{data_dir}: unreadable TFDS metadata ({str(e).splitlines()[0]})") from None
   have = set(builder.info.features.keys())
   want = set(features().keys())

@@ -1,4 +1,5 @@
-"""Tokenizers: StarCoder's BPE through `tokenizers` (tokenizer.json), SentencePiece for small configs.
+"""Tokenizers: StarCoder's BPE through `tokenizers` (tokenizer.json), SentencePiece for small
+configs.
 
 `load_tokenizer(dir)` picks by the files present. `train_sentencepiece` builds the tiny config's
 tokenizer from text the project ships (its own Python sources), so nothing is downloaded.
@@ -95,7 +96,8 @@ def load_tokenizer(directory: str):
 
 
 def builtin_corpus() -> list[str]:
-  """The text the tiny tokenizer is trained on: this project's own Python sources, in a fixed order."""
+  """The text the tiny tokenizer is trained on: this project's own Python sources, in a fixed
+  order."""
   import configs
   import data
   import model

@@ -83,7 +83,8 @@ def use_ocdbt() -> bool:
 
 
 def check_output(path: str) -> None:
-  """Refuses to overwrite a checkpoint or an unrelated directory; clears a killed write's leftovers."""
+  """Refuses to overwrite a checkpoint or an unrelated directory; clears a killed write's
+  leftovers."""
   final = abspath(path)
   fs = fs_for(final)
   if not fs.exists(final):

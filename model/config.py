@@ -56,7 +56,8 @@ class ModelConfig:
       )
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-        f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}"
+        f"model.num_heads={self.num_heads} is not a multiple of "
+        f"model.num_kv_heads={self.num_kv_heads}"
       )
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
@@ -159,7 +160,8 @@ class ModelConfig:
       )
     if self.num_kv_heads not in (1, self.num_heads):
       raise ValueError(
-        f"GPTBigCode supports only multi-query (K=1) or multi-head (K=N) attention, not K={self.num_kv_heads}"
+        "GPTBigCode supports only multi-query (K=1) or multi-head (K=N) attention, "
+        f"not K={self.num_kv_heads}"
       )
     return {
       "architectures": ["GPTBigCodeForCausalLM"],

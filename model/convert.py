@@ -141,7 +141,7 @@ def _global_specs(cfg: ModelConfig):
 
 def _our_shapes(cfg: ModelConfig) -> dict:
   """Parameter tree of shapes, matching model.Transformer's parameters."""
-  d, n, k, h, f, L = (
+  d, n, k, h, f, L = (  # noqa: N806  (L: the layer axis, as in the shapes [L, ...] above)
     cfg.embed_dim,
     cfg.num_heads,
     cfg.num_kv_heads,
@@ -215,7 +215,7 @@ def _weight_map(hf_dir: str) -> tuple[dict[str, str], str]:
     from safetensors import safe_open
 
     with safe_open(single, framework="numpy") as f:
-      return {k: single for k in f.keys()}, single
+      return {k: single for k in f.keys()}, single  # noqa: SIM118  (safe_open is not iterable)
   raise ConversionError(
     f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
     "(only safetensors checkpoints convert)"

@@ -125,11 +125,11 @@ def _fwd_kernel(
   @pl.when(j == num_k_blocks - 1)
   def _finish():
     def head(g, carry):
-      l = l_sc[g]
-      o_ref[g] = (acc_sc[g] / _lanes(l, head_dim)).astype(o_ref.dtype)
+      denom = l_sc[g]
+      o_ref[g] = (acc_sc[g] / _lanes(denom, head_dim)).astype(o_ref.dtype)
       # Stored with T on lanes ([8, bq], 8 identical rows): 16x less VMEM and HBM than the
       # lane-broadcast [bq, 128] form, and the layout the dk/dv kernel reads.
-      lse_ref[g] = jnp.transpose(m_sc[g] + jnp.log(l))[:SUBLANES, :]
+      lse_ref[g] = jnp.transpose(m_sc[g] + jnp.log(denom))[:SUBLANES, :]
       return carry
 
     lax.fori_loop(0, groups, head, None)
@@ -612,7 +612,8 @@ def flash_attention(
   b, t, n, h = q.shape
   if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
     raise ValueError(
-      f"flash_attention: k and v must be [B, S, K, H] matching q {q.shape}; got {k.shape}, {v.shape}"
+      f"flash_attention: k and v must be [B, S, K, H] matching q {q.shape}; "
+      f"got {k.shape}, {v.shape}"
     )
   s, kh = k.shape[1], k.shape[2]
   if n % kh:

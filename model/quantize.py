@@ -203,7 +203,7 @@ def _relative_error(w, quantized: Quantized, h) -> float:
   return float(np.einsum("io,ij,jo->", d, h, d) / max(np.einsum("io,ij,jo->", w, h, w), 1e-30))
 
 
-# ---- a whole model ---------------------------------------------------------------------------------
+# ---- a whole model -------------------------------------------------------------------------------
 def quantized_config(
   cfg: ModelConfig,
   method: str,

@@ -69,7 +69,8 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None, num_devices: int) -> d
   full = {a: sizes.get(a, 1) for a in MESH_AXES}
   if math.prod(full.values()) != num_devices:
     raise ValueError(
-      f"mesh {','.join(f'{a}={v}' for a, v in full.items())} has {math.prod(full.values())} devices, "
+      f"mesh {','.join(f'{a}={v}' for a, v in full.items())} has "
+      f"{math.prod(full.values())} devices, "
       f"but there are {num_devices}"
     )
   return full

@@ -69,7 +69,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   *groups, name = key.split(".")
   node = config
   for group in groups:  # only through groups: `in` on a str field would test for a substring
-    node = node[group] if group in node else None
+    node = node.get(group)
     if not isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(f"bad override {item!r}: no field {key!r} in the config")
   if name not in node:

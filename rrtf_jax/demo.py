@@ -703,10 +703,11 @@ def report_markdown(summary: dict) -> str:
   lines = [
     f"# rrtf demo (seed {summary['seed']}{', quick' if summary['quick'] else ''})",
     "",
-    f"Held-out: {ev['problems']} synthetic problems no training split contains. pass@1 (greedy) decodes "
-    f"greedily; pass@k uses n={ev['n']} samples at temperature {ev['temperature']}, top-p {ev['top_p']} "
-    "(unbiased estimator). Ranking accuracy: over pairs of the base model's held-out samples and the "
-    "references with different scores, how often a model gives the better one the higher mean log-probability.",
+    f"Held-out: {ev['problems']} synthetic problems no training split contains. pass@1 "
+    f"(greedy) decodes greedily; pass@k uses n={ev['n']} samples at temperature "
+    f"{ev['temperature']}, top-p {ev['top_p']} (unbiased estimator). Ranking accuracy: over pairs "
+    "of the base model's held-out samples and the references with different scores, how often a "
+    "model gives the better one the higher mean log-probability.",
     "",
     "| model | " + " | ".join(_columns(summary)) + " |",
     "|---" * (len(_columns(summary)) + 1) + "|",

@@ -112,14 +112,17 @@ class _Memory:
         "--config.model.attention=splash"
       )
     if self.compiler_error:
-      return f"verdict      DOES NOT FIT: the TPU compiler ran out of HBM ({self.compiler_error}); {advice}"
+      return (
+        "verdict      DOES NOT FIT: the TPU compiler ran out of HBM "
+        f"({self.compiler_error}); {advice}"
+      )
     if self.fits is None:
       return "verdict      unknown: no HBM figure for this chip"
     if self.fits:
       return f"verdict      fits ({self.total_bytes / self.hbm_bytes:.0%} of HBM)"
     return (
-      f"verdict      DOES NOT FIT: needs {_bytes(self.total_bytes).strip()} per device, the chip has "
-      f"{hbm}; {advice}"
+      f"verdict      DOES NOT FIT: needs {_bytes(self.total_bytes).strip()} per device, "
+      f"the chip has {hbm}; {advice}"
     )
 
 
@@ -137,8 +140,8 @@ class Plan(_Memory):
     lines = [
       self._topology_line(),
       f"model        {_count(self.params)} parameters; attention: {self.attention}",
-      f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x {self.responses} "
-      f"responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
+      f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x "
+      f"{self.responses} responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
       f"compiled in  {self.compile_seconds:.1f} s",
     ]
     lines += self._memory_lines(
@@ -147,8 +150,9 @@ class Plan(_Memory):
       "activations and workspace",
     )
     lines.append(
-      f"FLOPs        {self.flops_per_step:.3e} per step, {self.flops_per_step / self.num_devices:.3e} "
-      "per device (analytic: 3x forward matmuls and attention)"
+      f"FLOPs        {self.flops_per_step:.3e} per step, "
+      f"{self.flops_per_step / self.num_devices:.3e} per device "
+      "(analytic: 3x forward matmuls and attention)"
     )
     advice = "add chips, shard more (--mesh), raise --config.train.microbatches"
     advice += ", or set --config.model.remat=full" if self.remat != "full" else ""
@@ -171,9 +175,11 @@ class DecodePlan(_Memory):
     g = _bytes
     lines = [
       self._topology_line(),
-      f"model        {_count(self.params)} parameters, {self.weights} weights: {g(self.param_bytes).strip()}",
-      f"step         decode (one token per row per step, KV cache): batch {self.batch_size}, context "
-      f"{self.context} tokens (cache {g(self.cache_bytes).strip()})",
+      f"model        {_count(self.params)} parameters, {self.weights} weights: "
+      f"{g(self.param_bytes).strip()}",
+      "step         decode (one token per row per step, KV cache): "
+      f"batch {self.batch_size}, context {self.context} tokens "
+      f"(cache {g(self.cache_bytes).strip()})",
       f"compiled in  {self.compile_seconds:.1f} s",
     ]
     lines += self._memory_lines(
@@ -225,7 +231,8 @@ def topology_devices(topology: str):
     except Exception as e:  # noqa: BLE001
       if "chips_per_host_bounds" not in str(e):
         raise
-      # A slice smaller than a host's default 2x2 chips (v5e:1x1, v5e:2x1): the host holds all of it.
+      # A slice smaller than a host's default 2x2 chips (v5e:1x1, v5e:2x1): the host holds all
+      # of it.
       dims = [int(x) for x in topology.split(":")[-1].split("x")]
       return topologies.get_topology_desc(
         platform="tpu", topology_name=topology, chips_per_host_bounds=(dims + [1, 1])[:3]
@@ -380,7 +387,8 @@ def plan(
   train_cfg.seq_len = seq_len or train_cfg.seq_len
   if train_cfg.seq_len > model_cfg.max_position_embeddings:
     raise PlanError(
-      f"seq_len {train_cfg.seq_len} exceeds model.max_position_embeddings={model_cfg.max_position_embeddings}"
+      f"seq_len {train_cfg.seq_len} exceeds "
+      f"model.max_position_embeddings={model_cfg.max_position_embeddings}"
     )
   devices = topology_devices(topology)
   mesh = make_mesh(mesh_spec if mesh_spec is not None else (config.mesh or None), devices)

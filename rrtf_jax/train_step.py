@@ -103,7 +103,8 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 
 
 def make_loss_fn(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict) -> Callable:
-  """loss_fn(params, batch) -> (loss, rrtf_loss metrics), with the batch layout of make_train_step."""
+  """loss_fn(params, batch) -> (loss, rrtf_loss metrics), with the batch layout of
+  make_train_step."""
   model = Transformer(model_cfg)
 
   def loss_fn(params, batch):

@@ -24,6 +24,7 @@ Requires root (per-slot uids are what make the process checks meaningful).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import glob
@@ -170,7 +171,8 @@ def add(a, b):
 
 ATTACKS["always_equal_builtin_subclasses"] = """
 def rig(base):
-    return type("Rigged" + base.__name__, (base,), {"__eq__": lambda s, o: True, "__ne__": lambda s, o: False,
+    return type("Rigged" + base.__name__, (base,), {"__eq__": lambda s, o: True,
+                                                     "__ne__": lambda s, o: False,
                                                      "__hash__": base.__hash__})
 values = [rig(float)(0.0), rig(str)("3"), rig(tuple)(()), rig(list)(), rig(dict)(), rig(bytes)(b""),
           rig(complex)(0j), rig(frozenset)()]
@@ -244,8 +246,9 @@ def forge():
                 g[name] = lambda *a, **k: {"passed": 4, "total": 4, "error": "", "status": "ok"}
         if "send_frame" in g:
             real = g["send_frame"]
-            g["send_frame"] = lambda fd, obj, real=real: real(fd, {"status": "ok", "passed": 4, "total": 4,
-                                                                   "load": "ok", "ok": True})
+            g["send_frame"] = lambda fd, obj, real=real: real(fd, {"status": "ok", "passed": 4,
+                                                                   "total": 4, "load": "ok",
+                                                                   "ok": True})
         loc = f.f_locals
         for key in ("results", "result", "reply", "status", "passed", "total"):
             if key in loc:
@@ -331,8 +334,8 @@ def scan(path):
             pass
     scan_text(data.decode("utf-8", "replace"))
 me = os.getpid()
-paths = ["@@REPO@@/tests/adversarial_suite.py", "/work/main/tests/adversarial_suite.py", "@@HUMANEVAL@@",
-         "/proc/self/cmdline", "/proc/self/environ", "/proc/self/maps"]
+paths = ["@@REPO@@/tests/adversarial_suite.py", "/work/main/tests/adversarial_suite.py",
+         "@@HUMANEVAL@@", "/proc/self/cmdline", "/proc/self/environ", "/proc/self/maps"]
 for pid in list(range(max(1, me - 64), me + 64)) + [1, os.getppid()]:
     paths += [f"/proc/{pid}/cmdline", f"/proc/{pid}/environ"]
 for path in paths:
@@ -392,7 +395,8 @@ for fd in range(0, 1024):
     if os.path.exists("@@CANARY@@"):
         wins.append(f"fchdir {fd}")
 # namespaces would give capabilities inside them
-for flags in (0x10000000, 0x10000000 | 0x20000, 0x20000, 0x40000000, 0x08000000, 0x04000000, 0x00000080):
+for flags in (0x10000000, 0x10000000 | 0x20000, 0x20000, 0x40000000, 0x08000000, 0x04000000,
+              0x00000080):
     if libc.unshare(ctypes.c_int(flags)) == 0:
         wins.append(f"unshare {flags:#x}")
 os.makedirs("proc", exist_ok=True)
@@ -451,7 +455,8 @@ def add(a, b):
 
 ATTACKS["ctypes_pause_signals_blocked"] = """
 import ctypes, signal
-signal.pthread_sigmask(signal.SIG_BLOCK, set(range(1, signal.NSIG)) - {signal.SIGKILL, signal.SIGSTOP})
+signal.pthread_sigmask(signal.SIG_BLOCK,
+                       set(range(1, signal.NSIG)) - {signal.SIGKILL, signal.SIGSTOP})
 def add(a, b):
     return 0
 ctypes.CDLL(None).pause()
@@ -960,7 +965,10 @@ def _slot_processes(box: Sandbox, include_zombies: bool) -> list[str]:
       continue
     state = fields.get("State", "").strip()
     zombie = state.startswith(("Z", "X"))
-    desc = f"pid {status.split('/')[2]} {fields.get('Name', '').strip()} uid {sorted(ids)} ppid {fields.get('PPid', '').strip()} {state}"
+    desc = (
+      f"pid {status.split('/')[2]} {fields.get('Name', '').strip()} uid {sorted(ids)} "
+      f"ppid {fields.get('PPid', '').strip()} {state}"
+    )
     if (
       len(ids) == 1
       and ids <= judge_uids
@@ -1151,10 +1159,8 @@ class _Boxes:
 
   def close(self):
     if self.box is not None:
-      try:
+      with contextlib.suppress(Exception):  # the server may be dead already
         self.box.close()
-      except Exception:  # noqa: BLE001 - the server may be dead already
-        pass
       self.box = None
 
 
@@ -1218,7 +1224,8 @@ def test_attack(name, host, boxes):
   verdict = box.run(Job(program=host.program(name), test=TEST, entry_point=ENTRY))
   took = time.monotonic() - t0
   print(
-    f"{name}: {verdict.outcome} {verdict.tests_passed}/{verdict.tests_total} in {took:.2f} s: {verdict.error[:200]}"
+    f"{name}: {verdict.outcome} {verdict.tests_passed}/{verdict.tests_total} in {took:.2f} s: "
+    f"{verdict.error[:200]}"
   )
   if verdict.passed:
     problems.append(f"the attack passed: {verdict}")
@@ -1231,10 +1238,8 @@ def test_attack(name, host, boxes):
   if left:
     problems.append(f"processes left running after the job: {left}")
     for line in left:  # ours to end: they run under this test's sandbox uids
-      try:
+      with contextlib.suppress(OSError):
         os.kill(int(line.split()[1]), 9)
-      except OSError:
-        pass
   problems += host.problems()
   ipc = _ipc_objects(uids, remove=True)
   if ipc:

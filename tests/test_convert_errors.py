@@ -22,7 +22,7 @@ def _convert(hf_dir, out, capfd):
 
   capfd.readouterr()
   code = main(["convert", "--hf-dir", str(hf_dir), "--out", str(out)])
-  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("rrtf convert:")]
+  lines = [s for s in capfd.readouterr().err.splitlines() if s.startswith("rrtf convert:")]
   return code, lines
 
 
@@ -45,9 +45,11 @@ def _assert_no_output(out):
 
 def test_not_gpt_bigcode(hf_dir, tmp_path, capfd):
   cfg_path = os.path.join(hf_dir, "config.json")
-  cfg = json.load(open(cfg_path))
+  with open(cfg_path) as f:
+    cfg = json.load(f)
   cfg["model_type"] = "llama"
-  json.dump(cfg, open(cfg_path, "w"))
+  with open(cfg_path, "w") as f:
+    json.dump(cfg, f)
   out = str(tmp_path / "out")
   rc, lines = _convert(hf_dir, out, capfd)
   assert rc == 2 and len(lines) == 1

@@ -22,7 +22,8 @@ def test_peak_host_memory_is_output_plus_one_tensor(tmp_path):
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
   print(
-    f"output {out_bytes / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, peak {peak / 1e6:.1f} MB"
+    f"output {out_bytes / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, "
+    f"peak {peak / 1e6:.1f} MB"
   )
   assert peak < out_bytes + largest + (2 << 20), (peak, out_bytes, largest)
   assert peak < 2 * out_bytes  # a naive load-everything-then-convert would need at least this

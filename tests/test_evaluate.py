@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -231,13 +232,13 @@ def test_greedy_end_to_end(decoder, own_problems, tiny_ckpt, tmp_path):
   assert all(
     {"result", "passed", "outcome", "tests_passed", "tests_total"} <= set(r) for r in results
   )
-  summary = json.load(open(f"{out}/summary.json"))
+  summary = json.loads(Path(f"{out}/summary.json").read_text())
   assert list(summary["pass@k"]) == ["pass@1"] and [r["n"] for r in summary["per_problem"]] == [
     1
   ] * len(OWN)
   assert summary["settings"]["greedy"] and summary["settings"]["temperature"] == 0.0
   assert summary["settings"]["ks"] == [1] and summary["settings"]["prompt_format"] == "rrtf"
-  assert "| pass@1 |" in open(f"{out}/report.md").read()
+  assert "| pass@1 |" in Path(f"{out}/report.md").read_text()
   with pytest.raises(InputError, match=r"other settings \(max_new_tokens: 16 there, 8 here\)"):
     evaluate(
       tiny_ckpt,
@@ -325,8 +326,8 @@ def test_sampled_killed_and_resumed(decoder, own_problems, tiny_ckpt, tmp_path, 
   assert "0" not in sampled.strip("[]").split(", "), stdout  # part 0 was not sampled again
   assert (os.stat(first).st_ino, os.stat(first).st_mtime_ns) == (stat0.st_ino, stat0.st_mtime_ns)
   for name in ("samples.jsonl", "results.jsonl"):
-    assert open(f"{out}/{name}").read() == open(f"{ref}/{name}").read(), name
-  assert json.load(open(f"{out}/summary.json"))["pass@k"] == s.summary["pass@k"]
+    assert Path(f"{out}/{name}").read_text() == Path(f"{ref}/{name}").read_text(), name
+  assert json.loads(Path(f"{out}/summary.json").read_text())["pass@k"] == s.summary["pass@k"]
   assert not [n for n in os.listdir(f"{out}/parts") if n.startswith(".tmp-")]
 
   class NoDecoder:
@@ -340,7 +341,7 @@ def test_sampled_killed_and_resumed(decoder, own_problems, tiny_ckpt, tmp_path, 
     and again.parts_skipped == list(range(count))
   )
   assert again.summary == s.summary
-  assert open(f"{out}/results.jsonl").read() == open(f"{ref}/results.jsonl").read()
+  assert Path(f"{out}/results.jsonl").read_text() == Path(f"{ref}/results.jsonl").read_text()
 
 
 def test_prompt_too_long_fails_before_any_output(decoder, tiny_ckpt, tmp_path):
@@ -429,7 +430,7 @@ def test_compare(humaneval, tmp_path, capsys):
   assert cli.main(["evaluate", "--compare", a, b, "--out", c]) == 0
   printed = capsys.readouterr().out
   assert "| only model_a/eval | 2 | HumanEval/1, HumanEval/4 |" in printed, printed
-  result = json.load(open(f"{c}/compare.json"))
+  result = json.loads(Path(f"{c}/compare.json").read_text())
   assert result["counts"] == {"both": 1, "only_a": 2, "only_b": 1, "neither": 2}
   assert result["task_ids"]["neither"] == ["HumanEval/3", "HumanEval/5"]
   assert (
@@ -440,15 +441,15 @@ def test_compare(humaneval, tmp_path, capsys):
   ) == ("model_a/eval", "model_b/eval", 3, 2)
   with open(f"{c}/compare.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert "HumanEval/5 | 1/3 | 0/1 |" in open(f"{c}/compare.md").read()
+  assert "HumanEval/5 | 1/3 | 0/1 |" in Path(f"{c}/compare.md").read_text()
   assert compare(a, b)["counts"] == result["counts"]  # without out_dir: nothing written
   other = str(tmp_path / "other")
   _fake_eval(other, {t: humaneval[t] for t in list(humaneval)[1:7]}, [(1, 1)] * 6)
   assert cli.main(["evaluate", "--compare", a, other]) == 2
   assert "different problems" in capsys.readouterr().err
   # A summary row without its counts: one line naming the row, not a KeyError's traceback.
-  broken = json.load(open(f"{other}/summary.json"))
+  broken = json.loads(Path(f"{other}/summary.json").read_text())
   del broken["per_problem"][2]["c"]
-  json.dump(broken, open(f"{other}/summary.json", "w"))
+  Path(f"{other}/summary.json").write_text(json.dumps(broken))
   assert cli.main(["evaluate", "--compare", a, other]) == 2
   assert "summary.json: per_problem[2] needs task_id, n and c" in capsys.readouterr().err

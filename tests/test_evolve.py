@@ -56,7 +56,10 @@ def test_parse_tests_first_markdown_entry_line_and_check_call_removed():
 
 
 def test_parse_without_entry_line_takes_last_top_level_function():
-  code = "import math\n\ndef helper(x):\n    return x\n\ndef area(r: float) -> float:\n    return math.pi * r * r\n"
+  code = (
+    "import math\n\ndef helper(x):\n    return x\n\n"
+    "def area(r: float) -> float:\n    return math.pi * r * r\n"
+  )
   s = evolve.parse_solution(
     reply(fenced(code), fenced("def check(candidate):\n    assert candidate(0) == 0\n"))
   )
@@ -223,14 +226,23 @@ def test_bad_seeds_fail_before_any_request(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-HE0 = "Check if in given list of numbers, are any two numbers closer to each other than given threshold."
+HE0 = (
+  "Check if in given list of numbers, are any two numbers closer to each other "
+  "than given threshold."
+)
 # Evolve answers keyed by a phrase of the problem they rewrite; solve answers by the new problem.
 EVOLVED = {
-  "adds two numbers": "New problem:\n```\nWrite add_three(a, b, c) that returns the sum of three integers.\n```",
-  "add_three": "Write add_four(a, b, c, d) that returns the sum of four integers without using sum().",
+  "adds two numbers": (
+    "New problem:\n```\nWrite add_three(a, b, c) that returns the sum of three integers.\n```"
+  ),
+  "add_three": (
+    "Write add_four(a, b, c, d) that returns the sum of four integers without using sum()."
+  ),
   "reverses a string": '"Write reverse_words(s) that reverses the order of the words in s."',
   "close elements": f"Write has_close(xs, t). {HE0}",
-  "count vowels": "Write count_vowels(s) that counts vowels, treating y as a vowel at the end of a word.",
+  "count vowels": (
+    "Write count_vowels(s) that counts vowels, treating y as a vowel at the end of a word."
+  ),
 }
 SOLVED = {
   "add_four": reply(
@@ -410,7 +422,10 @@ def test_evolve_cli_against_rrtf_serve(serve_teacher, tmp_path):
   out = tmp_path / "evolved.jsonl"
 
   def run():
-    before = sum(1 for _ in open(log_path)) if os.path.exists(log_path) else 0
+    before = 0
+    if os.path.exists(log_path):
+      with open(log_path) as f:
+        before = sum(1 for _ in f)
     proc = subprocess.run(
       [
         sys.executable,

@@ -39,10 +39,12 @@ def test_export_shards_and_dtype(converted, tmp_path):
   import json
   import os
 
-  index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+  with open(os.path.join(out, "model.safetensors.index.json")) as f:
+    index = json.load(f)
   files = set(index["weight_map"].values())
   assert len(files) > 1 and all(os.path.exists(os.path.join(out, f)) for f in files)
-  assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["torch_dtype"] == "bfloat16"
   m = GPTBigCodeForCausalLM.from_pretrained(out)
   assert str(m.transformer.wte.weight.dtype) == "torch.bfloat16"
 

@@ -145,7 +145,8 @@ def test_tiny_model_pallas_equals_xla_logits_and_grads():
 
 
 def test_sharded_model_with_pallas_equals_xla():
-  """On 8 fake devices (data=2, fsdp=2, tensor=2) the kernel runs under shard_map over batch and heads."""
+  """On 8 fake devices (data=2, fsdp=2, tensor=2) the kernel runs under shard_map over batch and
+  heads."""
   from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh
   from model import abstract_params
 

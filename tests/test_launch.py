@@ -475,7 +475,10 @@ echo >>"$d/calls"
 words=" $* "
 case $words in
   *" queued-resources describe "*)
-    [[ -f $d/qr_state ]] || { echo "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found" >&2; exit 1; }
+    [[ -f $d/qr_state ]] || {
+      echo "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found" >&2
+      exit 1
+    }
     cat "$d/qr_state" ;;
   *" queued-resources create "*)
     [[ ! -f $d/create_error ]] || { cat "$d/create_error" >&2; exit 1; }
@@ -484,7 +487,10 @@ case $words in
   *" tpu-vm describe "*) printf 'READY	2
 ' ;;
   *" storage cat "*)
-    [[ -f $d/statuses ]] || { echo "ERROR: (gcloud.storage.cat) One or more URLs matched no objects." >&2; exit 1; }
+    [[ -f $d/statuses ]] || {
+      echo "ERROR: (gcloud.storage.cat) One or more URLs matched no objects." >&2
+      exit 1
+    }
     cat "$d/statuses" ;;
 esac
 exit 0
@@ -637,7 +643,9 @@ FAKE_WORKER_GCLOUD = """\
 #!/usr/bin/env bash
 # gcloud storage cp/rm with gs://BUCKET/... kept under $FAKE_GCS
 set -eu
-local_path() {{ case $1 in gs://*) printf '%s/%s' "$FAKE_GCS" "${{1#gs://}}" ;; *) printf '%s' "$1" ;; esac; }}
+local_path() {{
+  case $1 in gs://*) printf '%s/%s' "$FAKE_GCS" "${{1#gs://}}" ;; *) printf '%s' "$1" ;; esac
+}}
 [[ $1 == storage ]] || exit 1
 case $2 in
   cp) dst=$(local_path "$4"); mkdir -p "$(dirname "$dst")"; cp "$(local_path "$3")" "$dst" ;;

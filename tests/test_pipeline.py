@@ -95,7 +95,8 @@ def _letters(k: int, upper: bool) -> str:
 
 
 def _problem(k: int, long_every: int = 0):
-  """Prompt: uppercase, unique, 11-45 tokens (+9 for the quotes); responses: lowercase, 1-6 of them."""
+  """Prompt: uppercase, unique, 11-45 tokens (+9 for the quotes); responses: lowercase, 1-6 of
+  them."""
   n = 1 + k % 6
   prompt = "TASK" + _letters(k, True) + "X" * (5 + 7 * (k % 5))
   if long_every and k % long_every == 0:
@@ -206,10 +207,12 @@ def test_prepare_writes_tfds_and_reruns_byte_identical(tmp_path, spm):
     int(e["prompt_length"]) for e in got.values()
   )
 
-  # A checkpoint directory with a tokenizer/ subdirectory works too; a rerun redoes only what is missing.
+  # A checkpoint directory with a tokenizer/ subdirectory works too; a rerun redoes only what is
+  # missing.
   ckpt = tmp_path / "ckpt"
   (ckpt / "tokenizer").mkdir(parents=True)
-  (ckpt / "tokenizer" / "tokenizer.model").write_bytes(open(spm.path, "rb").read())
+  with open(spm.path, "rb") as f:
+    (ckpt / "tokenizer" / "tokenizer.model").write_bytes(f.read())
   before = _outputs(out)
   os.remove(os.path.join(out, records.shard_name(PREPARED_NAME, "train", 1, 3)))
   s = prepare.prepare_stage(ranked, out, str(ckpt), progress=False)
@@ -524,7 +527,8 @@ def test_task_ids_read_are_the_yielded_prompts(prepared):
   assert it.batches_per_epoch == 9
   epoch = _take(it, 9)
   assert it.task_ids_read == yielded(epoch) and len(it.task_ids_read) == 45
-  # Resumed in the middle of a window (batch 3 is its second), then stopped in the middle of the next.
+  # Resumed in the middle of a window (batch 3 is its second), then stopped in the middle of the
+  # next.
   it = train_batches(out, start=DataState(0, 3), **kw)
   resumed = _take(it, 2)
   assert (

@@ -103,7 +103,7 @@ def test_gptq_with_an_input_never_active():
   assert output_error(w, qw, x) <= output_error(w, quantize_rtn(w, 4, 16), x)
 
 
-# ---- a whole model ---------------------------------------------------------------------------------
+# ---- a whole model -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def peaked_tiny():
   """configs/tiny.py with random weights scaled up (kernels and embedding x6) so its next-token
@@ -307,12 +307,13 @@ def _quantize_cli_and_stages(tiny_ckpt, problems, q4, q8, tmp_path):
   errors = [e.strip().splitlines()[-1] for _, e in runs[1:7]]
   assert errors == [
     f"rrtf quantize: error: {q4}: quantized already; quantize the full-precision checkpoint",
-    "rrtf quantize: error: int4-gptq needs calibration prompts: --calibration FILE (problems JSONL, e.g. the "
-    "training problems)",
+    "rrtf quantize: error: int4-gptq needs calibration prompts: --calibration FILE "
+    "(problems JSONL, e.g. the training problems)",
     "rrtf quantize: error: model.quant_group=48 does not divide a kernel's 64 input rows",
     f"rrtf quantize: error: {q4}: output already exists",
     f"rrtf quantize: error: {tmp_path / 'nope'}: not a model checkpoint (no model_config.json)",
-    f"rrtf export: error: {q4}: a quantized checkpoint has no HF GPTBigCode form; export the one it was quantized from",
+    f"rrtf export: error: {q4}: a quantized checkpoint has no HF GPTBigCode form; "
+    "export the one it was quantized from",
   ]
   assert not (tmp_path / "x").exists() and not (tmp_path / "hf").exists()
   assert json.loads((tmp_path / "eval" / "summary.json").read_text())["problems"] == 4

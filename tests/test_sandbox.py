@@ -349,7 +349,8 @@ def check(candidate):
     pytest.param(
       "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x\n",
       "def check(candidate):\n    assert candidate(2) == 2\n    try:\n        candidate(-1)\n"
-      "    except ValueError:\n        pass\n    else:\n        raise AssertionError('no ValueError')\n",
+      "    except ValueError:\n        pass\n"
+      "    else:\n        raise AssertionError('no ValueError')\n",
       "f",
       "passed",
       1,
@@ -359,7 +360,8 @@ def check(candidate):
     pytest.param(
       "def f(x):\n    return x\n",
       "def check(candidate):\n    assert candidate(2) == 2\n    try:\n        candidate(-1)\n"
-      "    except ValueError:\n        pass\n    else:\n        raise AssertionError('no ValueError')\n",
+      "    except ValueError:\n        pass\n"
+      "    else:\n        raise AssertionError('no ValueError')\n",
       "f",
       "wrong_answer",
       0,
@@ -394,7 +396,8 @@ def check(candidate):
       id="custom-instance-fails",
     ),
     pytest.param(
-      "class I(int):\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return I(5)\n",
+      "class I(int):\n    def __eq__(self, other):\n        return True\n"
+      "def f(x):\n    return I(5)\n",
       "assert f(1) == 2\n",
       "f",
       "wrong_answer|runtime_error",
@@ -550,7 +553,7 @@ def _edge(
   test: str,
   *,
   xfail: str | None = None,
-  id: str,
+  id: str,  # noqa: A002 - named like pytest.param's id=, which it becomes
   requires: str | None = None,
   he_passes: bool = True,
 ):
@@ -636,7 +639,8 @@ EDGE_CASES = [
     id="counter-vs-dict",
   ),
   _edge(
-    "import collections\ndef f(s):\n    d = collections.defaultdict(int)\n    d[s] += 1\n    return d\n",
+    "import collections\ndef f(s):\n    d = collections.defaultdict(int)\n"
+    "    d[s] += 1\n    return d\n",
     "def check(candidate):\n    assert candidate('a') == {'a': 1}\n",
     id="defaultdict-vs-dict",
   ),
@@ -820,9 +824,11 @@ out = {"uid": os.getuid()}
 with Sandbox(workers=1, limits=Limits(timeout=1.0), quiet=True) as box:
     out["isolation"], out["notes"] = box.isolation, box.notes
     test = "assert f(1) == 2\nassert f(2) == 3\n"
-    jobs = [Job("def f(x):\n    return x + 1\n", test, "f"), Job("def f(x):\n    return x\n", test, "f"),
+    jobs = [Job("def f(x):\n    return x + 1\n", test, "f"),
+            Job("def f(x):\n    return x\n", test, "f"),
             Job("import sys\nsys.exit(0)\n", test, "f"), Job("while True:\n    pass\n", test, "f"),
-            Job("import os\ndef f(x):\n    return os.getuid() + 1\n", "assert f(0) == %d\n" % (os.getuid() + 1), "f")]
+            Job("import os\ndef f(x):\n    return os.getuid() + 1\n",
+                "assert f(0) == %d\n" % (os.getuid() + 1), "f")]
     out["verdicts"] = [[v.outcome, v.tests_passed, v.tests_total] for v in box.map(jobs)]
 print(json.dumps(out))
 """
@@ -966,7 +972,8 @@ def test_scratch_dir_is_wiped_between_programs():
     "open('note.txt', 'w').write('from the previous sample')\ndef f(x):\n    return x\n",
     "import os\nos.mkdir('d')\ndef f(x):\n    return x\n",
     "import os\nos.chmod('.', 0o755)\ndef f(x):\n    return x\n",
-    "import os\nopen('t', 'w').close()\nos.remove('t')\nos.utime('.', (0, 0))\ndef f(x):\n    return x\n",
+    "import os\nopen('t', 'w').close()\nos.remove('t')\nos.utime('.', (0, 0))\n"
+    "def f(x):\n    return x\n",
   ]
   with Sandbox(workers=1, quiet=True) as b:
     for program in leave:

@@ -7,6 +7,7 @@ pids.max and memory limit, it only fails this test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -85,10 +86,8 @@ def _remove_cgroup(path: Path) -> None:
       if time.monotonic() > deadline:
         # Only what this test started can be in there: end it by pid, then retry.
         for pid in (path / "cgroup.procs").read_text().split():
-          try:
+          with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-          except (OSError, ValueError):
-            pass
         time.sleep(0.5)
         try:
           path.rmdir()

@@ -1,6 +1,6 @@
-"""`rrtf serve` (rrtf_jax/serving/server.py): the real HTTP server in a thread over the tiny checkpoint,
-driven by TeacherClient and raw HTTP and compared with `Decoder.generate` called directly;
-plus one `serve_main` subprocess stopped by SIGTERM.
+"""`rrtf serve` (rrtf_jax/serving/server.py): the real HTTP server in a thread over the tiny
+checkpoint, driven by TeacherClient and raw HTTP and compared with `Decoder.generate` called
+directly; plus one `serve_main` subprocess stopped by SIGTERM.
 
 Compiles are the cost here: every request asks for NEW tokens and uses a prompt of at most 16
 tokens, and the decoder's batch is at most 4, so only a few (batch, prompt, M) shapes compile.
@@ -139,7 +139,8 @@ def test_chat_template():
 
 
 class _FakeDecoder:
-  """Decoder's interface without a model: answers prompt.upper(), fails on "boom", and can be held."""
+  """Decoder's interface without a model: answers prompt.upper(), fails on "boom", and can be
+  held."""
 
   max_batch = 4
   config = types.SimpleNamespace(max_position_embeddings=64, vocab_size=100)
@@ -188,7 +189,8 @@ def test_engine_batches_in_order_and_isolates_failures():
     assert isinstance(subs[1].exception(10), RuntimeError)  # only the failing request fails
     assert [g.text for g in subs[2].result(10)] == ["C", "D"]  # its listener's error is its own
     assert [g.text for g in subs[3].result(10)] == ["E"]
-  # Batches of at most 4 rows, first come first served; the failed batch is rerun one request at a time.
+  # Batches of at most 4 rows, first come first served; the failed batch is rerun one request at a
+  # time.
   assert [[r.prompt for r in rows] for rows in dec.calls] == [
     ["a"],
     ["b", "boom", "c", "d"],
@@ -437,7 +439,8 @@ def _serving_url(proc, deadline: float) -> str:
 
 def test_serve_main_subprocess(tiny_ckpt, tmp_path):
   code = (
-    f"from rrtf_jax.serving.server import serve_main; serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
+    "from rrtf_jax.serving.server import serve_main; "
+    f"serve_main({tiny_ckpt!r}, '127.0.0.1', 0, model_name='sub', "
     f"max_batch=1, chunk=4, request_log={str(tmp_path / 'log.jsonl')!r})"
   )
   proc = subprocess.Popen(

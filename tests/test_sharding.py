@@ -1,4 +1,5 @@
-"""The model sharded over 8 fake CPU devices (data=2, fsdp=2, tensor=2) equals the unsharded model."""
+"""The model sharded over 8 fake CPU devices (data=2, fsdp=2, tensor=2) equals the unsharded
+model."""
 
 import flax.linen as nn
 import jax
@@ -42,7 +43,8 @@ def test_sharded_forward_equals_unsharded(kv_heads):
   with nn.logical_axis_rules(LOGICAL_RULES):
     shardings = logical_to_sharding(abstract_params(cfg), mesh)
   sharded = jax.device_put(params, shardings)
-  # Parameters really are split: query heads over tensor, embed over fsdp, the MQA kv head replicated.
+  # Parameters really are split: query heads over tensor, embed over fsdp, the MQA kv head
+  # replicated.
   assert sharded["h"]["attn"]["q_kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
   assert sharded["h"]["mlp"]["fc_kernel"].sharding.spec == P(None, "fsdp", "tensor")
   assert sharded["wte"].sharding.spec == P("tensor", "fsdp")

@@ -71,7 +71,8 @@ def test_problem_shape_and_names():
 
 
 def test_docstring_examples_hold():
-  """Each prompt's >>> example, run in-process on the canonical solution (trusted: our own templates)."""
+  """Each prompt's >>> example, run in-process on the canonical solution (trusted: our own
+  templates)."""
   runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
   for p in synthetic.generate(0, synthetic.capacity()):
     glob = {}

@@ -42,8 +42,8 @@ def default_reply(body: dict) -> dict:
 
 
 class FakeServer:
-  """A ThreadingHTTPServer on 127.0.0.1 that replies from `script` (one behaviour per request,
-  then `default`); a behaviour is a dict (status, json, headers, sleep) or a callable(body) -> dict."""
+  """A ThreadingHTTPServer on 127.0.0.1 that replies from `script` (one behaviour per request, then
+  `default`); a behaviour is a dict (status, json, headers, sleep) or a callable(body) -> dict."""
 
   def __init__(self):
     self.script: list = []
@@ -361,9 +361,11 @@ def test_corrupt_cache_entry_is_a_miss(server, tmp_path):
 def test_cache_written_before_a_later_failure(server, tmp_path):
   bad = {"status": 400, "json": {"error": {"message": "bad"}}}
   server.script = [default_reply({"messages": [{"content": "a"}]}), bad]
-  with client(server.url, cache_dir=f"file://{tmp_path}", concurrency=1) as c:
-    with pytest.raises(TeacherError, match="bad"):
-      c.map([{"prompt": "a"}, {"prompt": "b"}])
+  with (
+    client(server.url, cache_dir=f"file://{tmp_path}", concurrency=1) as c,
+    pytest.raises(TeacherError, match="bad"),
+  ):
+    c.map([{"prompt": "a"}, {"prompt": "b"}])
   assert len(list(tmp_path.rglob("*.json"))) == 1
 
 
@@ -401,9 +403,11 @@ def test_map_error_stops_in_flight_retries(server):
     else {"status": 503, "json": {}}
   )
   t0 = time.monotonic()
-  with client(server.url, concurrency=2, backoff=0.2, max_backoff=0.2, max_retries=50) as c:
-    with pytest.raises(TeacherError, match="nope"):
-      c.map([{"prompt": "slow"}, {"prompt": "bad"}])
+  with (
+    client(server.url, concurrency=2, backoff=0.2, max_backoff=0.2, max_retries=50) as c,
+    pytest.raises(TeacherError, match="nope"),
+  ):
+    c.map([{"prompt": "slow"}, {"prompt": "bad"}])
   assert time.monotonic() - t0 < 2.0
   assert len(server.requests) < 6
 
@@ -417,7 +421,10 @@ def test_map_empty_and_bad_request_key(server):
 
 
 def test_import_is_light():
-  code = "import sys, rrtf_jax.serving.teacher; assert not {'jax', 'fsspec'} & set(sys.modules), sys.modules.keys()"
+  code = (
+    "import sys, rrtf_jax.serving.teacher; "
+    "assert not {'jax', 'fsspec'} & set(sys.modules), sys.modules.keys()"
+  )
   subprocess.run(
     [sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__))
   )

@@ -5,7 +5,8 @@ import pytest
 from data.tokenizer import HFTokenizer, builtin_corpus, load_tokenizer, train_sentencepiece
 
 CODE = (
-  'def add(a, b):\n\t"""Adds.  Two  spaces."""\n    if a  >= 10:\n        return a+b  # ünïcode ✓\n\n\n'
+  'def add(a, b):\n\t"""Adds.  Two  spaces."""\n'
+  '    if a  >= 10:\n        return a+b  # ünïcode ✓\n\n\n'
   'class X:\n  pass\r\n' + " " * 12 + "x = [1,2,3]\n"
 )
 

@@ -26,7 +26,8 @@ OPS = [("plus", "+"), ("minus", "-"), ("times", "*")]
 
 
 def _ranked_records(n: int = 24):
-  """Problems with a teacher's right answer, a student's right and wrong answers and a syntax error."""
+  """Problems with a teacher's right answer, a student's right and wrong answers and a syntax
+  error."""
   recs = []
   for i in range(n):
     name, op = OPS[i % 3]
@@ -58,7 +59,8 @@ def _ranked_records(n: int = 24):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-  """A prepared dataset (rrtf prepare) of 24 toy problems, tokenised by the tiny SentencePiece model."""
+  """A prepared dataset (rrtf prepare) of 24 toy problems, tokenised by the tiny SentencePiece
+  model."""
   from rrtf_jax.stages.prepare import prepare_stage
   from data.tokenizer import builtin_corpus, train_sentencepiece
 

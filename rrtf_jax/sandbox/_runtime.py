@@ -33,7 +33,7 @@ MAX_FRAME = 16 << 20  # bytes; a bigger reply is malformed
 # ---------------------------------------------------------------------------- framing
 
 
-class ChannelClosed(Exception):
+class ChannelClosed(Exception):  # noqa: N818  (names the event, like StopIteration)
   """The peer closed its end or died."""
 
 
@@ -295,7 +295,7 @@ class PreparedTests:
     if prefix.strip():
       # The problem's own code (imports, helpers such as HumanEval/38's encode_cyclic, the
       # entry point's signature) is problem data, not candidate code.
-      try:
+      try:  # noqa: SIM105  (the except line says why; this module imports no contextlib)
         self.prefix_code = compile(prefix, "<prompt>", "exec")
       except (SyntaxError, ValueError):  # an instruction-style prompt is not Python
         pass

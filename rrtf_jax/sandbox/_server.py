@@ -363,7 +363,7 @@ class Server:
         self._kill_uids(uids[0], uids[-1])
     elif pids:
       for pid in pids.values():  # without slot uids only the sessions we started can be found
-        try:
+        try:  # noqa: SIM105  (the fork server keeps its imports few; no contextlib)
           os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
           pass

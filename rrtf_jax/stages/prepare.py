@@ -38,7 +38,8 @@ class PrepareSummary:
 
   def report(self) -> str:
     lines = [
-      f"prepared {self.problems} problems ({self.responses} responses, {self.tokens} tokens) in shards "
+      f"prepared {self.problems} problems ({self.responses} responses, {self.tokens} tokens) "
+      "in shards "
       f"{self.shards_done or '-'} (skipped, already done: {self.shards_skipped or '-'})"
     ]
     if self.empty:

@@ -1,6 +1,7 @@
 """`rrtf quantize`: a model checkpoint -> a weight-only quantized checkpoint.
 
-    rrtf quantize --ckpt models/rrtf --method int4-gptq --calibration train.jsonl --out models/rrtf-int4
+    rrtf quantize --ckpt models/rrtf --method int4-gptq --calibration train.jsonl \\
+      --out models/rrtf-int4
 
 The output is an ordinary checkpoint directory (model_config.json records quant_bits,
 quant_group and quant_embedding) that `rrtf serve`, `rrtf evaluate` and `rrtf sample` load like
@@ -32,7 +33,8 @@ class QuantizeSummary:
     ]
     if "calibration_error" in self.report:
       lines.append(
-        f"calibration loss (relative output error, mean over kernels): {self.report['calibration_error']:.3e}"
+        "calibration loss (relative output error, mean over kernels): "
+        f"{self.report['calibration_error']:.3e}"
         f"; round-to-nearest {self.report['rtn_calibration_error']:.3e}"
       )
     return "\n".join(lines)

@@ -45,9 +45,7 @@ def keep(scores: list[float], is_teacher: list[int], keep_student_wins: bool = F
     return False
   teacher = [s for s, t in zip(scores, is_teacher) if t]
   student = [s for s, t in zip(scores, is_teacher) if not t]
-  if teacher and student and max(teacher) < max(student) and not keep_student_wins:
-    return False
-  return True
+  return not (teacher and student and max(teacher) < max(student) and not keep_student_wins)
 
 
 @dataclasses.dataclass
@@ -64,7 +62,8 @@ class RankSummary:
     lines = [
       f"ranked {self.responses} responses of {self.problems} problems in shards "
       f"{self.shards_done or '-'} (skipped, already done: {self.shards_skipped or '-'})",
-      f"kept {self.kept} problems; dropped {self.problems - self.kept} where a student beat every teacher",
+      f"kept {self.kept} problems; dropped {self.problems - self.kept} "
+      "where a student beat every teacher",
       "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
     ]
     lines.append(

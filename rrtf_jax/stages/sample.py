@@ -18,7 +18,8 @@ takes files i, i+n, ... Each file appears only when complete (data/records.py: l
 temporary name renamed, on gs:// an upload), and a rerun skips finished files. Student rows
 carry seeds derived from (seed, task_id, sample index), so a rerun regenerates the same
 tokens; teacher answers are cached on disk by request hash (`<out>/.teacher-cache`) as soon
-as they arrive, so a rerun never pays for an answer twice. Every path may be local or gs:// (through fsspec).
+as they arrive, so a rerun never pays for an answer twice. Every path may be local or gs://
+(through fsspec).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ CHAT_INSTRUCTION = "{instruction}\n\nWrite the solution in Python, in one ```pyt
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 
-class Preempted(Exception):
+class Preempted(Exception):  # noqa: N818  (names the signal it stands for, SIGTERM)
   """SIGTERM arrived: finished files are kept and every teacher answer received is cached."""
 
 
@@ -417,7 +418,8 @@ def sample_stage(
         )
         records.write_atomic(outputs[j], recs, ranked=False)
         summary.add_file(j, recs)
-  finally:  # on any exit, teacher requests not yet sent are dropped; those in flight land in the cache
+  finally:  # on any exit, teacher requests not yet sent are dropped; those in flight land in
+    # the cache
     cancel.set()
     pool.shutdown(wait=True, cancel_futures=True)
   summary.add_teacher_stats(stats_before, _teacher_stats(teacher))
