@@ -9,6 +9,13 @@ pull in JAX and orbax.
 """
 
 import importlib
+import os
+
+# orbax reaches gs:// through etils.epath, which prefers tf.io.gfile whenever TensorFlow is
+# installed; route it through fsspec/gcsfs like every other path in the project instead (one
+# GCS client and one set of credentials; tf.io.gfile also cannot reach a GCS emulator). Set
+# here, when any part of `model` is first imported, before anything uses orbax.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 _EXPORTS = {
   "ModelConfig": "model.config",

@@ -22,11 +22,6 @@ import orbax.checkpoint as ocp
 from model.config import ModelConfig
 from model.paths import abspath, is_url
 
-# orbax reaches gs:// through etils.epath, which prefers tf.io.gfile whenever TensorFlow is
-# installed; route it through fsspec/gcsfs like every other path in the project instead (one
-# GCS client and one set of credentials; tf.io.gfile also cannot reach a GCS emulator).
-os.environ.setdefault("EPATH_USE_TF", "false")
-
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
