@@ -8,6 +8,11 @@ def is_url(path) -> bool:
   return "://" in str(path)
 
 
+def join(base, name: str) -> str:
+  """`name` under the folder `base`, local or a URL (a trailing slash of `base` is dropped)."""
+  return f"{str(base).rstrip('/')}/{name}"
+
+
 def abspath(path) -> str:
   """A local path made absolute; a URL as is, without a trailing slash."""
   path = str(path)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from model import ModelConfig, abstract_params
-from rrtf_jax.stages.train import CHECKPOINT_DIR, _join
+from model.paths import join
+from rrtf_jax.stages.train import CHECKPOINT_DIR
 from rrtf_jax.train_step import TrainError
 
 
@@ -32,7 +33,7 @@ def save_model(
   from model import save_checkpoint
   from model.checkpoint import tokenizer_path
 
-  cfg_path = _join(workdir, "config.json")
+  cfg_path = join(workdir, "config.json")
   try:
     with fsspec.open(cfg_path, "r") as f:
       config = json.load(f)
@@ -42,7 +43,7 @@ def save_model(
     raise TrainError(f"{cfg_path}: not an `rrtf train` config (no model section)")
   model_cfg = ModelConfig.from_dict(config["model"])
   mngr = ocp.CheckpointManager(
-    _join(workdir, CHECKPOINT_DIR), item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+    join(workdir, CHECKPOINT_DIR), item_handlers={"state": ocp.PyTreeCheckpointHandler()}
   )
   try:
     steps = sorted(mngr.all_steps())

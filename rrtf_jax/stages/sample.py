@@ -391,8 +391,8 @@ def sample_stage(
   _check_arguments(decoder, num_samples, temperatures, problems_per_file, shard, num_shards)
   files = FilePlan(load_problems(problems_spec), problems_per_file, shard, num_shards)
   outputs = output_files(out_dir, files.count)
-  todo = files.unwritten(outputs)
-  summary = SampleSummary(files=files.count, files_skipped=[j for j in files.mine if j not in todo])
+  todo, skipped = records.shard_plan(outputs, shard, num_shards)
+  summary = SampleSummary(files=files.count, files_skipped=skipped)
   if num_samples:  # every prompt must fit before any work starts
     prompts = ((p.task_id, p.student_text()) for j in todo for p in files.chunk(j))
     check_prompts_fit(decoder, prompts, problems_spec)
@@ -418,8 +418,8 @@ def sample_stage(
         )
         records.write_atomic(outputs[j], recs, ranked=False)
         summary.add_file(j, recs)
-  finally:  # on any exit, teacher requests not yet sent are dropped; those in flight land in
-    # the cache
+  finally:
+    # On any exit, teacher requests not yet sent are dropped; those in flight land in the cache.
     cancel.set()
     pool.shutdown(wait=True, cancel_futures=True)
   summary.add_teacher_stats(stats_before, _teacher_stats(teacher))

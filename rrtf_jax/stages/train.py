@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from model.transformer import param_initializer
+from model.paths import join
 from model.sharding import LOGICAL_RULES, make_mesh
 from rrtf_jax import multihost
 from rrtf_jax.metric_logger import MetricLogger
@@ -191,7 +192,7 @@ def _checkpoint_manager(workdir: str, train_cfg):
     "state": ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt()),
     "data": ocp.JsonCheckpointHandler(),
   }
-  return ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR), options=opts, item_handlers=handlers)
+  return ocp.CheckpointManager(join(workdir, CHECKPOINT_DIR), options=opts, item_handlers=handlers)
 
 
 def _restore_or_init(mngr, config, model_cfg, tx, abstract, shard):
@@ -279,7 +280,7 @@ def _metric_logger(workdir: str, train_cfg, start: int, progress: bool, mngr) ->
   """Every process checks its metrics; process 0 writes TensorBoard and shows the bar."""
   first = jax.process_index() == 0
   return MetricLogger(
-    _join(workdir, TENSORBOARD_DIR) if first else None,
+    join(workdir, TENSORBOARD_DIR) if first else None,
     start=start,
     steps=int(train_cfg.steps),
     progress=progress and first,
@@ -316,17 +317,13 @@ def _save(mngr, step: int, state: TrainState, data_state, *, force: bool = False
   )
 
 
-def _join(a: str, b: str) -> str:
-  return f"{a.rstrip('/')}/{b}"
-
-
 def _write_data_read(workdir: str, batches, start: int, step: int) -> None:
   """What this host read in this run (its data parts and the task ids of the prompts it
   trained on): data_read/process-I-of-N.json, rewritten by every run."""
   import fsspec
 
   n, i = jax.process_count(), jax.process_index()
-  fs, root = fsspec.core.url_to_fs(_join(workdir, DATA_READ_DIR))
+  fs, root = fsspec.core.url_to_fs(join(workdir, DATA_READ_DIR))
   fs.makedirs(root, exist_ok=True)
   with fs.open(f"{root}/process-{i}-of-{n}.json", "w") as f:
     json.dump(
@@ -346,5 +343,5 @@ def _write_config(workdir: str, config) -> None:
 
   fs, _ = fsspec.core.url_to_fs(workdir)
   fs.makedirs(workdir, exist_ok=True)
-  with fsspec.open(_join(workdir, "config.json"), "w") as f:
+  with fsspec.open(join(workdir, "config.json"), "w") as f:
     f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
