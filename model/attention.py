@@ -28,7 +28,9 @@ from jax.sharding import PartitionSpec as P
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "splash")
 
 
-def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0):
+def xla_attention(
+  q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, window=None
+):
   """Reference attention with grouped (multi-query) heads, softmax in fp32.
 
   Args:
@@ -37,6 +39,8 @@ def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_sca
     q_segment_ids: [B, T] int; kv_segment_ids: [B, S] int. Attend only within a segment.
     causal: query t attends to keys s <= t + (S - T) (keys end where queries end).
     sm_scale: multiplies the scores.
+    window: sliding window (StarCoder2, Mistral): query t also needs t + (S - T) - s < window,
+      i.e. it sees itself and the window - 1 keys before it. None = unlimited.
   Returns:
     [B, T, N, H] in q's dtype.
   """
@@ -46,9 +50,11 @@ def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_sca
   qg = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * sm_scale
   mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
+  q_idx = jnp.arange(t)[:, None] + (s - t)
   if causal:
-    q_idx = jnp.arange(t)[:, None] + (s - t)
     mask = mask & (q_idx >= jnp.arange(s)[None, :])[None]
+  if window is not None:
+    mask = mask & (q_idx - jnp.arange(s)[None, :] < window)[None]
   # A finite minimum, not -inf: a row with no allowed key gives a uniform, finite softmax.
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S] fp32
@@ -186,9 +192,10 @@ def _mesh_specs(mesh, num_kv_heads: int):
 
 
 def dot_product_attention(
-  q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, impl="xla"
+  q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, window=None, impl="xla"
 ):
-  """Dispatch to the configured implementation; Pallas kernels run under shard_map on a mesh."""
+  """Dispatch to the configured implementation; Pallas kernels run under shard_map on a mesh.
+  `window`: sliding-window length (see xla_attention), None for none."""
   impl = resolve(impl)
   if impl == "xla":
     return xla_attention(
@@ -199,7 +206,10 @@ def dot_product_attention(
       kv_segment_ids=kv_segment_ids,
       causal=causal,
       sm_scale=sm_scale,
+      window=window,
     )
+  if window is not None:
+    raise NotImplementedError(f"attention={impl!r} does not take a sliding window yet")
   if impl == "pallas":
     from model.flash_attention import flash_attention
 
