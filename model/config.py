@@ -1,7 +1,12 @@
 """Model hyper-parameters: one frozen dataclass shared by the network, conversion and planning.
 
 `ModelConfig` is hashable (a Flax module attribute and a jit static argument) and maps both
-ways to an ml_collections `config.model` block and to HF `GPTBigCodeConfig` JSON.
+ways to an ml_collections `config.model` block; model/families.py maps it both ways to the HF
+`config.json` of each supported family (GPTBigCode, Starcoder2, Llama, Qwen2, Qwen3, Mistral).
+
+One network, several families: the defaults are StarCoder's (GPTBigCode); the architecture
+switches below (positions, norm, MLP, biases, q/k norm, tied head, head_dim, kv heads,
+sliding window) describe the others.
 """
 
 from __future__ import annotations
@@ -14,28 +19,53 @@ import jax.numpy as jnp
 
 from model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 
-ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu", "silu")
+POSITION_EMBEDDINGS = ("learned", "rope")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "gated")
+FAMILY_NAMES = ("gpt_bigcode", "starcoder2", "llama", "mistral", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots")
 QUANT_BITS = (0, 8, 4)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """GPTBigCode (StarCoder) hyper-parameters. Defaults are bigcode/starcoder's."""
+  """Decoder hyper-parameters. Defaults are bigcode/starcoder's (GPTBigCode)."""
 
   vocab_size: int = 49152  # V, StarCoder's BPE
   max_position_embeddings: int = 8192  # learned absolute positions = the longest context
   num_layers: int = 40
   embed_dim: int = 6144  # D
   num_heads: int = 48  # N query heads
-  num_kv_heads: int = 1  # K: 1 = multi-query attention (StarCoder), N = multi-head
+  num_kv_heads: int = 1  # K: 1 = multi-query (StarCoder), N = multi-head, else grouped (GQA)
   mlp_dim: int = 24576  # F, HF n_inner (4 * D when null)
-  layer_norm_epsilon: float = 1e-5
-  activation: str = "gelu_pytorch_tanh"  # gelu with the tanh approximation; or gelu_new, gelu
+  layer_norm_epsilon: float = 1e-5  # the eps of every norm (LayerNorm or RMSNorm)
+  # gelu_pytorch_tanh = gelu_new (tanh approximation), gelu (exact), silu (the gated MLP's)
+  activation: str = "gelu_pytorch_tanh"
   scale_attn_weights: bool = True  # scores / sqrt(H)
   bos_token_id: int | None = 0  # <|endoftext|> in StarCoder's vocabulary
   eos_token_id: int | None = 0
   pad_token_id: int | None = None  # None: pad with EOS (pad_id)
+  extra_eos_token_ids: tuple[int, ...] = ()  # more ids that end a generation (Llama 3, Qwen chat)
+  # Architecture switches (model/families.py sets them from each family's HF config.json).
+  family: str = "gpt_bigcode"  # the HF architecture read and exported (model/families.py)
+  head_dim: int | None = None  # H; None: embed_dim // num_heads (Qwen3 sets it freely)
+  position_embedding: str = "learned"  # learned: a [P, D] table (StarCoder) | rope
+  rope_theta: float = 10000.0
+  rope_scaling: str = "none"  # none | linear | llama3, computed as transformers computes them
+  rope_factor: float = 1.0  # linear and llama3
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_original_max_position_embeddings: int = 8192  # llama3
+  norm: str = "layernorm"  # layernorm (scale and bias) | rmsnorm (scale; Llama, Qwen)
+  mlp: str = "gelu"  # gelu: proj(act(fc x)) | gated: proj(act(gate x) * up x) (Llama, Qwen)
+  mlp_bias: bool = True  # biases of the MLP's linear layers
+  qkv_bias: bool = True  # biases of the q, k and v projections (Qwen2: yes, Llama: no)
+  attn_out_bias: bool = True  # bias of the attention output projection
+  qk_norm: bool = False  # RMSNorm over head_dim of each query and key head, before RoPE (Qwen3)
+  tie_embeddings: bool = True  # the LM head is wte; False: its own `lm_head` [V, D]
+  sliding_window: int | None = None  # a query sees itself and the window - 1 tokens before it
   # Numerics and memory.
   # compute dtype of matmuls and activations; softmax, logits and losses are fp32 regardless
   dtype: str = "bfloat16"
@@ -50,10 +80,28 @@ class ModelConfig:
   quant_embedding: bool = False  # the tied embedding / LM head as int8, one scale per vocab row
 
   def __post_init__(self):
-    if self.embed_dim % self.num_heads:
-      raise ValueError(
-        f"model.embed_dim={self.embed_dim} is not a multiple of model.num_heads={self.num_heads}"
-      )
+    if self.head_dim is None:
+      if self.embed_dim % self.num_heads:
+        raise ValueError(
+          f"model.embed_dim={self.embed_dim} is not a multiple of model.num_heads="
+          f"{self.num_heads}; set model.head_dim"
+        )
+      object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+    object.__setattr__(self, "extra_eos_token_ids", tuple(map(int, self.extra_eos_token_ids)))
+    choices = (
+      ("family", FAMILY_NAMES),
+      ("position_embedding", POSITION_EMBEDDINGS),
+      ("rope_scaling", ROPE_SCALINGS),
+      ("norm", NORMS),
+      ("mlp", MLPS),
+    )
+    for field, allowed in choices:
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"model.{field}={getattr(self, field)!r} is not one of {allowed}")
+    if self.head_dim < 1 or (self.position_embedding == "rope" and self.head_dim % 2):
+      raise ValueError(f"model.head_dim={self.head_dim} must be positive (and even with RoPE)")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 1 (or None)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"model.num_heads={self.num_heads} is not a multiple of "
@@ -91,8 +139,10 @@ class ModelConfig:
     return 0
 
   @property
-  def head_dim(self) -> int:  # H
-    return self.embed_dim // self.num_heads
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends a generation: eos_token_id, then extra_eos_token_ids."""
+    first = () if self.eos_token_id is None else (int(self.eos_token_id),)
+    return first + tuple(i for i in self.extra_eos_token_ids if i not in first)
 
   @property
   def quant_dtype(self):
@@ -110,6 +160,9 @@ class ModelConfig:
     return d_in // self.quant_group
 
   def replace(self, **kw) -> "ModelConfig":
+    derived = self.head_dim == self.embed_dim // self.num_heads
+    if derived and "head_dim" not in kw and ({"embed_dim", "num_heads"} & set(kw)):
+      kw["head_dim"] = None  # a head_dim derived from D and N follows them
     return dataclasses.replace(self, **kw)
 
   def to_dict(self) -> dict[str, Any]:
@@ -124,70 +177,6 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
     return cls(**d)
-
-  # ---- HF GPTBigCodeConfig JSON -------------------------------------------------------------
-  @classmethod
-  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
-    """From the dict of an HF `config.json` with model_type gpt_bigcode."""
-    n_embd = hf.get("n_embd", hf.get("hidden_size"))
-    n_head = hf.get("n_head", hf.get("num_attention_heads"))
-    eos = hf.get("eos_token_id")
-    if isinstance(eos, (list, tuple)):
-      eos = eos[0] if eos else None
-    kw = dict(
-      vocab_size=hf["vocab_size"],
-      max_position_embeddings=hf.get("n_positions", hf.get("max_position_embeddings")),
-      num_layers=hf.get("n_layer", hf.get("num_hidden_layers")),
-      embed_dim=n_embd,
-      num_heads=n_head,
-      num_kv_heads=1 if hf.get("multi_query", True) else n_head,
-      mlp_dim=hf.get("n_inner") or 4 * n_embd,
-      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-      activation=hf.get("activation_function", "gelu_pytorch_tanh"),
-      scale_attn_weights=hf.get("scale_attn_weights", True),
-      bos_token_id=hf.get("bos_token_id"),
-      eos_token_id=eos,
-      pad_token_id=hf.get("pad_token_id"),
-    )
-    kw.update(overrides)
-    return cls(**kw)
-
-  def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
-    """An HF `config.json` dict that transformers' GPTBigCodeForCausalLM loads."""
-    if self.quant_bits:
-      raise ValueError(
-        "a quantized checkpoint has no HF GPTBigCode form; export the full-precision one"
-      )
-    if self.num_kv_heads not in (1, self.num_heads):
-      raise ValueError(
-        "GPTBigCode supports only multi-query (K=1) or multi-head (K=N) attention, "
-        f"not K={self.num_kv_heads}"
-      )
-    return {
-      "architectures": ["GPTBigCodeForCausalLM"],
-      "model_type": "gpt_bigcode",
-      "vocab_size": self.vocab_size,
-      "n_positions": self.max_position_embeddings,
-      "n_embd": self.embed_dim,
-      "n_layer": self.num_layers,
-      "n_head": self.num_heads,
-      "n_inner": self.mlp_dim,
-      "multi_query": self.num_kv_heads == 1,
-      "activation_function": self.activation,
-      "layer_norm_epsilon": self.layer_norm_epsilon,
-      "scale_attn_weights": self.scale_attn_weights,
-      "bos_token_id": self.bos_token_id,
-      "eos_token_id": self.eos_token_id,
-      "pad_token_id": self.pad_token_id,
-      "attention_softmax_in_fp32": True,
-      "scale_attention_softmax_in_fp32": True,
-      "resid_pdrop": 0.0,
-      "embd_pdrop": 0.0,
-      "attn_pdrop": 0.0,
-      "tie_word_embeddings": True,
-      "use_cache": True,
-      "torch_dtype": torch_dtype,
-    }
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)

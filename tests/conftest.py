@@ -45,6 +45,73 @@ def make_hf_model(multi_query: bool, seed: int = 0, **overrides):
   return model
 
 
+# One tiny random HF model per family (model/families.py): D 32, 4 query heads over 2 kv heads
+# (GQA, K > 1), 2 layers, vocab 97; a sliding window of 5 where the family has one, so the
+# 13-token test inputs are longer than the window. Each case flips the family's own switches.
+FAMILY_CASES = {
+  "starcoder2": ("Starcoder2", dict(sliding_window=5, use_bias=True)),
+  "llama": ("Llama", dict(head_dim=8)),
+  "llama3": (
+    "Llama",
+    dict(
+      tie_word_embeddings=True,
+      rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+      ),
+      eos_token_id=[2, 5],
+    ),
+  ),
+  "qwen2": ("Qwen2", dict(tie_word_embeddings=True)),
+  "qwen3": ("Qwen3", dict(head_dim=16)),  # head_dim != D / N
+  "mistral": ("Mistral", dict(sliding_window=5, head_dim=8)),
+}
+
+
+def make_family_model(case: str, seed: int = 0):
+  """A random HF model of one FAMILY_CASES case (torch, fp32, eager attention), every tensor
+  perturbed so biases and norms matter."""
+  import torch
+  import transformers
+
+  prefix, extra = FAMILY_CASES[case]
+  kw = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    attn_implementation="eager",
+  )
+  kw.update(extra)
+  torch.manual_seed(seed)
+  cfg = getattr(transformers, f"{prefix}Config")(**kw)
+  model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILY_CASES))
+def family_converted(request, tmp_path_factory):
+  """(case, torch model, HF dir, our converted checkpoint) for each FAMILY_CASES case."""
+  from model.convert import convert_hf
+
+  model = make_family_model(request.param)
+  root = tmp_path_factory.mktemp(request.param)
+  hf_dir = save_hf(model, root / "hf")
+  return request.param, model, hf_dir, convert_hf(hf_dir, str(root / "ckpt"), progress=False)
+
+
 def save_hf(model, directory, **kw) -> str:
   model.save_pretrained(directory, safe_serialization=True, **kw)
   return str(directory)
