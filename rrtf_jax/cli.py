@@ -134,14 +134,21 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _convert(args, overrides):
+  import resource
+
+  from model.checkpoint import read_config
   from model.convert import convert_hf
 
   out = convert_hf(args.hf_dir, args.out, dtype=args.dtype)
-  print(f"wrote {out}")
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+  print(f"wrote {out} ({read_config(out).family}; peak host memory {peak:.0f} MiB)")
 
 
 def _add_convert_command(sub) -> None:
-  s = sub.add_parser("convert", help="HF GPTBigCode/StarCoder safetensors -> our orbax checkpoint")
+  s = sub.add_parser(
+    "convert",
+    help="HF safetensors (GPTBigCode, Starcoder2, Llama, Mistral, Qwen2, Qwen3) -> our checkpoint",
+  )
   s.add_argument(
     "--hf-dir", required=True, help="directory with config.json, *.safetensors, tokenizer.json"
   )
@@ -164,7 +171,9 @@ def _export(args, overrides):
 
 
 def _add_export_command(sub) -> None:
-  s = sub.add_parser("export", help="our checkpoint -> HF safetensors + config.json + tokenizer")
+  s = sub.add_parser(
+    "export", help="our checkpoint -> HF safetensors of its family + config.json + tokenizer"
+  )
   s.add_argument("--ckpt", required=True, help="checkpoint directory written by convert or train")
   s.add_argument("--out", required=True, help="output directory; must not exist")
   s.add_argument("--dtype", default=None, help="output dtype; default: as stored")

@@ -43,17 +43,95 @@ def _assert_no_output(out):
   )
 
 
-def test_not_gpt_bigcode(hf_dir, tmp_path, capfd):
-  cfg_path = os.path.join(hf_dir, "config.json")
-  with open(cfg_path) as f:
+def _edit_config(hf_dir, edit):
+  path = os.path.join(hf_dir, "config.json")
+  with open(path) as f:
     cfg = json.load(f)
-  cfg["model_type"] = "llama"
-  with open(cfg_path, "w") as f:
+  edit(cfg)
+  with open(path, "w") as f:
     json.dump(cfg, f)
+  return path
+
+
+@pytest.fixture(scope="module")
+def qwen2_hf(tmp_path_factory):
+  """A tiny Qwen2 HF checkpoint; each test edits a copy of its config.json."""
+  from conftest import make_family_model
+
+  return save_hf(make_family_model("qwen2", seed=3), tmp_path_factory.mktemp("qwen2") / "hf")
+
+
+def _copy(src, tmp_path):
+  import shutil
+
+  return shutil.copytree(src, tmp_path / "hf")
+
+
+REFUSED = {
+  # (edit of config.json, words the one line must hold)
+  "unknown architecture": (
+    lambda c: c.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"),
+    ["Qwen3MoeForCausalLM", "not supported", "Qwen2ForCausalLM", "Starcoder2ForCausalLM"],
+  ),
+  "unknown model_type": (
+    lambda c: c.update(architectures=None, model_type="gemma"),
+    ["'gemma'", "not supported", "starcoder2", "qwen3"],
+  ),
+  "mismatched model_type": (
+    lambda c: c.update(model_type="llama"),
+    ["'llama'", "Qwen2ForCausalLM"],
+  ),
+  "rope scaling": (
+    lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
+    ["'yarn'", "default, linear, llama3"],
+  ),
+  "old-style rope scaling": (
+    lambda c: c.pop("rope_parameters") and c.update(rope_scaling={"type": "dynamic", "factor": 2}),
+    ["'dynamic'", "not supported"],
+  ),
+  "mixture of experts": (lambda c: c.update(num_experts=8), ["num_experts", "mixture-of-experts"]),
+  "window on some layers": (
+    lambda c: c.update(
+      use_sliding_window=True, sliding_window=4, layer_types=["full_attention", "sliding_attention"]
+    ),
+    ["use_sliding_window", "some layers"],
+  ),
+  "pre-quantized": (
+    lambda c: c.update(quantization_config={"quant_method": "gptq"}),
+    ["quantization_config", "pre-quantized"],
+  ),
+  "activation": (lambda c: c.update(hidden_act="relu2"), ["hidden_act='relu2'", "silu"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_config_is_refused(case, qwen2_hf, tmp_path, capfd):
+  """An architecture or setting we do not implement: one line naming it and what is supported,
+  exit 2, nothing written."""
+  edit, words = REFUSED[case]
+  hf_dir = _copy(qwen2_hf, tmp_path)
+  cfg_path = _edit_config(hf_dir, edit)
   out = str(tmp_path / "out")
   rc, lines = _convert(hf_dir, out, capfd)
-  assert rc == 2 and len(lines) == 1
-  assert cfg_path in lines[0] and "llama" in lines[0] and "gpt_bigcode" in lines[0]
+  assert rc == 2 and len(lines) == 1, lines
+  assert cfg_path in lines[0] and all(w in lines[0] for w in words), lines[0]
+  _assert_no_output(out)
+
+
+def test_export_refuses_what_the_family_cannot_express(converted, tmp_path, capfd):
+  """A GPTBigCode checkpoint changed to grouped-query attention has no GPTBigCode form: export
+  names the setting, exit 2, nothing written; the Starcoder2 form would take it."""
+  from model import load_checkpoint, save_checkpoint
+  from rrtf_jax.cli import main
+
+  _, _, ckpt = converted
+  cfg, params = load_checkpoint(ckpt)
+  bad = save_checkpoint(str(tmp_path / "rope"), cfg.replace(position_embedding="rope"), params)
+  out = str(tmp_path / "export")
+  capfd.readouterr()
+  assert main(["export", "--ckpt", bad, "--out", out]) == 2
+  lines = [s for s in capfd.readouterr().err.splitlines() if s.startswith("rrtf export:")]
+  assert len(lines) == 1 and "GPTBigCode has no position_embedding='rope'" in lines[0], lines
   _assert_no_output(out)
 
 
