@@ -8,7 +8,8 @@ heads per kv head, H head dim.
   splash  JAX's splash attention kernels (make_splash_mqa / make_splash_mha).
   auto    pallas on TPU, xla elsewhere.
 
-Masking is expressed the way flash kernels take it: causal by index plus segment ids. A
+Masking is expressed the way flash kernels take it: causal by index plus segment ids, and an
+optional sliding window (`window`, StarCoder2 / Mistral) by index too. A
 padded batch uses segment 0 for padding and 1 for real tokens, so real tokens never attend
 to padding; packed sequences use 1, 2, 3, ...
 
@@ -92,15 +93,28 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_mask, *, sm_scale=
 
 
 def splash_attention(
-  q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, sm_scale=1.0, block=512, interpret=None
+  q,
+  k,
+  v,
+  *,
+  q_segment_ids,
+  kv_segment_ids,
+  causal=True,
+  sm_scale=1.0,
+  window=None,
+  block=512,
+  interpret=None,
 ):
-  """JAX's splash attention kernels (self-attention, T == S), MQA per kv head or MHA."""
+  """JAX's splash attention kernels (self-attention, T == S), MQA per kv head or MHA.
+  `window`: sliding window as in xla_attention (splash's LocalMask), None for none."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   if s != t:
     raise ValueError(f"attention='splash' supports self-attention only (T == S), got T={t}, S={s}")
+  if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+    raise ValueError(f"splash_attention: window must be an int >= 1 or None, got {window!r}")
   g = n // kh
   blk = min(block, -(-t // 128) * 128)
   tp = -(-t // blk) * blk
@@ -113,7 +127,11 @@ def splash_attention(
   )  # [B, K, G, Tp, H]
   kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tp - t), (0, 0)))  # [B, K, Tp, H]
   vt = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-  base = sa.CausalMask((tp, tp)) if causal else sa.FullMask((tp, tp))
+  if window is not None:
+    # key in [query - (window - 1), query], or unbounded on the right when not causal
+    base = sa.LocalMask((tp, tp), window_size=(int(window) - 1, 0 if causal else None), offset=0)
+  else:
+    base = sa.CausalMask((tp, tp)) if causal else sa.FullMask((tp, tp))
   sizes = sa.BlockSizes(
     block_q=blk,
     block_kv=blk,
@@ -208,18 +226,25 @@ def dot_product_attention(
       sm_scale=sm_scale,
       window=window,
     )
-  if window is not None:
-    raise NotImplementedError(f"attention={impl!r} does not take a sliding window yet")
   if impl == "pallas":
     from model.flash_attention import flash_attention
 
     def kernel(q, k, v, qs, ks):
-      return flash_attention(q, k, v, causal=causal, segment_ids=(qs, ks), sm_scale=sm_scale)
+      return flash_attention(
+        q, k, v, causal=causal, window=window, segment_ids=(qs, ks), sm_scale=sm_scale
+      )
   else:
 
     def kernel(q, k, v, qs, ks):
       return splash_attention(
-        q, k, v, q_segment_ids=qs, kv_segment_ids=ks, causal=causal, sm_scale=sm_scale
+        q,
+        k,
+        v,
+        q_segment_ids=qs,
+        kv_segment_ids=ks,
+        causal=causal,
+        sm_scale=sm_scale,
+        window=window,
       )
 
   mesh = jax.sharding.get_abstract_mesh()

@@ -9,6 +9,13 @@ block for all G heads and K/V are never repeated in HBM. Causal blocks above the
 are skipped: no compute, and their index maps repeat the previous block so no DMA is issued.
 Padding (T, S up to block multiples) is masked with segment ids that match nothing real.
 
+Sliding window (StarCoder2, Mistral; `window`): query q (in key coordinates, q = t + S - T) also
+needs q - k < window. Inside a visited block the window is masked by position; blocks entirely
+outside it are skipped like the causal ones: no compute, and their index maps clamp to the
+nearest visited block (the first in-window block for blocks before the window), so each
+program fetches only the blocks it visits and the work is O(T * window), not O(T^2).
+`visited_kv_blocks` / `visited_q_blocks` give the visited range per block.
+
 Forward: online softmax in fp32; the residual for the backward pass is the log-sum-exp
 [B, K, G, T], never the probability matrix. Backward: a dq kernel (grid over query blocks,
 keys inner) and a dk/dv kernel (grid over key blocks, queries inner, computed transposed so
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -49,20 +57,24 @@ def _lanes(x, n: int):
   return jnp.tile(x, (1, n // LANES))
 
 
-def _mask(q_seg, kv_seg, q_pos0, k_pos0, shape, causal, transposed):
-  """Boolean mask of a score tile: same segment, and key <= query when causal.
+def _mask(q_seg, kv_seg, q_pos0, k_pos0, shape, causal, transposed, window=None):
+  """Boolean mask of a score tile: same segment, key <= query when causal, and query - key <
+  window when windowed.
 
   Normal tiles are [bq, bk] (queries on sublanes); transposed tiles are [bk, bq].
   """
   mask = q_seg == kv_seg
-  if causal:
+  if causal or window is not None:
     if transposed:
       k_pos = k_pos0 + lax.broadcasted_iota(jnp.int32, shape, 0)
       q_pos = q_pos0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     else:
       q_pos = q_pos0 + lax.broadcasted_iota(jnp.int32, shape, 0)
       k_pos = k_pos0 + lax.broadcasted_iota(jnp.int32, shape, 1)
-    mask = jnp.logical_and(mask, q_pos >= k_pos)
+    if causal:
+      mask = jnp.logical_and(mask, q_pos >= k_pos)
+    if window is not None:
+      mask = jnp.logical_and(mask, q_pos - k_pos < window)
   return mask
 
 
@@ -81,6 +93,7 @@ def _fwd_kernel(
   *,
   sm_scale,
   causal,
+  window,
   bq,
   bk,
   offset,
@@ -96,15 +109,16 @@ def _fwd_kernel(
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  # Causal: skip key blocks that start after this query block's last query.
-  run = (j <= _last_kv_block(i, bq, bk, offset)) if causal else True
+  # Causal: skip key blocks that start after this query block's last query; window: and those
+  # that end before its first query's window starts.
+  run = _visits(i, j, bq=bq, bk=bk, offset=offset, causal=causal, window=window)
 
   @pl.when(run)
   def _compute():
     k = k_ref[...]  # [bk, H]
     v = v_ref[...]  # [bk, H]
     q_seg = jnp.tile(q_seg_ref[...], (1, bk // LANES))  # [bq, bk]
-    mask = _mask(q_seg, kv_seg_ref[:1, :], i * bq + offset, j * bk, (bq, bk), causal, False)
+    mask = _mask(q_seg, kv_seg_ref[:1, :], i * bq + offset, j * bk, (bq, bk), causal, False, window)
 
     def head(g, carry):
       q = q_ref[g]  # [bq, H]
@@ -158,6 +172,89 @@ def _last_kv_block(i, bq, bk, offset):
   return (i * bq + bq - 1 + offset) // bk
 
 
+def _is_array(*xs):
+  return any(isinstance(x, jax.Array) for x in xs)  # tracers included
+
+
+def _imax(a, b):  # on Python ints (cost estimate, tests) and on traced grid indices alike
+  return jnp.maximum(a, b) if _is_array(a, b) else max(a, b)
+
+
+def _imin(a, b):
+  return jnp.minimum(a, b) if _is_array(a, b) else min(a, b)
+
+
+def _first_kv_block(i, bq, bk, offset, window):
+  """The first key block within the window of query block i's first query (earlier ones are
+  skipped): the block of key i * bq + offset - window + 1."""
+  return _imax(i * bq + offset - window + 1, 0) // bk  # numerator >= 0: floor == truncation
+
+
+def _first_q_block(j, bq, bk, offset):
+  """The first query block that attends causally to key block j (earlier ones are skipped)."""
+  return _imax(j * bk - offset, 0) // bq
+
+
+def _last_q_block(j, bq, bk, offset, window):
+  """The last query block whose window reaches key block j (later ones are skipped), -1 when
+  none does (S - T >= window): the block of query j * bk + bk - 1 + window - 1 - offset."""
+  last_q = j * bk + bk + window - 2 - offset
+  return (_imax(last_q, -bq) + bq) // bq - 1  # floor division of a non-negative numerator
+
+
+def visited_kv_blocks(i, *, bq, bk, offset, causal, window, num_k_blocks):
+  """(first, last), inclusive: the key blocks query block i computes (forward and dq kernels);
+  the others are skipped. offset = S - T; ints or traced scalars."""
+  first = 0 if window is None else _first_kv_block(i, bq, bk, offset, window)
+  last = _imin(_last_kv_block(i, bq, bk, offset), num_k_blocks - 1) if causal else num_k_blocks - 1
+  return first, last
+
+
+def visited_q_blocks(j, *, bq, bk, offset, causal, window, num_q_blocks):
+  """(first, last), inclusive: the query blocks key block j computes (dk/dv kernel); empty
+  (last < first) when no query reaches it. offset = S - T; ints or traced scalars."""
+  first = _first_q_block(j, bq, bk, offset) if causal else 0
+  last = (
+    num_q_blocks - 1
+    if window is None
+    else _imin(_last_q_block(j, bq, bk, offset, window), num_q_blocks - 1)
+  )
+  return first, last
+
+
+def _visits(i, j, *, bq, bk, offset, causal, window):
+  """Whether grid step (query block i, key block j) computes: some (query, key) pair of the two
+  blocks passes the causal and window masks. Python True when nothing is skipped."""
+  run = True
+  if causal:
+    run = j <= _last_kv_block(i, bq, bk, offset)
+  if window is not None:
+    after = j >= _first_kv_block(i, bq, bk, offset, window)
+    run = after if run is True else jnp.logical_and(run, after)
+  return run
+
+
+def _kv_index(i, j, *, bq, bk, offset, causal, window):
+  """The key block fetched at step j of query block i (forward, dq): j clamped to the visited
+  range, so a skipped step repeats a block fetched anyway and issues no DMA."""
+  if causal:
+    j = jnp.minimum(j, _last_kv_block(i, bq, bk, offset))
+  if window is not None:
+    j = jnp.maximum(j, _first_kv_block(i, bq, bk, offset, window))
+  return j
+
+
+def _q_index(j, i, *, bq, bk, offset, causal, window):
+  """The query block fetched at step i of key block j (dk/dv): i clamped to the visited range."""
+  first = 0
+  if causal:
+    first = _first_q_block(j, bq, bk, offset)
+    i = jnp.maximum(i, first)  # repeat the first needed block
+  if window is not None:
+    i = jnp.minimum(i, _imax(_last_q_block(j, bq, bk, offset, window), first))  # or the last
+  return i
+
+
 def _unlayout_q(x, t):
   """[B,K,G,Tp,H] -> [B,T,N,H]."""
   b, kh, g, _, h = x.shape
@@ -197,13 +294,18 @@ def _vmem_bytes(in_specs, out_specs, scratch, args, out_shape) -> int:
   return total + sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in scratch)
 
 
-def _cost(*, b, n, tp, sp, h, bq, bk, offset, causal, matmuls, exps, args, outs) -> pl.CostEstimate:
-  """FLOPs of the tiles actually computed (causal skipping included), for XLA's cost analysis."""
+def _cost(
+  *, b, n, tp, sp, h, bq, bk, offset, causal, window, matmuls, exps, args, outs
+) -> pl.CostEstimate:
+  """FLOPs of the tiles actually computed (causal and window skipping included), for XLA's cost
+  analysis."""
   nq, nk = tp // bq, sp // bk
-  if causal:
-    tiles = sum(min(nk, _last_kv_block(i, bq, bk, offset) + 1) for i in range(nq))
-  else:
-    tiles = nq * nk
+  tiles = 0
+  for i in range(nq):
+    first, last = visited_kv_blocks(
+      i, bq=bq, bk=bk, offset=offset, causal=causal, window=window, num_k_blocks=nk
+    )
+    tiles += max(0, last - first + 1)
   pairs = b * n * tiles * bq * bk  # (query, key) score entries computed
   nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (*args, *outs))
   return pl.CostEstimate(
@@ -227,7 +329,7 @@ def _pallas(kernel, *args, interpret, semantics, tile_elems, **kw):
   return pl.pallas_call(kernel, compiler_params=params, **kw)(*args)
 
 
-def _forward(q, k, v, q_seg, kv_seg, *, causal, sm_scale, bq, bk, interpret):
+def _forward(q, k, v, q_seg, kv_seg, *, causal, window, sm_scale, bq, bk, interpret):
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
@@ -236,13 +338,13 @@ def _forward(q, k, v, q_seg, kv_seg, *, causal, sm_scale, bq, bk, interpret):
   nq, nk = tp // bq, sp // bk
   offset = s - t
 
-  def kv_block(i, j):  # skipped causal blocks repeat the last needed block: no DMA
-    return jnp.minimum(j, _last_kv_block(i, bq, bk, offset)) if causal else j
-
+  # skipped blocks repeat the last (causal) or first (window) needed block: no DMA
+  kv_block = functools.partial(_kv_index, bq=bq, bk=bk, offset=offset, causal=causal, window=window)
   kernel = functools.partial(
     _fwd_kernel,
     sm_scale=sm_scale,
     causal=causal,
+    window=window,
     bq=bq,
     bk=bk,
     offset=offset,
@@ -291,6 +393,7 @@ def _forward(q, k, v, q_seg, kv_seg, *, causal, sm_scale, bq, bk, interpret):
       bk=bk,
       offset=offset,
       causal=causal,
+      window=window,
       matmuls=2,
       exps=1,
       args=(qt, kt, vt),
@@ -315,6 +418,7 @@ def _dq_kernel(
   *,
   sm_scale,
   causal,
+  window,
   bq,
   bk,
   offset,
@@ -327,13 +431,13 @@ def _dq_kernel(
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  run = (j <= _last_kv_block(i, bq, bk, offset)) if causal else True
+  run = _visits(i, j, bq=bq, bk=bk, offset=offset, causal=causal, window=window)
 
   @pl.when(run)
   def _compute():
     k, v = k_ref[...], v_ref[...]  # [bk, H]
     q_seg = jnp.tile(q_seg_ref[...], (1, bk // LANES))  # [bq, bk]
-    mask = _mask(q_seg, kv_seg_ref[:1, :], i * bq + offset, j * bk, (bq, bk), causal, False)
+    mask = _mask(q_seg, kv_seg_ref[:1, :], i * bq + offset, j * bk, (bq, bk), causal, False, window)
 
     def head(g, carry):
       q, do = q_ref[g], do_ref[g]  # [bq, H]
@@ -371,6 +475,7 @@ def _dkv_kernel(
   *,
   sm_scale,
   causal,
+  window,
   bq,
   bk,
   offset,
@@ -384,14 +489,15 @@ def _dkv_kernel(
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-  # Causal: skip query blocks that end before this key block starts.
-  run = (j <= _last_kv_block(i, bq, bk, offset)) if causal else True
+  # Causal: skip query blocks that end before this key block starts; window: and those that
+  # start after its last key's window ends.
+  run = _visits(i, j, bq=bq, bk=bk, offset=offset, causal=causal, window=window)
 
   @pl.when(run)
   def _compute():
     k, v = k_ref[...], v_ref[...]  # [bk, H]
     kv_seg = jnp.tile(kv_seg_ref[...], (1, bq // LANES))  # [bk, bq]
-    mask = _mask(q_seg_ref[:1, :], kv_seg, i * bq + offset, j * bk, (bk, bq), causal, True)
+    mask = _mask(q_seg_ref[:1, :], kv_seg, i * bq + offset, j * bk, (bk, bq), causal, True, window)
 
     def head(g, carry):
       q, do = q_ref[g], do_ref[g]  # [bq, H]
@@ -414,7 +520,7 @@ def _dkv_kernel(
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk, interpret):
+def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, window, sm_scale, bq, bk, interpret):
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
@@ -424,10 +530,10 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
   nq, nk = tp // bq, sp // bk
   offset = s - t
   di = jnp.sum(ot.astype(jnp.float32) * dot.astype(jnp.float32), axis=-1)  # [B,K,G,Tp]
-  common = dict(sm_scale=sm_scale, causal=causal, bq=bq, bk=bk, offset=offset, groups=g)
-
-  def kv_block(i, j):
-    return jnp.minimum(j, _last_kv_block(i, bq, bk, offset)) if causal else j
+  common = dict(
+    sm_scale=sm_scale, causal=causal, window=window, bq=bq, bk=bk, offset=offset, groups=g
+  )
+  kv_block = functools.partial(_kv_index, bq=bq, bk=bk, offset=offset, causal=causal, window=window)
 
   q_spec = pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, i, j: (bi, hi, 0, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0))
@@ -470,6 +576,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
       bk=bk,
       offset=offset,
       causal=causal,
+      window=window,
       matmuls=3,
       exps=1,
       args=(qt, kt, vt, dot),
@@ -477,10 +584,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
     ),
   )
 
-  def q_block(j, i):
-    if not causal:
-      return i
-    return jnp.maximum(i, jnp.maximum(j * bk - offset, 0) // bq)  # repeat the first needed block
+  q_block = functools.partial(_q_index, bq=bq, bk=bk, offset=offset, causal=causal, window=window)
 
   q_spec2 = pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, j, i: (bi, hi, 0, q_block(j, i), 0))
   kv_spec2 = pl.BlockSpec((None, None, bk, h), lambda bi, hi, j, i: (bi, hi, j, 0))
@@ -525,6 +629,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
       bk=bk,
       offset=offset,
       causal=causal,
+      window=window,
       matmuls=4,
       exps=1,
       args=(qt, kt, vt, dot),
@@ -539,21 +644,41 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, bq, bk,
 
 
 # ---- public API -----------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _flash(q, k, v, q_seg, kv_seg, causal, sm_scale, bq, bk, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _flash(q, k, v, q_seg, kv_seg, causal, window, sm_scale, bq, bk, interpret):
   return _forward(
-    q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale, bq=bq, bk=bk, interpret=interpret
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    causal=causal,
+    window=window,
+    sm_scale=sm_scale,
+    bq=bq,
+    bk=bk,
+    interpret=interpret,
   )[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, causal, sm_scale, bq, bk, interpret):
+def _flash_fwd(q, k, v, q_seg, kv_seg, causal, window, sm_scale, bq, bk, interpret):
   out, lse = _forward(
-    q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale, bq=bq, bk=bk, interpret=interpret
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    causal=causal,
+    window=window,
+    sm_scale=sm_scale,
+    bq=bq,
+    bk=bk,
+    interpret=interpret,
   )
   return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def _flash_bwd(causal, sm_scale, bq, bk, interpret, res, do):
+def _flash_bwd(causal, window, sm_scale, bq, bk, interpret, res, do):
   q, k, v, q_seg, kv_seg, out, lse = res
   dq, dk, dv = _backward(
     q,
@@ -565,6 +690,7 @@ def _flash_bwd(causal, sm_scale, bq, bk, interpret, res, do):
     lse,
     do,
     causal=causal,
+    window=window,
     sm_scale=sm_scale,
     bq=bq,
     bk=bk,
@@ -588,6 +714,7 @@ def flash_attention(
   v,
   *,
   causal: bool = True,
+  window: int | None = None,
   segment_ids=None,
   sm_scale: float | None = None,
   block_q: int | None = None,
@@ -599,6 +726,9 @@ def flash_attention(
   Args:
     q: [B, T, N, H] queries; k, v: [B, S, K, H] with N % K == 0 (K=1: multi-query).
     causal: query t attends to keys s <= t + (S - T).
+    window: sliding window (StarCoder2, Mistral), an int >= 1: query t also needs
+      t + (S - T) - s < window, i.e. it sees itself and the window - 1 keys before it; key
+      blocks entirely outside the window are neither computed nor fetched. None: unlimited.
     segment_ids: None, [B, T] (self-attention, T == S), or a pair ([B, T], [B, S]) of
       non-negative ints; queries attend only to keys of the same segment.
     sm_scale: score scale; default 1/sqrt(H).
@@ -620,6 +750,10 @@ def flash_attention(
     raise ValueError(f"flash_attention: {n} query heads are not a multiple of {kh} kv heads")
   if causal and s < t:
     raise ValueError(f"flash_attention: causal attention needs S >= T, got T={t}, S={s}")
+  if window is not None:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+      raise ValueError(f"flash_attention: window must be an int >= 1 or None, got {window!r}")
+    window = int(window)
   if segment_ids is None:
     q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
   elif isinstance(segment_ids, (tuple, list)):
@@ -636,4 +770,4 @@ def flash_attention(
   scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(h)
   if interpret is None:
     interpret = target_platform() != "tpu"
-  return _flash(q, k, v, q_seg, kv_seg, causal, scale, bq, bk, bool(interpret))
+  return _flash(q, k, v, q_seg, kv_seg, causal, window, scale, bq, bk, bool(interpret))
