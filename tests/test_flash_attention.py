@@ -111,7 +111,7 @@ def test_agrees_with_splash_mqa():
 
 
 def _tiny(attention, **kw):
-  return ModelConfig(
+  shape = dict(
     vocab_size=128,
     max_position_embeddings=256,
     num_layers=2,
@@ -120,18 +120,24 @@ def _tiny(attention, **kw):
     num_kv_heads=1,
     mlp_dim=128,
     dtype="float32",
-    attention=attention,
-    **kw,
   )
+  return ModelConfig(**{**shape, **kw}, attention=attention)
 
 
-def test_tiny_model_pallas_equals_xla_logits_and_grads():
-  params = init_params_one_compile(_tiny("xla"), 0)
+# StarCoder2's pieces: RoPE, GQA (K=2) and a window shorter than the sequence and the block
+STARCODER2_LIKE = dict(
+  family="starcoder2", position_embedding="rope", num_kv_heads=2, sliding_window=40
+)
+
+
+@pytest.mark.parametrize("arch", [{}, STARCODER2_LIKE], ids=["gpt_bigcode", "starcoder2"])
+def test_tiny_model_pallas_equals_xla_logits_and_grads(arch):
+  params = init_params_one_compile(_tiny("xla", **arch), 0)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 150), 0, 128)
   mask = jnp.ones_like(tokens).at[1, :37].set(0)  # left padding
 
   def loss(p, impl):
-    logits = Transformer(_tiny(impl)).apply({"params": p}, tokens, mask)
+    logits = Transformer(_tiny(impl, **arch)).apply({"params": p}, tokens, mask)
     return (jax.nn.log_softmax(logits) * mask[..., None]).mean(), logits
 
   # one program each, not op by op
