@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
   "requests==2.34.2",  # the teacher client (rrtf sample, rrtf evolve)
   "matplotlib==3.11.2",  # rrtf evaluate --compare (a Venn diagram, Agg canvas)
   "qwix==0.1.8",  # rrtf quantize: round-to-nearest and GPTQ's steps (model/quantize.py)
+  "Jinja2==3.1.6",  # checkpoints' chat templates in rrtf serve (data/chat_template.py)
 ]
 
 EXTRAS_REQUIRE = {
