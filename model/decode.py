@@ -11,10 +11,16 @@ Prompts are left-padded to a power-of-two length bucket, so prefill compiles onc
 (batch bucket, prompt bucket, M) and the decode loop once per (batch bucket, S): never per
 prompt. Positions come from the mask (real tokens count from 0, whatever the padding).
 One jitted prefill fills the cache; then a jitted `lax.while_loop` generates up to `chunk`
-tokens per call, every row finishing on EOS or its own max_new_tokens, and the loop ends
-early when every row has. Between chunks the host decodes each live row's text and checks
-the stop sequences (they are strings, and may span tokens); a row that hit one is marked
-done, and its text is cut exactly before the first stop sequence.
+tokens per call, every row finishing on any of the EOS ids (config.eos_ids: Llama 3 and chat
+models have several) or its own max_new_tokens, and the loop ends early when every row has.
+Between chunks the host decodes each live row's text and checks the stop sequences (they are
+strings, and may span tokens); a row that hit one is marked done, and its text is cut exactly
+before the first stop sequence.
+
+Every family of model/families.py decodes here: RoPE rotates by the same mask-derived
+positions learned tables look up, a sliding window hides the cache slots a new token may no
+longer see (`window_mask`; prefill applies it inside the model), and the logits come from the
+model's own LM head when it has one (`head_weights`).
 
 Sampling per row: greedy (temperature 0), or temperature then top-k then top-p, with a key
 folded from (seed, row seed, step): a row's tokens depend on its own seed, not on which
@@ -37,7 +43,7 @@ from flax import struct
 
 from model.config import ModelConfig
 from model.sharding import LOGICAL_RULES
-from model.transformer import Transformer, lm_head
+from model.transformer import Transformer, head_weights, lm_head
 
 MIN_PROMPT_BUCKET = 16
 
@@ -120,8 +126,10 @@ def _top_k_top_p(scaled, top_p, top_k):
 
 
 def _head(params, cfg: ModelConfig, hidden):
-  """Tied LM head on [B, D] hidden states -> [B, V] fp32 logits (as Transformer computes them)."""
-  logits = lm_head(hidden, params["wte"], params.get("wte_scale"), dtype=jnp.dtype(cfg.dtype))
+  """The LM head (the tied `wte` or the model's own `lm_head`) on [B, D] hidden states ->
+  [B, V] fp32 logits (as Transformer computes them)."""
+  table, scale = head_weights(params)
+  logits = lm_head(hidden, table, scale, dtype=jnp.dtype(cfg.dtype))
   return nn.with_logical_constraint(logits, ("batch", "vocab"))
 
 
@@ -171,12 +179,40 @@ def prefill(
   )
 
 
+def _eos_tuple(eos_id) -> tuple[int, ...]:
+  """None, one id or several -> a tuple of ids."""
+  if eos_id is None:
+    return ()
+  if isinstance(eos_id, (int, np.integer)):
+    return (int(eos_id),)
+  return tuple(int(i) for i in eos_id)
+
+
+def window_mask(cache_mask, idx, window: int | None):
+  """The cache mask [B, S] a new token at cache index `idx` attends through: with a sliding
+  window, only slots s with idx - s < window (it sees itself, passed apart from the cache, and
+  the window - 1 tokens before it). Cache slots are consecutive positions of each row (left
+  padding, then the prompt, then the generated tokens), so slot distance is position distance."""
+  if window is None:
+    return cache_mask
+  slots = jnp.arange(cache_mask.shape[1], dtype=jnp.int32)[None]
+  return jnp.where(idx - slots < window, cache_mask, 0)
+
+
 def decode_chunk(
-  params, cfg: ModelConfig, state: DecodeState, stop_at, *, eos_id: int | None, pad_id: int
+  params,
+  cfg: ModelConfig,
+  state: DecodeState,
+  stop_at,
+  *,
+  eos_id: int | tuple[int, ...] | None,
+  pad_id: int,
 ) -> DecodeState:
-  """Generates tokens until step == stop_at or every row is done (a `lax.while_loop`)."""
+  """Generates tokens until step == stop_at or every row is done (a `lax.while_loop`). A row
+  ends on any of the ids in `eos_id` (one id, a tuple of them, or None)."""
   model = Transformer(cfg)
   b = state.out.shape[0]
+  eos_ids = _eos_tuple(eos_id)
 
   def cond(st):
     return (st.step < stop_at) & ~jnp.all(st.done)
@@ -187,18 +223,18 @@ def decode_chunk(
     out = jax.lax.dynamic_update_slice(st.out, tok[:, None], (0, st.step))
     lengths = st.lengths + (~st.done).astype(jnp.int32)
     done = st.done | (lengths >= st.max_new)
-    if eos_id is not None:
-      done = done | (tok == eos_id)
+    for e in eos_ids:
+      done = done | (tok == e)
+    idx = st.offset + st.step
     hidden, (k, v) = model.apply(
       {"params": params},
       tok[:, None],
       segment_ids=jnp.ones((b, 1), jnp.int32),
       positions=st.positions[:, None],
-      cache=(st.cache_k, st.cache_v, st.cache_mask),
+      cache=(st.cache_k, st.cache_v, window_mask(st.cache_mask, idx, cfg.sliding_window)),
       return_hidden=True,
       return_kv=True,
     )
-    idx = st.offset + st.step
     cache_k = jax.lax.dynamic_update_slice(
       st.cache_k, k.astype(st.cache_k.dtype), (0, 0, idx, 0, 0)
     )
@@ -257,9 +293,11 @@ class Decoder:
   ):
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.chunk, self.max_batch, self.seed = int(chunk), int(max_batch), int(seed)
-    self.eos_id = (
-      config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_id", None)
-    )
+    # Every id that ends a row: the config's (eos_token_id, then extra_eos_token_ids: Llama 3
+    # and chat models end a turn on more than one), else the tokenizer's EOS.
+    tok_eos = getattr(tokenizer, "eos_id", None)
+    self.eos_ids = config.eos_ids or (() if tok_eos is None else (int(tok_eos),))
+    self.eos_id = self.eos_ids[0] if self.eos_ids else None  # the first: it pads, by default
     self.pad_id = config.replace(eos_token_id=self.eos_id).pad_id
     self._prefill = jax.jit(prefill, static_argnames=("cfg", "new_tokens"))
     self._decode = jax.jit(
@@ -384,7 +422,7 @@ class Decoder:
   def _text(self, tokens: Sequence[int]) -> str:
     if self.tokenizer is None:
       return ""
-    if tokens and self.eos_id is not None and tokens[-1] == self.eos_id:
+    if tokens and tokens[-1] in self.eos_ids:
       tokens = tokens[:-1]
     return self.tokenizer.decode(tokens)
 
@@ -437,7 +475,7 @@ class Decoder:
           self.config,
           state,
           jnp.asarray(min(step + self.chunk, m), jnp.int32),
-          eos_id=self.eos_id,
+          eos_id=self.eos_ids if len(self.eos_ids) > 1 else self.eos_id,
           pad_id=self.pad_id,
         )
         out, lengths, done = (np.array(x) for x in (state.out, state.lengths, state.done))
@@ -470,7 +508,7 @@ class Decoder:
         toks = toks[: stopped[i]]
       text = self._text(toks)
       cut = _cut(text, r.stop) if r.stop else None
-      ended = i in stopped or (toks and self.eos_id is not None and toks[-1] == self.eos_id)
+      ended = i in stopped or bool(toks and toks[-1] in self.eos_ids)
       results.append(
         Generation(
           tokens=toks,

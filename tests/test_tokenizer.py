@@ -54,3 +54,57 @@ def test_hf_tokenizer_json(tmp_path):
 def test_missing_tokenizer(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
     load_tokenizer(str(tmp_path))
+
+
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")  # ids 0, 1, 2
+
+
+def test_hf_tokenizer_takes_its_eos_from_the_checkpoint(tmp_path):
+  """The EOS a checkpoint names: tokenizer_config.json's eos_token (Qwen chat <|im_end|>, Llama 3
+  Instruct <|eot_id|>), as transformers reads it; else the model config's eos id; StarCoder's
+  <|endoftext|> only as the last resort."""
+  import json
+
+  from transformers import AutoTokenizer
+
+  from conftest import train_byte_bpe
+  from data.problems import InputError
+  from data.tokenizer import resolve_tokenizer
+
+  texts = [CODE] * 5
+  qwen = train_byte_bpe(
+    texts, tmp_path / "qwen", vocab_size=300, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+  )
+  llama = train_byte_bpe(
+    texts,
+    tmp_path / "llama",
+    vocab_size=300,
+    specials=LLAMA3_SPECIALS,
+    bos_token="<|begin_of_text|>",
+    eos_token={"__type": "AddedToken", "content": "<|eot_id|>", "special": True},
+  )
+  for d, (bos, eos, pad) in ((qwen, (2, 2, 0)), (llama, (0, 2, 2))):
+    tok = load_tokenizer(d)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (bos, eos, pad), d
+    assert tok.eos_id == AutoTokenizer.from_pretrained(d).eos_token_id
+    assert tok.decode(tok.encode(CODE)) == CODE and tok.chat_template is None
+  # special_tokens_map.json alone names it too
+  base = train_byte_bpe(texts, tmp_path / "llama_base", vocab_size=300, specials=LLAMA3_SPECIALS)
+  assert load_tokenizer(base).eos_id is None  # nothing names one, and no <|endoftext|>
+  (tmp_path / "llama_base" / "special_tokens_map.json").write_text(
+    json.dumps({"eos_token": "<|end_of_text|>"})
+  )
+  assert load_tokenizer(base).eos_id == 1
+  # a checkpoint whose tokenizer files name none: its model config's eos_token_id
+  ckpt = tmp_path / "ckpt"
+  train_byte_bpe(texts, ckpt / "tokenizer", vocab_size=300, specials=LLAMA3_SPECIALS)
+  (ckpt / "model_config.json").write_text(json.dumps({"eos_token_id": 2}))
+  assert resolve_tokenizer(str(ckpt)).eos_id == 2
+  assert resolve_tokenizer(str(ckpt / "tokenizer")).eos_id == 2
+  assert resolve_tokenizer(str(ckpt), eos_id=1).eos_id == 1
+  # a named EOS outside the vocabulary is a one-line error
+  (tmp_path / "llama_base" / "tokenizer_config.json").write_text(
+    json.dumps({"eos_token": "<|im_end|>"})
+  )
+  with pytest.raises(InputError, match=r"the eos_token '<\|im_end\|>' is not in the vocabulary"):
+    load_tokenizer(base)

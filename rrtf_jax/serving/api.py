@@ -7,11 +7,16 @@ ignored, except logprobs and echo, which are refused (400) rather than answered 
 `seed`, choice i of prompt p gets a row seed derived from (seed, p, i): the same request gives
 the same answer.
 
-Chat template (our models are base code models trained on `data.prepared.prompt_text`):
-the contents of the system (or developer) and user messages, in order, joined by blank
-lines, go between the triple quotes of `prompt_text`; the contents of any assistant messages
-follow, concatenated, as the start of the answer to continue. Turn order is not kept: it
-is a template for one question (the teacher's use), not for a conversation.
+Chat template: the checkpoint's own, when its tokenizer ships one (tokenizer_config.json's
+`chat_template` or chat_template.jinja: Qwen, Llama 3 and other chat models), rendered as
+transformers renders it (data/chat_template.py) with a generation prompt after the messages,
+or, when the last message is the assistant's, ending inside it, to be continued; developer
+messages go in as system ones. Without one (our models are base code models trained on
+`data.prepared.prompt_text`): the contents of the system (or developer) and user messages, in
+order, joined by blank lines, go between the triple quotes of `prompt_text`; the contents of
+any assistant messages follow, concatenated, as the start of the answer to continue. Turn
+order is not kept: it is a template for one question (the teacher's use), not for a
+conversation.
 
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` (`ApiError`).
 """
@@ -48,12 +53,12 @@ def row_seed(seed: int, prompt_index: int, choice: int) -> int:
   return int.from_bytes(digest[:4], "little")
 
 
-def chat_prompt(messages) -> str:
-  """The prompt for chat `messages` (the template in the module docstring); ValueError if
-  malformed."""
+def chat_messages(messages) -> list[dict]:
+  """Chat `messages` checked and made plain: [{"role", "content": str}] (text content parts
+  joined, an assistant's null content empty); ValueError if malformed."""
   if not isinstance(messages, list) or not messages:
     raise ValueError("messages must be a non-empty list")
-  question, answer = [], []
+  out = []
   for m in messages:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
       raise ValueError("each message must be an object with a string 'role'")
@@ -69,16 +74,27 @@ def chat_prompt(messages) -> str:
       content = ""
     if not isinstance(content, str):
       raise ValueError(f"a {m['role']} message needs string content")
-    if m["role"] in ("system", "developer", "user"):
-      question.append(content)
-    elif m["role"] == "assistant":
-      answer.append(content)
-    else:
+    if m["role"] not in ("system", "developer", "user", "assistant"):
       raise ValueError(
         f"message role {m['role']!r} is not supported (system, developer, user, assistant)"
       )
-  if not question:
+    out.append({"role": m["role"], "content": content})
+  if not any(m["role"] != "assistant" for m in out):
     raise ValueError("messages need at least one system or user message")
+  return out
+
+
+def chat_prompt(messages, template=None) -> str:
+  """The prompt for chat `messages` (the template in the module docstring): `template`
+  (a data.chat_template.ChatTemplate, the checkpoint's) renders them when given; ValueError
+  if malformed, or if the template refuses them."""
+  msgs = chat_messages(messages)
+  if template is not None:
+    return template(
+      [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in msgs]
+    )
+  question = [m["content"] for m in msgs if m["role"] != "assistant"]
+  answer = [m["content"] for m in msgs if m["role"] == "assistant"]
   return prompt_text("\n\n".join(question)) + "".join(answer)
 
 
@@ -110,9 +126,11 @@ def _number(body: dict, key: str, default, *, integer: bool = False, check=None,
   return v
 
 
-def parse_request(body, *, chat: bool, default_max_tokens: int) -> tuple[list[Request], int, dict]:
-  """A completions (or chat) body -> (rows, n, options): n rows per prompt, prompt-major.
-  ValueError says what is wrong."""
+def parse_request(
+  body, *, chat: bool, default_max_tokens: int, chat_template=None
+) -> tuple[list[Request], int, dict]:
+  """A completions (or chat) body -> (rows, n, options): n rows per prompt, prompt-major; chat
+  messages through `chat_template` when given (chat_prompt). ValueError says what is wrong."""
   if not isinstance(body, dict):
     raise ValueError("the body must be a JSON object")
   if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
@@ -122,7 +140,7 @@ def parse_request(body, *, chat: bool, default_max_tokens: int) -> tuple[list[Re
   if chat:
     if "messages" not in body:
       raise ValueError("missing 'messages'")
-    prompts = [chat_prompt(body["messages"])]
+    prompts = [chat_prompt(body["messages"], chat_template)]
   else:
     if "prompt" not in body:
       raise ValueError("missing 'prompt'")

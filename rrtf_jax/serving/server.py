@@ -6,7 +6,8 @@
 
 Endpoints (stdlib `http.server`, JSON shaped like OpenAI's): `GET /health`, `GET /v1/models`,
 `POST /v1/completions` and `POST /v1/chat/completions`; the request and response shapes are
-rrtf_jax/serving/api.py's, the batching rrtf_jax/serving/engine.py's.
+rrtf_jax/serving/api.py's, the batching rrtf_jax/serving/engine.py's. Chat messages go through
+the chat template of the checkpoint's tokenizer when it ships one (api.chat_prompt).
 
 Streaming sends the new suffix of a row's text after every decode chunk (the decoder holds
 back text where a stop sequence may begin), so the deltas concatenate to the non-streamed
@@ -52,6 +53,7 @@ class _Server(ThreadingHTTPServer):
   model_name: str
   api_key: str | None
   default_max_tokens: int
+  chat_template = None  # the checkpoint tokenizer's (data/chat_template.py), if it has one
   log_file = None
   log_lock: threading.Lock
 
@@ -210,7 +212,10 @@ class _Handler(BaseHTTPRequestHandler):
       )
     try:
       rows, n, opts = parse_request(
-        body, chat=chat, default_max_tokens=self.server.default_max_tokens
+        body,
+        chat=chat,
+        default_max_tokens=self.server.default_max_tokens,
+        chat_template=self.server.chat_template,
       )
     except ValueError as e:
       raise ApiError(400, str(e)) from None
@@ -325,6 +330,8 @@ def make_server(
   server = (_Server6 if ":" in host else _Server)((host, port), _Handler)
   server.engine, server.model_name, server.api_key = engine, model_name, key
   server.default_max_tokens = int(default_max_tokens)
+  tokenizer = getattr(getattr(engine, "decoder", None), "tokenizer", None)
+  server.chat_template = getattr(tokenizer, "chat_template", None)
   server.log_lock = threading.Lock()
   if request_log:
     server.log_file = open(request_log, "a", encoding="utf-8")  # noqa: SIM115  (server_close closes it)
