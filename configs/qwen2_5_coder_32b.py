@@ -3,8 +3,12 @@
 
 The values are the published config.json's (Qwen2ForCausalLM); tests/test_configs.py checks
 them against model/families.py. Training as configs/starcoder_15b.py (512 prompts x 4
-responses x 2048 tokens in 8 micro-batches); plans in benchmarks/results/plan_qwen2_5_coder_32b_*:
+responses x 2048 tokens in 8 micro-batches). Plans (benchmarks/results/plan_qwen2_5_coder_32b_*):
+fits 64 v5p chips as is; on 256 v5e chips the 152064-row embedding and LM head need the tensor
+axis (every chip on fsdp, in 2 micro-batches, needs 19.7 of 16 GiB); int4 serving at batch 16
+and 8192 tokens needs 8 v5e chips:
   rrtf plan --config configs/qwen2_5_coder_32b.py --topology v5p:4x4x4
+  rrtf plan --config configs/qwen2_5_coder_32b.py --topology v5e:16x16 --mesh fsdp=64,tensor=4
   rrtf plan --config configs/qwen2_5_coder_32b.py --topology v5e:2x4 --decode --quant int4 \\
       --batch-size 16 --seq-len 8192
 """
