@@ -4,7 +4,10 @@ sliding window, 16384 positions, vocab 49152, LayerNorm, GELU, biases everywhere
 The values are the published config.json's (Starcoder2ForCausalLM); tests/test_configs.py
 builds transformers' Starcoder2Config from them and checks that model/families.py reads it as
 this model block. Training as configs/starcoder_15b.py (512 prompts x 4 responses x 2048
-tokens in 8 micro-batches); the plan at the full context:
+tokens in 8 micro-batches). At the full 16384-token context the step fits 64 v5p chips (71.9 of
+95 GiB per chip); on 256 v5e chips the compiler refuses it (40.7 GiB of temporaries for 16): a
+chip holds at least one prompt's 4 sequences, whose 40 layer inputs kept for the backward pass
+are 30 GiB alone (benchmarks/results/plan_starcoder2_15b_*):
   rrtf plan --config configs/starcoder2_15b.py --topology v5p:4x4x4 --seq-len 16384
 """
 

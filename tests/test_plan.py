@@ -76,8 +76,8 @@ def test_does_not_fit_verdict():
 
 
 # A tiny Llama/StarCoder2-style model: RoPE, 2 kv heads for 4 query heads (GQA), RMSNorm, gated
-# SiLU MLP, an untied LM head and a sliding window shorter than the sequence (XLA attention: the
-# window is in its masks).
+# SiLU MLP, an untied LM head and a sliding window shorter than the sequence (our Pallas kernel's
+# window on TPU).
 TINY_GQA = [
   "--config.model.family=llama",
   "--config.model.position_embedding=rope",
@@ -87,7 +87,6 @@ TINY_GQA = [
   "--config.model.activation=silu",
   "--config.model.tie_embeddings=false",
   "--config.model.sliding_window=64",
-  "--config.model.attention=xla",
 ]
 
 
@@ -98,7 +97,7 @@ def test_rope_gqa_untied_windowed_train_and_decode_plans():
   config = load_config("tiny", TINY_GQA)
   cfg = ModelConfig.from_dict(config.model)
   result = plan(config, "v5e:2x2", mesh_spec="fsdp=2,tensor=2")
-  assert result.fits and result.attention == "xla"
+  assert result.fits and result.attention == "pallas"
   assert result.params == count_params(cfg)  # the untied lm_head [V, D] counted
   assert result.params > 2 * cfg.vocab_size * cfg.embed_dim
   assert result.model == describe_model(cfg)
