@@ -1,14 +1,22 @@
-"""CPU training-step throughput: our Flax GPTBigCode vs HF transformers' torch
-GPTBigCodeForCausalLM.
+"""CPU training-step throughput: our Flax model vs HF transformers' torch model, for three
+families: GPTBigCode (StarCoder), Llama and Starcoder2.
 
 A benchmark, never pass/fail. One forward + backward step (gradients w.r.t. all parameters of the
 mean next-token cross-entropy over the batch) is timed for both implementations in the same run,
 on the same random weights (HF model -> save_pretrained -> model.convert.convert_hf -> ours), both
-in float32. Reported: median seconds per step over --steps after --warmup steps (the timed steps
-of the two alternate, so background load affects both alike), tokens/s (B * T / step), the ratio
-ours/HF, and the JAX compile time (lower + compile of the jitted value_and_grad, timed separately
-and excluded from the steps). Torch and JAX threading are left at their defaults and recorded.
-Results go to benchmarks/results/model_cpu.json (--quick: model_cpu_quick.json).
+in float32. The models share L, D, N, F, V, T and B and differ in their family's switches:
+  gpt_bigcode  GPTBigCodeForCausalLM: multi-query (--kv-heads), learned positions, LayerNorm,
+               GELU MLP, biases, tied head
+  llama        LlamaForCausalLM: GQA (--gqa-kv-heads), RoPE, RMSNorm, gated SiLU MLP, no
+               biases, untied head
+  starcoder2   Starcoder2ForCausalLM: GQA, RoPE, LayerNorm, GELU MLP, biases, tied head, and a
+               sliding window (--window) shorter than the sequence
+Reported per model: median seconds per step over --steps after --warmup steps (the timed steps of
+all six alternate, so background load affects them alike), tokens/s (B * T / step), the ratio
+ours/HF, the JAX compile time (lower + compile of the jitted value_and_grad, timed separately
+and excluded from the steps) and |loss ours - loss HF|. Torch and JAX threading are left at
+their defaults and recorded. Results go to benchmarks/results/model_cpu.json (--quick:
+model_cpu_quick.json).
 
 Run from the repo root:
   JAX_PLATFORMS=cpu python benchmarks/model_cpu.py            # 4 layers, D 512, T 512, B 4
@@ -37,17 +45,26 @@ import transformers  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 from model.convert import convert_hf  # noqa: E402
+from rrtf_jax.plan import describe_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model_cpu.json")
+
+
+MODELS = ("gpt_bigcode", "llama", "starcoder2")
 
 
 def parse_args():
   # The first paragraph of the docstring, as one line.
   p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+  p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {MODELS}")
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--d-model", type=int, default=512)
   p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--kv-heads", type=int, default=1, help="1 = multi-query, or equal to --heads")
+  p.add_argument(
+    "--kv-heads", type=int, default=1, help="GPTBigCode: 1 = multi-query, or equal to --heads"
+  )
+  p.add_argument("--gqa-kv-heads", type=int, default=2, help="Llama and Starcoder2 kv heads")
+  p.add_argument("--window", type=int, default=128, help="Starcoder2's sliding window")
   p.add_argument("--mlp", type=int, default=2048)
   p.add_argument("--vocab", type=int, default=49152)
   p.add_argument("--seq", "-T", type=int, default=512)
@@ -58,44 +75,95 @@ def parse_args():
   p.add_argument(
     "--quick",
     action="store_true",
-    help="smoke run: defaults become T 128, B 2, 2 layers, 3 steps, 1 warmup (flags still win)",
+    help="smoke run: defaults become T 128, B 2, 2 layers, window 32, 3 steps, 1 warmup "
+    "(flags still win)",
   )
   p.add_argument(
     "--out", default=RESULTS, help="JSON path (--quick writes model_cpu_quick.json by default)"
   )
   if p.parse_known_args()[0].quick:
     p.set_defaults(
-      seq=128, batch=2, layers=2, steps=3, warmup=1, out=RESULTS.replace(".json", "_quick.json")
+      seq=128,
+      batch=2,
+      layers=2,
+      window=32,
+      steps=3,
+      warmup=1,
+      out=RESULTS.replace(".json", "_quick.json"),
     )
   a = p.parse_args()
+  a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+  unknown = sorted(set(a.models) - set(MODELS))
+  if unknown or not a.models:
+    p.error(f"--models: unknown {unknown}; choose from {MODELS}")
   if a.kv_heads not in (1, a.heads):
     p.error("GPTBigCode supports --kv-heads 1 (multi-query) or --kv-heads == --heads")
+  if a.heads % a.gqa_kv_heads:
+    p.error(f"--gqa-kv-heads {a.gqa_kv_heads} must divide --heads {a.heads}")
+  if not 0 < a.window < a.seq:
+    p.error(f"--window {a.window} must be shorter than the sequence ({a.seq})")
   return a
 
 
-def build_models(a, tmp):
-  """HF model with random weights, and ours converted from its saved copy (same weights)."""
-  hf_cfg = transformers.GPTBigCodeConfig(
-    vocab_size=a.vocab,
-    n_positions=a.seq,
-    n_embd=a.d_model,
-    n_layer=a.layers,
-    n_head=a.heads,
-    n_inner=a.mlp,
-    multi_query=a.kv_heads == 1,
-    activation_function="gelu_pytorch_tanh",
-    bos_token_id=0,
-    eos_token_id=0,
-    resid_pdrop=0.0,
-    embd_pdrop=0.0,
-    attn_pdrop=0.0,
-    tie_word_embeddings=True,
+def hf_config(name: str, a):
+  """The HF config of model `name` at the benchmark's sizes (dropout off)."""
+  common = dict(vocab_size=a.vocab, bos_token_id=0, eos_token_id=0)
+  if name == "gpt_bigcode":
+    return transformers.GPTBigCodeConfig(
+      n_positions=a.seq,
+      n_embd=a.d_model,
+      n_layer=a.layers,
+      n_head=a.heads,
+      n_inner=a.mlp,
+      multi_query=a.kv_heads == 1,
+      activation_function="gelu_pytorch_tanh",
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      tie_word_embeddings=True,
+      **common,
+    )
+  llama_style = dict(
+    hidden_size=a.d_model,
+    intermediate_size=a.mlp,
+    num_hidden_layers=a.layers,
+    num_attention_heads=a.heads,
+    num_key_value_heads=a.gqa_kv_heads,
+    max_position_embeddings=a.seq,
+    attention_dropout=0.0,
+    **common,
   )
+  if name == "llama":
+    return transformers.LlamaConfig(
+      hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, **llama_style
+    )
+  return transformers.Starcoder2Config(
+    hidden_act="gelu_pytorch_tanh",
+    norm_epsilon=1e-5,
+    use_bias=True,
+    sliding_window=a.window,
+    residual_dropout=0.0,
+    embedding_dropout=0.0,
+    tie_word_embeddings=True,
+    **llama_style,
+  )
+
+
+HF_CLASSES = {
+  "gpt_bigcode": "GPTBigCodeForCausalLM",
+  "llama": "LlamaForCausalLM",
+  "starcoder2": "Starcoder2ForCausalLM",
+}
+
+
+def build_models(name: str, a, tmp):
+  """HF model with random weights, and ours converted from its saved copy (same weights)."""
   torch.manual_seed(a.seed)
-  hf = transformers.GPTBigCodeForCausalLM(hf_cfg).float()
-  hf.save_pretrained(os.path.join(tmp, "hf"))
-  convert_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "ours"), progress=False)
-  cfg, params = model.load_checkpoint(os.path.join(tmp, "ours"))
+  hf = getattr(transformers, HF_CLASSES[name])(hf_config(name, a)).float()
+  hf.save_pretrained(os.path.join(tmp, name, "hf"))
+  convert_hf(os.path.join(tmp, name, "hf"), os.path.join(tmp, name, "ours"), progress=False)
+  cfg, params = model.load_checkpoint(os.path.join(tmp, name, "ours"))
+  assert cfg.family == name, (cfg.family, name)
   return hf, cfg.replace(dtype="float32"), params
 
 
@@ -159,73 +227,100 @@ def main():
   a = parse_args()
   rng = np.random.default_rng(a.seed)
   tokens_np = rng.integers(0, a.vocab, size=(a.batch, a.seq), dtype=np.int64)
-  with tempfile.TemporaryDirectory() as tmp:
-    hf, cfg, params = build_models(a, tmp)
-  n_params = sum(p.numel() for p in hf.parameters())
   print(
-    f"config: L={a.layers} D={a.d_model} N={a.heads} K={a.kv_heads} F={a.mlp} V={a.vocab} "
-    f"T={a.seq} B={a.batch}  params={n_params / 1e6:.1f}M  steps={a.steps} warmup={a.warmup}"
+    f"sizes: L={a.layers} D={a.d_model} N={a.heads} F={a.mlp} V={a.vocab} T={a.seq} B={a.batch}"
+    f"  gpt_bigcode K={a.kv_heads}; llama, starcoder2 K={a.gqa_kv_heads}; starcoder2 window="
+    f"{a.window}  steps={a.steps} warmup={a.warmup}"
   )
   print(
     f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})  "
     f"jax devices: {jax.devices()}  os.cpu_count: {os.cpu_count()}"
   )
-
-  print("compiling ours (JAX), first steps ...", flush=True)
-  jx_fn, jx_loss, compile_s = ours_step(cfg, params, tokens_np)
-  hf_fn, hf_loss = hf_step(hf, tokens_np)
-  print(f"timing {a.warmup} warmup + {a.steps} interleaved steps each ...", flush=True)
-  jx_times, hf_times = time_interleaved([jx_fn, hf_fn], a.steps, a.warmup)
+  runs = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in a.models:
+      hf, cfg, params = build_models(name, a, tmp)
+      print(f"[{name}] compiling ours (JAX), first steps ...", flush=True)
+      jx_fn, jx_loss, compile_s = ours_step(cfg, params, tokens_np)
+      hf_fn, hf_loss = hf_step(hf, tokens_np)
+      runs[name] = dict(
+        hf=hf, cfg=cfg, fns=(jx_fn, hf_fn), losses=(jx_loss, hf_loss), compile_s=compile_s
+      )
+  fns = [fn for r in runs.values() for fn in r["fns"]]
+  print(
+    f"timing {a.warmup} warmup + {a.steps} interleaved steps each of {len(fns)} ...", flush=True
+  )
+  times = time_interleaved(fns, a.steps, a.warmup)
 
   tokens = a.batch * a.seq
-  hf_med, jx_med = statistics.median(hf_times), statistics.median(jx_times)
-  hf_tps, jx_tps = tokens / hf_med, tokens / jx_med
-  rows = [
-    ("", "step s (median)", "tokens/s", "loss"),
-    ("ours (JAX/Flax)", f"{jx_med:.3f}", f"{jx_tps:,.0f}", f"{jx_loss:.5f}"),
-    ("HF torch", f"{hf_med:.3f}", f"{hf_tps:,.0f}", f"{hf_loss:.5f}"),
-  ]
-  w = [max(len(r[i]) for r in rows) for i in range(4)]
+  models = {}
+  rows = [("", "ours step s", "ours tok/s", "HF step s", "HF tok/s", "ours/HF", "|dloss|")]
+  for i, (name, r) in enumerate(runs.items()):
+    jx_times, hf_times = times[2 * i], times[2 * i + 1]
+    jx_med, hf_med = statistics.median(jx_times), statistics.median(hf_times)
+    jx_tps, hf_tps = tokens / jx_med, tokens / hf_med
+    (jx_loss, hf_loss), hf, cfg = r["losses"], r["hf"], r["cfg"]
+    models[name] = {
+      "hf_class": HF_CLASSES[name],
+      "model": describe_model(cfg),
+      "params": sum(p.numel() for p in hf.parameters()),
+      "ours": {
+        "step_s_median": jx_med,
+        "step_s_all": jx_times,
+        "tokens_per_s": jx_tps,
+        "loss": jx_loss,
+        "compile_s": r["compile_s"],
+        "attention": cfg.attention,
+      },
+      "hf": {
+        "step_s_median": hf_med,
+        "step_s_all": hf_times,
+        "tokens_per_s": hf_tps,
+        "loss": hf_loss,
+        "attn_implementation": getattr(hf.config, "_attn_implementation", None),
+      },
+      "ratio_ours_over_hf": jx_tps / hf_tps,
+      "abs_loss_diff": abs(jx_loss - hf_loss),
+    }
+    rows.append(
+      (
+        name,
+        f"{jx_med:.3f}",
+        f"{jx_tps:,.0f}",
+        f"{hf_med:.3f}",
+        f"{hf_tps:,.0f}",
+        f"{jx_tps / hf_tps:.3f}",
+        f"{abs(jx_loss - hf_loss):.1e}",
+      )
+    )
+  w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   print()
   for r in rows:
     print("  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)))
-  print(f"ratio ours/HF (tokens/s): {jx_tps / hf_tps:.3f}")
-  print(f"JAX compile (lower+compile): {compile_s:.2f} s")
-  print(f"|loss ours - loss HF|: {abs(jx_loss - hf_loss):.2e}")
+  for name, m in models.items():
+    print(f"[{name}] {m['model']}; JAX compile {m['ours']['compile_s']:.2f} s")
 
   result = {
-    "benchmark": "model_cpu: forward+backward train step, float32, CPU",
+    "benchmark": "model_cpu: forward+backward train step, float32, CPU, ours vs HF per family",
     "config": {
+      "models": a.models,
       "layers": a.layers,
       "d_model": a.d_model,
       "heads": a.heads,
-      "kv_heads": a.kv_heads,
+      "kv_heads_gpt_bigcode": a.kv_heads,
+      "kv_heads_gqa": a.gqa_kv_heads,
+      "window_starcoder2": a.window,
       "mlp": a.mlp,
       "vocab": a.vocab,
       "seq": a.seq,
       "batch": a.batch,
       "steps": a.steps,
       "warmup": a.warmup,
-      "timing": "interleaved",
+      "timing": "interleaved over every model's two steps",
       "quick": a.quick,
-      "params": n_params,
       "dtype": "float32",
     },
-    "ours": {
-      "step_s_median": jx_med,
-      "step_s_all": jx_times,
-      "tokens_per_s": jx_tps,
-      "loss": jx_loss,
-      "compile_s": compile_s,
-    },
-    "hf": {
-      "step_s_median": hf_med,
-      "step_s_all": hf_times,
-      "tokens_per_s": hf_tps,
-      "loss": hf_loss,
-      "attn_implementation": getattr(hf.config, "_attn_implementation", None),
-    },
-    "ratio_ours_over_hf": jx_tps / hf_tps,
+    "models": models,
     "env": {
       "python": platform.python_version(),
       "platform": platform.platform(),

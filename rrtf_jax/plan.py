@@ -63,6 +63,7 @@ class _Memory:
   hbm_bytes: int | None
   compile_seconds: float
   compiler_error: str | None = None  # why the TPU compiler refused the step (out of HBM or VMEM)
+  model: str = ""  # the architecture compiled, in one line (describe_model)
 
   @property
   def total_bytes(self) -> int:
@@ -139,7 +140,8 @@ class Plan(_Memory):
   def report(self) -> str:
     lines = [
       self._topology_line(),
-      f"model        {_count(self.params)} parameters; attention: {self.attention}",
+      f"model        {_model_prefix(self.model)}{_count(self.params)} parameters; "
+      f"attention: {self.attention}",
       f"step         RRTF train step (forward, backward, AdamW): {self.batch_size} prompts x "
       f"{self.responses} responses x {self.seq_len} tokens in {self.microbatches} micro-batch(es)",
       f"compiled in  {self.compile_seconds:.1f} s",
@@ -170,16 +172,18 @@ class DecodePlan(_Memory):
   weights: str  # how the linear layers are stored: bfloat16 | int8 | int4 (group G)
   param_bytes: int  # all devices, as stored (int4 two per byte)
   cache_bytes: int  # the K and V caches, all devices
+  cache_bytes_per_token: int  # of one row: 2 * L * K * H * bytes (K and V, every layer)
 
   def report(self) -> str:
     g = _bytes
     lines = [
       self._topology_line(),
-      f"model        {_count(self.params)} parameters, {self.weights} weights: "
+      f"model        {_model_prefix(self.model)}{_count(self.params)} parameters, "
+      f"{self.weights} weights: "
       f"{g(self.param_bytes).strip()}",
       "step         decode (one token per row per step, KV cache): "
       f"batch {self.batch_size}, context {self.context} tokens "
-      f"(cache {g(self.cache_bytes).strip()})",
+      f"(cache {g(self.cache_bytes).strip()}, {g(self.cache_bytes_per_token).strip()} per token)",
       f"compiled in  {self.compile_seconds:.1f} s",
     ]
     lines += self._memory_lines(
@@ -216,6 +220,26 @@ def _bytes(b: float) -> str:
 
 def _count(n: int) -> str:
   return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.3f}M"
+
+
+def _model_prefix(model: str) -> str:
+  return f"{model}; " if model else ""
+
+
+def describe_model(cfg: ModelConfig) -> str:
+  """The architecture in one line: family, shape, attention heads, positions, head, window."""
+  kv = {1: "multi-query", cfg.num_heads: "multi-head"}.get(cfg.num_kv_heads, "GQA")
+  parts = [
+    f"{cfg.family} {cfg.num_layers} layers, d {cfg.embed_dim}",
+    f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv ({kv}) of {cfg.head_dim}",
+    f"{cfg.mlp} mlp {cfg.mlp_dim}",
+    f"vocab {cfg.vocab_size}",
+    "RoPE" if cfg.position_embedding == "rope" else "learned positions",
+    "tied head" if cfg.tie_embeddings else "untied head",
+  ]
+  if cfg.sliding_window is not None:
+    parts.append(f"window {cfg.sliding_window}")
+  return ", ".join(parts)
 
 
 def topology_devices(topology: str):
@@ -258,7 +282,15 @@ def hbm_per_device(devices) -> int | None:
 
 
 def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
-  """Forward+backward FLOPs (3x forward) of the matmuls and attention, as XLA computes them.
+  """Forward+backward FLOPs (3x forward) of the matmuls and attention of `batch_size`
+  sequences of `seq_len` tokens, for any family.
+
+  Per token, 2 FLOPs per weight of each linear layer: q (D x N*H), k and v (D x K*H each:
+  K < N kv heads under GQA/MQA), o (N*H x D), the MLP's kernels (2 of D x F, or 3 when gated),
+  and the LM head (D x V, tied or not: the embedding lookup is a gather, no FLOPs). Attention
+  per layer and sequence: QK^T and PV, 2 * 2 * N * H FLOPs per (query, key) pair, with T keys
+  per query as if no causal mask (the usual MFU convention; the kernels skip masked blocks),
+  or min(T, W) keys under a sliding window of W.
 
   XLA's own cost analysis counts a scanned layer's body once, so it is not used here.
   """
@@ -270,16 +302,22 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
     cfg.mlp_dim,
     cfg.vocab_size,
   )
-  per_token = cfg.num_layers * 2 * (d * n * h + d * 2 * k * h + n * h * d + 2 * d * f) + 2 * d * v
-  # QK^T and PV per sequence, unmasked
-  attention = cfg.num_layers * 2 * 2 * seq_len * seq_len * n * h
+  mlp_kernels = 3 if cfg.mlp == "gated" else 2
+  layer = d * n * h + d * 2 * k * h + n * h * d + mlp_kernels * d * f
+  per_token = cfg.num_layers * 2 * layer + 2 * d * v
+  keys = seq_len if cfg.sliding_window is None else min(seq_len, cfg.sliding_window)
+  attention = cfg.num_layers * 2 * 2 * seq_len * keys * n * h  # per sequence
   return 3.0 * batch_size * (seq_len * per_token + attention)
 
 
 def _shard_bytes(tree) -> int:
-  return sum(
-    math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
-  )
+  """Bytes of one device's shards of a tree of ShapeDtypeStructs (int4 packs two per byte)."""
+
+  def nbytes(x) -> int:
+    n = math.prod(x.sharding.shard_shape(x.shape))
+    return (n + 1) // 2 if x.dtype == jax.numpy.int4 else n * x.dtype.itemsize
+
+  return sum(nbytes(x) for x in jax.tree.leaves(tree))
 
 
 def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
@@ -409,15 +447,19 @@ def plan(
     microbatches=train_cfg.microbatches,
     remat=model_cfg.remat,
     attention=resolve_attention(model_cfg.attention, devices[0].platform),
+    model=describe_model(model_cfg),
     params=sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs.params)),
     flops_per_step=train_flops(
       model_cfg, train_cfg.batch_size * train_cfg.responses, train_cfg.seq_len
     ),
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    lowered = jit_train_step(model_cfg, train_cfg, tx, mesh, state_shard).lower(
-      state_abs, batch_abs
-    )
+    try:
+      lowered = jit_train_step(model_cfg, train_cfg, tx, mesh, state_shard).lower(
+        state_abs, batch_abs
+      )
+    except NotImplementedError as e:  # e.g. a kernel without the model's sliding window
+      raise PlanError(f"{e}; plan with --config.model.attention=xla") from None
     sbytes = _shard_bytes(state_abs)
     return _compile(Plan, lowered, common, t0, arguments=sbytes, donated=sbytes)
 
@@ -513,6 +555,7 @@ def plan_decode(
   state_abs = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shard
   )
+  # [L, B, context, K, H] each for K and V: 2 * L * K * H * itemsize bytes per token and row
   cache_bytes = 2 * math.prod(state.cache_k.shape) * state.cache_k.dtype.itemsize
   common = dict(
     **_where(topology, devices, mesh),
@@ -520,8 +563,10 @@ def plan_decode(
     context=context,
     params=sum(math.prod(x.shape) for x in jax.tree.leaves(p_abs)),
     weights=_weights(cfg),
+    model=describe_model(cfg),
     param_bytes=param_bytes(p_abs),
     cache_bytes=cache_bytes,
+    cache_bytes_per_token=cache_bytes // (b * context),
   )
   step = jax.jit(decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
   t0 = time.perf_counter()

@@ -75,6 +75,49 @@ def test_does_not_fit_verdict():
   assert "DOES NOT FIT" in result.report()
 
 
+# A tiny Llama/StarCoder2-style model: RoPE, 2 kv heads for 4 query heads (GQA), RMSNorm, gated
+# SiLU MLP, an untied LM head and a sliding window shorter than the sequence (our Pallas kernel's
+# window on TPU).
+TINY_GQA = [
+  "--config.model.family=llama",
+  "--config.model.position_embedding=rope",
+  "--config.model.num_kv_heads=2",
+  "--config.model.norm=rmsnorm",
+  "--config.model.mlp=gated",
+  "--config.model.activation=silu",
+  "--config.model.tie_embeddings=false",
+  "--config.model.sliding_window=64",
+]
+
+
+def test_rope_gqa_untied_windowed_train_and_decode_plans():
+  from model.transformer import count_params
+  from rrtf_jax.plan import ModelConfig, describe_model, plan_decode, train_flops
+
+  config = load_config("tiny", TINY_GQA)
+  cfg = ModelConfig.from_dict(config.model)
+  result = plan(config, "v5e:2x2", mesh_spec="fsdp=2,tensor=2")
+  assert result.fits and result.attention == "pallas"
+  assert result.params == count_params(cfg)  # the untied lm_head [V, D] counted
+  assert result.params > 2 * cfg.vocab_size * cfg.embed_dim
+  assert result.model == describe_model(cfg)
+  assert "4 heads / 2 kv (GQA) of 16" in result.report() and "untied head, window 64" in (
+    result.report()
+  )
+  # FLOPs: q, k, v (2 kv heads), o, three gated-MLP kernels, the head; 64 keys per query.
+  d, h, f, v, t, layers = 64, 16, 256, 1024, 256, 2
+  per_token = layers * 2 * (d * 4 * h + d * 2 * 2 * h + 4 * h * d + 3 * d * f) + 2 * d * v
+  sequences = 8 * 4
+  expected = 3.0 * sequences * (t * per_token + layers * 4 * t * 64 * 4 * h)
+  assert result.flops_per_step == train_flops(cfg, sequences, t) == expected
+
+  dec = plan_decode(config, "v5e:2x2", mesh_spec="fsdp=4", batch_size=4, context=512)
+  # K and V of every layer, 2 kv heads of 16, in tiny's compute dtype (float32)
+  assert dec.fits and dec.cache_bytes_per_token == 2 * layers * 2 * h * 4
+  assert dec.cache_bytes == dec.cache_bytes_per_token * 4 * 512
+  assert "per token" in dec.report()
+
+
 BAD_INPUTS = [
   (["--topology", "v9z:2x2"], "unknown or unsupported topology 'v9z:2x2'"),
   (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "has 3 devices, but there are 4"),
