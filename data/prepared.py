@@ -24,6 +24,7 @@ import numpy as np
 
 from data import records
 from data.problems import InputError
+from data.tokenizer import encode_prompt
 from model.paths import is_url
 
 PREPARED_NAME = "rrtf_prepared"  # the TFDS dataset name of `rrtf prepare` output
@@ -64,7 +65,7 @@ def prompt_text(prompt: str) -> str:
 def prepare_record(record: dict, tokenizer) -> dict:
   """A ranked record -> a prepared record (token ids in the paper's format)."""
   eos = int(tokenizer.eos_id)
-  prompt = list(tokenizer.encode(prompt_text(record["prompt"])))
+  prompt = encode_prompt(tokenizer, prompt_text(record["prompt"]))
   tokens, lengths = list(prompt), []
   for code in record["codes"]:
     ids = list(tokenizer.encode(record["exec_prefix"] + code)) + [eos]

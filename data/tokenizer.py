@@ -126,6 +126,12 @@ class HFTokenizer:
     self._pad = ids.get("pad_token", self._eos)
     source = read_chat_template(d, config)
     self.chat_template = ChatTemplate(source, self.special_tokens) if source else None
+    # What the tokenizer itself puts before a text (Llama's and Mistral's BOS; nothing for
+    # StarCoder's or Qwen's): its post-processor's output with special tokens minus without.
+    plain = self.tok.encode("a", add_special_tokens=False).ids
+    full = self.tok.encode("a", add_special_tokens=True).ids
+    cut = _find(full, plain)
+    self.bos_prefix = tuple(full[:cut]) if cut is not None else ()
 
   @property
   def vocab_size(self) -> int:
@@ -144,6 +150,7 @@ class HFTokenizer:
     return self._pad
 
   def encode(self, text: str) -> list[int]:
+    """Ids of `text` alone (no BOS: see encode_prompt)."""
     return self.tok.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -271,3 +278,21 @@ def resolve_tokenizer(tokenizer, *, eos_id: int | None = None):
   raise InputError(
     f"{path}: no tokenizer ({HF_FILE} or {SPM_FILE}) in it or in its tokenizer/ subdirectory"
   )
+
+
+def _find(seq, sub):
+  for i in range(len(seq) - len(sub) + 1):
+    if seq[i : i + len(sub)] == sub:
+      return i
+  return None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+  """Ids of a prompt that starts a sequence: the tokenizer's own prefix (`bos_prefix`: Llama's
+  `<s>` / `<|begin_of_text|>`) then the text, as transformers' tokenizer(text) gives them; the
+  prefix is not doubled when the text already starts with it (a chat template writes it)."""
+  ids = list(tokenizer.encode(text))
+  prefix = list(getattr(tokenizer, "bos_prefix", ()))
+  if prefix and ids[: len(prefix)] != prefix:
+    ids = prefix + ids
+  return ids

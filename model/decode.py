@@ -329,7 +329,9 @@ class Decoder:
         raise ValueError(
           "text prompts need a tokenizer; pass token ids or a checkpoint with tokenizer/"
         )
-      ids = self.tokenizer.encode(prompt)
+      from data.tokenizer import encode_prompt
+
+      ids = encode_prompt(self.tokenizer, prompt)
     else:
       ids = [int(t) for t in prompt]
     if not ids:  # an empty prompt starts from BOS

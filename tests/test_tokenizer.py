@@ -108,3 +108,34 @@ def test_hf_tokenizer_takes_its_eos_from_the_checkpoint(tmp_path):
   )
   with pytest.raises(InputError, match=r"the eos_token '<\|im_end\|>' is not in the vocabulary"):
     load_tokenizer(base)
+
+
+def test_prompts_start_with_the_tokenizers_own_bos(tmp_path):
+  """A tokenizer whose post-processor puts BOS first (Llama's, Mistral's): prompts the decoder,
+  prepare and quantize encode start with it, as transformers' tokenizer(text) does; a text that
+  already starts with it (a rendered chat template) gets no second one; StarCoder-style
+  tokenizers without one are unchanged."""
+  from tokenizers import Tokenizer, processors
+  from transformers import AutoTokenizer
+
+  from conftest import train_byte_bpe
+  from data.tokenizer import encode_prompt
+
+  d = train_byte_bpe(
+    [CODE] * 5, tmp_path / "llama", vocab_size=300, specials=LLAMA3_SPECIALS,
+    bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+  )  # fmt: skip
+  path = f"{d}/tokenizer.json"
+  plain = load_tokenizer(d)
+  assert plain.bos_prefix == () and encode_prompt(plain, CODE) == plain.encode(CODE)
+  tok = Tokenizer.from_file(path)
+  tok.post_processor = processors.TemplateProcessing(
+    single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+  )
+  tok.save(path)
+  llama = load_tokenizer(d)
+  assert llama.bos_prefix == (0,)
+  ids = encode_prompt(llama, CODE)
+  assert ids == AutoTokenizer.from_pretrained(d)(CODE)["input_ids"] and ids[0] == 0
+  assert encode_prompt(llama, "<|begin_of_text|>" + CODE) == ids  # not doubled
+  assert llama.encode(CODE) == ids[1:]  # the text's own ids stay BOS-free (responses)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 
 from data.problems import InputError
+from data.tokenizer import encode_prompt
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ def calibration_tokens(spec: str, tokenizer, *, max_prompts: int, seq_len: int):
   problems = load_problems(spec)[:max_prompts]
   if not problems:
     raise InputError(f"{spec}: no calibration problems")
-  ids = [tokenizer.encode(p.student_text())[:seq_len] for p in problems]
+  ids = [encode_prompt(tokenizer, p.student_text())[:seq_len] for p in problems]
   t = max(map(len, ids))
   tokens, mask = np.zeros((len(ids), t), np.int32), np.zeros((len(ids), t), np.int32)
   for i, row in enumerate(ids):

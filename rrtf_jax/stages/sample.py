@@ -38,6 +38,7 @@ from typing import Iterable, NamedTuple, Sequence
 from data import records
 from data.prepared import prompt_text
 from data.problems import InputError, read_jsonl, resolve
+from data.tokenizer import encode_prompt
 
 SAMPLES_NAME = "rrtf_samples"
 # HumanEval's usual stops for completion-style problems: the function body ends where the
@@ -309,7 +310,7 @@ def check_prompts_fit(
   generate in; `kind` qualifies "its prompt" in the message."""
   limit = decoder.config.max_position_embeddings
   for task_id, text in prompts:
-    n = len(decoder.tokenizer.encode(text))
+    n = len(encode_prompt(decoder.tokenizer, text))  # what generation feeds: BOS included
     if n >= limit:
       raise InputError(
         f"{where}: problem {task_id}: its prompt{kind} is {n} tokens, which "
