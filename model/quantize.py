@@ -37,13 +37,26 @@ METHODS = ("int8", "int4-rtn", "int4-gptq")
 DEFAULT_GROUP = 128  # int4 input rows per scale (GPTQ's and AutoGPTQ's usual choice)
 
 # The linear layers of a block: (path under params["h"], input dims, the sown input they see).
+# A model has those of its config (`kernels`): fc_kernel (GELU MLP) or gate_kernel and
+# up_kernel (gated MLP), which see the same input.
 KERNELS = (
   (("attn", "q_kernel"), 1, ("attn", "attn_in")),
   (("attn", "kv_kernel"), 1, ("attn", "attn_in")),
   (("attn", "o_kernel"), 2, ("attn", "o_in")),
   (("mlp", "fc_kernel"), 1, ("mlp", "fc_in")),
+  (("mlp", "gate_kernel"), 1, ("mlp", "fc_in")),
+  (("mlp", "up_kernel"), 1, ("mlp", "fc_in")),
   (("mlp", "proj_kernel"), 1, ("mlp", "proj_in")),
 )
+# The [V, D] tables quantized by `embedding=True` (int8, a scale per row): the embedding and,
+# where the model has its own, the LM head.
+TABLES = ("wte", "lm_head")
+
+
+def kernels(cfg: ModelConfig) -> tuple:
+  """The KERNELS rows of the linear layers `cfg`'s blocks have."""
+  mlp_in = {"gelu": ("fc_kernel",), "gated": ("gate_kernel", "up_kernel")}[cfg.mlp]
+  return tuple(k for k in KERNELS if k[0][0] == "attn" or k[0][1] in mlp_in + ("proj_kernel",))
 
 
 @dataclasses.dataclass
@@ -245,9 +258,10 @@ def quantize_params(
     cfg, params: the full-precision model (params as `load_checkpoint` returns them).
     method: int8 | int4-rtn | int4-gptq.
     group: input rows per scale (default: per channel for int8, DEFAULT_GROUP for int4).
-    embedding: also quantize the tied embedding / LM head (int8, one scale per vocab row).
+    embedding: also quantize the embedding and the LM head (wte, and an untied lm_head): int8,
+      one scale per vocab row.
     dtype: what the parameters that stay in floating point (biases, norms, positions, scales and
-      an unquantized embedding) are stored as.
+      an unquantized embedding or LM head) are stored as.
     calibration: (tokens [N, T], mask [N, T]) prompts; needed by GPTQ. With it every method
       reports each kernel's calibration loss (relative output error) and RTN's for comparison.
   """
@@ -261,17 +275,24 @@ def quantize_params(
   out = jax.tree.map(
     lambda a: np.asarray(a).astype(fdt), {k: v for k, v in params.items() if k != "h"}
   )
-  kernels = {path for path, _, _ in KERNELS}  # replaced below, not cast
-  out_layers = {
-    m: {n: a.astype(fdt) for n, a in d.items() if (m, n) not in kernels} for m, d in layers.items()
+  table = kernels(cfg)
+  missing = [".".join(("h",) + p) for p, _, _ in table if p[1] not in layers.get(p[0], {})]
+  if missing:
+    raise ValueError(f"the parameters have no {', '.join(missing)} (config.mlp={cfg.mlp!r})")
+  paths = {path for path, _, _ in table}  # replaced below, not cast
+  out_layers = {  # everything else cast (subtrees too: the q/k norms' {"scale": ...})
+    m: {n: jax.tree.map(lambda a: a.astype(fdt), a) for n, a in d.items() if (m, n) not in paths}
+    for m, d in layers.items()
   }
   if embedding:
-    e = quantize_rtn(np.asarray(params["wte"], np.float32).T, 8)  # rows of wte are output channels
-    out["wte"], out["wte_scale"] = e.q.T.copy(), e.scale[0].astype(fdt)
+    for name in TABLES:
+      if name in params:  # rows of a table are its output channels
+        e = quantize_rtn(np.asarray(params[name], np.float32).T, 8)
+        out[name], out[f"{name}_scale"] = e.q.T.copy(), e.scale[0].astype(fdt)
 
   calib = None if calibration is None else _Calibration(cfg, params, *calibration)
   report: dict = {"kernels": {}}
-  qs: dict = {path: [] for path, _, _ in KERNELS}
+  qs: dict = {path: [] for path, _, _ in table}
   from tqdm import tqdm
 
   for i in tqdm(
@@ -279,7 +300,7 @@ def quantize_params(
   ):
     layer = jax.tree.map(lambda a: a[i], layers)
     inputs = calib.layer_inputs(layer) if calib is not None else None
-    for path, n_in, source in KERNELS:
+    for path, n_in, source in table:
       w = _get(layer, path)
       w2 = w.reshape(math.prod(w.shape[:n_in]), -1).astype(np.float32)
       g = w2.shape[0] // qcfg.quant_groups(w2.shape[0])
@@ -295,7 +316,7 @@ def quantize_params(
       _set(layer, path, quant.dequantize().reshape(w.shape))
     if calib is not None:
       calib.advance(layer)  # the next layer sees this layer's quantized outputs
-  for path, n_in, _ in KERNELS:
+  for path, n_in, _ in table:
     shape = layers[path[0]][path[1]].shape[1:]
     q = np.stack([x.q.reshape(shape) for x in qs[path]])
     scale = np.stack([x.scale.reshape((x.scale.shape[0],) + shape[n_in:]) for x in qs[path]])
@@ -320,40 +341,55 @@ def _set(tree, path, value):
 
 class _Calibration:
   """The calibration prompts' hidden states entering the current layer, in float32, and the
-  Hessians of each of its kernels' inputs (padding excluded)."""
+  Hessians of each of its kernels' inputs (padding excluded).
+
+  The layers are the model's own Block (model/transformer.py) with the positions the model
+  derives from the mask; what enters the first is the model's embedding step, `embed`."""
 
   def __init__(self, cfg: ModelConfig, params, tokens, mask, batch: int = 16):
     from model.transformer import Block, positions_from_segments
 
     self.cfg = cfg.replace(dtype="float32", param_dtype="float32", remat="none", attention="xla")
+    self.sources = sorted({source for _, _, source in kernels(cfg)})
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
     if tokens.ndim != 2 or tokens.shape != mask.shape or not mask.any():
       raise ValueError("calibration needs tokens and a mask [N, T] with some real tokens")
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+      raise ValueError(f"calibration token ids must be in [0, {cfg.vocab_size})")
     self.tokens = int(mask.sum())
-    wte, wpe = (np.asarray(params[k], np.float32) for k in ("wte", "wpe"))
     self.batches = []
     for s in range(0, len(tokens), batch):
       t, m = tokens[s : s + batch], mask[s : s + batch]
-      x = wte[t] + wpe[np.asarray(positions_from_segments(jnp.asarray(m)))]
-      self.batches.append((jnp.asarray(x), jnp.asarray(m)))
+      pos = np.asarray(positions_from_segments(jnp.asarray(m)))
+      self.batches.append((jnp.asarray(embed(self.cfg, params, t, pos)), jnp.asarray(m), pos))
     block = Block(self.cfg)
     self._apply = jax.jit(
-      lambda p, x, m: block.apply({"params": p}, x, m, mutable=["intermediates"])
+      lambda p, x, m, pos: block.apply({"params": p}, x, m, pos, mutable=["intermediates"])
     )
 
   def layer_inputs(self, layer) -> dict:
     hs: dict = {}
-    for x, m in self.batches:
-      _, state = self._apply(_f32(layer), x, m)
+    for x, m, pos in self.batches:
+      _, state = self._apply(_f32(layer), x, m, pos)
       keep = np.asarray(m).reshape(-1) > 0
-      for mod, name in {source for _, _, source in KERNELS}:
+      for mod, name in self.sources:
         v = np.asarray(state["intermediates"][mod][name][0])
         hs[(mod, name)] = hs.get((mod, name), 0) + hessian(v.reshape(keep.shape[0], -1)[keep])
     return hs
 
   def advance(self, layer) -> None:
     p = _f32(layer)
-    self.batches = [(self._apply(p, x, m)[0][0], m) for x, m in self.batches]
+    self.batches = [(self._apply(p, x, m, pos)[0][0], m, pos) for x, m, pos in self.batches]
+
+
+def embed(cfg: ModelConfig, params, tokens, positions) -> np.ndarray:
+  """What enters the first block, in float32, as model/transformer.Transformer computes it from
+  full-precision parameters: the token embedding, plus the learned position embedding where the
+  model has one (with RoPE the positions act inside attention)."""
+  x = np.asarray(params["wte"], np.float32)[tokens]
+  if cfg.position_embedding == "learned":
+    x = x + np.asarray(params["wpe"], np.float32)[positions]
+  return x
 
 
 def _f32(layer):

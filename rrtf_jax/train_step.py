@@ -15,6 +15,7 @@ around it is rrtf_jax/stages/train.py; `rrtf plan` compiles it for TPU topologie
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax
@@ -25,19 +26,42 @@ import ml_collections
 import optax
 
 from model import ModelConfig, Transformer, abstract_params
+from model.transformer import head_weights
 from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, replicated
 from rrtf_jax.loss import check_loss_settings, rrtf_loss, token_logprobs
 
 SCHEDULES = ("cosine", "linear", "constant")
-# Model fields that decide parameter shapes: an init_from checkpoint must agree on them.
-SHAPE_FIELDS = (
+# Model fields that decide the network (its parameters' shapes and what it computes): an
+# init_from checkpoint must agree on them. Not: numerics (dtype, param_dtype, attention, remat),
+# quantization (refused) and token ids (they do not change the network).
+NETWORK_FIELDS = (
+  "family",
   "vocab_size",
   "max_position_embeddings",
   "num_layers",
   "embed_dim",
   "num_heads",
   "num_kv_heads",
+  "head_dim",
   "mlp_dim",
+  "layer_norm_epsilon",
+  "activation",
+  "scale_attn_weights",
+  "position_embedding",
+  "rope_theta",
+  "rope_scaling",
+  "rope_factor",
+  "rope_low_freq_factor",
+  "rope_high_freq_factor",
+  "rope_original_max_position_embeddings",
+  "norm",
+  "mlp",
+  "mlp_bias",
+  "qkv_bias",
+  "attn_out_bias",
+  "qk_norm",
+  "tie_embeddings",
+  "sliding_window",
 )
 
 
@@ -79,7 +103,8 @@ def learning_rate_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedu
 
 
 def _decays(path, _) -> bool:
-  """Weight decay on kernels and embeddings; not on biases or LayerNorm scales."""
+  """Weight decay on kernels and embeddings (wte, wpe, an untied lm_head); not on biases or the
+  scales of norms (LayerNorm, RMSNorm and the q/k norms are all `scale`)."""
   name = str(getattr(path[-1], "key", path[-1]))
   return not (name.endswith("bias") or name == "scale")
 
@@ -119,9 +144,8 @@ def make_loss_fn(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict) -
       segment_ids=flat(batch["segment_ids"]),
       return_hidden=True,
     )  # [B*R, T, D]
-    logp = token_logprobs(
-      hidden, params["wte"], flat(batch["targets"]), chunk=int(train_cfg.logprob_chunk)
-    )
+    head, _ = head_weights(params)  # the tied wte or an untied lm_head (never quantized here)
+    logp = token_logprobs(hidden, head, flat(batch["targets"]), chunk=int(train_cfg.logprob_chunk))
     return rrtf_loss(
       logp.reshape(b, r, t),
       batch["loss_mask"],
@@ -333,6 +357,21 @@ def check_batch_layout(train_cfg, mesh, process_count: int = 1) -> None:
     )
   if b % process_count:
     raise TrainError(f"train.batch_size={b} does not split over {process_count} hosts")
+
+
+def check_param_layout(abstract: TrainState, mesh) -> None:
+  """Every parameter must split evenly over the mesh axes its shardings name (JAX's own error
+  is a long traceback): e.g. a vocabulary of 97 over tensor=2."""
+  for path, a in jax.tree_util.tree_leaves_with_path(abstract.params):
+    for dim, axes in zip(a.shape, a.sharding.spec):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      parts = math.prod(mesh.shape[x] for x in axes)
+      if dim % parts:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise TrainError(
+          f"parameter {name} {list(a.shape)}: a dimension of {dim} does not split over mesh "
+          f"axes {'*'.join(axes)} = {parts}; choose another config.mesh"
+        )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -422,3 +422,38 @@ def qwen2_chat(chat_tokenizer_dir, tmp_path_factory):
   for name in os.listdir(chat_tokenizer_dir):
     shutil.copy(os.path.join(chat_tokenizer_dir, name), hf_dir)
   return model, hf_dir, convert_hf(hf_dir, str(root / "ckpt"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(tmp_path_factory):
+  """A SentencePiece tokenizer of 96 pieces (no byte fallback: unknown characters are <unk>),
+  trained on this project's sources: its ids fit the tiny FAMILY_CASES models' vocabulary of 97
+  (and a vocabulary of 96, which splits over tensor=2). Returns its directory."""
+  import io
+
+  import sentencepiece as spm
+
+  from data.tokenizer import SPM_FILE, SPM_SPECIAL, _chunks, builtin_corpus
+
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(list(_chunks(builtin_corpus()))),
+    model_writer=buf,
+    vocab_size=96,
+    model_type="bpe",
+    character_coverage=0.995,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    byte_fallback=False,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    user_defined_symbols=["\n", "\t"],
+    max_sentence_length=8192,
+    num_threads=1,
+    minloglevel=2,
+    **SPM_SPECIAL,
+  )
+  d = tmp_path_factory.mktemp("family-tokenizer")
+  (d / SPM_FILE).write_bytes(buf.getvalue())
+  return str(d)

@@ -130,7 +130,7 @@ def test_quantized_tiny_model_stays_close(peaked_tiny):
   dequantized kernels."""
   import flax.linen as nn
 
-  from model.quantize import KERNELS, Quantized, quantize_params
+  from model.quantize import Quantized, kernels, quantize_params
   from model.transformer import Transformer, abstract_params
 
   cfg, params, calibration, tokens = peaked_tiny
@@ -150,7 +150,7 @@ def test_quantized_tiny_model_stays_close(peaked_tiny):
       method == "int4-rtn"
     ):  # the quantized forward pass == the float one on the dequantized kernels
       deq = jax.tree.map(lambda a: a, params)
-      for (mod, name), n_in, _ in KERNELS:
+      for (mod, name), n_in, _ in kernels(cfg):
         q, s = (
           np.asarray(qp["h"][mod][name]).astype(np.int8),
           np.asarray(qp["h"][mod][f"{name}_scale"]),
@@ -312,8 +312,8 @@ def _quantize_cli_and_stages(tiny_ckpt, problems, q4, q8, tmp_path):
     "rrtf quantize: error: model.quant_group=48 does not divide a kernel's 64 input rows",
     f"rrtf quantize: error: {q4}: output already exists",
     f"rrtf quantize: error: {tmp_path / 'nope'}: not a model checkpoint (no model_config.json)",
-    f"rrtf export: error: {q4}: a quantized checkpoint has no HF GPTBigCode form; "
-    "export the one it was quantized from",
+    f"rrtf export: error: {q4}: a quantized checkpoint has no HF form here; export the "
+    "full-precision one it was quantized from",
   ]
   assert not (tmp_path / "x").exists() and not (tmp_path / "hf").exists()
   assert json.loads((tmp_path / "eval" / "summary.json").read_text())["problems"] == 4

@@ -32,11 +32,12 @@ from rrtf_jax import multihost
 from rrtf_jax.metric_logger import MetricLogger
 from rrtf_jax.train_step import (
   BATCH_DTYPES,
-  SHAPE_FIELDS,
+  NETWORK_FIELDS,
   TrainError,
   TrainState,
   batch_shardings,
   check_batch_layout,
+  check_param_layout,
   jit_train_step,
   make_optimizer,
   state_shardings,
@@ -75,6 +76,7 @@ def train_and_evaluate(
   check_batch_layout(train_cfg, mesh, jax.process_count())
   tx = make_optimizer(train_cfg)
   abstract, shard = state_shardings(model_cfg, tx, mesh)
+  check_param_layout(abstract, mesh)
   if jax.process_index() == 0:
     _write_config(workdir, config)
   mngr = _checkpoint_manager(workdir, train_cfg)
@@ -224,7 +226,8 @@ def _initial_state(config, model_cfg, tx, shard) -> TrainState:
 
 
 def _init_from_checkpoint(path: str, model_cfg, shard):
-  """The parameters of a model checkpoint (config.init_from) of the config's shape."""
+  """The parameters of a model checkpoint (config.init_from) of the config's network (every
+  NETWORK_FIELDS field: a Llama checkpoint needs a config whose model block is Llama's)."""
   from model import load_checkpoint
   from model.checkpoint import is_checkpoint, read_config
 
@@ -236,10 +239,10 @@ def _init_from_checkpoint(path: str, model_cfg, shard):
       f"config.init_from={path}: a quantized checkpoint cannot be trained; start "
       "from the full-precision one it was quantized from"
     )
-  diff = [f for f in SHAPE_FIELDS if getattr(src, f) != getattr(model_cfg, f)]
+  diff = [f for f in NETWORK_FIELDS if getattr(src, f) != getattr(model_cfg, f)]
   if diff:
     which = ", ".join(f"{f} ({getattr(src, f)} vs {getattr(model_cfg, f)})" for f in diff)
-    raise TrainError(f"config.init_from={path}: model shape differs from the config in {which}")
+    raise TrainError(f"config.init_from={path}: the model differs from config.model in {which}")
   _, params = load_checkpoint(path, shardings=shard.params, dtype=jnp.dtype(model_cfg.param_dtype))
   return params
 
