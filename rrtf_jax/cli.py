@@ -240,7 +240,8 @@ def _add_quantize_command(sub) -> None:
     "--embedding",
     choices=("keep", "int8"),
     default="keep",
-    help="the tied embedding / LM head: keep it in --dtype (default) or int8 with a scale per row",
+    help="the embedding and LM head (tied, or an untied lm_head too): keep them in --dtype "
+    "(default) or int8 with a scale per row",
   )
   s.add_argument(
     "--dtype", default="bfloat16", help="dtype of what stays floating point (biases, norms, scales)"
