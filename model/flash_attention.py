@@ -538,6 +538,10 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, window, sm_scale,
   q_spec = pl.BlockSpec((None, None, g, bq, h), lambda bi, hi, i, j: (bi, hi, 0, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, h), lambda bi, hi, i, j: (bi, hi, kv_block(i, j), 0))
   col_spec = pl.BlockSpec((None, None, g, 1, bq), lambda bi, hi, i, j: (bi, hi, 0, 0, i))
+  # the tiles both backward kernels visit: the forward's (causal and window skipping included)
+  cost = functools.partial(
+    _cost, b=b, n=n, tp=tp, sp=sp, h=h, bq=bq, bk=bk, offset=offset, causal=causal, window=window
+  )
   dq = _pallas(
     functools.partial(_dq_kernel, num_k_blocks=nk, **common),
     _lane_ids(q_seg_p),
@@ -566,17 +570,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, window, sm_scale,
     out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
     scratch_shapes=[pltpu.VMEM((g, bq, h), jnp.float32)],
     name="mqa_flash_dq",
-    cost_estimate=_cost(
-      b=b,
-      n=n,
-      tp=tp,
-      sp=sp,
-      h=h,
-      bq=bq,
-      bk=bk,
-      offset=offset,
-      causal=causal,
-      window=window,
+    cost_estimate=cost(
       matmuls=3,
       exps=1,
       args=(qt, kt, vt, dot),
@@ -619,17 +613,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, window, sm_scale,
     out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
     scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
     name="mqa_flash_dkv",
-    cost_estimate=_cost(
-      b=b,
-      n=n,
-      tp=tp,
-      sp=sp,
-      h=h,
-      bq=bq,
-      bk=bk,
-      offset=offset,
-      causal=causal,
-      window=window,
+    cost_estimate=cost(
       matmuls=4,
       exps=1,
       args=(qt, kt, vt, dot),
