@@ -179,15 +179,6 @@ def prefill(
   )
 
 
-def _eos_tuple(eos_id) -> tuple[int, ...]:
-  """None, one id or several -> a tuple of ids."""
-  if eos_id is None:
-    return ()
-  if isinstance(eos_id, (int, np.integer)):
-    return (int(eos_id),)
-  return tuple(int(i) for i in eos_id)
-
-
 def window_mask(cache_mask, idx, window: int | None):
   """The cache mask [B, S] a new token at cache index `idx` attends through: with a sliding
   window, only slots s with idx - s < window (it sees itself, passed apart from the cache, and
@@ -205,14 +196,13 @@ def decode_chunk(
   state: DecodeState,
   stop_at,
   *,
-  eos_id: int | tuple[int, ...] | None,
+  eos_ids: tuple[int, ...],
   pad_id: int,
 ) -> DecodeState:
   """Generates tokens until step == stop_at or every row is done (a `lax.while_loop`). A row
-  ends on any of the ids in `eos_id` (one id, a tuple of them, or None)."""
+  ends on any of `eos_ids` (none: only on its token budget)."""
   model = Transformer(cfg)
   b = state.out.shape[0]
-  eos_ids = _eos_tuple(eos_id)
 
   def cond(st):
     return (st.step < stop_at) & ~jnp.all(st.done)
@@ -301,7 +291,7 @@ class Decoder:
     self.pad_id = config.replace(eos_token_id=self.eos_id).pad_id
     self._prefill = jax.jit(prefill, static_argnames=("cfg", "new_tokens"))
     self._decode = jax.jit(
-      decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,)
+      decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,)
     )
 
   @classmethod
@@ -477,7 +467,7 @@ class Decoder:
           self.config,
           state,
           jnp.asarray(min(step + self.chunk, m), jnp.int32),
-          eos_id=self.eos_ids if len(self.eos_ids) > 1 else self.eos_id,
+          eos_ids=self.eos_ids,
           pad_id=self.pad_id,
         )
         out, lengths, done = (np.array(x) for x in (state.out, state.lengths, state.done))

@@ -568,7 +568,7 @@ def plan_decode(
     cache_bytes=cache_bytes,
     cache_bytes_per_token=cache_bytes // (b * context),
   )
-  step = jax.jit(decode_chunk, static_argnames=("cfg", "eos_id", "pad_id"), donate_argnums=(2,))
+  step = jax.jit(decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,))
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     lowered = step.lower(
@@ -576,7 +576,7 @@ def plan_decode(
       cfg,
       state_abs,
       jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=rep),
-      eos_id=cfg.eos_token_id,
+      eos_ids=cfg.eos_ids,
       pad_id=cfg.pad_token_id or 0,
     )
     state_bytes = _shard_bytes(state_abs)
