@@ -5,7 +5,9 @@ depends on a few parameters that the prompt shows twice, in the function's name 
 docstring (`add_three`, "... with 3 added to every element."). A model trained briefly from
 scratch can learn the templates and has to copy the parameters: easy enough that it
 sometimes succeeds, hard enough that ranking its responses by unit tests has something to
-teach. Held-out instances reuse the templates with parameter tuples unseen in training.
+teach. Held-out instances reuse the templates with parameter tuples unseen in training;
+new_template_problems() draws from five more templates (NEW_FAMILIES) that no split of
+splits() uses, to measure transfer to templates never trained on.
 
 Problems are HumanEval-format dicts (task_id, prompt, test, entry_point, canonical_solution):
 the prompt is signature + docstring with one example, the canonical solution the indented
@@ -16,6 +18,7 @@ included, so a neighbouring parameter fails). Same seed, same problems. Two extr
 
     from data.synthetic import splits, write_splits
     parts = splits(seed=0, warmup=64, train=128, heldout=64)  # no (family, params) in two splits
+    new = new_template_problems(seed=0, count=64)  # templates no split has
 """
 
 from __future__ import annotations
@@ -301,6 +304,93 @@ _FAMILY_TABLE: dict[str, tuple[Callable[..., Spec], list[tuple]]] = {
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_TABLE)
 
 
+# ----------------------------------------------------------------- templates held out entirely
+# Never in warm-up or RRTF training: each recombines pieces of the templates above (a new
+# operator, a filter inside a count, a sum plus a constant...), so pass@1 on them measures
+# transfer rather than recall of a template.
+
+
+def _subtract(k):
+  return Spec(
+    f"subtract_{number_word(k)}",
+    "xs",
+    f"Return a new list with {k} subtracted from every element.",
+    f"return [x - {k} for x in xs]",
+    lambda xs: [x - k for x in xs],
+    lambda r: (
+      [(_ints(r, 2, 10, 19),)] + [(_ints(r, r.randint(1, 5), -9, 20),) for _ in range(TESTS)]
+    ),
+  )
+
+
+def _filter_inclusive(op, k):
+  word, keep = {">=": ("at_least", lambda x: x >= k), "<=": ("at_most", lambda x: x <= k)}[op]
+  cmp = "greater" if op == ">=" else "less"
+  return Spec(
+    f"keep_{word}_{number_word(k)}",
+    "xs",
+    f"Return the elements of xs {cmp} than or equal to {k}.",
+    f"return [x for x in xs if x {op} {k}]",
+    lambda xs: [x for x in xs if keep(x)],
+    lambda r: (
+      [
+        (_mixed(r, [k - 1, k, k + 1], k - 5, k + 5, 1),),  # k itself: the strict filter fails
+        (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),),
+      ]
+      + [(_ints(r, r.randint(2, 6), k - 8, k + 8),) for _ in range(TESTS - 1)]
+    ),
+  )
+
+
+def _count_filter(op, k):
+  word, keep = {">": ("above", lambda x: x > k), "<": ("below", lambda x: x < k)}[op]
+  cmp = "greater" if op == ">" else "less"
+  return Spec(
+    f"count_{word}_{number_word(k)}",
+    "xs",
+    f"Return how many elements of xs are {cmp} than {k}.",
+    f"return len([x for x in xs if x {op} {k}])",
+    lambda xs: sum(1 for x in xs if keep(x)),
+    lambda r: (
+      [(_mixed(r, [k - 1, k + 1], k - 5, k + 5, 1),), (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),)]
+      + [(_ints(r, r.randint(3, 7), k - 8, k + 8),) for _ in range(TESTS - 1)]
+    ),
+  )
+
+
+def _sum_plus(k):
+  return Spec(
+    f"sum_plus_{number_word(k)}",
+    "xs",
+    f"Return the sum of xs plus {k}.",
+    f"return sum(xs) + {k}",
+    lambda xs: sum(xs) + k,
+    lambda r: [(_ints(r, 3, 0, 9),)] + [(_ints(r, r.randint(1, 6), -9, 20),) for _ in range(TESTS)],
+  )
+
+
+def _surround(w):
+  return Spec(
+    f"surround_{w}",
+    "s",
+    f"Return s with {w!r} prepended and appended.",
+    f"return {w!r} + s + {w!r}",
+    lambda s: w + s + w,
+    lambda r: [(_word(r, 2, 3),)] + [(_word(r, 0, 5),) for _ in range(TESTS)],
+  )
+
+
+_NEW_TEMPLATE_TABLE: dict[str, tuple[Callable[..., Spec], list[tuple]]] = {
+  "subtract": (_subtract, [(k,) for k in range(1, 41)]),
+  "filter_inclusive": (_filter_inclusive, [(op, k) for op in (">=", "<=") for k in range(0, 31)]),
+  "count_filter": (_count_filter, [(op, k) for op in "><" for k in range(0, 31)]),
+  "sum_plus": (_sum_plus, [(k,) for k in range(1, 41)]),
+  "surround": (_surround, [(w,) for w in _AFFIXES]),
+}
+NEW_FAMILIES: tuple[str, ...] = tuple(_NEW_TEMPLATE_TABLE)
+_TABLES = {**_FAMILY_TABLE, **_NEW_TEMPLATE_TABLE}
+
+
 def capacity() -> int:
   """How many distinct instances the family holds in all."""
   return sum(len(space) for _, space in _FAMILY_TABLE.values())
@@ -309,7 +399,7 @@ def capacity() -> int:
 def instance(seed: int, family: str, params: tuple, task_id: str) -> dict:
   """One HumanEval-format problem (plus `family` and `params`), its inputs seeded by
   (seed, family, params) alone."""
-  spec = _FAMILY_TABLE[family][0](*params)
+  spec = _TABLES[family][0](*params)
   r = random.Random(f"synthetic/{seed}/{family}/{params!r}")  # str seeds hash stably (sha512)
   cases = spec.cases(r)
 
@@ -395,6 +485,29 @@ def splits(seed: int, warmup: int, train: int, heldout: int) -> dict[str, list[d
     name: [instance(seed, *order[j], f"synthetic/{order[j][0]}/{j}") for j in picked[name]]
     for name in SPLITS
   }
+
+
+def new_template_problems(seed: int, count: int) -> list[dict]:
+  """`count` distinct instances of the NEW_FAMILIES templates, which no split of splits()
+  contains (the demo's `heldout_new` split): each family's space shuffled by `seed` and dealt
+  round-robin, ids `synthetic_new/<family>/<index>`."""
+  capacity = sum(len(space) for _, space in _NEW_TEMPLATE_TABLE.values())
+  if not 0 <= count <= capacity:
+    raise ValueError(f"the new templates have {capacity} distinct instances; asked for {count}")
+  rng = random.Random(f"synthetic/new/{seed}")
+  pools = {}
+  for name, (_, space) in _NEW_TEMPLATE_TABLE.items():
+    pools[name] = list(space)
+    rng.shuffle(pools[name])
+  order = []
+  while len(order) < count:
+    names = [n for n in NEW_FAMILIES if pools[n]]
+    rng.shuffle(names)
+    order += [(n, pools[n].pop()) for n in names]
+  return [
+    instance(seed, fam, params, f"synthetic_new/{fam}/{i}")
+    for i, (fam, params) in enumerate(order[:count])
+  ]
 
 
 def write_splits(out_dir: str, seed: int, warmup: int, train: int, heldout: int) -> dict[str, str]:

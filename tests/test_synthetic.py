@@ -16,6 +16,7 @@ from data.problems import Problem, load_problems
 from rrtf_jax.stages.sample import load_problems as load_sample_problems
 
 SIZES = dict(warmup=64, train=128, heldout=64)
+NEW = 40  # new-template problems: 8 per template
 
 
 def key(p: dict) -> tuple:
@@ -25,6 +26,11 @@ def key(p: dict) -> tuple:
 @pytest.fixture(scope="module")
 def parts():
   return synthetic.splits(0, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def new():
+  return synthetic.new_template_problems(0, NEW)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +76,40 @@ def test_problem_shape_and_names():
   )
 
 
+def test_new_templates_are_new_deterministic_and_even(parts, new):
+  assert new == synthetic.new_template_problems(0, NEW)
+  assert synthetic.new_template_problems(0, 10) == new[:10]
+  assert [p["prompt"] for p in synthetic.new_template_problems(1, NEW)] != [
+    p["prompt"] for p in new
+  ]
+  assert not set(synthetic.NEW_FAMILIES) & set(synthetic.FAMILIES)
+  counts = collections.Counter(p["family"] for p in new)
+  assert counts == {f: NEW // len(synthetic.NEW_FAMILIES) for f in synthetic.NEW_FAMILIES}
+  assert len({key(p) for p in new}) == NEW
+  seen = {p["entry_point"] for p in synthetic.generate(0, synthetic.capacity())}
+  assert not seen & {p["entry_point"] for p in new}  # no name of a trained template
+  trained = {p["family"] for v in parts.values() for p in v}
+  assert not trained & set(synthetic.NEW_FAMILIES)
+  for i, p in enumerate(new):
+    assert p["task_id"] == f"synthetic_new/{p['family']}/{i}"
+    assert p["canonical_solution"].startswith("    return ") and p["test"].count("assert ") == 4
+  everything = synthetic.new_template_problems(0, 192)
+  assert len({key(p) for p in everything}) == 192
+  with pytest.raises(ValueError, match="distinct instances"):
+    synthetic.new_template_problems(0, 10**4)
+
+
 def test_docstring_examples_hold():
   """Each prompt's >>> example, run in-process on the canonical solution (trusted: our own
   templates)."""
   runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-  for p in synthetic.generate(0, synthetic.capacity()):
+  problems = synthetic.generate(0, synthetic.capacity()) + synthetic.new_template_problems(0, 192)
+  for p in problems:
     glob = {}
     exec(p["prompt"] + p["canonical_solution"], glob)
     for t in doctest.DocTestFinder().find(glob[p["entry_point"]], globs=glob):
       runner.run(t, out=lambda s: None)
-  assert runner.summarize(verbose=False) == doctest.TestResults(0, synthetic.capacity())
+  assert runner.summarize(verbose=False) == doctest.TestResults(0, len(problems))
 
 
 def test_splits_disjoint_sized_and_cover_every_family(parts):
@@ -115,10 +145,10 @@ def test_written_splits_load_as_problems(tmp_path):
   assert all(sp.completion_style and sp.exec_prefix == sp.prompt for sp in sample)
 
 
-def test_canonical_passes_empty_and_neighbour_fail_in_sandbox(parts, box):
+def test_canonical_passes_empty_and_neighbour_fail_in_sandbox(parts, new, box):
   from rrtf_jax.stages.evaluate import execute
 
-  problems = [p for v in parts.values() for p in v]
+  problems = [p for v in parts.values() for p in v] + new
   table = {
     p["task_id"]: Problem(p["task_id"], p["prompt"], p["test"], p["entry_point"]) for p in problems
   }
@@ -155,10 +185,9 @@ def test_prompts_fit_the_tiny_model(tmp_path):
   from data.tokenizer import builtin_corpus, train_sentencepiece
 
   tok = train_sentencepiece(builtin_corpus(), str(tmp_path), vocab_size=1024)
-  texts = [
-    prompt_text(p["prompt"]) + p["prompt"] for p in synthetic.generate(0, synthetic.capacity())
-  ]
-  assert max(map(len, texts)) < 360
+  problems = synthetic.generate(0, synthetic.capacity()) + synthetic.new_template_problems(0, 192)
+  texts = [prompt_text(p["prompt"]) + p["prompt"] for p in problems]
+  assert max(map(len, texts)) < 380
   lengths = [len(tok.encode(t)) for t in texts]
   assert max(lengths) < 224 and sum(lengths) / len(lengths) < 180, (
     max(lengths),
