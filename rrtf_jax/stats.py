@@ -1,7 +1,7 @@
 """Uncertainty of evaluation figures: a bootstrap over problems, and a paired test of two models.
 
-HumanEval has 164 problems, so a pass@1 of 45% is known to about ±4 points: the problems are a
-sample, and another sample of the same difficulty would score differently. `bootstrap_mean`
+HumanEval has 164 problems, so a greedy pass@1 of 45% has a standard error of about 4 points:
+the problems are a sample, and another sample like them would score differently. `bootstrap_mean`
 resamples the problems (one value per problem, e.g. its pass@k estimate) and reports the
 standard error and a percentile interval of the mean; `paired_difference` compares two models on
 the same problems: the bootstrap of the per-problem differences and an exact sign test. Both use
