@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
   "safetensors==0.8.0",
   "ml-collections==1.1.0",
   "numpy>=2.0,<3",
+  # bootstrap intervals and the exact sign test of rrtf evaluate (rrtf_jax/stats.py); also a
+  # dependency of jax, pinned here at the version jax brings
+  "scipy==1.17.1",
   "tqdm>=4.66",
   # training metrics as TensorBoard event files (tf.summary needs tensorboard)
   "tensorboardX==2.6.5",

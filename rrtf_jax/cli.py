@@ -674,7 +674,9 @@ def _add_evaluate_command(sub) -> None:
     nargs=2,
     metavar=("A", "B"),
     default=None,
-    help="compare two evaluate output dirs instead (a problem is solved when c/n >= 0.5)",
+    help="compare two evaluate output dirs instead, over the problems both have (a problem is "
+    "solved when c/n >= 0.5; pass@1 difference with a paired bootstrap interval and an exact sign "
+    "test)",
   )
   s.set_defaults(func=_evaluate)
 

