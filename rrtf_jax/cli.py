@@ -851,6 +851,7 @@ def _demo(args, overrides):
       seed=args.seed,
       quick=args.quick,
       ablation=args.ablation,
+      rounds=args.rounds,
       progress=not args.quiet,
     )
   except Preempted:
@@ -877,6 +878,13 @@ def _add_demo_command(sub) -> None:
     "--ablation",
     action="store_true",
     help="also train the same steps with the ranking loss off and compare",
+  )
+  s.add_argument(
+    "--rounds",
+    type=int,
+    default=1,
+    help="on-policy RRTF rounds: after each training, sample from the new model, rank and "
+    "train again from it, evaluating every round (default 1; a rerun with more adds rounds)",
   )
   s.add_argument("--quiet", action="store_true", help="no progress bars")
   s.set_defaults(func=_demo)

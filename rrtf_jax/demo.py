@@ -4,29 +4,40 @@ Every stage runs the code a pod runs (`rrtf sample`, `rank`, `prepare`, `train`,
 `evaluate`); only the sizes are small:
 
  1. problems    data.synthetic: seeded HumanEval-format problems, split into warm-up,
-                RRTF-training and held-out problems that share no instance.
+                RRTF-training and held-out problems that share no instance, plus a
+                new-template held-out split (`heldout_new`) of templates that neither
+                training split uses: in-template vs new-template pass@1 tells recall of a
+                trained template from transfer.
  2. tokenizer   the tiny config's SentencePiece, trained on the warm-up and training text.
  3. warm-up     plain fine-tuning (R = 1) of the randomly initialised tiny model on the
                 warm-up problems' reference solutions, run through sample (the references
                 as a teacher file, no student samples), rank and prepare; a stand-in for a
                 pretrained base model, good at the templates and poor at the details.
- 4. evaluate    the base model on the held-out split: greedy pass@1 and sampled pass@k.
+ 4. evaluate    the base model on both held-out splits: greedy pass@1 and sampled pass@k,
+                each with a bootstrap 95% interval over problems.
  5. sample      R student responses per training problem at a few temperatures; the
                 reference solution is the teacher.
  6. rank        the sandbox executes and scores them; prepare tokenises the ranked set.
  7. RRTF        the RRTF loss (ranking + cross-entropy on the best response) from the base.
  8. evaluate    the RRTF model, as in 4.
- 9. ablation    (--ablation) the same training with the ranking loss off (rank_weight 0:
+ 9. rounds      (--rounds N) on-policy rounds 2..N: sample from the last round's model, rank,
+                prepare, train from it (`rrtf_r2`, ...), evaluate; the training problems and
+                teacher stay the same.
+10. ablation    (--ablation) the same training with the ranking loss off (rank_weight 0:
                 cross-entropy on the best response only), evaluated as in 4.
-Ranking accuracy: on a held-out ranked set built from the base model's sampled held-out
-responses plus the references (ranked in the sandbox), the fraction of pairs (better,
-worse) where a model gives the better response the higher length-normalised
-log-probability. Outputs: summary.json (`base`, `rrtf`, `ablation`), report.md,
-curves.png (loss terms and ranking accuracy over steps) and pass_at_k.png.
+11. accuracy    ranking accuracy: on a held-out ranked set built from the base model's
+                sampled held-out responses plus the references (ranked in the sandbox), the
+                fraction of pairs (better, worse) where a model gives the better response the
+                higher length-normalised log-probability.
+Outputs: summary.json (one entry per model, with intervals, and paired tests of each model
+against the base and of RRTF against the ablation), report.md, curves.png (loss terms and
+ranking accuracy over steps) and pass_at_k.png (with 95% intervals).
 
 Each stage writes `stages/<name>.json` when done and is skipped on a rerun; the stages
 themselves resume (checkpoints, finished files and parts), so a killed demo continues where
-it stopped. A workdir made with other settings (seed, --quick) is refused.
+it stopped, and a rerun with more --rounds adds the new rounds. A workdir made with other
+settings (seed, --quick) is refused. `benchmarks/ablation.py` trains more arms (loss
+variants) on the same stages through `train_arm`.
 """
 
 from __future__ import annotations
@@ -46,7 +57,9 @@ if TYPE_CHECKING:  # annotations only: each stage imports what it runs (JAX, TF)
   from rrtf_jax.stages.sample import Teacher
 
 SETTINGS_FILE = "demo.json"
-MODELS = ("base", "rrtf", "ablation")
+# train.* settings an arm may change (rrtf_jax/loss.py says what each does)
+LOSS_SETTINGS = ("rank_weight", "ft_normalization", "pair_loss", "weighting", "beta", "gamma")
+ABLATION = {"rank_weight": 0.0}  # --ablation: the ranking loss off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +69,7 @@ class Sizes:
   warmup: int  # problems per split
   train: int
   heldout: int
+  heldout_new: int  # problems of templates no training split has
   warmup_steps: int
   warmup_lr: float
   rrtf_steps: int
@@ -79,6 +93,7 @@ DEFAULT = Sizes(
   warmup=256,
   train=128,
   heldout=128,
+  heldout_new=64,
   warmup_steps=300,
   warmup_lr=3e-3,
   rrtf_steps=250,
@@ -95,6 +110,7 @@ QUICK = Sizes(
   warmup=32,
   train=16,
   heldout=16,
+  heldout_new=8,
   warmup_steps=30,
   warmup_lr=3e-3,
   rrtf_steps=10,
@@ -119,13 +135,18 @@ def _say(msg: str) -> None:
 class _Stages:
   """Runs named stages once: a stage's result lands in stages/<name>.json when it is done."""
 
-  def __init__(self, workdir: str, total: int):
+  def __init__(self, workdir: str, total: int | None):
     self.dir, self.total, self.index = os.path.join(workdir, "stages"), total, 0
+
+  def result(self, name: str) -> dict:
+    """A finished stage's result."""
+    with open(os.path.join(self.dir, f"{name}.json")) as f:
+      return json.load(f)
 
   def run(self, name: str, title: str, fn) -> dict:
     self.index += 1
     path = os.path.join(self.dir, f"{name}.json")
-    head = f"stage {self.index}/{self.total} {title}"
+    head = f"stage {self.index}{'' if self.total is None else f'/{self.total}'} {title}"
     if os.path.exists(path):
       with open(path) as f:
         out = json.load(f)
@@ -165,8 +186,9 @@ def _train_config(
   lr: float,
   responses: int,
   init_from: str = "",
-  rank_weight: float = 1.0,
+  loss: dict | None = None,
 ):
+  """The tiny config at these sizes; `loss` sets train.* loss settings (LOSS_SETTINGS)."""
   from rrtf_jax.config_loading import load_config
 
   c = load_config("tiny")
@@ -177,7 +199,10 @@ def _train_config(
   t = c.train
   t.batch_size, t.responses, t.seq_len, t.steps = sizes.batch, responses, sizes.seq_len, steps
   t.learning_rate, t.warmup_steps, t.schedule = lr, max(1, steps // 20), "cosine"
-  t.rank_weight = rank_weight
+  for key, value in (loss or {}).items():
+    if key not in LOSS_SETTINGS:
+      raise ValueError(f"{key!r} is not a loss setting; one of {LOSS_SETTINGS}")
+    setattr(t, key, value)
   t.log_every = max(1, min(10, steps // 10))
   t.checkpoint_every = max(50, steps // 4)  # a save is slow next to a tiny step
   return c
@@ -270,66 +295,100 @@ class _Demo:
 
 
 def run_demo(
-  workdir: str, seed: int = 0, quick: bool = False, ablation: bool = False, progress: bool = True
+  workdir: str,
+  seed: int = 0,
+  quick: bool = False,
+  ablation: bool = False,
+  rounds: int = 1,
+  progress: bool = True,
 ) -> dict:
   """The demo's stages in order (the module docstring says what each does); returns the summary
   (summary.json)."""
+  if rounds < 1:
+    raise InputError(f"--rounds must be at least 1, got {rounds}")
   start = time.perf_counter()
-  demo = _open(workdir, seed, quick, ablation, progress)
+  total = 11 + 5 * (rounds - 1) + (3 if ablation else 0)
+  demo = open_demo(workdir, seed, QUICK if quick else DEFAULT, progress, total=total)
+  prepare_base(demo)
+  models = ["base", *train_arm(demo, "rrtf", rounds=rounds)]
+  if ablation:
+    models += train_arm(demo, "ablation", loss=ABLATION)
+  return finish(demo, models, start)
+
+
+def open_demo(workdir: str, seed: int, sizes: Sizes, progress: bool, total: int | None) -> _Demo:
+  """Checks the workdir's settings (recording them in a new one) and turns on the compilation
+  cache; `total` stages are announced (None: not known in advance)."""
+  workdir = os.path.abspath(workdir)
+  sizes_json = json.loads(json.dumps(dataclasses.asdict(sizes)))  # tuples as lists, as read back
+  _check_settings(workdir, {"seed": seed, "quick": sizes == QUICK, "sizes": sizes_json})
+  _compilation_cache()
+  return _Demo(workdir, sizes, seed, progress, _Stages(workdir, total))
+
+
+def prepare_base(demo: _Demo) -> None:
+  """Everything before the first RRTF training: problems, tokenizer, the base model and its
+  evaluation, its samples of the training problems ranked and prepared (data/rrtf), and the
+  held-out ranked set of the ranking accuracy."""
   demo.stage("problems", "synthetic problems", _make_problems)
   demo.stage("tokenizer", "tokenizer", _make_tokenizer)
   demo.stage("warmup", "warm-up fine-tuning", _warm_up)
-  results = {"base": _evaluate(demo, "base")}
-  demo.stage("sample", f"sample {demo.sizes.samples} responses per training problem", _sample_train)
+  _evaluate(demo, "base")
+  demo.stage(
+    "sample",
+    f"sample {demo.sizes.samples} responses per training problem",
+    _sample_train,
+    "rrtf",
+    "base",
+    1,
+  )
   demo.stage("rank", "rank in the sandbox and prepare", _rank_and_prepare, "rrtf")
   demo.stage(
     "heldout_ranked",
     "rank the base model's held-out samples (for ranking accuracy)",
     _heldout_ranked,
   )
-  demo.stage(
-    "train_rrtf",
-    "RRTF training (ranking loss + cross-entropy on the best response)",
-    _train_model,
-    "rrtf",
-    1.0,
-  )
-  results["rrtf"] = _evaluate(demo, "rrtf")
-  if ablation:
-    demo.stage(
-      "train_ablation",
-      "ablation: the same training with the ranking loss off",
-      _train_model,
-      "ablation",
-      0.0,
+
+
+def train_arm(
+  demo: _Demo, arm: str, *, loss: dict | None = None, rounds: int = 1, steps: int | None = None
+) -> list[str]:
+  """Trains models/<arm> from the base model on data/rrtf (the base model's ranked samples)
+  with these loss settings (train.*, LOSS_SETTINGS) for `steps` (default sizes.rrtf_steps)
+  and evaluates it; then each on-policy round r = 2..rounds samples the training problems from
+  the last model, ranks and prepares them (data/<arm>_r<r>), trains <arm>_r<r> from the last
+  model for the same steps and evaluates it. Returns the models' names."""
+  steps = steps or demo.sizes.rrtf_steps
+  names, last = [], "base"
+  for r in range(1, rounds + 1):
+    name = arm if r == 1 else f"{arm}_r{r}"
+    data = "rrtf" if r == 1 else name
+    if r > 1:
+      head = f"{arm} round {r}/{rounds}"
+      demo.stage(
+        f"sample_{name}", f"{head}: sample from {last}", _sample_train, data, last, r
+      )
+      demo.stage(f"rank_{name}", f"{head}: rank and prepare", _rank_and_prepare, data)
+    title = f"train {name}: " + (
+      "RRTF (ranking loss + cross-entropy on the best response)"
+      if not loss
+      else ", ".join(f"{k} {v}" for k, v in loss.items())
     )
-    results["ablation"] = _evaluate(demo, "ablation")
-  accuracy = demo.stage(
-    "ranking_accuracy" + ("_ablation" if ablation else ""),
-    "ranking accuracy on held-out responses",
-    _ranking_accuracy,
-    tuple(results),
-  )
-  return _finish(demo, quick, results, accuracy["models"], start)
-
-
-def _open(workdir: str, seed: int, quick: bool, ablation: bool, progress: bool) -> _Demo:
-  """Checks the workdir's settings (recording them in a new one) and turns on the compilation
-  cache; 10 stages, 12 with the ablation."""
-  sizes = QUICK if quick else DEFAULT
-  workdir = os.path.abspath(workdir)
-  sizes_json = json.loads(json.dumps(dataclasses.asdict(sizes)))  # tuples as lists, as read back
-  _check_settings(workdir, {"seed": seed, "quick": quick, "sizes": sizes_json})
-  _compilation_cache()
-  return _Demo(workdir, sizes, seed, progress, _Stages(workdir, 10 + (2 if ablation else 0)))
+    demo.stage(f"train_{name}", title, _train_model, name, data, last, steps, loss or {}, r)
+    _evaluate(demo, name)
+    names.append(name)
+    last = name
+  return names
 
 
 def _make_problems(demo: _Demo) -> dict:
   """problems/<split>.jsonl and problems/<split>-references.jsonl (the reference solutions
-  as teacher answers) for each split."""
+  as teacher answers) for each split, heldout_new included."""
   from data import synthetic
 
-  parts = synthetic.splits(demo.seed, demo.sizes.warmup, demo.sizes.train, demo.sizes.heldout)
+  sizes = demo.sizes
+  parts = synthetic.splits(demo.seed, sizes.warmup, sizes.train, sizes.heldout)
+  parts["heldout_new"] = synthetic.new_template_problems(demo.seed, sizes.heldout_new)
   for name, rows in parts.items():
     write_jsonl_atomic(demo.problems(name), rows)
     write_jsonl_atomic(
@@ -342,6 +401,7 @@ def _make_problems(demo: _Demo) -> dict:
   return {
     "note": ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " problems",
     "families": len(synthetic.FAMILIES),
+    "new_families": len(synthetic.NEW_FAMILIES),
     **{k: len(v) for k, v in parts.items()},
   }
 
@@ -430,66 +490,121 @@ def _warm_up(demo: _Demo) -> dict:
     "note": f"{out['steps']} steps of fine-tuning on {sizes.warmup} reference solutions",
     **out,
     "ranked": ranked,
+    "settings": {
+      "model": "tiny config, random init",
+      "warmup_problems": sizes.warmup,
+      "steps": sizes.warmup_steps,
+      "learning_rate": sizes.warmup_lr,
+      "batch_size": sizes.batch,
+      "responses": 1,
+    },
   }
 
 
 def _evaluate(demo: _Demo, name: str) -> dict:
   """Stage eval_<name>."""
+  sizes = demo.sizes
   return demo.stage(
-    f"eval_{name}", f"evaluate {name} on {demo.sizes.heldout} held-out problems", _evaluation, name
+    f"eval_{name}",
+    f"evaluate {name} on {sizes.heldout} held-out and {sizes.heldout_new} new-template problems",
+    _evaluation,
+    name,
   )
 
 
+SPLITS = {"heldout": "", "heldout_new": "new-"}  # held-out split -> its eval dirs' infix
+
+
+def eval_dir(demo: _Demo, name: str, split: str, mode: str) -> str:
+  """The `rrtf evaluate` output of model `name` on a held-out split, mode greedy|sampled."""
+  return demo.path("eval", f"{name}-{SPLITS[split]}{mode}")
+
+
 def _evaluation(demo: _Demo, name: str) -> dict:
-  """models/<name> on the held-out split: greedy pass@1 and sampled pass@k."""
+  """models/<name> on each held-out split: greedy pass@1 and sampled pass@k, each with its
+  bootstrap SE and 95% interval over problems (as summary.json of `rrtf evaluate`)."""
   from rrtf_jax.stages.evaluate import evaluate
 
-  sizes, model, problems = demo.sizes, demo.path("models", name), demo.problems("heldout")
+  sizes, model = demo.sizes, demo.path("models", name)
   common = {
     "max_new_tokens": sizes.max_new_tokens,
     "seed": demo.seed,
     "progress": demo.progress,
     "decoder": functools.partial(demo.decoder, name),
   }  # built only if a part decodes
-  greedy = evaluate(
-    model, problems, demo.path("eval", f"{name}-greedy"), greedy=True, **common
-  ).summary
-  sampled = evaluate(
-    model,
-    problems,
-    demo.path("eval", f"{name}-sampled"),
-    n=sizes.eval_n,
-    temperature=sizes.eval_temperature,
-    top_p=0.95,
-    ks=sizes.ks,
-    **common,
-  ).summary
-  out = {
-    "pass@1": greedy["pass@k"]["pass@1"],
-    "pass@k": sampled["pass@k"],
-    "outcomes_greedy": greedy["outcomes"],
-    "outcomes_sampled": sampled["outcomes"],
-  }
-  figures = ", ".join(f"{k} {v:.3f}" for k, v in out["pass@k"].items())
-  out["note"] = f"greedy pass@1 {out['pass@1']:.3f}; sampled (n={sizes.eval_n}) {figures}"
+  out = {}
+  for split in SPLITS:
+    problems = demo.problems(split)
+    greedy = evaluate(
+      model, problems, eval_dir(demo, name, split, "greedy"), greedy=True, **common
+    ).summary
+    sampled = evaluate(
+      model,
+      problems,
+      eval_dir(demo, name, split, "sampled"),
+      n=sizes.eval_n,
+      temperature=sizes.eval_temperature,
+      top_p=0.95,
+      ks=sizes.ks,
+      **common,
+    ).summary
+    out[split] = {
+      "pass@1": greedy["pass@k"]["pass@1"],
+      "pass@1_se": greedy["pass@k_se"]["pass@1"],
+      "pass@1_ci95": greedy["pass@k_ci95"]["pass@1"],
+      **{key: sampled[key] for key in ("pass@k", "pass@k_se", "pass@k_ci95")},
+      "outcomes_greedy": greedy["outcomes"],
+      "outcomes_sampled": sampled["outcomes"],
+    }
+  heldout, new = out["heldout"], out["heldout_new"]
+  figures = ", ".join(f"{k} {v:.3f}" for k, v in heldout["pass@k"].items())
+  out["note"] = (
+    f"greedy pass@1 {heldout['pass@1']:.3f}; sampled (n={sizes.eval_n}) {figures}; "
+    f"new templates: greedy {new['pass@1']:.3f}, sampled pass@1 {new['pass@k']['pass@1']:.3f}"
+  )
   return out
 
 
-def _sample_train(demo: _Demo) -> dict:
-  """The base model's responses to the training problems, the references as the teacher."""
+def per_problem(demo: _Demo, name: str, split: str, mode: str) -> dict[str, float]:
+  """task_id -> the pass@1 estimate c/n of model `name` (from its evaluate summary.json)."""
+  with open(os.path.join(eval_dir(demo, name, split, mode), "summary.json")) as f:
+    rows = json.load(f)["per_problem"]
+  return {r["task_id"]: r["c"] / r["n"] for r in rows}
+
+
+def paired(demo: _Demo, a: str, b: str) -> dict:
+  """Model a against model b on the same problems: the paired bootstrap interval of the
+  pass@1 difference (a - b) and the exact sign test, greedy and sampled, on each held-out
+  split (rrtf_jax.stats.paired_difference)."""
+  from rrtf_jax.stats import paired_difference
+
+  out = {}
+  for split in SPLITS:
+    for mode in ("greedy", "sampled"):
+      va, vb = per_problem(demo, a, split, mode), per_problem(demo, b, split, mode)
+      ids = sorted(va)
+      out[f"{split}/{mode}"] = paired_difference(
+        [va[t] for t in ids], [vb[t] for t in ids], seed=demo.seed
+      )
+  return out
+
+
+def _sample_train(demo: _Demo, data: str, model: str, round_: int) -> dict:
+  """models/<model>'s responses to the training problems (data/<data>/samples), the references
+  as the teacher. Round r > 1 draws with another seed."""
   from rrtf_jax.stages.sample import sample_stage
 
   sizes = demo.sizes
   result = sample_stage(
     demo.problems("train"),
-    demo.path("data", "rrtf", "samples"),
-    decoder=demo.decoder("base"),
+    demo.path("data", data, "samples"),
+    decoder=demo.decoder(model),
     num_samples=sizes.samples,
     temperatures=sizes.temperatures,
     top_p=0.95,
     max_new_tokens=sizes.max_new_tokens,
     teacher=_references(demo, "train"),
-    seed=demo.seed,
+    seed=demo.seed + 7919 * (round_ - 1),
     progress=demo.progress,
   )
   return {
@@ -552,181 +667,247 @@ def _base_samples(demo: _Demo) -> dict[str, list[str]]:
   return by_task
 
 
-def _train_model(demo: _Demo, name: str, rank_weight: float) -> dict:
-  """models/<name>: the RRTF loss with this ranking weight, from the base model."""
+def _train_model(
+  demo: _Demo, name: str, data: str, init_from: str, steps: int, loss: dict, round_: int
+) -> dict:
+  """models/<name>: the RRTF loss with these settings on data/<data>, from models/<init_from>."""
   sizes = demo.sizes
   config = _train_config(
     sizes,
     demo.seed,
-    demo.path("data", "rrtf", "prepared"),
-    steps=sizes.rrtf_steps,
+    demo.path("data", data, "prepared"),
+    steps=steps,
     lr=sizes.rrtf_lr,
     responses=sizes.responses,
-    init_from=demo.path("models", "base"),
-    rank_weight=rank_weight,
+    init_from=demo.path("models", init_from),
+    loss=loss,
   )
   out = _train(
     config, demo.path("train", name), demo.path("models", name), demo.tokenizer_dir, demo.progress
   )
-  return {"note": f"{out['steps']} steps", **out}
-
-
-def _ranking_accuracy(demo: _Demo, names: tuple[str, ...]) -> dict:
-  """Each trained model's ranking accuracy on the held-out ranked set."""
-  from model import load_checkpoint
-  from rrtf_jax.train_step import ranking_metrics
-
-  config = _train_config(demo.sizes, demo.seed, "", steps=1, lr=1.0, responses=1)
-  loaded = {name: load_checkpoint(demo.path("models", name)) for name in MODELS if name in names}
-  params = {name: p for name, (_, p) in loaded.items()}
-  out = ranking_metrics(
-    loaded["base"][0],
-    config.train,
-    params,
-    demo.path("data", "heldout", "prepared"),
-    responses=demo.sizes.eval_n + 1,
-  )
-  return {
-    "note": ", ".join(f"{k} {v['ranking_accuracy']:.3f}" for k, v in out.items()),
-    "models": out,
-  }
-
-
-def _finish(demo: _Demo, quick: bool, results: dict, accuracy: dict, start: float) -> dict:
-  """summary.json, report.md and the plots; prints the table."""
-  summary = _summarize(demo.workdir, demo.sizes, demo.seed, quick, results, accuracy)
-  summary["seconds"] = round(time.perf_counter() - start, 1)
-  write_text_atomic(demo.path("summary.json"), json.dumps(summary, indent=2) + "\n")
-  write_text_atomic(demo.path("report.md"), report_markdown(summary))
-  _plots(demo.workdir, summary)
-  print(table(summary), flush=True)
-  _say(
-    f"done in {summary['seconds']:.0f} s; report in {demo.path('report.md')}, summary in "
-    f"{demo.path('summary.json')}, plots {demo.path('curves.png')} and "
-    f"{demo.path('pass_at_k.png')}"
-  )
-  return summary
-
-
-def _summarize(
-  workdir: str, sizes: Sizes, seed: int, quick: bool, results: dict, accuracy: dict
-) -> dict:
-  evaluation = {
-    "problems": sizes.heldout,
-    "split": "heldout",
-    "pass@1": "greedy",
-    "n": sizes.eval_n,
-    "temperature": sizes.eval_temperature,
-    "top_p": 0.95,
-    "max_new_tokens": sizes.max_new_tokens,
-  }
-  base = {
-    "model": "tiny config, random init",
-    "warmup_problems": sizes.warmup,
-    "steps": sizes.warmup_steps,
-    "learning_rate": sizes.warmup_lr,
-    "batch_size": sizes.batch,
-    "responses": 1,
-  }
-  trained = {
-    "init_from": "base",
+  settings = {
+    "init_from": init_from,
+    "round": round_,
+    "data": data,
     "train_problems": sizes.train,
-    "steps": sizes.rrtf_steps,
+    "steps": steps,
     "learning_rate": sizes.rrtf_lr,
     "batch_size": sizes.batch,
     "responses": sizes.responses,
     "student_samples": sizes.samples,
     "temperatures": list(sizes.temperatures),
     "teacher": "reference solutions",
+    **{k: config.train[k] for k in LOSS_SETTINGS},
   }
-  settings = {
-    "base": base,
-    "rrtf": dict(trained, rank_weight=1.0),
-    "ablation": dict(trained, rank_weight=0.0),
+  return {"note": f"{out['steps']} steps", **out, "settings": settings}
+
+
+def _accuracy(demo: _Demo, name: str) -> dict:
+  """Stage accuracy_<name>: the model's ranking accuracy on the held-out ranked set."""
+  return demo.stage(
+    f"accuracy_{name}", f"ranking accuracy of {name} on held-out responses", _ranking_accuracy, name
+  )
+
+
+def _ranking_accuracy(demo: _Demo, name: str) -> dict:
+  from model import load_checkpoint
+  from rrtf_jax.train_step import ranking_metrics
+
+  config = _train_config(demo.sizes, demo.seed, "", steps=1, lr=1.0, responses=1)
+  cfg, params = load_checkpoint(demo.path("models", name))
+  out = ranking_metrics(
+    cfg,
+    config.train,
+    {name: params},
+    demo.path("data", "heldout", "prepared"),
+    responses=demo.sizes.eval_n + 1,
+  )[name]
+  return {"note": f"{out['ranking_accuracy']:.3f} over {out['pairs']} pairs", **out}
+
+
+def finish(demo: _Demo, models: list[str], start: float | None = None) -> dict:
+  """Ranking accuracy of each model (a stage each), then summary.json, report.md and the plots;
+  prints the table. Returns the summary."""
+  accuracy = {name: _accuracy(demo, name) for name in models}
+  summary = summarize(demo, models, accuracy)
+  if start is not None:
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+  write_text_atomic(demo.path("summary.json"), json.dumps(summary, indent=2) + "\n")
+  write_text_atomic(demo.path("report.md"), report_markdown(summary))
+  _plots(demo.workdir, summary)
+  print(table(summary), flush=True)
+  for line in paired_lines(summary):
+    print(line, flush=True)
+  took = f" in {summary['seconds']:.0f} s" if start is not None else ""
+  _say(
+    f"done{took}; report in {demo.path('report.md')}, summary in {demo.path('summary.json')}, plots "
+    f"{demo.path('curves.png')} and {demo.path('pass_at_k.png')}"
+  )
+  return summary
+
+
+def comparisons(models: list[str], settings: dict[str, dict]) -> list[tuple[str, str]]:
+  """The pairs the summary tests: each trained model against the base model and against the
+  model it was trained from, and RRTF against the ablation."""
+  pairs = []
+  for name in models[1:]:
+    pairs.append((name, "base"))
+    init = settings[name].get("init_from", "base")
+    if init != "base":
+      pairs.append((name, init))
+  if "rrtf" in models and "ablation" in models:
+    pairs.append(("rrtf", "ablation"))
+  return pairs
+
+
+def summarize(demo: _Demo, models: list[str], accuracy: dict[str, dict]) -> dict:
+  """summary.json: per model, held-out and new-template pass@k with intervals, ranking accuracy
+  and settings; paired tests of the `comparisons`; training curves."""
+  sizes = demo.sizes
+  evaluation = {
+    "problems": sizes.heldout,
+    "new_template_problems": sizes.heldout_new,
+    "pass@1": "greedy",
+    "n": sizes.eval_n,
+    "temperature": sizes.eval_temperature,
+    "top_p": 0.95,
+    "max_new_tokens": sizes.max_new_tokens,
+    "interval": "95% bootstrap over problems (rrtf evaluate's summary.json)",
   }
-  out = {}
-  for name in MODELS:
-    if name not in results:
-      out[name] = None
-      continue
-    r = results[name]
+  out: dict = {"models": list(models)}
+  settings = {}
+  for name in models:
+    trained = demo.stages.result("warmup" if name == "base" else f"train_{name}")
+    settings[name] = trained["settings"]
+    ev = demo.stages.result(f"eval_{name}")
+    held = ev["heldout"]
     out[name] = {
-      "pass@1": r["pass@1"],
-      "pass@k": r["pass@k"],
+      **{k: v for k, v in held.items() if not k.startswith("outcomes")},
+      "new_template": {
+        k: v for k, v in ev["heldout_new"].items() if not k.startswith("outcomes")
+      },
       "ranking_accuracy": accuracy[name]["ranking_accuracy"],
       "ranking_pairs": accuracy[name]["pairs"],
-      "outcomes": r["outcomes_sampled"],
+      "outcomes": held["outcomes_sampled"],
       "settings": dict(settings[name], evaluation=evaluation),
     }
+  out["paired"] = {f"{a} vs {b}": paired(demo, a, b) for a, b in comparisons(models, settings)}
   out.update(
-    seed=seed,
-    quick=quick,
-    workdir=workdir,
+    seed=demo.seed,
+    quick=sizes == QUICK,
+    workdir=demo.workdir,
     curves={
-      name: _curves(os.path.join(workdir, "train", name))
-      for name in ("warmup", "rrtf", "ablation")
-      if os.path.isdir(os.path.join(workdir, "train", name))
+      name: _curves(demo.path("train", name))
+      for name in ("warmup", *models[1:])
+      if os.path.isdir(demo.path("train", name))
     },
   )
   return out
 
 
 def _columns(summary: dict) -> list[str]:
+  n = summary[summary["models"][0]]["settings"]["evaluation"]["n"]
+  ks = list(summary[summary["models"][0]]["pass@k"])
   return (
     ["pass@1 (greedy)"]
-    + [
-      f"{k} (n={summary['base']['settings']['evaluation']['n']})" for k in summary["base"]["pass@k"]
-    ]
-    + ["ranking accuracy"]
+    + [f"{k} (n={n})" for k in ks]
+    + ["new: pass@1 (greedy)", f"new: pass@1 (n={n})", "ranking accuracy"]
   )
 
 
-def _rows(summary: dict) -> list[tuple[str, list[float]]]:
-  return [
-    (name, [r["pass@1"], *r["pass@k"].values(), r["ranking_accuracy"]])
-    for name in MODELS
-    if (r := summary.get(name)) is not None
-  ]
+def _rows(summary: dict) -> list[tuple[str, list[tuple[float, list[float] | None]]]]:
+  """(model, [(value, 95% interval or None)] in _columns' order)."""
+  rows = []
+  for name in summary["models"]:
+    r, new = summary[name], summary[name]["new_template"]
+    cells = [(r["pass@1"], r["pass@1_ci95"])]
+    cells += [(v, r["pass@k_ci95"][k]) for k, v in r["pass@k"].items()]
+    cells += [(new["pass@1"], new["pass@1_ci95"])]
+    cells += [(new["pass@k"]["pass@1"], new["pass@k_ci95"]["pass@1"])]
+    cells += [(r["ranking_accuracy"], None)]
+    rows.append((name, cells))
+  return rows
+
+
+def _cell(value: float, ci: list[float] | None) -> str:
+  return f"{value:.3f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci else "")
 
 
 def table(summary: dict) -> str:
-  """The printed table: one row per model."""
-  cols = _columns(summary)
-  lines = [f"{'model':10s}" + "".join(f"{c:>18s}" for c in cols)]
-  lines += [f"{name:10s}" + "".join(f"{v:18.3f}" for v in vals) for name, vals in _rows(summary)]
+  """The printed table: one row per model, each figure with its 95% interval."""
+  cols, rows = _columns(summary), _rows(summary)
+  width = max(len(n) for n, _ in rows) + 2
+  lines = [f"{'model':{width}s}" + "".join(f"{c:>22s}" for c in cols)]
+  lines += [f"{name:{width}s}" + "".join(f"{_cell(*c):>22s}" for c in cells) for name, cells in rows]
   return "\n".join(lines)
 
 
+def significance(test: dict) -> str:
+  """Plain words for a paired test at the 5% level."""
+  lo, hi = test["ci95"]
+  if test["p_value"] < 0.05 and (lo > 0 or hi < 0):
+    return "significant at 5%"
+  if test["p_value"] < 0.05 or lo > 0 or hi < 0:
+    return "borderline (the sign test and the interval disagree)"
+  return "not significant"
+
+
+def paired_lines(summary: dict) -> list[str]:
+  """One line per comparison and figure: the difference, its interval, the sign test."""
+  names = {
+    "heldout/greedy": "greedy pass@1",
+    "heldout/sampled": "sampled pass@1",
+    "heldout_new/greedy": "new-template greedy pass@1",
+    "heldout_new/sampled": "new-template sampled pass@1",
+  }
+  lines = []
+  for label, tests in summary["paired"].items():
+    a, b = label.split(" vs ")
+    for key, t in tests.items():
+      lines.append(
+        f"{a} - {b}, {names[key]}: {t['difference']:+.3f} [{t['ci95'][0]:+.3f}, "
+        f"{t['ci95'][1]:+.3f}]; better on {t['a_better']} vs {t['b_better']} problems, "
+        f"p = {t['p_value']:.2g}: {significance(t)}"
+      )
+  return lines
+
+
 def report_markdown(summary: dict) -> str:
-  b, r = summary["base"], summary["rrtf"]
-  ev = b["settings"]["evaluation"]
+  first = summary["models"][0]
+  ev = summary[first]["settings"]["evaluation"]
+  cols = _columns(summary)
   lines = [
     f"# rrtf demo (seed {summary['seed']}{', quick' if summary['quick'] else ''})",
     "",
-    f"Held-out: {ev['problems']} synthetic problems no training split contains. pass@1 "
-    f"(greedy) decodes greedily; pass@k uses n={ev['n']} samples at temperature "
-    f"{ev['temperature']}, top-p {ev['top_p']} (unbiased estimator). Ranking accuracy: over pairs "
-    "of the base model's held-out samples and the references with different scores, how often a "
-    "model gives the better one the higher mean log-probability.",
+    f"Held-out: {ev['problems']} synthetic problems of the training templates that no training "
+    f"split contains, and {ev['new_template_problems']} of templates no training split uses "
+    f"(new). pass@1 (greedy) decodes greedily; pass@k uses n={ev['n']} samples at temperature "
+    f"{ev['temperature']}, top-p {ev['top_p']} (unbiased estimator). In brackets: the 95% "
+    "bootstrap interval over problems. Ranking accuracy: over pairs of the base model's "
+    "held-out samples and the references with different scores, how often a model gives the "
+    "better one the higher mean log-probability.",
     "",
-    "| model | " + " | ".join(_columns(summary)) + " |",
-    "|---" * (len(_columns(summary)) + 1) + "|",
+    "| model | " + " | ".join(cols) + " |",
+    "|---" * (len(cols) + 1) + "|",
   ]
   lines += [
-    f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for name, vals in _rows(summary)
+    f"| {name} | " + " | ".join(_cell(*c) for c in cells) + " |"
+    for name, cells in _rows(summary)
   ]
-  delta = r["pass@1"] - b["pass@1"]
-  lines += ["", f"RRTF changed greedy pass@1 by {delta:+.3f} over the base model."]
-  if summary.get("ablation"):
-    lines.append(
-      f"The ablation (ranking loss off, same steps) changed it by "
-      f"{summary['ablation']['pass@1'] - b['pass@1']:+.3f}."
-    )
+  lines += [
+    "",
+    "## Paired tests",
+    "",
+    "Difference of pass@1 on the same problems (first minus second), its 95% paired bootstrap "
+    "interval, and the exact two-sided sign test over the problems where the two differ "
+    "(McNemar's exact test for greedy). Significant: p < 0.05 and the interval excludes 0.",
+    "",
+  ]
+  lines += [f"- {line}" for line in paired_lines(summary)]
   lines += ["", "## Settings", ""]
-  for name in MODELS:
-    if summary.get(name):
-      s = {k: v for k, v in summary[name]["settings"].items() if k != "evaluation"}
-      lines.append(f"- **{name}**: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+  for name in summary["models"]:
+    s = {k: v for k, v in summary[name]["settings"].items() if k != "evaluation"}
+    lines.append(f"- **{name}**: " + ", ".join(f"{k} {v}" for k, v in s.items()))
   lines += [
     "",
     "Plots: `curves.png` (loss terms and ranking accuracy per training step), `pass_at_k.png`.",
@@ -743,16 +924,16 @@ def _plots(workdir: str, summary: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  curves = summary["curves"]
+  curves, trained = summary["curves"], summary["models"][1:]
   tags = [
     ("loss", "total loss"),
     ("rank_loss", "ranking loss"),
-    ("ft_loss", "fine-tuning loss (sum per prompt)"),
+    ("ft_loss", "fine-tuning loss"),
     ("ranking_accuracy", "ranking accuracy (training batch)"),
   ]
   fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4))
   for ax, (tag, title) in zip(axes, tags):
-    for name in ("rrtf", "ablation"):
+    for name in trained:
       pts = curves.get(name, {}).get(tag)
       if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
@@ -765,12 +946,15 @@ def _plots(workdir: str, summary: dict) -> None:
   os.replace(os.path.join(workdir, "curves.png.tmp"), os.path.join(workdir, "curves.png"))
 
   cols, rows = _columns(summary)[:-1], _rows(summary)
-  fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cols), 3.4))
+  fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 3.6))
   width = 0.8 / len(rows)
-  for i, (name, vals) in enumerate(rows):
-    ax.bar([c + i * width for c in range(len(cols))], vals[:-1], width, label=name)
-  ax.set_xticks([c + width * (len(rows) - 1) / 2 for c in range(len(cols))], cols, fontsize=8)
-  ax.set_ylabel("held-out pass rate")
+  for i, (name, cells) in enumerate(rows):
+    values = [v for v, _ in cells[:-1]]
+    errors = [[v - ci[0] for v, ci in cells[:-1]], [ci[1] - v for v, ci in cells[:-1]]]
+    xs = [c + i * width for c in range(len(cols))]
+    ax.bar(xs, values, width, yerr=errors, capsize=2, label=name)
+  ax.set_xticks([c + width * (len(rows) - 1) / 2 for c in range(len(cols))], cols, fontsize=7)
+  ax.set_ylabel("held-out pass rate (95% interval)")
   ax.set_ylim(0, 1)
   ax.legend(fontsize=8)
   fig.tight_layout()
