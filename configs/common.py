@@ -55,6 +55,10 @@ def base_config(**model_overrides) -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0  # AdamW, on kernels and embeddings only
   c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
   c.train.weighting = "gap"  # pair weights: gap (PanGu-Coder2, r_j - r_i) | uniform (RRHF)
+  c.train.pair_loss = "hinge"  # hinge (PanGu-Coder2, max(0, p_i - p_j)) | logistic (SimPO)
+  c.train.beta = 2.0  # logistic only: -log sigmoid(beta * (p_j - p_i) - gamma); beta > 0
+  c.train.gamma = 0.5  # logistic only: the target margin (SimPO's gamma)
+  c.train.ft_normalization = "sum"  # L_ft over the best response: sum (paper) | mean per token
   c.train.ft_weight = 1.0  # lambda in L = L_rank + lambda * L_ft
   c.train.rank_weight = 1.0  # factor of L_rank; 0 = fine-tune on the best response only (ablation)
   c.train.logprob_chunk = 256  # positions per chunk of the [N, C, V] logits

@@ -28,7 +28,7 @@ import optax
 from model import ModelConfig, Transformer, abstract_params
 from model.transformer import head_weights
 from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, replicated
-from rrtf_jax.loss import check_loss_settings, rrtf_loss, token_logprobs
+from rrtf_jax.loss import LOSS_DEFAULTS, check_loss_settings, rrtf_loss, token_logprobs
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Model fields that decide the network (its parameters' shapes and what it computes): an
@@ -127,6 +127,13 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 # ---- the step ----------------------------------------------------------------------------------
 
 
+def loss_settings(train_cfg: ml_collections.ConfigDict) -> dict:
+  """The train.* fields that choose the loss (weighting, ft_normalization, pair_loss, beta,
+  gamma) as rrtf_loss keywords. A config written before a field existed (a user's own file,
+  an old run's config.json) gets its default, the paper's loss."""
+  return {name: train_cfg.get(name, default) for name, default in LOSS_DEFAULTS.items()}
+
+
 def make_loss_fn(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict) -> Callable:
   """loss_fn(params, batch) -> (loss, rrtf_loss metrics), with the batch layout of
   make_train_step."""
@@ -151,7 +158,7 @@ def make_loss_fn(model_cfg: ModelConfig, train_cfg: ml_collections.ConfigDict) -
       batch["loss_mask"],
       batch["scores"],
       batch["is_teacher"],
-      weighting=train_cfg.weighting,
+      **loss_settings(train_cfg),
       ft_weight=float(train_cfg.ft_weight),
       rank_weight=float(train_cfg.rank_weight),
     )
@@ -385,7 +392,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if train_cfg.schedule not in SCHEDULES:
     raise TrainError(f"train.schedule={train_cfg.schedule!r} is not one of {SCHEDULES}")
   try:
-    check_loss_settings(weighting=train_cfg.weighting)
+    check_loss_settings(**loss_settings(train_cfg))
   except ValueError as e:
     raise TrainError(str(e)) from None
   if train_cfg.seq_len > model_cfg.max_position_embeddings:
