@@ -365,9 +365,7 @@ def train_arm(
     data = "rrtf" if r == 1 else name
     if r > 1:
       head = f"{arm} round {r}/{rounds}"
-      demo.stage(
-        f"sample_{name}", f"{head}: sample from {last}", _sample_train, data, last, r
-      )
+      demo.stage(f"sample_{name}", f"{head}: sample from {last}", _sample_train, data, last, r)
       demo.stage(f"rank_{name}", f"{head}: rank and prepare", _rank_and_prepare, data)
     title = f"train {name}: " + (
       "RRTF (ranking loss + cross-entropy on the best response)"
@@ -740,8 +738,9 @@ def finish(demo: _Demo, models: list[str], start: float | None = None) -> dict:
     print(line, flush=True)
   took = f" in {summary['seconds']:.0f} s" if start is not None else ""
   _say(
-    f"done{took}; report in {demo.path('report.md')}, summary in {demo.path('summary.json')}, plots "
-    f"{demo.path('curves.png')} and {demo.path('pass_at_k.png')}"
+    f"done{took}; report in {demo.path('report.md')}, summary in "
+    f"{demo.path('summary.json')}, plots {demo.path('curves.png')} and "
+    f"{demo.path('pass_at_k.png')}"
   )
   return summary
 
@@ -783,9 +782,7 @@ def summarize(demo: _Demo, models: list[str], accuracy: dict[str, dict]) -> dict
     held = ev["heldout"]
     out[name] = {
       **{k: v for k, v in held.items() if not k.startswith("outcomes")},
-      "new_template": {
-        k: v for k, v in ev["heldout_new"].items() if not k.startswith("outcomes")
-      },
+      "new_template": {k: v for k, v in ev["heldout_new"].items() if not k.startswith("outcomes")},
       "ranking_accuracy": accuracy[name]["ranking_accuracy"],
       "ranking_pairs": accuracy[name]["pairs"],
       "outcomes": held["outcomes_sampled"],
@@ -838,7 +835,9 @@ def table(summary: dict) -> str:
   cols, rows = _columns(summary), _rows(summary)
   width = max(len(n) for n, _ in rows) + 2
   lines = [f"{'model':{width}s}" + "".join(f"{c:>22s}" for c in cols)]
-  lines += [f"{name:{width}s}" + "".join(f"{_cell(*c):>22s}" for c in cells) for name, cells in rows]
+  lines += [
+    f"{name:{width}s}" + "".join(f"{_cell(*c):>22s}" for c in cells) for name, cells in rows
+  ]
   return "\n".join(lines)
 
 
@@ -891,8 +890,7 @@ def report_markdown(summary: dict) -> str:
     "|---" * (len(cols) + 1) + "|",
   ]
   lines += [
-    f"| {name} | " + " | ".join(_cell(*c) for c in cells) + " |"
-    for name, cells in _rows(summary)
+    f"| {name} | " + " | ".join(_cell(*c) for c in cells) + " |" for name, cells in _rows(summary)
   ]
   lines += [
     "",

@@ -114,7 +114,9 @@ def test_demo_quick_rounds_ablation_killed_and_resumed_writes_every_artifact(tmp
     "rrtf vs ablation",
   }
   for tests in summary["paired"].values():
-    assert set(tests) == {f"{a}/{b}" for a in ("heldout", "heldout_new") for b in ("greedy", "sampled")}
+    assert set(tests) == {
+      f"{a}/{b}" for a in ("heldout", "heldout_new") for b in ("greedy", "sampled")
+    }
     for t in tests.values():
       assert t["ci95"][0] <= t["difference"] <= t["ci95"][1] and 0 <= t["p_value"] <= 1, t
   # round 2 sampled the round-1 model (another model, another seed): other responses
@@ -153,7 +155,9 @@ def test_demo_quick_rounds_ablation_killed_and_resumed_writes_every_artifact(tmp
     for infix, problems in (("", 16), ("new-", 8)):
       rows = [
         json.loads(x)
-        for x in (work / "eval" / f"{name}-{infix}sampled" / "samples.jsonl").read_text().splitlines()
+        for x in (work / "eval" / f"{name}-{infix}sampled" / "samples.jsonl")
+        .read_text()
+        .splitlines()
       ]
       assert len(rows) == problems * 4 and {"task_id", "completion"} <= set(rows[0])
       assert all(r["task_id"].startswith("synthetic_new/") == bool(infix) for r in rows)
