@@ -176,22 +176,22 @@ def test_logistic_pair_loss_by_hand():
 
 
 def test_mean_fine_tuning_loss_by_hand():
-  # Prompt 0's best response (score 2) has 2 of 3 tokens: sum 4, mean 2 (not 4/3 over the
-  # padded length, nor 11/3 with the padding token). Prompt 1's best has 3 tokens: sum 3,
-  # mean 1. Prompt 2 is padding. Mean over the two prompts: 1.5 (a mean over all 5 tokens
-  # pooled would be 1.4); the sum: 3.5.
+  # Prompt 0's best response (score 2, the first) has 2 of 3 tokens: sum 4, mean 2 (not 4/3
+  # over the padded length, nor 11/3 with the padding token). Prompt 1's best (the second; the
+  # first has 2 tokens) has 3 tokens: sum 3, mean 1. Prompt 2 is padding. Mean over the two
+  # prompts: 1.5 (a mean over all 5 tokens pooled would be 1.4); the sum: 3.5.
   logp = np.array(
     [
       [[-1.0, -3.0, -7.0], [-0.1, -9.0, -9.0]],
-      [[-0.5, -0.5, -2.0], [-5.0, -5.0, -5.0]],
+      [[-5.0, -5.0, -5.0], [-0.5, -0.5, -2.0]],
       [[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]],
     ],
     np.float32,
   )
   mask = np.array(
-    [[[1, 1, 0], [1, 0, 0]], [[1, 1, 1], [1, 1, 1]], [[0, 0, 0], [0, 0, 0]]], np.float32
+    [[[1, 1, 0], [1, 0, 0]], [[1, 1, 0], [1, 1, 1]], [[0, 0, 0], [0, 0, 0]]], np.float32
   )
-  scores = np.array([[2.0, 1.0], [1.0, 1.0], [5.0, 0.0]], np.float32)
+  scores = np.array([[2.0, 1.0], [1.0, 2.0], [5.0, 0.0]], np.float32)
   teacher = np.zeros((3, 2), bool)
   (loss, m), g = jax.value_and_grad(
     lambda lp: rrtf_loss(lp, mask, scores, teacher, ft_normalization="mean", rank_weight=0.0),
@@ -203,7 +203,7 @@ def test_mean_fine_tuning_loss_by_hand():
   # d/dlogp: -1 / (2 prompts * 2 tokens) on prompt 0's best, -1 / (2 * 3) on prompt 1's.
   want = np.zeros_like(logp)
   want[0, 0, :2] = -1 / 4
-  want[1, 0, :] = -1 / 6
+  want[1, 1, :] = -1 / 6
   np.testing.assert_allclose(g, want, rtol=1e-6)
 
 

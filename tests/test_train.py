@@ -463,6 +463,14 @@ BAD_CONFIGS = [
     "not a multiple of train.microbatches=3",
   ),
   (["--config.data.dir={data}", "--config.train.schedule=exp"], "train.schedule='exp'"),
+  # The loss settings (rrtf_jax/loss.py check_loss_settings), each naming its field.
+  (
+    ["--config.data.dir={data}", "--config.train.ft_normalization=max"],
+    "train.ft_normalization='max'",
+  ),
+  (["--config.data.dir={data}", "--config.train.pair_loss=sigmoid"], "train.pair_loss='sigmoid'"),
+  (["--config.data.dir={data}", "--config.train.beta=0"], "train.beta=0.0"),
+  (["--config.data.dir={data}", "--config.train.gamma=nan"], "train.gamma=nan"),
   (
     ["--config.data.dir={data}", "--config.train.seq_len=4096"],
     "exceeds model.max_position_embeddings",
@@ -477,8 +485,8 @@ BAD_CONFIGS = [
 
 @pytest.fixture(scope="module")
 def bad_config_runs(prepared, tmp_path_factory):
-  """(exit code, stderr) of `rrtf train` for each of BAD_CONFIGS, all in one subprocess on 2
-  devices: each fails before training, so a process per case paid mostly its own start-up (the
+  """(exit code, stderr, workdir) of `rrtf train` for each of BAD_CONFIGS, all in one subprocess
+  on 2 devices: each fails before training, so a process per case paid mostly its own start-up (the
   imports of JAX, TensorFlow and orbax, ~7 s on 2 cores)."""
   import jax
 
@@ -487,7 +495,7 @@ def bad_config_runs(prepared, tmp_path_factory):
   root = tmp_path_factory.mktemp("bad-configs")
   qcfg = ModelConfig.from_dict(load_config("tiny").model).replace(quant_bits=8)
   quantized = save_checkpoint(str(root / "int8"), qcfg, init_params(qcfg, jax.random.PRNGKey(0)))
-  return cli_runs_in_one_process(
+  runs = cli_runs_in_one_process(
     [
       [
         "train",
@@ -503,15 +511,18 @@ def bad_config_runs(prepared, tmp_path_factory):
     cwd=ROOT,
     env=TWO_DEVICES,
   )
+  return [(code, stderr, root / f"w{i}") for i, (code, stderr) in enumerate(runs)]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[m for _, m in BAD_CONFIGS])
 def test_bad_configs_one_line_errors(bad_config_runs, case):
   message = BAD_CONFIGS[case][1]
-  code, stderr = bad_config_runs[case]
+  code, stderr, workdir = bad_config_runs[case]
   assert code == 2, stderr[-2000:]
   lines = stderr.strip().splitlines()
   assert lines[-1].startswith("rrtf train: error:") and message in lines[-1], stderr[-2000:]
+  # Refused before anything was written (init_from is read after config.json is).
+  assert not workdir.exists() or "init_from" in " ".join(BAD_CONFIGS[case][0])
 
 
 def test_init_from_a_converted_checkpoint(prepared, tmp_path):
