@@ -51,7 +51,7 @@ ARMS = {
   "mean": {"ft_normalization": "mean"},
   "logistic": {"pair_loss": "logistic", "beta": 2.0, "gamma": 0.5},
 }
-STEPS = 64  # per trained arm (the rounds arm: 32 + 32); the default demo trains 250
+STEPS = 100  # per trained arm (the rounds arm: 50 + 50); the default demo trains 250
 QUICK_STEPS = 4
 FIGURES = {
   "heldout/greedy": "in-template greedy pass@1",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import random
 import string
 from typing import Callable
@@ -132,22 +133,34 @@ def _multiply(k):
   )
 
 
+_COMPARISONS = {  # op -> (its word in a name, in a docstring, the test)
+  ">": ("above", "greater than", operator.gt),
+  "<": ("below", "less than", operator.lt),
+  ">=": ("at_least", "greater than or equal to", operator.ge),
+  "<=": ("at_most", "less than or equal to", operator.le),
+}
+
+
+def _around(k: int, lengths: tuple[int, int], inclusive: bool = False):
+  """Inputs of a threshold template: k's neighbours (a neighbouring k fails; an inclusive test
+  also gets k in the example), k itself (a strict test of an inclusive one fails), then lists
+  of `lengths` around k."""
+  example = [k - 1, k, k + 1] if inclusive else [k - 1, k + 1]
+  return lambda r: (
+    [(_mixed(r, example, k - 5, k + 5, 1),), (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),)]
+    + [(_ints(r, r.randint(*lengths), k - 8, k + 8),) for _ in range(TESTS - 1)]
+  )
+
+
 def _filter(op, k):
-  word, keep = {">": ("above", lambda x: x > k), "<": ("below", lambda x: x < k)}[op]
-  cmp = "greater" if op == ">" else "less"
+  word, words, test = _COMPARISONS[op]
   return Spec(
     f"keep_{word}_{number_word(k)}",
     "xs",
-    f"Return the elements of xs {cmp} than {k}.",
+    f"Return the elements of xs {words} {k}.",
     f"return [x for x in xs if x {op} {k}]",
-    lambda xs: [x for x in xs if keep(x)],
-    lambda r: (
-      [
-        (_mixed(r, [k - 1, k + 1], k - 5, k + 5, 1),),  # boundaries: a neighbouring k fails
-        (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),),
-      ]
-      + [(_ints(r, r.randint(2, 6), k - 8, k + 8),) for _ in range(TESTS - 1)]
-    ),
+    lambda xs: [x for x in xs if test(x, k)],
+    _around(k, (2, 6), inclusive="=" in op),
   )
 
 
@@ -323,38 +336,15 @@ def _subtract(k):
   )
 
 
-def _filter_inclusive(op, k):
-  word, keep = {">=": ("at_least", lambda x: x >= k), "<=": ("at_most", lambda x: x <= k)}[op]
-  cmp = "greater" if op == ">=" else "less"
-  return Spec(
-    f"keep_{word}_{number_word(k)}",
-    "xs",
-    f"Return the elements of xs {cmp} than or equal to {k}.",
-    f"return [x for x in xs if x {op} {k}]",
-    lambda xs: [x for x in xs if keep(x)],
-    lambda r: (
-      [
-        (_mixed(r, [k - 1, k, k + 1], k - 5, k + 5, 1),),  # k itself: the strict filter fails
-        (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),),
-      ]
-      + [(_ints(r, r.randint(2, 6), k - 8, k + 8),) for _ in range(TESTS - 1)]
-    ),
-  )
-
-
 def _count_filter(op, k):
-  word, keep = {">": ("above", lambda x: x > k), "<": ("below", lambda x: x < k)}[op]
-  cmp = "greater" if op == ">" else "less"
+  word, words, test = _COMPARISONS[op]
   return Spec(
     f"count_{word}_{number_word(k)}",
     "xs",
-    f"Return how many elements of xs are {cmp} than {k}.",
+    f"Return how many elements of xs are {words} {k}.",
     f"return len([x for x in xs if x {op} {k}])",
-    lambda xs: sum(1 for x in xs if keep(x)),
-    lambda r: (
-      [(_mixed(r, [k - 1, k + 1], k - 5, k + 5, 1),), (_mixed(r, [k - 1, k, k + 1], k - 8, k + 8),)]
-      + [(_ints(r, r.randint(3, 7), k - 8, k + 8),) for _ in range(TESTS - 1)]
-    ),
+    lambda xs: sum(1 for x in xs if test(x, k)),
+    _around(k, (3, 7)),
   )
 
 
@@ -382,7 +372,7 @@ def _surround(w):
 
 _NEW_TEMPLATE_TABLE: dict[str, tuple[Callable[..., Spec], list[tuple]]] = {
   "subtract": (_subtract, [(k,) for k in range(1, 41)]),
-  "filter_inclusive": (_filter_inclusive, [(op, k) for op in (">=", "<=") for k in range(0, 31)]),
+  "filter_inclusive": (_filter, [(op, k) for op in (">=", "<=") for k in range(0, 31)]),
   "count_filter": (_count_filter, [(op, k) for op in "><" for k in range(0, 31)]),
   "sum_plus": (_sum_plus, [(k,) for k in range(1, 41)]),
   "surround": (_surround, [(w,) for w in _AFFIXES]),
