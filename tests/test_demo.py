@@ -201,3 +201,26 @@ def test_demo_refuses_a_workdir_made_with_other_settings(tmp_path):
     text=True,
   )
   assert out.returncode != 0 and "other settings" in out.stderr.strip().splitlines()[-1], out.stderr
+
+
+def test_comparisons_and_significance_words():
+  from rrtf_jax.demo import comparisons, significance
+
+  settings = {
+    "rrtf": {"init_from": "base"},
+    "rrtf_r2": {"init_from": "rrtf"},
+    "ablation": {"init_from": "base"},
+  }
+  assert comparisons(["base", "rrtf", "rrtf_r2", "ablation"], settings) == [
+    ("rrtf", "base"),
+    ("rrtf_r2", "base"),
+    ("rrtf_r2", "rrtf"),
+    ("ablation", "base"),
+    ("rrtf", "ablation"),
+  ]
+  assert comparisons(["base", "rrtf"], settings) == [("rrtf", "base")]
+  assert significance({"p_value": 0.01, "ci95": [0.02, 0.1]}) == "significant at 5%"
+  assert significance({"p_value": 0.01, "ci95": [-0.1, -0.02]}) == "significant at 5%"
+  assert significance({"p_value": 0.2, "ci95": [-0.01, 0.1]}) == "not significant"
+  assert significance({"p_value": 0.04, "ci95": [-0.01, 0.1]}).startswith("borderline")
+  assert significance({"p_value": 0.07, "ci95": [0.001, 0.1]}).startswith("borderline")
