@@ -69,10 +69,14 @@ def run_seed(seed: int, workdir: str, quick: bool, cache: str) -> dict:
     r = summary[m]
     row[m] = {
       "pass@1": r["pass@1"],
+      "pass@1_ci95": r["pass@1_ci95"],
       "pass@k": r["pass@k"],
+      "pass@k_ci95": r["pass@k_ci95"],
+      "new_template": r["new_template"],
       "ranking_accuracy": r["ranking_accuracy"],
     }
   row["settings"] = {m: summary[m]["settings"] for m in MODELS}
+  row["paired"] = {k: summary["paired"][k] for k in ("rrtf vs base", "rrtf vs ablation")}
   return row
 
 
@@ -86,17 +90,44 @@ def markdown(result: dict) -> str:
     f"(n={rows[0]['settings']['base']['evaluation']['n']}) on "
     f"{rows[0]['settings']['base']['evaluation']['problems']} held-out problems per seed.",
     "",
-    "| seed | model | pass@1 (greedy) | " + " | ".join(ks) + " | ranking accuracy |",
-    "|---|---|---|" + "---|" * len(ks) + "---|",
+    "In brackets: 95% bootstrap intervals over problems. new: the new-template split "
+    "(templates no training split has; absent from runs before it existed).",
+    "",
+    "| seed | model | pass@1 (greedy) | "
+    + " | ".join(ks)
+    + " | new: pass@1 (greedy) | new: pass@1 | ranking accuracy |",
+    "|---|---|---|" + "---|" * len(ks) + "---|---|---|",
   ]
+
+  def cell(value, ci=None):
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
   for r in rows:
     for m in MODELS:
-      v = r[m]
+      v, new = r[m], r[m].get("new_template")
+      newcells = (
+        [cell(new["pass@1"], new["pass@1_ci95"])]
+        + [cell(new["pass@k"]["pass@1"], new["pass@k_ci95"]["pass@1"])]
+        if new
+        else ["-", "-"]
+      )
       lines.append(
-        f"| {r['seed']} | {m} | {v['pass@1']:.3f} | "
-        + " | ".join(f"{v['pass@k'][k]:.3f}" for k in ks)
+        f"| {r['seed']} | {m} | {cell(v['pass@1'], v.get('pass@1_ci95'))} | "
+        + " | ".join(cell(v["pass@k"][k], v.get("pass@k_ci95", {}).get(k)) for k in ks)
+        + " | "
+        + " | ".join(newcells)
         + f" | {v['ranking_accuracy']:.3f} |"
       )
+  if all("paired" in r for r in rows):
+    lines += ["", "Paired tests (greedy pass@1, in-template; exact sign test):", ""]
+    for r in rows:
+      for label, tests in r["paired"].items():
+        t = tests["heldout/greedy"]
+        lines.append(
+          f"- seed {r['seed']}, {label}: {t['difference']:+.3f} "
+          f"[{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}], better on {t['a_better']} vs "
+          f"{t['b_better']} problems, p = {t['p_value']:.2g}"
+        )
   lines += [
     "",
     "- RRTF beats the base model (greedy pass@1) on every seed: "
