@@ -39,6 +39,20 @@ HBM_PER_CHIP = {
   "TPU v5p": 95 * GIB,
   "TPU v6 lite": 32 * GIB,
 }
+# HBM bandwidth per chip, bytes/s (GB = 1e9 bytes), by JAX device_kind, as Cloud TPU's pages
+# give it: https://cloud.google.com/tpu/docs/v5e "HBM bandwidth per chip 819 GBps";
+# https://cloud.google.com/tpu/docs/v5p "HBM2e capacity and bandwidth 95GB, 2765 GBps";
+# https://cloud.google.com/tpu/docs/v4 "HBM2 capacity and bandwidth 32 GiB, 1200 GBps";
+# https://cloud.google.com/tpu/docs/v6e "HBM bandwidth per chip 1638 GBps";
+# https://cloud.google.com/tpu/docs/v3 "32 GiB, 900 GBps". The decode plan's tokens/s bound.
+HBM_BANDWIDTH_PER_CHIP = {
+  "TPU v3": 900e9,
+  "TPU v4": 1200e9,
+  "TPU v5 lite": 819e9,
+  "TPU v5": 2765e9,
+  "TPU v5p": 2765e9,
+  "TPU v6 lite": 1638e9,
+}
 
 
 class PlanError(ValueError):
@@ -173,6 +187,57 @@ class DecodePlan(_Memory):
   param_bytes: int  # all devices, as stored (int4 two per byte)
   cache_bytes: int  # the K and V caches, all devices
   cache_bytes_per_token: int  # of one row: 2 * L * K * H * bytes (K and V, every layer)
+  # One device's shards, as sharded (cross-checks of argument_bytes, which is what a step reads)
+  weight_bytes_per_device: int = 0  # quantized: the integers plus their scales
+  cache_bytes_per_device: int = 0  # K and V, every layer, its rows, the full context
+  hbm_bandwidth: float | None = None  # bytes/s per chip (HBM_BANDWIDTH_PER_CHIP)
+
+  @property
+  def step_bytes(self) -> int:
+    """HBM bytes one decode step reads per device: every argument of the compiled step once,
+    i.e. the weights as sharded (integers and scales), the KV cache's full length (a
+    static-shaped buffer: attention reads every slot and masks the empty ones, so the full
+    length is also the worst case) and the small decode state. A lower bound: temporaries
+    (dequantized kernels XLA did not fuse, activations) add reads and writes."""
+    return self.argument_bytes
+
+  @property
+  def step_seconds_bound(self) -> float | None:
+    """The fastest a memory-bound step can be: step_bytes at the chip's HBM bandwidth."""
+    return self.step_bytes / self.hbm_bandwidth if self.hbm_bandwidth else None
+
+  @property
+  def tokens_per_second_bound(self) -> float | None:
+    """Upper bound on the topology's decode tokens/s: batch rows per step over the step's
+    memory-bound time (every chip steps together, each reading its own step_bytes)."""
+    t = self.step_seconds_bound
+    return self.batch_size / t if t else None
+
+  def to_dict(self) -> dict:
+    d = super().to_dict()
+    d.update(
+      step_bytes=self.step_bytes,
+      step_seconds_bound=self.step_seconds_bound,
+      tokens_per_second_bound=self.tokens_per_second_bound,
+    )
+    return d
+
+  def _bandwidth_lines(self) -> list[str]:
+    g = _bytes
+    lines = [
+      f"bandwidth    a step reads {g(self.step_bytes).strip()} per device (its arguments as "
+      f"compiled; as sharded: weights {g(self.weight_bytes_per_device).strip()}, KV cache "
+      f"{g(self.cache_bytes_per_device).strip()} at the full context, decode state)",
+    ]
+    if not self.hbm_bandwidth:
+      return lines + ["             no HBM bandwidth figure for this chip: no tokens/s bound"]
+    tps = self.tokens_per_second_bound
+    return lines + [
+      f"             at {self.hbm_bandwidth / 1e9:.0f} GB/s HBM: >= "
+      f"{self.step_seconds_bound * 1e3:.3g} ms per step, <= {tps:,.0f} tokens/s for the "
+      f"topology ({tps / self.num_devices:,.1f} per device, batch {self.batch_size})",
+      "             (memory-bound decode: each step reads the weights and the whole cache once)",
+    ]
 
   def report(self) -> str:
     g = _bytes
@@ -197,6 +262,7 @@ class DecodePlan(_Memory):
         "over more chips (--mesh)"
       )
     )
+    lines[-1:-1] = self._bandwidth_lines()
     return "\n".join(lines)
 
 
@@ -279,6 +345,15 @@ def hbm_per_device(devices) -> int | None:
     return None
   cores = collections.Counter(tuple(getattr(d, "coords", (d.id,))) for d in devices)
   return per_chip // max(cores.values())
+
+
+def hbm_bandwidth_per_device(devices) -> float | None:
+  """A chip's HBM bandwidth, shared by the devices on it (as hbm_per_device shares its HBM)."""
+  per_chip = HBM_BANDWIDTH_PER_CHIP.get(devices[0].device_kind)
+  if per_chip is None:
+    return None
+  cores = collections.Counter(tuple(getattr(d, "coords", (d.id,))) for d in devices)
+  return per_chip / max(cores.values())
 
 
 def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
@@ -567,6 +642,9 @@ def plan_decode(
     param_bytes=param_bytes(p_abs),
     cache_bytes=cache_bytes,
     cache_bytes_per_token=cache_bytes // (b * context),
+    weight_bytes_per_device=_shard_bytes(p_abs),
+    cache_bytes_per_device=_shard_bytes((state_abs.cache_k, state_abs.cache_v)),
+    hbm_bandwidth=hbm_bandwidth_per_device(devices),
   )
   step = jax.jit(decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,))
   t0 = time.perf_counter()

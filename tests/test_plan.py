@@ -118,6 +118,40 @@ def test_rope_gqa_untied_windowed_train_and_decode_plans():
   assert "per token" in dec.report()
 
 
+def test_decode_plan_bytes_per_step_and_bandwidth_bound():
+  """A decode step reads its arguments once (the weights as sharded, the whole KV cache, the
+  decode state): tokens/s <= batch x HBM bandwidth / those bytes. Quantized weights read less."""
+  from rrtf_jax.plan import HBM_BANDWIDTH_PER_CHIP, plan_decode
+
+  config = load_config("tiny", ["--config.model.dtype=bfloat16"])
+  plans = {
+    q: plan_decode(
+      config, "v5e:2x2", mesh_spec="fsdp=4", batch_size=4, context=512, quant=q, group=g
+    )
+    for q, g in (("none", None), ("int8", None), ("int4", 32))
+  }
+  bf16 = plans["none"]
+  assert bf16.weights == "bfloat16" and bf16.hbm_bandwidth == HBM_BANDWIDTH_PER_CHIP["TPU v5 lite"]
+  assert bf16.hbm_bandwidth == 819e9
+  # By hand: K and V of 2 layers, one row per device (batch 4 over fsdp=4), 512 tokens, one kv
+  # head of 16, bf16.
+  assert bf16.cache_bytes_per_device == 2 * 2 * 1 * 512 * 1 * 16 * 2 == 65536
+  for p in plans.values():
+    assert p.fits and p.step_bytes == p.argument_bytes
+    assert p.step_bytes >= p.weight_bytes_per_device + p.cache_bytes_per_device
+    assert p.param_bytes / 4 <= p.weight_bytes_per_device < p.param_bytes  # fsdp=4, some replicate
+    assert p.step_seconds_bound == pytest.approx(p.argument_bytes / 819e9)
+    assert p.tokens_per_second_bound == pytest.approx(4 * 819e9 / p.argument_bytes)
+    d = p.to_dict()
+    assert d["step_bytes"] == p.argument_bytes
+    assert d["tokens_per_second_bound"] == pytest.approx(p.tokens_per_second_bound)
+    assert "tokens/s for the topology" in p.report() and "at 819 GB/s HBM" in p.report()
+  int8, int4 = plans["int8"], plans["int4"]
+  assert int4.weight_bytes_per_device < int8.weight_bytes_per_device < bf16.weight_bytes_per_device
+  assert int4.step_bytes < int8.step_bytes < bf16.step_bytes
+  assert bf16.tokens_per_second_bound < int8.tokens_per_second_bound < int4.tokens_per_second_bound
+
+
 BAD_INPUTS = [
   (["--topology", "v9z:2x2"], "unknown or unsupported topology 'v9z:2x2'"),
   (["--topology", "v5e:2x2", "--mesh", "fsdp=3"], "has 3 devices, but there are 4"),
