@@ -187,19 +187,22 @@ class DecodePlan(_Memory):
   param_bytes: int  # all devices, as stored (int4 two per byte)
   cache_bytes: int  # the K and V caches, all devices
   cache_bytes_per_token: int  # of one row: 2 * L * K * H * bytes (K and V, every layer)
-  # One device's shards, as sharded (cross-checks of argument_bytes, which is what a step reads)
-  weight_bytes_per_device: int = 0  # quantized: the integers plus their scales
+  # One device's shares (quantized weights: the integers plus their scales)
+  weight_bytes_per_device: int = 0  # resident: the weights as sharded
+  weight_read_bytes_per_device: int = 0  # read per step: fsdp shards gathered, tensor ones not
   cache_bytes_per_device: int = 0  # K and V, every layer, its rows, the full context
-  hbm_bandwidth: float | None = None  # bytes/s per chip (HBM_BANDWIDTH_PER_CHIP)
+  hbm_bandwidth: float | None = None  # bytes/s per device (HBM_BANDWIDTH_PER_CHIP)
 
   @property
   def step_bytes(self) -> int:
-    """HBM bytes one decode step reads per device: every argument of the compiled step once,
-    i.e. the weights as sharded (integers and scales), the KV cache's full length (a
-    static-shaped buffer: attention reads every slot and masks the empty ones, so the full
-    length is also the worst case) and the small decode state. A lower bound: temporaries
-    (dequantized kernels XLA did not fuse, activations) add reads and writes."""
-    return self.argument_bytes
+    """HBM bytes one decode step reads per device: the compiled step's arguments once (the
+    weights as sharded, the KV cache at its full length, the small decode state), plus the
+    rest of each weight an fsdp axis splits: XLA all-gathers those shards (its rows need the
+    whole kernel), and the device reads the gathered copy. Only a tensor axis divides the
+    weights a device reads. The whole cache, not its filled part: the buffer is static-shaped
+    and attention reads every slot, masking the empty ones (also the worst case). Still a
+    lower bound: activations and unfused dequantized kernels add traffic."""
+    return self.argument_bytes + self.weight_read_bytes_per_device - self.weight_bytes_per_device
 
   @property
   def step_seconds_bound(self) -> float | None:
@@ -225,10 +228,15 @@ class DecodePlan(_Memory):
   def _bandwidth_lines(self) -> list[str]:
     g = _bytes
     lines = [
-      f"bandwidth    a step reads {g(self.step_bytes).strip()} per device (its arguments as "
-      f"compiled; as sharded: weights {g(self.weight_bytes_per_device).strip()}, KV cache "
-      f"{g(self.cache_bytes_per_device).strip()} at the full context, decode state)",
+      f"bandwidth    a step reads {g(self.step_bytes).strip()} per device: its arguments "
+      f"{g(self.argument_bytes).strip()} (weights {g(self.weight_bytes_per_device).strip()}, "
+      f"KV cache {g(self.cache_bytes_per_device).strip()} at the full context, decode state)",
     ]
+    if self.step_bytes > self.argument_bytes:
+      lines.append(
+        f"             + {g(self.step_bytes - self.argument_bytes).strip()} of weights gathered "
+        f"over fsdp ({g(self.weight_read_bytes_per_device).strip()} of weights read in all)"
+      )
     if not self.hbm_bandwidth:
       return lines + ["             no HBM bandwidth figure for this chip: no tokens/s bound"]
     tps = self.tokens_per_second_bound
@@ -393,6 +401,23 @@ def _shard_bytes(tree) -> int:
     return (n + 1) // 2 if x.dtype == jax.numpy.int4 else n * x.dtype.itemsize
 
   return sum(nbytes(x) for x in jax.tree.leaves(tree))
+
+
+def _gathered(tree, mesh, axes: tuple[str, ...]):
+  """The tree's ShapeDtypeStructs as sharded with the mesh `axes` gathered (replicated)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def keep(entry):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    kept = tuple(n for n in names if n is not None and n not in axes)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec(*map(keep, x.sharding.spec)))
+    ),
+    tree,
+  )
 
 
 def _refused_plan(common: dict, state_abs, error: str, secs: float) -> Plan:
@@ -643,6 +668,7 @@ def plan_decode(
     cache_bytes=cache_bytes,
     cache_bytes_per_token=cache_bytes // (b * context),
     weight_bytes_per_device=_shard_bytes(p_abs),
+    weight_read_bytes_per_device=_shard_bytes(_gathered(p_abs, mesh, ("data", "fsdp"))),
     cache_bytes_per_device=_shard_bytes((state_abs.cache_k, state_abs.cache_v)),
     hbm_bandwidth=hbm_bandwidth_per_device(devices),
   )

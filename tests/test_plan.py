@@ -120,7 +120,8 @@ def test_rope_gqa_untied_windowed_train_and_decode_plans():
 
 def test_decode_plan_bytes_per_step_and_bandwidth_bound():
   """A decode step reads its arguments once (the weights as sharded, the whole KV cache, the
-  decode state): tokens/s <= batch x HBM bandwidth / those bytes. Quantized weights read less."""
+  decode state) and the rest of each fsdp-sharded weight, which XLA gathers: tokens/s <= batch x
+  HBM bandwidth / those bytes. Quantized weights read less."""
   from rrtf_jax.plan import HBM_BANDWIDTH_PER_CHIP, plan_decode
 
   config = load_config("tiny", ["--config.model.dtype=bfloat16"])
@@ -137,15 +138,19 @@ def test_decode_plan_bytes_per_step_and_bandwidth_bound():
   # head of 16, bf16.
   assert bf16.cache_bytes_per_device == 2 * 2 * 1 * 512 * 1 * 16 * 2 == 65536
   for p in plans.values():
-    assert p.fits and p.step_bytes == p.argument_bytes
-    assert p.step_bytes >= p.weight_bytes_per_device + p.cache_bytes_per_device
+    assert p.fits and p.argument_bytes >= p.weight_bytes_per_device + p.cache_bytes_per_device
     assert p.param_bytes / 4 <= p.weight_bytes_per_device < p.param_bytes  # fsdp=4, some replicate
-    assert p.step_seconds_bound == pytest.approx(p.argument_bytes / 819e9)
-    assert p.tokens_per_second_bound == pytest.approx(4 * 819e9 / p.argument_bytes)
+    # fsdp gathers every weight: a device reads all of them (no tensor axis divides them)
+    assert p.weight_read_bytes_per_device == p.param_bytes
+    step = p.argument_bytes + p.param_bytes - p.weight_bytes_per_device
+    assert p.step_bytes == step
+    assert p.step_seconds_bound == pytest.approx(step / 819e9)
+    assert p.tokens_per_second_bound == pytest.approx(4 * 819e9 / step)
     d = p.to_dict()
-    assert d["step_bytes"] == p.argument_bytes
+    assert d["step_bytes"] == step
     assert d["tokens_per_second_bound"] == pytest.approx(p.tokens_per_second_bound)
     assert "tokens/s for the topology" in p.report() and "at 819 GB/s HBM" in p.report()
+    assert "gathered over fsdp" in p.report()
   int8, int4 = plans["int8"], plans["int4"]
   assert int4.weight_bytes_per_device < int8.weight_bytes_per_device < bf16.weight_bytes_per_device
   assert int4.step_bytes < int8.step_bytes < bf16.step_bytes
