@@ -9,6 +9,8 @@ responses per prompt, gradient accumulation over micro-batches, AdamW with fp32 
 the state donated, exactly as `rrtf train` jits it. `plan_decode` compiles model/decode.py's
 decode loop as `rrtf serve`, `sample` and `evaluate` jit it, with the weights in the compute
 dtype or quantized as `rrtf quantize` stores them, and a KV cache of the given length.
+Decode plans also give the HBM bytes a step reads per device and the bound that the chip's
+published HBM bandwidth puts on tokens/s (DecodePlan.step_bytes, tokens_per_second_bound).
 """
 
 from __future__ import annotations
