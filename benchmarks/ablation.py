@@ -102,33 +102,25 @@ def _run_worker(workdir: str, seed: int, quick: bool, best: str | None, cache: s
   return time.perf_counter() - t0
 
 
-def _values(workdir: str, model: str, figure: str) -> dict[str, float]:
-  """task_id -> pass@1 estimate c/n of one model, from its `rrtf evaluate` summary."""
-  from rrtf_jax import demo
-
-  split, mode = figure.split("/")
-  infix = demo.SPLITS[split]
-  with open(os.path.join(workdir, "eval", f"{model}-{infix}{mode}", "summary.json")) as f:
-    return {r["task_id"]: r["c"] / r["n"] for r in json.load(f)["per_problem"]}
-
-
 def analyse(workdirs: dict[int, str], models: list[str], comparisons: list[tuple[str, str]]):
   """Pooled means with intervals, per-seed figures and paired tests over seed x problem."""
+  from rrtf_jax.demo import per_problem
   from rrtf_jax.stats import bootstrap_mean, paired_difference
 
   pooled, per_seed, paired = {}, {}, {}
   for figure in FIGURES:
-    values = {
-      m: {f"{s}:{t}": v for s, w in workdirs.items() for t, v in _values(w, m, figure).items()}
-      for m in models
-    }
+    split, mode = figure.split("/")
+    values = {}  # model -> "seed:task_id" -> pass@1 estimate
     for m in models:
+      values[m] = {}
+      for s, w in workdirs.items():
+        seed_values = per_problem(w, m, split, mode)
+        per_seed.setdefault(m, {}).setdefault(figure, {})[s] = sum(seed_values.values()) / len(
+          seed_values
+        )
+        values[m].update({f"{s}:{t}": v for t, v in seed_values.items()})
       ids = sorted(values[m])
       pooled.setdefault(m, {})[figure] = bootstrap_mean([values[m][i] for i in ids])
-      per_seed.setdefault(m, {})[figure] = {
-        s: sum(_values(w, m, figure).values()) / len(_values(w, m, figure))
-        for s, w in workdirs.items()
-      }
     for a, b in comparisons:
       ids = sorted(values[a])
       paired.setdefault(f"{a} vs {b}", {})[figure] = paired_difference(
@@ -137,13 +129,9 @@ def analyse(workdirs: dict[int, str], models: list[str], comparisons: list[tuple
   return pooled, per_seed, paired
 
 
-def significance(t: dict) -> str:
-  from rrtf_jax.demo import significance as words
-
-  return words(t)
-
-
 def markdown(result: dict) -> str:
+  from rrtf_jax import demo
+
   models = result["models"]
   lines = [
     "# Does ranking help? RRTF loss variants vs SFT on the best response (demo family)",
@@ -185,7 +173,7 @@ def markdown(result: dict) -> str:
       lines.append(
         f"| {label} | {FIGURES[fig]} | {t['difference']:+.3f} | "
         f"[{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] | {t['a_better']} vs {t['b_better']} | "
-        f"{t['p_value']:.2g} | {significance(t)} |"
+        f"{t['p_value']:.2g} | {demo.significance(t)} |"
       )
   lines += [
     "",

@@ -198,9 +198,17 @@ def _chunks(texts: Iterable[str], size: int = 2000) -> Iterable[str]:
 
 
 def train_sentencepiece(
-  texts: Iterable[str], out_dir: str, vocab_size: int = 1024, model_type: str = "bpe"
+  texts: Iterable[str],
+  out_dir: str,
+  vocab_size: int = 1024,
+  model_type: str = "bpe",
+  *,
+  byte_fallback: bool = True,
+  character_coverage: float = 1.0,
 ) -> SentencePieceTokenizer:
-  """Trains a code-friendly SentencePiece model and writes OUT_DIR/tokenizer.model."""
+  """Trains a code-friendly SentencePiece model and writes OUT_DIR/tokenizer.model. A vocabulary
+  under 256 + the specials cannot hold the byte pieces: byte_fallback=False (unknown characters
+  are <unk>), with a character_coverage below 1 so that rare characters stay out."""
   import sentencepiece as spm
 
   buf = io.BytesIO()
@@ -209,11 +217,11 @@ def train_sentencepiece(
     model_writer=buf,
     vocab_size=vocab_size,
     model_type=model_type,
-    character_coverage=1.0,
+    character_coverage=character_coverage,
     normalization_rule_name="identity",
     remove_extra_whitespaces=False,
     add_dummy_prefix=False,
-    byte_fallback=True,
+    byte_fallback=byte_fallback,
     split_digits=True,
     allow_whitespace_only_pieces=True,
     split_by_whitespace=True,

@@ -513,9 +513,10 @@ def _evaluate(demo: _Demo, name: str) -> dict:
 SPLITS = {"heldout": "", "heldout_new": "new-"}  # held-out split -> its eval dirs' infix
 
 
-def eval_dir(demo: _Demo, name: str, split: str, mode: str) -> str:
-  """The `rrtf evaluate` output of model `name` on a held-out split, mode greedy|sampled."""
-  return demo.path("eval", f"{name}-{SPLITS[split]}{mode}")
+def eval_dir(workdir: str, name: str, split: str, mode: str) -> str:
+  """The `rrtf evaluate` output of model `name` in a demo workdir on a held-out split, mode
+  greedy|sampled."""
+  return os.path.join(workdir, "eval", f"{name}-{SPLITS[split]}{mode}")
 
 
 def _evaluation(demo: _Demo, name: str) -> dict:
@@ -534,12 +535,12 @@ def _evaluation(demo: _Demo, name: str) -> dict:
   for split in SPLITS:
     problems = demo.problems(split)
     greedy = evaluate(
-      model, problems, eval_dir(demo, name, split, "greedy"), greedy=True, **common
+      model, problems, eval_dir(demo.workdir, name, split, "greedy"), greedy=True, **common
     ).summary
     sampled = evaluate(
       model,
       problems,
-      eval_dir(demo, name, split, "sampled"),
+      eval_dir(demo.workdir, name, split, "sampled"),
       n=sizes.eval_n,
       temperature=sizes.eval_temperature,
       top_p=0.95,
@@ -563,9 +564,10 @@ def _evaluation(demo: _Demo, name: str) -> dict:
   return out
 
 
-def per_problem(demo: _Demo, name: str, split: str, mode: str) -> dict[str, float]:
-  """task_id -> the pass@1 estimate c/n of model `name` (from its evaluate summary.json)."""
-  with open(os.path.join(eval_dir(demo, name, split, mode), "summary.json")) as f:
+def per_problem(workdir: str, name: str, split: str, mode: str) -> dict[str, float]:
+  """task_id -> the pass@1 estimate c/n of model `name` in a demo workdir (from its evaluate
+  summary.json)."""
+  with open(os.path.join(eval_dir(workdir, name, split, mode), "summary.json")) as f:
     rows = json.load(f)["per_problem"]
   return {r["task_id"]: r["c"] / r["n"] for r in rows}
 
@@ -579,7 +581,7 @@ def paired(demo: _Demo, a: str, b: str) -> dict:
   out = {}
   for split in SPLITS:
     for mode in ("greedy", "sampled"):
-      va, vb = per_problem(demo, a, split, mode), per_problem(demo, b, split, mode)
+      va, vb = (per_problem(demo.workdir, m, split, mode) for m in (a, b))
       ids = sorted(va)
       out[f"{split}/{mode}"] = paired_difference(
         [va[t] for t in ids], [vb[t] for t in ids], seed=demo.seed

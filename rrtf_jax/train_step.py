@@ -15,6 +15,7 @@ around it is rrtf_jax/stages/train.py; `rrtf plan` compiles it for TPU topologie
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -31,37 +32,16 @@ from model.sharding import LOGICAL_RULES, batch_sharding, logical_to_sharding, r
 from rrtf_jax.loss import LOSS_DEFAULTS, check_loss_settings, rrtf_loss, token_logprobs
 
 SCHEDULES = ("cosine", "linear", "constant")
-# Model fields that decide the network (its parameters' shapes and what it computes): an
-# init_from checkpoint must agree on them. Not: numerics (dtype, param_dtype, attention, remat),
-# quantization (refused) and token ids (they do not change the network).
-NETWORK_FIELDS = (
-  "family",
-  "vocab_size",
-  "max_position_embeddings",
-  "num_layers",
-  "embed_dim",
-  "num_heads",
-  "num_kv_heads",
-  "head_dim",
-  "mlp_dim",
-  "layer_norm_epsilon",
-  "activation",
-  "scale_attn_weights",
-  "position_embedding",
-  "rope_theta",
-  "rope_scaling",
-  "rope_factor",
-  "rope_low_freq_factor",
-  "rope_high_freq_factor",
-  "rope_original_max_position_embeddings",
-  "norm",
-  "mlp",
-  "mlp_bias",
-  "qkv_bias",
-  "attn_out_bias",
-  "qk_norm",
-  "tie_embeddings",
-  "sliding_window",
+# Model fields that do not change the network: numerics, quantization (a quantized checkpoint
+# is refused anyway) and token ids.
+NOT_NETWORK_FIELDS = frozenset(
+  {"dtype", "param_dtype", "attention", "remat", "quant_bits", "quant_group", "quant_embedding"}
+  | {"bos_token_id", "eos_token_id", "pad_token_id", "extra_eos_token_ids"}
+)
+# Every other ModelConfig field decides the network (its parameters' shapes and what it
+# computes): an init_from checkpoint must agree on them. A new switch is covered by default.
+NETWORK_FIELDS = tuple(
+  f.name for f in dataclasses.fields(ModelConfig) if f.name not in NOT_NETWORK_FIELDS
 )
 
 

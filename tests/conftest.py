@@ -268,6 +268,30 @@ def serve_teacher(tiny_ckpt, tmp_path_factory):
 _INIT_FNS = {}
 
 
+def dequantized_params(cfg, params, qp, bits: int):
+  """`params` with every block kernel replaced by the dequantized kernel of the quantized
+  `qp` (rrtf quantize's layout: integers [L, ...] and their scales): the float model the
+  quantized forward pass must reproduce."""
+  import jax
+
+  from model.quantize import Quantized, kernels
+
+  deq = jax.tree.map(lambda a: a, params)
+  for (mod, name), n_in, _ in kernels(cfg):
+    q = np.asarray(qp["h"][mod][name]).astype(np.int8)
+    s = np.asarray(qp["h"][mod][f"{name}_scale"])
+    rows = int(np.prod(q.shape[1 + n_in :]))
+    deq["h"][mod][name] = np.stack(
+      [
+        Quantized(q[i].reshape(-1, rows), s[i].reshape(s.shape[1], -1), bits)
+        .dequantize()
+        .reshape(q.shape[1:])
+        for i in range(cfg.num_layers)
+      ]
+    )
+  return deq
+
+
 def init_params_one_compile(cfg, seed: int):
   """model.init_params(cfg, PRNGKey(seed)), compiled once per config for every seed:
   init_params jits a new function on each call, so each call compiles the initialiser again
@@ -429,31 +453,10 @@ def family_tokenizer(tmp_path_factory):
   """A SentencePiece tokenizer of 96 pieces (no byte fallback: unknown characters are <unk>),
   trained on this project's sources: its ids fit the tiny FAMILY_CASES models' vocabulary of 97
   (and a vocabulary of 96, which splits over tensor=2). Returns its directory."""
-  import io
+  from data.tokenizer import builtin_corpus, train_sentencepiece
 
-  import sentencepiece as spm
-
-  from data.tokenizer import SPM_FILE, SPM_SPECIAL, _chunks, builtin_corpus
-
-  buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(list(_chunks(builtin_corpus()))),
-    model_writer=buf,
-    vocab_size=96,
-    model_type="bpe",
-    character_coverage=0.995,
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=False,
-    byte_fallback=False,
-    split_digits=True,
-    allow_whitespace_only_pieces=True,
-    user_defined_symbols=["\n", "\t"],
-    max_sentence_length=8192,
-    num_threads=1,
-    minloglevel=2,
-    **SPM_SPECIAL,
+  d = str(tmp_path_factory.mktemp("family-tokenizer"))
+  train_sentencepiece(
+    builtin_corpus(), d, vocab_size=96, byte_fallback=False, character_coverage=0.995
   )
-  d = tmp_path_factory.mktemp("family-tokenizer")
-  (d / SPM_FILE).write_bytes(buf.getvalue())
-  return str(d)
+  return d

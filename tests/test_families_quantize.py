@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import cli_runs_in_one_process
+from conftest import cli_runs_in_one_process, dequantized_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ["qwen3", "starcoder2"]  # gated + untied head + q/k norm; GELU + tied
@@ -83,7 +83,7 @@ def test_quantized_family_model_stays_close(family_converted):
   import flax.linen as nn
 
   from model import Transformer, abstract_params, load_checkpoint
-  from model.quantize import Quantized, kernels, quantize_params
+  from model.quantize import kernels, quantize_params
 
   case, _, _, ckpt = family_converted
   cfg, params = load_checkpoint(ckpt)
@@ -121,22 +121,7 @@ def test_quantized_family_model_stays_close(family_converted):
       assert (f"{name}_scale" in qp) == embedding
     kl[method] = _kl(ref, _log_probs(qcfg, qp, tokens))
     if method == "int4-rtn":  # the quantized forward pass == the float one, dequantized kernels
-      deq = jax.tree.map(lambda a: a, params)
-      for (mod, name), n_in, _ in table:
-        q, s = (
-          np.asarray(qp["h"][mod][name]).astype(np.int8),
-          np.asarray(qp["h"][mod][f"{name}_scale"]),
-        )
-        deq["h"][mod][name] = np.stack(
-          [
-            Quantized(
-              q[i].reshape(-1, int(np.prod(q.shape[1 + n_in :]))), s[i].reshape(s.shape[1], -1), 4
-            )
-            .dequantize()
-            .reshape(q.shape[1:])
-            for i in range(cfg.num_layers)
-          ]
-        )
+      deq = dequantized_params(cfg, params, qp, 4)
       np.testing.assert_allclose(
         Transformer(cfg).apply({"params": deq}, tokens),
         Transformer(qcfg.replace(dtype="float32")).apply({"params": qp}, tokens),

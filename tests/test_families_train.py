@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from conftest import FAMILY_CASES, cli_runs_in_one_process, hf_logits, make_family_model, save_hf
-from data import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -23,23 +22,10 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def family_data(family_tokenizer, tmp_path_factory):
   """The toy ranked problems of test_train.py prepared with the 96-piece tokenizer."""
-  from rrtf_jax.stages.prepare import prepare_stage
-
   sys.path.insert(0, os.path.dirname(__file__))
-  from test_train import _ranked_records
+  from test_train import prepare_toy
 
-  root = tmp_path_factory.mktemp("family-data")
-  ranked = root / "ranked"
-  ranked.mkdir()
-  recs = _ranked_records()
-  for j in range(2):
-    records.write_atomic(
-      str(ranked / records.shard_name(records.RANKED_NAME, "train", j, 2)), recs[j::2], ranked=True
-    )
-  records.write_ranked_metadata(str(ranked))
-  out = str(root / "prepared")
-  prepare_stage(str(ranked), out, family_tokenizer, progress=False)
-  return out
+  return prepare_toy(tmp_path_factory.mktemp("family-data"), family_tokenizer)
 
 
 def _train_config(path, data_dir, *, init_from="", model=None, **train):

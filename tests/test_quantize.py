@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import cli_runs_in_one_process
+from conftest import cli_runs_in_one_process, dequantized_params
 from model.quantize import hessian, output_error, quantize_gptq, quantize_rtn
 
 
@@ -130,7 +130,7 @@ def test_quantized_tiny_model_stays_close(peaked_tiny):
   dequantized kernels."""
   import flax.linen as nn
 
-  from model.quantize import Quantized, kernels, quantize_params
+  from model.quantize import quantize_params
   from model.transformer import Transformer, abstract_params
 
   cfg, params, calibration, tokens = peaked_tiny
@@ -149,22 +149,7 @@ def test_quantized_tiny_model_stays_close(peaked_tiny):
     if (
       method == "int4-rtn"
     ):  # the quantized forward pass == the float one on the dequantized kernels
-      deq = jax.tree.map(lambda a: a, params)
-      for (mod, name), n_in, _ in kernels(cfg):
-        q, s = (
-          np.asarray(qp["h"][mod][name]).astype(np.int8),
-          np.asarray(qp["h"][mod][f"{name}_scale"]),
-        )
-        deq["h"][mod][name] = np.stack(
-          [
-            Quantized(
-              q[i].reshape(-1, int(np.prod(q.shape[1 + n_in :]))), s[i].reshape(s.shape[1], -1), 4
-            )
-            .dequantize()
-            .reshape(q.shape[1:])
-            for i in range(cfg.num_layers)
-          ]
-        )
+      deq = dequantized_params(cfg, params, qp, 4)
       np.testing.assert_allclose(
         Transformer(cfg).apply({"params": deq}, tokens),
         Transformer(qcfg).apply({"params": qp}, tokens),

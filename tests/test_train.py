@@ -61,12 +61,19 @@ def _ranked_records(n: int = 24):
 def prepared(tmp_path_factory):
   """A prepared dataset (rrtf prepare) of 24 toy problems, tokenised by the tiny SentencePiece
   model."""
-  from rrtf_jax.stages.prepare import prepare_stage
   from data.tokenizer import builtin_corpus, train_sentencepiece
 
   root = tmp_path_factory.mktemp("data")
   tok_dir = str(root / "tokenizer")
   train_sentencepiece(builtin_corpus(), tok_dir, vocab_size=1024)
+  return prepare_toy(root, tok_dir)
+
+
+def prepare_toy(root, tokenizer_dir: str) -> str:
+  """_ranked_records as a ranked dataset of 2 shards under root/ranked, prepared (rrtf prepare)
+  with the tokenizer into root/prepared; returns the prepared dir."""
+  from rrtf_jax.stages.prepare import prepare_stage
+
   ranked = root / "ranked"
   ranked.mkdir()
   recs = _ranked_records()
@@ -76,7 +83,7 @@ def prepared(tmp_path_factory):
     )
   records.write_ranked_metadata(str(ranked))
   out = str(root / "prepared")
-  prepare_stage(str(ranked), out, tok_dir, progress=False)
+  prepare_stage(str(ranked), out, tokenizer_dir, progress=False)
   return out
 
 
