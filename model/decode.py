@@ -43,7 +43,15 @@ from flax import struct
 
 from model.config import ModelConfig
 from model.sharding import LOGICAL_RULES
-from model.transformer import Transformer, head_weights, lm_head
+from model.transformer import (
+  Block,
+  Transformer,
+  _gathered,
+  _norm,
+  head_weights,
+  lm_head,
+  positions_from_segments,
+)
 
 MIN_PROMPT_BUCKET = 16
 
@@ -133,6 +141,67 @@ def _head(params, cfg: ModelConfig, hidden):
   return nn.with_logical_constraint(logits, ("batch", "vocab"))
 
 
+def split_layers(params) -> dict:
+  """params with the stacked layer tree `h` ([L, ...] leaves) replaced by a tuple of L per-layer
+  trees: the form Decoder keeps. Inside a jitted loop, a layer sliced out of a stacked array is a
+  copy of its weights, made again at every step (XLA's CPU backend copies the dynamic slice a
+  `scan` takes before each dot); per-layer arrays feed the dots directly. A tree already split
+  is returned as it is."""
+  h = params["h"]
+  if isinstance(h, (tuple, list)):
+    return params
+  n = jax.tree.leaves(h)[0].shape[0]
+  return {**params, "h": tuple(jax.tree.map(lambda x, i=i: x[i], h) for i in range(n))}
+
+
+def stack_layers(params) -> dict:
+  """The inverse of split_layers: the stacked tree the model (`Transformer.apply`) takes."""
+  h = params["h"]
+  if not isinstance(h, (tuple, list)):
+    return params
+  return {**params, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *h)}
+
+
+def _forward(params, cfg: ModelConfig, tokens, segment_ids, positions, cache=None):
+  """Transformer(cfg)(..., return_hidden=True, return_kv=True) on split params (split_layers):
+  the same computation, its layers one Python-unrolled call each, so every dot reads its layer's
+  own weight arrays. -> (hidden [B, T, D], (k, v) [L, B, T, K, H] each)."""
+  dtype = jnp.dtype(cfg.dtype)
+  wte, wte_scale = params["wte"], params.get("wte_scale")
+  x = jnp.take(_gathered(wte, "vocab", dtype), tokens, axis=0).astype(dtype)
+  if wte_scale is not None:
+    x = x * jnp.take(wte_scale.astype(dtype), tokens, axis=0)[..., None]
+  if cfg.position_embedding == "learned":
+    x = x + jnp.take(_gathered(params["wpe"], "length", dtype), positions, axis=0)
+  x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+  block = Block(cfg, return_kv=True)
+  ks, vs = [], []
+  for i, layer in enumerate(params["h"]):
+    cache_kv = None if cache is None else (cache[0][i], cache[1][i])
+    x, (k, v) = block.apply(
+      {"params": layer}, x, segment_ids, positions, cache_kv, None if cache is None else cache[2]
+    )
+    ks.append(k)
+    vs.append(v)
+  x = _norm(cfg, "ln_f").apply({"params": params["ln_f"]}, x)
+  return x, (jnp.stack(ks), jnp.stack(vs))
+
+
+def _model(params, cfg: ModelConfig, tokens, segment_ids, positions, cache=None):
+  """(hidden, (k, v)) of the model on stacked or split params."""
+  if isinstance(params["h"], (tuple, list)):
+    return _forward(params, cfg, tokens, segment_ids, positions, cache)
+  return Transformer(cfg).apply(
+    {"params": params},
+    tokens,
+    segment_ids=segment_ids,
+    positions=positions,
+    cache=cache,
+    return_hidden=True,
+    return_kv=True,
+  )
+
+
 _CACHE_AXES = ("layers", "batch", "length", "kv", "head_dim")
 
 
@@ -153,9 +222,8 @@ def prefill(
   """Runs the left-padded prompts [B, P] through the model and returns a state whose cache
   holds them, with room for `new_tokens` more."""
   b, p = tokens.shape
-  hidden, (k, v) = Transformer(cfg).apply(
-    {"params": params}, tokens, mask, return_hidden=True, return_kv=True
-  )
+  segment_ids = mask.astype(jnp.int32)
+  hidden, (k, v) = _model(params, cfg, tokens, segment_ids, positions_from_segments(segment_ids))
   pad = ((0, 0), (0, 0), (0, new_tokens), (0, 0), (0, 0))
   cache_k = nn.with_logical_constraint(jnp.pad(k, pad), _CACHE_AXES)  # [L, B, S, K, H]
   cache_v = nn.with_logical_constraint(jnp.pad(v, pad), _CACHE_AXES)
@@ -201,7 +269,6 @@ def decode_chunk(
 ) -> DecodeState:
   """Generates tokens until step == stop_at or every row is done (a `lax.while_loop`). A row
   ends on any of `eos_ids` (none: only on its token budget)."""
-  model = Transformer(cfg)
   b = state.out.shape[0]
 
   def cond(st):
@@ -216,14 +283,13 @@ def decode_chunk(
     for e in eos_ids:
       done = done | (tok == e)
     idx = st.offset + st.step
-    hidden, (k, v) = model.apply(
-      {"params": params},
+    hidden, (k, v) = _model(
+      params,
+      cfg,
       tok[:, None],
-      segment_ids=jnp.ones((b, 1), jnp.int32),
-      positions=st.positions[:, None],
-      cache=(st.cache_k, st.cache_v, window_mask(st.cache_mask, idx, cfg.sliding_window)),
-      return_hidden=True,
-      return_kv=True,
+      jnp.ones((b, 1), jnp.int32),
+      st.positions[:, None],
+      (st.cache_k, st.cache_v, window_mask(st.cache_mask, idx, cfg.sliding_window)),
     )
     cache_k = jax.lax.dynamic_update_slice(
       st.cache_k, k.astype(st.cache_k.dtype), (0, 0, idx, 0, 0)
@@ -281,7 +347,9 @@ class Decoder:
     max_batch: int = 16,
     seed: int = 0,
   ):
-    self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+    self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+    # the layers as separate arrays (split_layers): no step copies its weights out of a stack
+    self.layer_params = split_layers(params)
     self.chunk, self.max_batch, self.seed = int(chunk), int(max_batch), int(seed)
     # Every id that ends a row: the config's (eos_token_id, then extra_eos_token_ids: Llama 3
     # and chat models end a turn on more than one), else the tokenizer's EOS.
@@ -293,6 +361,11 @@ class Decoder:
     self._decode = jax.jit(
       decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,)
     )
+
+  @property
+  def params(self):
+    """The parameters as the model takes them (stacked layers; a copy of the weights)."""
+    return stack_layers(self.layer_params)
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, dtype: str | None = None, **kw) -> "Decoder":
@@ -445,7 +518,7 @@ class Decoder:
     done = np.arange(b) >= n  # padding rows are finished from the start
     with self._context():
       state = self._prefill(
-        self.params,
+        self.layer_params,
         self.config,
         self._put(tokens),
         self._put(mask),
@@ -463,7 +536,7 @@ class Decoder:
       while live:
         step = int(state.step)
         state = self._decode(
-          self.params,
+          self.layer_params,
           self.config,
           state,
           jnp.asarray(min(step + self.chunk, m), jnp.int32),
