@@ -13,9 +13,10 @@ prompt. Positions come from the mask (real tokens count from 0, whatever the pad
 One jitted prefill fills the cache; then a jitted `lax.while_loop` generates up to `chunk`
 tokens per call, every row finishing on any of the EOS ids (config.eos_ids: Llama 3 and chat
 models have several) or its own max_new_tokens, and the loop ends early when every row has.
-Between chunks the host decodes each live row's text and checks the stop sequences (they are
-strings, and may span tokens); a row that hit one is marked done, and its text is cut exactly
-before the first stop sequence.
+Between chunks the host extends each live row's text by its new tokens (an incremental
+detokenizer, data/tokenizer.py: never the whole row again) and checks the stop sequences (they
+are strings, and may span tokens and chunks); a row that hit one is marked done, and its text
+is cut exactly before the first stop sequence.
 
 Every family of model/families.py decodes here: RoPE rotates by the same mask-derived
 positions learned tables look up, a sliding window hides the cache slots a new token may no
@@ -24,9 +25,15 @@ model's own LM head when it has one (`head_weights`).
 
 Sampling per row: greedy (temperature 0), or temperature then top-k then top-p, with a key
 folded from (seed, row seed, step): a row's tokens depend on its own seed, not on which
-other rows share its batch. Under a mesh (`Decoder(..., mesh=)`), parameters keep their
-sharding, the batch and cache shard over the batch axes and the model's logical constraints
-apply, so a 15B model decodes with its weights spread over a host's chips.
+other rows share its batch.
+
+The decoder keeps each layer's parameters as separate arrays (`split_layers`) and runs the
+layers as one unrolled call each (so its compile time grows with depth, unlike the scanned
+model's): a layer sliced out of the stacked [L, ...] arrays inside the loop would be a copy of
+its weights at every step (XLA's CPU backend makes it; benchmarks/decode_step.py). Under a mesh
+(`Decoder(..., mesh=)`), parameters keep their sharding, the batch and cache shard over the
+batch axes and the model's logical constraints apply, so a 15B model decodes with its weights
+spread over a host's chips.
 """
 
 from __future__ import annotations
@@ -491,6 +498,17 @@ class Decoder:
       tokens = tokens[:-1]
     return self.tokenizer.decode(tokens)
 
+  def _new_text(self, texts: dict, i: int, tokens: list[int]) -> str:
+    """Row i's text so far (`_text(tokens)`), decoding only the tokens it has not seen."""
+    if self.tokenizer is None:
+      return ""
+    from data.tokenizer import IncrementalDetokenizer
+
+    inc = texts.setdefault(i, IncrementalDetokenizer(self.tokenizer))
+    if tokens and tokens[-1] in self.eos_ids:
+      tokens = tokens[:-1]
+    return inc.extend(tokens[len(inc.ids) :])
+
   def _run_batch(
     self, reqs: list[Request], ids: list[list[int]], on_chunk=None
   ) -> list[Generation]:
@@ -531,6 +549,7 @@ class Decoder:
         new_tokens=m,
       )
       stopped: dict[int, int] = {}  # row -> tokens through the one that completed a stop sequence
+      texts: dict = {}  # row -> its IncrementalDetokenizer: each chunk decodes only new tokens
       live = set(range(n))
       hold = max((len(s) for r in reqs for s in r.stop), default=1) - 1
       while live:
@@ -547,7 +566,7 @@ class Decoder:
         newly_stopped = []
         for i in sorted(live):
           toks = out[i, : lengths[i]].tolist()
-          text = self._text(toks) if (reqs[i].stop or on_chunk) else ""
+          text = self._new_text(texts, i, toks) if (reqs[i].stop or on_chunk) else ""
           if reqs[i].stop and _cut(text, reqs[i].stop) is not None:
             stopped[i] = self._stop_prefix(toks, reqs[i].stop)
             newly_stopped.append(i)
