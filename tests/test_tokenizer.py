@@ -191,3 +191,18 @@ def test_incremental_detokenizer_equals_full_decode(kind, spm_dir, byte_bpe):
       assert inc.extend(ids[at : at + step]) == tok.decode(ids[: at + step]), (ids, at, step)
       at += step
     assert inc.text == tok.decode(ids)
+
+
+def test_incremental_detokenizer_without_prefix_stable_decoding():
+  """A tokenizer whose text of a sequence does not extend its prefix's still gets the full
+  decode (the fallback)."""
+  from data.tokenizer import IncrementalDetokenizer
+
+  class Reversed:  # the text of ids, backwards: no prefix is stable
+    def decode(self, ids):
+      return "".join(chr(97 + i % 26) for i in ids)[::-1]
+
+  inc = IncrementalDetokenizer(Reversed())
+  ids = list(range(40))
+  for at in range(0, 40, 3):
+    assert inc.extend(ids[at : at + 3]) == Reversed().decode(ids[: at + 3])
