@@ -154,6 +154,21 @@ def test_stop_sequences_cut_exactly(text_decoder):
   assert stop in dec.tokenizer.decode(g.tokens) and stop not in dec.tokenizer.decode(g.tokens[:-1])
 
 
+def test_stop_sequences_across_chunks(text_decoder):
+  """With chunks of one token and incremental detokenisation, stop sequences that span tokens
+  and chunks still cut exactly where they first appear in the full text (several per batch)."""
+  dec = Decoder(text_decoder.config, text_decoder.params, text_decoder.tokenizer, chunk=1)
+  prompt = "def fibonacci(n):\n    "
+  full = dec.generate([prompt], max_new_tokens=30)[0]
+  assert len(full.text) > 12
+  stops = [full.text[a : a + n] for a, n in ((2, 3), (5, 4), (9, 2), (len(full.text) - 3, 3))]
+  gens = dec.generate([Request(prompt, max_new_tokens=30, stop=(s,)) for s in stops])
+  for s, g in zip(stops, gens):
+    assert g.text == full.text[: full.text.find(s)], s
+    assert g.tokens == full.tokens[: len(g.tokens)]
+    assert s in dec.tokenizer.decode(g.tokens) and s not in dec.tokenizer.decode(g.tokens[:-1])
+
+
 def test_streamed_text_builds_up_to_the_result(text_decoder):
   dec = text_decoder
   seen = {}
