@@ -1,15 +1,17 @@
 """The jitted decode step (model/decode.py's decode_chunk) on CPU: its time per token and what
-the optimized HLO copies inside the generation loop.
+the optimized HLO copies inside the generation loop; and the host's detokenisation.
 
 A benchmark, never pass/fail. A mid-size random model (L4 D512 N8 K1 F2048 V8192, fp32 like
 benchmarks/train_step.py's "mid"), batch 4, a 64-token prompt bucket, 64 new tokens, all
 greedy. Reported: the median seconds of one decode_chunk call of `--chunk` tokens, per token,
-and the weight-sized copies (HLO `copy`/`dynamic-slice` ops whose result has a stacked layer
-parameter's per-layer shape) in the compiled loop. `--baseline REV` also times decode_chunk as
-of git revision REV in the same process (interleaved), so the two numbers share the machine's
-load, and checks that the tokens are identical.
+and the in-loop instructions that write a layer-weight-sized f32 buffer (a dynamic-slice out
+of a stacked parameter, or a transposing copy of one). `--baseline REV` also times
+decode_chunk as of git revision REV in the same process (interleaved), so the two numbers
+share the machine's load, and checks that the greedy tokens are identical. `detokenize`: the
+host seconds to keep one row's text current, chunk after chunk, by decoding the whole row
+(before) or incrementally (data/tokenizer.IncrementalDetokenizer).
 
-  python benchmarks/decode_step.py --baseline main --out benchmarks/results/decode_step.json
+  python benchmarks/decode_step.py --baseline f4fd5c5 --out benchmarks/results/decode_step.json
 """
 
 from __future__ import annotations
@@ -100,6 +102,27 @@ def weight_copies(hlo: str, params) -> list[str]:
   return out
 
 
+def detok_cost(tokens: int, chunk: int) -> dict:
+  """Host seconds to keep one row's text current over `tokens` generated tokens in chunks of
+  `chunk`: decoding the whole row after every chunk (before) against IncrementalDetokenizer,
+  for the tiny config's SentencePiece tokenizer on tokens of this project's own source."""
+  from data.tokenizer import IncrementalDetokenizer, builtin_corpus, train_sentencepiece
+
+  tok = train_sentencepiece(builtin_corpus(), tempfile.mkdtemp(), vocab_size=1024)
+  ids = tok.encode("".join(builtin_corpus()))[:tokens]
+  t = time.perf_counter()
+  for end in range(chunk, len(ids) + chunk, chunk):
+    full = tok.decode(ids[:end])
+  t_full = time.perf_counter() - t
+  t = time.perf_counter()
+  inc = IncrementalDetokenizer(tok)
+  for end in range(chunk, len(ids) + chunk, chunk):
+    text = inc.extend(ids[end - chunk : end])
+  t_inc = time.perf_counter() - t
+  assert text == full
+  return {"tokens": len(ids), "chunk": chunk, "full_redecode_s": t_full, "incremental_s": t_inc}
+
+
 def run(a) -> dict:
   params = init_params(CFG, jax.random.key(0))
   mods = {"this": decode}
@@ -148,7 +171,15 @@ def run(a) -> dict:
     res["ratio_this_over_baseline"] = (
       res["this"]["chunk_s_median"] / res["baseline"]["chunk_s_median"]
     )
+    # each repetition times both back to back: the ratio within a pair shares the load
+    pairs = np.asarray(times["this"]) / np.asarray(times["baseline"])
+    res["ratio_paired"] = {
+      "median": float(np.median(pairs)),
+      "q25": float(np.quantile(pairs, 0.25)),
+      "q75": float(np.quantile(pairs, 0.75)),
+    }
     res["tokens_identical"] = bool(np.array_equal(toks["this"], toks["baseline"]))
+  res["detokenize"] = detok_cost(a.detok_tokens, a.chunk)
   if a.dump:
     for name, h in hlos.items():
       with open(os.path.join(a.dump, f"decode_{name}.hlo.txt"), "w") as f:
@@ -164,6 +195,7 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--chunk", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=15)
+  ap.add_argument("--detok-tokens", type=int, default=4096)
   ap.add_argument("--dump", default=None, help="folder for the optimized HLO texts")
   ap.add_argument("--out", default=None)
   a = ap.parse_args()
