@@ -2,14 +2,15 @@
 the optimized HLO copies inside the generation loop; and the host's detokenisation.
 
 A benchmark, never pass/fail. A mid-size random model (L4 D512 N8 K1 F2048 V8192, fp32 like
-benchmarks/train_step.py's "mid"), batch 4, a 64-token prompt bucket, 64 new tokens, all
-greedy. Reported: the median seconds of one decode_chunk call of `--chunk` tokens, per token,
-and the in-loop instructions that write a layer-weight-sized f32 buffer (a dynamic-slice out
-of a stacked parameter, or a transposing copy of one). `--baseline REV` also times
-decode_chunk as of git revision REV in the same process (interleaved), so the two numbers
-share the machine's load, and checks that the greedy tokens are identical. `detokenize`: the
-host seconds to keep one row's text current, chunk after chunk, by decoding the whole row
-(before) or incrementally (data/tokenizer.IncrementalDetokenizer).
+benchmarks/train_step.py's "mid"), batch 1 and 4 (one result each), a 64-token prompt bucket,
+64 new tokens, all greedy. Reported: the median seconds of one decode_chunk call of `--chunk`
+tokens, per token, and the in-loop instructions that write a layer-weight-sized f32 buffer (a
+dynamic-slice out of a stacked parameter, or a transposing copy of one). `--baseline REV` also
+times decode_chunk as of git revision REV in the same process (interleaved, and the ratio of
+each back-to-back pair), so the two share the machine's load, and checks that the greedy
+tokens are identical. `detokenize`: the host seconds to keep one row's text current, chunk
+after chunk, by decoding the whole row (before) or incrementally
+(data/tokenizer.IncrementalDetokenizer).
 
   python benchmarks/decode_step.py --baseline f4fd5c5 --out benchmarks/results/decode_step.json
 """
@@ -161,7 +162,9 @@ def run(a) -> dict:
     res[name] = {
       "chunk_s_median": med,
       "token_ms": 1e3 * med / a.chunk,
-      "weight_copy_ops": len(copies),
+      # instructions in the compiled text (one in a scanned body runs once per layer)
+      "weight_slice_ops": sum("dynamic-slice" in c.split("=")[0] for c in copies),
+      "weight_transpose_copy_ops": sum("dynamic-slice" not in c.split("=")[0] for c in copies),
       "weight_copy_examples": copies[:6],
     }
   if a.baseline:
@@ -190,7 +193,7 @@ def run(a) -> dict:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--baseline", default=None, help="git revision to time against")
-  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="one run per batch size")
   ap.add_argument("--prompt", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--chunk", type=int, default=32)
@@ -199,7 +202,9 @@ def main():
   ap.add_argument("--dump", default=None, help="folder for the optimized HLO texts")
   ap.add_argument("--out", default=None)
   a = ap.parse_args()
-  res = run(a)
+  res = {}
+  for b in a.batch:
+    res[f"batch{b}"] = run(argparse.Namespace(**{**vars(a), "batch": b}))
   text = json.dumps(res, indent=2)
   print(text)
   if a.out:
