@@ -335,7 +335,9 @@ class Decoder:
 
   Args:
     config: the model's config (dtype etc. as it should run).
-    params: its parameters (sharded already when `mesh` is given).
+    params: its parameters (sharded already when `mesh` is given), stacked as the model takes
+      them or split per layer (`split_layers`); the decoder keeps them split (`layer_params`),
+      and `params` gives them stacked again (a copy).
     tokenizer: data.tokenizer object; needed for text prompts, texts and stop sequences.
     mesh: optional jax Mesh; calls run under it with the logical rules of model/sharding.py.
     chunk: tokens per decode-loop call; stop sequences are checked between calls.

@@ -157,7 +157,7 @@ def test_stop_sequences_cut_exactly(text_decoder):
 def test_stop_sequences_across_chunks(text_decoder):
   """With chunks of one token and incremental detokenisation, stop sequences that span tokens
   and chunks still cut exactly where they first appear in the full text (several per batch)."""
-  dec = Decoder(text_decoder.config, text_decoder.params, text_decoder.tokenizer, chunk=1)
+  dec = Decoder(text_decoder.config, text_decoder.layer_params, text_decoder.tokenizer, chunk=1)
   prompt = "def fibonacci(n):\n    "
   full = dec.generate([prompt], max_new_tokens=30)[0]
   assert len(full.text) > 12
