@@ -27,10 +27,11 @@ Sampling per row: greedy (temperature 0), or temperature then top-k then top-p, 
 folded from (seed, row seed, step): a row's tokens depend on its own seed, not on which
 other rows share its batch.
 
-The decoder keeps each layer's parameters as separate arrays (`split_layers`) and runs the
-layers as one unrolled call each (so its compile time grows with depth, unlike the scanned
-model's): a layer sliced out of the stacked [L, ...] arrays inside the loop would be a copy of
-its weights at every step (XLA's CPU backend makes it; benchmarks/decode_step.py). Under a mesh
+On CPU the decoder keeps each layer's parameters as separate arrays (`split_layers`) and runs
+the layers as one unrolled call each (so its compile time grows with depth, unlike the scanned
+model's): a layer sliced out of the stacked [L, ...] arrays inside the loop is a copy of its
+weights at every step there (XLA's CPU backend makes it; benchmarks/decode_step.py). Elsewhere
+the layers stay stacked and scanned (`Decoder(split=)`). Under a mesh
 (`Decoder(..., mesh=)`), parameters keep their sharding, the batch and cache shard over the
 batch axes and the model's logical constraints apply, so a 15B model decodes with its weights
 spread over a host's chips.
@@ -158,7 +159,20 @@ def split_layers(params) -> dict:
   if isinstance(h, (tuple, list)):
     return params
   n = jax.tree.leaves(h)[0].shape[0]
-  return {**params, "h": tuple(jax.tree.map(lambda x, i=i: x[i], h) for i in range(n))}
+  return {**params, "h": tuple(jax.tree.map(lambda x, i=i: _layer(x, i), h) for i in range(n))}
+
+
+def _layer(x, i: int):
+  """Layer i of a stacked leaf; of an abstract one (jax.ShapeDtypeStruct, as `rrtf plan`
+  lowers with), the abstract per-layer leaf, its sharding without the layers axis."""
+  if not isinstance(x, jax.ShapeDtypeStruct):
+    return x[i]
+  sharding = x.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:])
+    )
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
 
 
 def stack_layers(params) -> dict:
@@ -336,13 +350,18 @@ class Decoder:
   Args:
     config: the model's config (dtype etc. as it should run).
     params: its parameters (sharded already when `mesh` is given), stacked as the model takes
-      them or split per layer (`split_layers`); the decoder keeps them split (`layer_params`),
-      and `params` gives them stacked again (a copy).
+      them or split per layer (`split_layers`); the decoder keeps them as `split` says
+      (`layer_params`), and `params` gives them stacked (a copy where they are split).
     tokenizer: data.tokenizer object; needed for text prompts, texts and stop sequences.
     mesh: optional jax Mesh; calls run under it with the logical rules of model/sharding.py.
     chunk: tokens per decode-loop call; stop sequences are checked between calls.
     max_batch: rows decoded together; batches are padded to a power of two up to this.
     seed: the generator's seed; each row folds its own `Request.seed` into it.
+    split: keep the layers as separate arrays (`split_layers`); None (the default): where the
+      parameters live on CPU, whose XLA backend copies each layer's weights out of the stack at
+      every step. On TPU the scanned stack costs no copy (`rrtf plan --decode` measures no
+      kernel-sized temporaries), and the unrolled layers' program measured more (34 MiB for
+      int8 StarCoder-15B on one v5e, against 1.3 MiB), so the stack stays there.
   """
 
   def __init__(
@@ -355,10 +374,15 @@ class Decoder:
     chunk: int = 32,
     max_batch: int = 16,
     seed: int = 0,
+    split: bool | None = None,
   ):
     self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
-    # the layers as separate arrays (split_layers): no step copies its weights out of a stack
-    self.layer_params = split_layers(params)
+    if split is None:
+      leaf = jax.tree.leaves(params)[0]
+      devices = leaf.devices() if isinstance(leaf, jax.Array) else jax.devices()
+      split = all(d.platform == "cpu" for d in devices)
+    # split: the layers as separate arrays (split_layers), so no step copies a layer's weights
+    self.layer_params = split_layers(params) if split else stack_layers(params)
     self.chunk, self.max_batch, self.seed = int(chunk), int(max_batch), int(seed)
     # Every id that ends a row: the config's (eos_token_id, then extra_eos_token_ids: Llama 3
     # and chat models end a turn on more than one), else the tokenizer's EOS.

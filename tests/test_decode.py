@@ -51,6 +51,19 @@ def test_cached_greedy_equals_recomputation(decoder):
     assert g.finish_reason == ("stop" if g.tokens[-1] == dec.eos_id else "length")
 
 
+def test_split_and_stacked_layers_decode_alike(decoder):
+  """The per-layer arrays the decoder keeps on CPU and the scanned stack it keeps elsewhere
+  generate the same tokens (split_layers only moves where the weights are read from)."""
+  _, dec = decoder
+  assert isinstance(dec.layer_params["h"], tuple)  # CPU: split by default
+  stacked = Decoder(dec.config, dec.params, chunk=4, split=False)
+  assert not isinstance(stacked.layer_params["h"], tuple)
+  prompts = _prompts(1)
+  assert [g.tokens for g in stacked.generate(prompts, max_new_tokens=NEW)] == [
+    g.tokens for g in dec.generate(prompts, max_new_tokens=NEW)
+  ]
+
+
 def test_greedy_equals_transformers_generate(decoder):
   """A left-padded batch through HF's generate (positions from its mask) gives our tokens."""
   import torch
