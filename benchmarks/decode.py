@@ -191,7 +191,9 @@ def build(size: str, seed: int, tmp: str, chunks: list[int], max_batch: int):
   )
   decoders = {chunks[0]: first}
   for c in chunks[1:]:  # the same parameters, another chunk size
-    decoders[c] = Decoder(first.config, first.params, first.tokenizer, chunk=c, max_batch=max_batch)
+    decoders[c] = Decoder(
+      first.config, first.layer_params, first.tokenizer, chunk=c, max_batch=max_batch
+    )
   return hf, decoders
 
 

@@ -304,3 +304,49 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
   if prefix and ids[: len(prefix)] != prefix:
     ids = prefix + ids
   return ids
+
+
+class IncrementalDetokenizer:
+  """The text of a growing token sequence, decoding only what is new: `extend(ids)` after each
+  chunk, then `text` equals `tokenizer.decode(all ids so far)`.
+
+  A token's text can depend on its neighbours: a byte-level BPE or byte-fallback piece may be
+  part of a UTF-8 character that the next token completes, and SentencePiece drops the space
+  of a sequence's first piece. So, as vLLM's incremental detokenizer does, every call decodes
+  a window that starts some tokens back, at `prefix`, and keeps what the window adds to the
+  text of its first `read - prefix` tokens; text that ends in U+FFFD (a character still
+  incomplete) stays an uncommitted tail, redone by the next call, and the window moves on only
+  past committed text. A window whose text does not extend its prefix's (a tokenizer that is
+  not prefix-stable there) falls back to decoding everything."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.ids: list[int] = []
+    self.committed = ""  # the text of ids[:read]
+    self.tail = ""  # the text ids[read:] add, while it ends in an incomplete character
+    self.prefix = 0  # the window's start
+    self.read = 0  # tokens whose text is committed
+
+  @property
+  def text(self) -> str:
+    return self.committed + self.tail
+
+  def extend(self, ids: Sequence[int]) -> str:
+    """Appends `ids`; returns the whole text so far."""
+    self.ids.extend(int(i) for i in ids)
+    decode = self.tokenizer.decode
+    before = decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+    window = decode(self.ids[self.prefix :])
+    if not window.startswith(before):  # not prefix-stable here: decode it all
+      before, window = self.committed, decode(self.ids)
+      self.prefix = 0
+      if not window.startswith(before):
+        self.committed, self.tail, self.read = "", window, 0
+        return self.text
+    new = window[len(before) :]
+    if new.endswith("\ufffd"):
+      self.tail = new
+    else:
+      self.committed, self.tail = self.committed + new, ""
+      self.prefix, self.read = self.read, len(self.ids)
+    return self.text

@@ -13,9 +13,10 @@ prompt. Positions come from the mask (real tokens count from 0, whatever the pad
 One jitted prefill fills the cache; then a jitted `lax.while_loop` generates up to `chunk`
 tokens per call, every row finishing on any of the EOS ids (config.eos_ids: Llama 3 and chat
 models have several) or its own max_new_tokens, and the loop ends early when every row has.
-Between chunks the host decodes each live row's text and checks the stop sequences (they are
-strings, and may span tokens); a row that hit one is marked done, and its text is cut exactly
-before the first stop sequence.
+Between chunks the host extends each live row's text by its new tokens (an incremental
+detokenizer, data/tokenizer.py: never the whole row again) and checks the stop sequences (they
+are strings, and may span tokens and chunks); a row that hit one is marked done, and its text
+is cut exactly before the first stop sequence.
 
 Every family of model/families.py decodes here: RoPE rotates by the same mask-derived
 positions learned tables look up, a sliding window hides the cache slots a new token may no
@@ -24,9 +25,16 @@ model's own LM head when it has one (`head_weights`).
 
 Sampling per row: greedy (temperature 0), or temperature then top-k then top-p, with a key
 folded from (seed, row seed, step): a row's tokens depend on its own seed, not on which
-other rows share its batch. Under a mesh (`Decoder(..., mesh=)`), parameters keep their
-sharding, the batch and cache shard over the batch axes and the model's logical constraints
-apply, so a 15B model decodes with its weights spread over a host's chips.
+other rows share its batch.
+
+On CPU the decoder keeps each layer's parameters as separate arrays (`split_layers`) and runs
+the layers as one unrolled call each (so its compile time grows with depth, unlike the scanned
+model's): a layer sliced out of the stacked [L, ...] arrays inside the loop is a copy of its
+weights at every step there (XLA's CPU backend makes it; benchmarks/decode_step.py). Elsewhere
+the layers stay stacked and scanned (`Decoder(split=)`). Under a mesh
+(`Decoder(..., mesh=)`), parameters keep their sharding, the batch and cache shard over the
+batch axes and the model's logical constraints apply, so a 15B model decodes with its weights
+spread over a host's chips.
 """
 
 from __future__ import annotations
@@ -43,7 +51,15 @@ from flax import struct
 
 from model.config import ModelConfig
 from model.sharding import LOGICAL_RULES
-from model.transformer import Transformer, head_weights, lm_head
+from model.transformer import (
+  Block,
+  Transformer,
+  _gathered,
+  _norm,
+  head_weights,
+  lm_head,
+  positions_from_segments,
+)
 
 MIN_PROMPT_BUCKET = 16
 
@@ -133,6 +149,80 @@ def _head(params, cfg: ModelConfig, hidden):
   return nn.with_logical_constraint(logits, ("batch", "vocab"))
 
 
+def split_layers(params) -> dict:
+  """params with the stacked layer tree `h` ([L, ...] leaves) replaced by a tuple of L per-layer
+  trees: the form Decoder keeps. Inside a jitted loop, a layer sliced out of a stacked array is a
+  copy of its weights, made again at every step (XLA's CPU backend copies the dynamic slice a
+  `scan` takes before each dot); per-layer arrays feed the dots directly. A tree already split
+  is returned as it is."""
+  h = params["h"]
+  if isinstance(h, (tuple, list)):
+    return params
+  n = jax.tree.leaves(h)[0].shape[0]
+  return {**params, "h": tuple(jax.tree.map(lambda x, i=i: _layer(x, i), h) for i in range(n))}
+
+
+def _layer(x, i: int):
+  """Layer i of a stacked leaf; of an abstract one (jax.ShapeDtypeStruct, as `rrtf plan`
+  lowers with), the abstract per-layer leaf, its sharding without the layers axis."""
+  if not isinstance(x, jax.ShapeDtypeStruct):
+    return x[i]
+  sharding = x.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:])
+    )
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def stack_layers(params) -> dict:
+  """The inverse of split_layers: the stacked tree the model (`Transformer.apply`) takes."""
+  h = params["h"]
+  if not isinstance(h, (tuple, list)):
+    return params
+  return {**params, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *h)}
+
+
+def _forward(params, cfg: ModelConfig, tokens, segment_ids, positions, cache=None):
+  """Transformer(cfg)(..., return_hidden=True, return_kv=True) on split params (split_layers):
+  the same computation, its layers one Python-unrolled call each, so every dot reads its layer's
+  own weight arrays. -> (hidden [B, T, D], (k, v) [L, B, T, K, H] each)."""
+  dtype = jnp.dtype(cfg.dtype)
+  wte, wte_scale = params["wte"], params.get("wte_scale")
+  x = jnp.take(_gathered(wte, "vocab", dtype), tokens, axis=0).astype(dtype)
+  if wte_scale is not None:
+    x = x * jnp.take(wte_scale.astype(dtype), tokens, axis=0)[..., None]
+  if cfg.position_embedding == "learned":
+    x = x + jnp.take(_gathered(params["wpe"], "length", dtype), positions, axis=0)
+  x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+  block = Block(cfg, return_kv=True)
+  ks, vs = [], []
+  for i, layer in enumerate(params["h"]):
+    cache_kv = None if cache is None else (cache[0][i], cache[1][i])
+    x, (k, v) = block.apply(
+      {"params": layer}, x, segment_ids, positions, cache_kv, None if cache is None else cache[2]
+    )
+    ks.append(k)
+    vs.append(v)
+  x = _norm(cfg, "ln_f").apply({"params": params["ln_f"]}, x)
+  return x, (jnp.stack(ks), jnp.stack(vs))
+
+
+def _model(params, cfg: ModelConfig, tokens, segment_ids, positions, cache=None):
+  """(hidden, (k, v)) of the model on stacked or split params."""
+  if isinstance(params["h"], (tuple, list)):
+    return _forward(params, cfg, tokens, segment_ids, positions, cache)
+  return Transformer(cfg).apply(
+    {"params": params},
+    tokens,
+    segment_ids=segment_ids,
+    positions=positions,
+    cache=cache,
+    return_hidden=True,
+    return_kv=True,
+  )
+
+
 _CACHE_AXES = ("layers", "batch", "length", "kv", "head_dim")
 
 
@@ -153,9 +243,8 @@ def prefill(
   """Runs the left-padded prompts [B, P] through the model and returns a state whose cache
   holds them, with room for `new_tokens` more."""
   b, p = tokens.shape
-  hidden, (k, v) = Transformer(cfg).apply(
-    {"params": params}, tokens, mask, return_hidden=True, return_kv=True
-  )
+  segment_ids = mask.astype(jnp.int32)
+  hidden, (k, v) = _model(params, cfg, tokens, segment_ids, positions_from_segments(segment_ids))
   pad = ((0, 0), (0, 0), (0, new_tokens), (0, 0), (0, 0))
   cache_k = nn.with_logical_constraint(jnp.pad(k, pad), _CACHE_AXES)  # [L, B, S, K, H]
   cache_v = nn.with_logical_constraint(jnp.pad(v, pad), _CACHE_AXES)
@@ -201,7 +290,6 @@ def decode_chunk(
 ) -> DecodeState:
   """Generates tokens until step == stop_at or every row is done (a `lax.while_loop`). A row
   ends on any of `eos_ids` (none: only on its token budget)."""
-  model = Transformer(cfg)
   b = state.out.shape[0]
 
   def cond(st):
@@ -216,14 +304,13 @@ def decode_chunk(
     for e in eos_ids:
       done = done | (tok == e)
     idx = st.offset + st.step
-    hidden, (k, v) = model.apply(
-      {"params": params},
+    hidden, (k, v) = _model(
+      params,
+      cfg,
       tok[:, None],
-      segment_ids=jnp.ones((b, 1), jnp.int32),
-      positions=st.positions[:, None],
-      cache=(st.cache_k, st.cache_v, window_mask(st.cache_mask, idx, cfg.sliding_window)),
-      return_hidden=True,
-      return_kv=True,
+      jnp.ones((b, 1), jnp.int32),
+      st.positions[:, None],
+      (st.cache_k, st.cache_v, window_mask(st.cache_mask, idx, cfg.sliding_window)),
     )
     cache_k = jax.lax.dynamic_update_slice(
       st.cache_k, k.astype(st.cache_k.dtype), (0, 0, idx, 0, 0)
@@ -262,12 +349,19 @@ class Decoder:
 
   Args:
     config: the model's config (dtype etc. as it should run).
-    params: its parameters (sharded already when `mesh` is given).
+    params: its parameters (sharded already when `mesh` is given), stacked as the model takes
+      them or split per layer (`split_layers`); the decoder keeps them as `split` says
+      (`layer_params`), and `params` gives them stacked (a copy where they are split).
     tokenizer: data.tokenizer object; needed for text prompts, texts and stop sequences.
     mesh: optional jax Mesh; calls run under it with the logical rules of model/sharding.py.
     chunk: tokens per decode-loop call; stop sequences are checked between calls.
     max_batch: rows decoded together; batches are padded to a power of two up to this.
     seed: the generator's seed; each row folds its own `Request.seed` into it.
+    split: keep the layers as separate arrays (`split_layers`); None (the default): where the
+      parameters live on CPU, whose XLA backend copies each layer's weights out of the stack at
+      every step. On TPU the scanned stack costs no copy (`rrtf plan --decode` measures no
+      kernel-sized temporaries), and the unrolled layers' program measured more (34 MiB for
+      int8 StarCoder-15B on one v5e, against 1.3 MiB), so the stack stays there.
   """
 
   def __init__(
@@ -280,8 +374,15 @@ class Decoder:
     chunk: int = 32,
     max_batch: int = 16,
     seed: int = 0,
+    split: bool | None = None,
   ):
-    self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+    self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+    if split is None:
+      leaf = jax.tree.leaves(params)[0]
+      devices = leaf.devices() if isinstance(leaf, jax.Array) else jax.devices()
+      split = all(d.platform == "cpu" for d in devices)
+    # split: the layers as separate arrays (split_layers), so no step copies a layer's weights
+    self.layer_params = split_layers(params) if split else stack_layers(params)
     self.chunk, self.max_batch, self.seed = int(chunk), int(max_batch), int(seed)
     # Every id that ends a row: the config's (eos_token_id, then extra_eos_token_ids: Llama 3
     # and chat models end a turn on more than one), else the tokenizer's EOS.
@@ -293,6 +394,11 @@ class Decoder:
     self._decode = jax.jit(
       decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,)
     )
+
+  @property
+  def params(self):
+    """The parameters as the model takes them (stacked layers; a copy of the weights)."""
+    return stack_layers(self.layer_params)
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, dtype: str | None = None, **kw) -> "Decoder":
@@ -418,6 +524,17 @@ class Decoder:
       tokens = tokens[:-1]
     return self.tokenizer.decode(tokens)
 
+  def _new_text(self, texts: dict, i: int, tokens: list[int]) -> str:
+    """Row i's text so far (`_text(tokens)`), decoding only the tokens it has not seen."""
+    if self.tokenizer is None:
+      return ""
+    from data.tokenizer import IncrementalDetokenizer
+
+    inc = texts.setdefault(i, IncrementalDetokenizer(self.tokenizer))
+    if tokens and tokens[-1] in self.eos_ids:
+      tokens = tokens[:-1]
+    return inc.extend(tokens[len(inc.ids) :])
+
   def _run_batch(
     self, reqs: list[Request], ids: list[list[int]], on_chunk=None
   ) -> list[Generation]:
@@ -445,7 +562,7 @@ class Decoder:
     done = np.arange(b) >= n  # padding rows are finished from the start
     with self._context():
       state = self._prefill(
-        self.params,
+        self.layer_params,
         self.config,
         self._put(tokens),
         self._put(mask),
@@ -458,12 +575,13 @@ class Decoder:
         new_tokens=m,
       )
       stopped: dict[int, int] = {}  # row -> tokens through the one that completed a stop sequence
+      texts: dict = {}  # row -> its IncrementalDetokenizer: each chunk decodes only new tokens
       live = set(range(n))
       hold = max((len(s) for r in reqs for s in r.stop), default=1) - 1
       while live:
         step = int(state.step)
         state = self._decode(
-          self.params,
+          self.layer_params,
           self.config,
           state,
           jnp.asarray(min(step + self.chunk, m), jnp.int32),
@@ -474,7 +592,7 @@ class Decoder:
         newly_stopped = []
         for i in sorted(live):
           toks = out[i, : lengths[i]].tolist()
-          text = self._text(toks) if (reqs[i].stop or on_chunk) else ""
+          text = self._new_text(texts, i, toks) if (reqs[i].stop or on_chunk) else ""
           if reqs[i].stop and _cut(text, reqs[i].stop) is not None:
             stopped[i] = self._stop_prefix(toks, reqs[i].stop)
             newly_stopped.append(i)

@@ -51,6 +51,19 @@ def test_cached_greedy_equals_recomputation(decoder):
     assert g.finish_reason == ("stop" if g.tokens[-1] == dec.eos_id else "length")
 
 
+def test_split_and_stacked_layers_decode_alike(decoder):
+  """The per-layer arrays the decoder keeps on CPU and the scanned stack it keeps elsewhere
+  generate the same tokens (split_layers only moves where the weights are read from)."""
+  _, dec = decoder
+  assert isinstance(dec.layer_params["h"], tuple)  # CPU: split by default
+  stacked = Decoder(dec.config, dec.params, chunk=4, split=False)
+  assert not isinstance(stacked.layer_params["h"], tuple)
+  prompts = _prompts(1)
+  assert [g.tokens for g in stacked.generate(prompts, max_new_tokens=NEW)] == [
+    g.tokens for g in dec.generate(prompts, max_new_tokens=NEW)
+  ]
+
+
 def test_greedy_equals_transformers_generate(decoder):
   """A left-padded batch through HF's generate (positions from its mask) gives our tokens."""
   import torch
@@ -152,6 +165,21 @@ def test_stop_sequences_cut_exactly(text_decoder):
   # Tokens stop at the one that completed the stop sequence: a prefix of the unstopped tokens.
   assert g.tokens == full.tokens[: len(g.tokens)]
   assert stop in dec.tokenizer.decode(g.tokens) and stop not in dec.tokenizer.decode(g.tokens[:-1])
+
+
+def test_stop_sequences_across_chunks(text_decoder):
+  """With chunks of one token and incremental detokenisation, stop sequences that span tokens
+  and chunks still cut exactly where they first appear in the full text (several per batch)."""
+  dec = Decoder(text_decoder.config, text_decoder.layer_params, text_decoder.tokenizer, chunk=1)
+  prompt = "def fibonacci(n):\n    "
+  full = dec.generate([prompt], max_new_tokens=30)[0]
+  assert len(full.text) > 12
+  stops = [full.text[a : a + n] for a, n in ((2, 3), (5, 4), (9, 2), (len(full.text) - 3, 3))]
+  gens = dec.generate([Request(prompt, max_new_tokens=30, stop=(s,)) for s in stops])
+  for s, g in zip(stops, gens):
+    assert g.text == full.text[: full.text.find(s)], s
+    assert g.tokens == full.tokens[: len(g.tokens)]
+    assert s in dec.tokenizer.decode(g.tokens) and s not in dec.tokenizer.decode(g.tokens[:-1])
 
 
 def test_streamed_text_builds_up_to_the_result(text_decoder):

@@ -139,3 +139,70 @@ def test_prompts_start_with_the_tokenizers_own_bos(tmp_path):
   assert ids == AutoTokenizer.from_pretrained(d)(CODE)["input_ids"] and ids[0] == 0
   assert encode_prompt(llama, "<|begin_of_text|>" + CODE) == ids  # not doubled
   assert llama.encode(CODE) == ids[1:]  # the text's own ids stay BOS-free (responses)
+
+
+MULTIBYTE = "héllo wörld → 世界 🙂 naïve café ∑ 𝔘 ü\n\tdef f(): return 'ß'  # ✓✓"
+
+
+@pytest.fixture(scope="module")
+def byte_bpe(tmp_path_factory):
+  from conftest import train_byte_bpe
+
+  texts = builtin_corpus()[:8] + [MULTIBYTE * 3]
+  return HFTokenizer(
+    f"{train_byte_bpe(texts, tmp_path_factory.mktemp('bpe'))}/tokenizer.json",
+    eos_token="<|endoftext|>",
+  )
+
+
+def _streams(tok, rng, n=40):
+  """Random token streams: uniform over the vocabulary (byte pieces that end mid-character,
+  special tokens), and encodings of multi-byte text with random tokens spliced in."""
+  import numpy as np
+
+  v = tok.vocab_size
+  out = [rng.integers(0, v, rng.integers(1, 80)).tolist() for _ in range(n)]
+  base = tok.encode(MULTIBYTE + CODE)
+  for _ in range(n):
+    ids = list(base)
+    for _ in range(rng.integers(0, 6)):
+      ids.insert(int(rng.integers(0, len(ids) + 1)), int(rng.integers(0, v)))
+    out.append(ids[: int(rng.integers(1, len(ids) + 1))])
+  # byte pieces only (SentencePiece's <0x..> byte fallback, or BPE's single bytes) in a row
+  out.append(base[: len(base) // 2] + [int(i) for i in rng.integers(0, v, 30)])
+  return [np.asarray(s).tolist() for s in out]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte_bpe"])
+def test_incremental_detokenizer_equals_full_decode(kind, spm_dir, byte_bpe):
+  """After every chunk, the incremental text is the full re-decode's, for random chunkings of
+  random streams, whatever splits multi-byte characters or pieces."""
+  import numpy as np
+
+  from data.tokenizer import IncrementalDetokenizer
+
+  tok = load_tokenizer(spm_dir) if kind == "sentencepiece" else byte_bpe
+  rng = np.random.default_rng(0)
+  assert any(len(c.encode()) > 1 for c in tok.decode(tok.encode(MULTIBYTE)))
+  for ids in _streams(tok, rng):
+    inc, at = IncrementalDetokenizer(tok), 0
+    while at < len(ids):
+      step = int(rng.choice([1, 1, 2, 3, 5, 8, 32]))
+      assert inc.extend(ids[at : at + step]) == tok.decode(ids[: at + step]), (ids, at, step)
+      at += step
+    assert inc.text == tok.decode(ids)
+
+
+def test_incremental_detokenizer_without_prefix_stable_decoding():
+  """A tokenizer whose text of a sequence does not extend its prefix's still gets the full
+  decode (the fallback)."""
+  from data.tokenizer import IncrementalDetokenizer
+
+  class Reversed:  # the text of ids, backwards: no prefix is stable
+    def decode(self, ids):
+      return "".join(chr(97 + i % 26) for i in ids)[::-1]
+
+  inc = IncrementalDetokenizer(Reversed())
+  ids = list(range(40))
+  for at in range(0, 40, 3):
+    assert inc.extend(ids[at : at + 3]) == Reversed().decode(ids[: at + 3])
