@@ -401,6 +401,48 @@ def _model(params, cfg: ModelConfig, tokens, segment_ids, positions, cache=None)
   )
 
 
+def decode_window(
+  params,
+  cfg: ModelConfig,
+  state: DecodeState,
+  *,
+  rows: int,
+  length: int,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+) -> DecodeState:
+  """decode_chunk on the first `rows` slots and `length` cache entries only (every live row
+  in them, its next chunk fitting), written back in place: a step then costs what the busy
+  slots and their lengths need, not the whole cache. Compiles once per (rows, length)."""
+  b, s = state.cache_mask.shape
+  if (rows, length) == (b, s):
+    return decode_chunk(params, cfg, state, eos_ids=eos_ids, pad_id=pad_id)
+
+  def part(x):
+    return x if x.ndim == 0 else x[:rows]
+
+  sub = jax.tree.map(part, state).replace(
+    cache_k=state.cache_k[:, :rows, :length],
+    cache_v=state.cache_v[:, :rows, :length],
+    cache_mask=state.cache_mask[:rows, :length],
+  )
+  sub = decode_chunk(params, cfg, sub, eos_ids=eos_ids, pad_id=pad_id)
+
+  def back(full, x):
+    return x if full.ndim == 0 else jax.lax.dynamic_update_slice(full, x, (0,) * full.ndim)
+
+  out = jax.tree.map(
+    back,
+    state.replace(cache_k=None, cache_v=None, cache_mask=None),
+    sub.replace(cache_k=None, cache_v=None, cache_mask=None),
+  )
+  return out.replace(
+    cache_k=jax.lax.dynamic_update_slice(state.cache_k, sub.cache_k, (0, 0, 0, 0, 0)),
+    cache_v=jax.lax.dynamic_update_slice(state.cache_v, sub.cache_v, (0, 0, 0, 0, 0)),
+    cache_mask=jax.lax.dynamic_update_slice(state.cache_mask, sub.cache_mask, (0, 0)),
+  )
+
+
 def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -496,7 +538,12 @@ class Batcher:
         self.state = self.state.replace(done=dec._put(done))
         self._stale.clear()
       self.state = dec._decode(
-        dec.layer_params, dec.config, self.state, eos_ids=dec.eos_ids, pad_id=dec.pad_id
+        dec.layer_params,
+        dec.config,
+        self.state,
+        **self._window(),
+        eos_ids=dec.eos_ids,
+        pad_id=dec.pad_id,
       )
     out, lengths, done = (
       np.asarray(x) for x in (self.state.out, self.state.lengths, self.state.done)
@@ -511,6 +558,17 @@ class Batcher:
         if not done[slot]:
           self._stale.add(slot)
     return updates
+
+  def _window(self) -> dict:
+    """The slots and cache entries the next chunk needs: through the highest busy slot, and
+    through the longest busy row's next chunk, each a power of two (so few compile). Under a
+    mesh every slot runs (a slice of the sharded batch axis would move rows between devices)."""
+    dec = self.decoder
+    rows = self.slots
+    if dec.mesh is None:
+      rows = min(self.slots, _bucket(max(self.running) + 1, 1))
+    need = max(len(r.ids) + len(r.tokens) for r in self.running.values()) + dec.chunk
+    return {"rows": rows, "length": min(self.length, _bucket(need, MIN_PROMPT_BUCKET))}
 
   def _update(self, row: _Row, new: int, done: bool) -> Update:
     dec, stop = self.decoder, row.req.stop
@@ -650,7 +708,9 @@ class Decoder:
     self._init = jax.jit(init_state, static_argnames=("cfg", "slots", "length", "chunk"))
     self._admit = jax.jit(admit, static_argnames=("cfg",), donate_argnums=(2,))
     self._decode = jax.jit(
-      decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,)
+      decode_window,
+      static_argnames=("cfg", "rows", "length", "eos_ids", "pad_id"),
+      donate_argnums=(2,),
     )
 
   @property
