@@ -12,8 +12,6 @@ import hashlib
 import http.client
 import json
 import os
-import queue
-import re
 import signal
 import socket
 import subprocess
@@ -27,6 +25,7 @@ import requests
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import serving_url
 from model.decode import Decoder, Request
 from rrtf_jax.serving import api
 from rrtf_jax.serving.server import make_server
@@ -387,30 +386,6 @@ def test_client_gone_mid_stream(stack):
   assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
 
 
-def _serving_url(proc, deadline: float) -> str:
-  """The base URL from a server process's 'serving NAME on URL' line; its output so far if none.
-  A thread reads the lines (a selector on the pipe misses lines already in the file's buffer)
-  and goes on draining the pipe afterwards."""
-  lines = queue.Queue()
-
-  def read():
-    for line in proc.stdout:
-      lines.put(line)
-    lines.put("")  # the end of the output
-
-  threading.Thread(target=read, daemon=True).start()
-  seen = []
-  try:
-    while line := lines.get(timeout=max(0.0, deadline - time.time())):
-      seen.append(line)
-      m = re.fullmatch(r"serving \S+ on (http://127\.0\.0\.1:\d+/v1)\n", line)
-      if m:
-        return m.group(1)
-  except queue.Empty:
-    pass
-  raise AssertionError(f"no 'serving' line (exit code {proc.poll()}): {''.join(seen)[-2000:]}")
-
-
 def test_serve_main_subprocess(tiny_ckpt, tmp_path):
   code = (
     "from rrtf_jax.serving.server import serve_main; "
@@ -421,7 +396,7 @@ def test_serve_main_subprocess(tiny_ckpt, tmp_path):
     [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
   try:
-    url = _serving_url(proc, time.time() + 120)
+    url = serving_url(proc, time.time() + 120)
     with TeacherClient(url, "sub", api="completions", max_retries=0) as client:
       [text] = client.complete(PROMPT, temperature=0.0, max_tokens=4)
     assert isinstance(text, str)
@@ -478,7 +453,7 @@ def test_serve_in_a_two_process_job_uses_its_own_devices(tiny_ckpt):
   ]
   try:
     deadline = time.time() + 120
-    urls = [_serving_url(proc, deadline) for proc in procs]
+    urls = [serving_url(proc, deadline) for proc in procs]
     texts = []
     for url in urls:
       with TeacherClient(url, "sub", api="completions", max_retries=0) as client:

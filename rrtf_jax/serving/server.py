@@ -491,12 +491,12 @@ def serve_main(
   mesh: str | None = None,
   seed: int = 0,
   max_queue: int | None = None,
-  drain_timeout: float = DRAIN_TIMEOUT,
+  drain_timeout: float | None = None,
 ) -> None:
   """Loads `ckpt` and serves it until SIGINT or SIGTERM (see the module docstring). Prints one
   line, "serving NAME on http://HOST:PORT/v1", once listening (port 0 picks a free one).
   `max_queue`: rows waiting for a decode slot before requests get 429 (None: the engine's
-  default)."""
+  default); `drain_timeout`: seconds in-flight requests get after SIGTERM (None: DRAIN_TIMEOUT)."""
   decoder = load_decoder(ckpt, mesh=mesh, dtype=dtype, chunk=chunk, max_batch=max_batch, seed=seed)
   name = model_name or os.path.basename(ckpt.rstrip("/")) or "rrtf"
   engine = Engine(decoder) if max_queue is None else Engine(decoder, max_queue=max_queue)
@@ -508,7 +508,7 @@ def serve_main(
       model_name=name,
       api_key_env=api_key_env,
       request_log=request_log,
-      drain_timeout=drain_timeout,
+      drain_timeout=DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
     )
     try:
       server.serve_forever(
