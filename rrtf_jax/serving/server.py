@@ -19,11 +19,10 @@ installed (gcsfs's HTTP stack), has a streamed response for server-sent events a
 shutdown with a timeout; ASGI stacks (uvicorn + starlette) would add two dependencies for the
 same.
 
-Streaming sends the new suffix of a row's text after each decode chunk (the decoder holds back
-text where a stop sequence may begin), so the deltas concatenate to the non-streamed text; a
-slow reader gets several chunks' text in one event rather than a growing backlog. A client that
-disconnects, streaming or not, cancels its request: its rows leave the queue, or their slots
-free at the next chunk boundary.
+Streaming (rrtf_jax/serving/stream.py) sends the new suffix of a row's text after each decode
+chunk, so the deltas concatenate to the non-streamed text. A client that disconnects, streaming
+or not, cancels its request: its rows leave the queue, or their slots free at the next chunk
+boundary. The engine's prompt checks and tokenizing run off the event loop.
 
 Errors: 400 for a bad body or value (a prompt longer than the model's context and n larger than
 the decode slots included), 401 for a missing or wrong bearer key when `api_key_env` names one,
@@ -58,8 +57,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.decode import Generation, Request
-from rrtf_jax.serving.api import MAX_BODY, ApiError, choice, parse_request, usage
-from rrtf_jax.serving.engine import Engine, QueueFull
+from rrtf_jax.serving.api import MAX_BODY, ApiError, choice, generations, parse_request, usage
+from rrtf_jax.serving.engine import Engine
+from rrtf_jax.serving.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +67,12 @@ DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get after SIGTERM
 _COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
 
 
-def _result(fut: concurrent.futures.Future) -> list[Generation]:
-  """A finished submission's generations; the engine's refusals as ApiErrors."""
-  try:
-    return fut.result(timeout=0)
-  except QueueFull as e:
-    raise ApiError(429, str(e) or "the queue is full", "rate_limit_error", "queue_full") from None
-  except ValueError as e:  # what the decoder refuses: the request's fault
-    raise ApiError(400, str(e)) from None
-  except RuntimeError as e:  # the engine has closed: the server is going away
-    raise ApiError(503, str(e), "server_error", "shutting_down") from None
-
-
 class _Post:
   """One POST's request-log line, written once, with the first status given."""
 
   def __init__(self, server: Server, path: str):
     self.server, self.path, self.raw, self.logged = server, path, b"", False
+    self.streaming = False  # once a stream's headers are sent
 
   def done(self, status: int) -> None:
     if self.logged or self.server.log_file is None:
@@ -133,9 +122,10 @@ class Server:
     self.log_file = open(request_log, "a", encoding="utf-8") if request_log else None  # noqa: SIM115
     self.app = web.Application(client_max_size=MAX_BODY)
     self.app.router.add_route("*", "/{path:.*}", self._dispatch)
-    self._loop: asyncio.AbstractEventLoop | None = None
+    self.loop: asyncio.AbstractEventLoop | None = None
     self._stop: asyncio.Event | None = None
-    self._running = threading.Event()
+    self._lock = threading.Lock()  # the three below, between serve_forever and shutdown
+    self._entered = self._stopping = False
     self._finished = threading.Event()
 
   @property
@@ -150,6 +140,10 @@ class Server:
   ) -> None:
     """Serves until stopped, then drains (see the module docstring); `ready()` is called once
     listening."""
+    with self._lock:
+      if self._stopping:
+        return
+      self._entered = True
     try:
       asyncio.run(self._serve(ready, handle_signals))
     finally:
@@ -157,9 +151,14 @@ class Server:
 
   def shutdown(self) -> None:
     """Stops `serve_forever` as SIGTERM does and waits for it to return."""
-    if self._running.wait(timeout=60) and not self._finished.is_set():
-      self._loop.call_soon_threadsafe(self._stop.set)
-    self._finished.wait()
+    with self._lock:
+      self._stopping = True
+      entered, loop = self._entered, self.loop
+    if loop is not None:
+      with contextlib.suppress(RuntimeError):  # the loop has already closed
+        loop.call_soon_threadsafe(self._stop.set)
+    if entered:
+      self._finished.wait()
 
   def server_close(self) -> None:
     self.socket.close()
@@ -168,7 +167,10 @@ class Server:
       self.log_file = None
 
   async def _serve(self, ready, handle_signals: bool) -> None:
-    self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+    with self._lock:
+      self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+      if self._stopping:
+        self._stop.set()
     # handler_cancellation: a client that disconnects cancels its handler (and so its rows)
     runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self.drain_timeout)
     await runner.setup()
@@ -176,14 +178,13 @@ class Server:
     try:
       await web.SockSite(runner, self.socket).start()
       for sig in signals:
-        self._loop.add_signal_handler(sig, self._on_signal, sig)
-      self._running.set()
+        self.loop.add_signal_handler(sig, self._on_signal, sig)
       if ready is not None:
         ready()
       await self._stop.wait()
     finally:
       for sig in signals:  # a second signal acts at once
-        self._loop.remove_signal_handler(sig)
+        self.loop.remove_signal_handler(sig)
       log.info("stopping: draining requests in flight for up to %.0f s", self.drain_timeout)
       # Closes the listening socket, then waits for the handlers, then cancels those left.
       await runner.cleanup()
@@ -251,6 +252,8 @@ class Server:
     except Exception:  # noqa: BLE001  (answer 500, keep serving)
       log.exception("%s failed", post.path)
       post.done(500)
+      if post.streaming:  # aiohttp ends the connection
+        raise
       return _error(ApiError(500, "internal server error", "server_error"))
 
   # ---- completions ----
@@ -282,8 +285,8 @@ class Server:
       "model": self.model_name,
     }
     if opts["stream"]:
-      return await _Stream(self, rows, n, chat, meta, opts["include_usage"]).run(request, post)
-    fut = await self._submit(rows)
+      return await Stream(self, rows, n, chat, meta, opts["include_usage"]).run(request, post)
+    fut = await self.submit(rows)
     gens = await self._wait(fut)
     choices = [choice(i, g.text, g.finish_reason, chat) for i, g in enumerate(gens)]
     obj = "chat.completion" if chat else "text_completion"
@@ -293,10 +296,10 @@ class Server:
       dumps=lambda o: json.dumps(o, ensure_ascii=False),
     )
 
-  async def _submit(self, rows: list[Request], on_chunk=None) -> concurrent.futures.Future:
+  async def submit(self, rows: list[Request], on_chunk=None) -> concurrent.futures.Future:
     """`engine.submit` off the event loop (it tokenizes the prompts); a refusal raises ApiError.
     A handler cancelled meanwhile still cancels the submission once it is made."""
-    task = self._loop.run_in_executor(None, self.engine.submit, rows, on_chunk)
+    task = self.loop.run_in_executor(None, self.engine.submit, rows, on_chunk)
     try:
       fut = await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -305,7 +308,7 @@ class Server:
       )
       raise
     if fut.done() and not fut.cancelled():
-      _result(fut)  # refused at once: answered as JSON (a stream's before it starts)
+      generations(fut)  # refused at once: answered as JSON (a stream's before it starts)
     return fut
 
   async def _wait(self, fut: concurrent.futures.Future) -> list[Generation]:
@@ -319,103 +322,7 @@ class Server:
       raise ApiError(503, "the request was cancelled by the server", "server_error") from None
     except Exception:  # noqa: BLE001  (_result below says which)
       pass
-    return _result(fut)
-
-
-class _Stream:
-  """One streamed completion: server-sent events of each row's new text, as it decodes."""
-
-  def __init__(self, server: Server, rows, n: int, chat: bool, meta: dict, include_usage: bool):
-    self.server, self.rows, self.n, self.chat = server, rows, n, chat
-    self.meta, self.include_usage = meta, include_usage
-    self.obj = "chat.completion.chunk" if chat else "text_completion"
-    self.latest = [""] * len(rows)  # each row's text as last reported by the engine
-    self.sent = [""] * len(rows)  # what this stream has sent of it
-    self.wake = asyncio.Event()
-
-  def _call(self, fn, *args) -> None:  # from the engine's thread
-    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-      self.server._loop.call_soon_threadsafe(fn, *args)
-
-  def _on_chunk(self, j: int, text: str, finished: bool) -> None:
-    self._call(self._arrived, j, text)
-
-  def _arrived(self, j: int, text: str) -> None:
-    self.latest[j] = text
-    self.wake.set()
-
-  async def run(self, request: web.Request, post: _Post) -> web.StreamResponse:
-    server = self.server
-    fut = await server._submit(self.rows, self._on_chunk)
-    try:
-      fut.add_done_callback(lambda _: self._call(self.wake.set))
-      resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
-      resp.content_type, resp.charset = "text/event-stream", "utf-8"
-      await resp.prepare(request)
-      if self.chat:
-        for i in range(len(self.rows)):
-          await self._chunk(resp, i, role=True)
-      while not fut.done():
-        await self.wake.wait()
-        self.wake.clear()
-        for i in range(len(self.rows)):
-          await self._advance(resp, i, self.latest[i])
-      status = await self._finish(resp, fut)
-    except (asyncio.CancelledError, ConnectionError):
-      server.engine.cancel(fut)  # the client went away: free its slots
-      raise
-    post.done(status)
-    await self._event(resp, "[DONE]")
-    await resp.write_eof()
-    return resp
-
-  async def _finish(self, resp, fut) -> int:
-    """The rows' last text and finish reasons (or the error), usage if asked; the status."""
-    try:
-      gens = _result(fut)
-    except ApiError as e:  # the engine refused it late: say so in the stream
-      await self._event(resp, e.body())
-      return e.status
-    except concurrent.futures.CancelledError:
-      e = ApiError(503, "the request was cancelled by the server", "server_error")
-      await self._event(resp, e.body())
-      return 503
-    except Exception as e:  # noqa: BLE001  (a generation bug: say so in the stream)
-      log.exception("generation failed")
-      err = ApiError(500, f"generation failed: {type(e).__name__}", "server_error")
-      await self._event(resp, err.body())
-      return 500
-    for i, g in enumerate(gens):
-      await self._advance(resp, i, g.text)
-      await self._chunk(resp, i, finish=g.finish_reason)
-    if self.include_usage:
-      await self._event(
-        resp, {**self.meta, "object": self.obj, "choices": [], "usage": usage(gens, self.n)}
-      )
-    return 200
-
-  async def _event(self, resp: web.StreamResponse, payload) -> None:
-    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    await resp.write(f"data: {text}\n\n".encode("utf-8"))
-
-  async def _chunk(self, resp, i: int, text=None, finish=None, role=False) -> None:
-    if self.chat:
-      delta = ({"role": "assistant", "content": ""} if role else {}) | (
-        {} if text is None else {"content": text}
-      )
-      c = {"index": i, "delta": delta}
-    else:
-      c = {"index": i, "text": text or ""}
-    c |= {"logprobs": None, "finish_reason": finish}
-    await self._event(resp, {**self.meta, "object": self.obj, "choices": [c]})
-
-  async def _advance(self, resp, i: int, text: str) -> None:
-    sent = self.sent[i]
-    if not text.startswith(sent):  # the decoder's held-back text makes this impossible
-      log.warning("row %d text changed after it was streamed; the stream will differ", i)
-    elif len(text) > len(sent):
-      self.sent[i] = text
-      await self._chunk(resp, i, text[len(sent) :])
+    return generations(fut)
 
 
 def _error(e: ApiError) -> web.Response:
