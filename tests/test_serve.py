@@ -346,6 +346,19 @@ def test_api_key(stack, monkeypatch):
     server.server_close()
 
 
+def test_ipv6_host(stack):
+  server = make_server(stack.engine, "::1", 0, model_name=NAME)
+  try:
+    url = _serve(server)
+    assert url == f"http://[::1]:{server.server_address[1]}/v1"
+    body = {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
+    r = requests.post(url + "/completions", json=body, timeout=60)
+    assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
 def test_request_log(stack):
   raw = json.dumps(
     {"model": NAME, "prompt": PROMPT, "n": 3, "temperature": 1.0, "max_tokens": NEW, "seed": 1}

@@ -320,7 +320,7 @@ class Server:
         self.engine.cancel(fut)
         raise
       raise ApiError(503, "the request was cancelled by the server", "server_error") from None
-    except Exception:  # noqa: BLE001  (_result below says which)
+    except Exception:  # noqa: BLE001  (generations below says which)
       pass
     return generations(fut)
 
