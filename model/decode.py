@@ -39,9 +39,10 @@ spread over a host's chips.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -62,6 +63,7 @@ from model.transformer import (
 )
 
 MIN_PROMPT_BUCKET = 16
+_CACHE_AXES = ("layers", "batch", "length", "kv", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,21 +88,191 @@ class Request:
 
 
 class DecodeState(struct.PyTreeNode):
+  """The device side of B decode slots over one KV cache of S tokens per slot. A slot's tokens
+  sit from cache index 0: its prompt (as prefill left it, rotated so the padding comes last,
+  masked), then what it generated; `index` is where its next token's K/V go."""
+
   cache_k: jax.Array  # [L, B, S, K, H]
   cache_v: jax.Array  # [L, B, S, K, H]
   cache_mask: jax.Array  # [B, S] int32, 1 where the cache holds a real token
   logits: jax.Array  # [B, V] fp32, for the next token
   positions: jax.Array  # [B] position of the next token
-  out: jax.Array  # [B, M] generated tokens
-  lengths: jax.Array  # [B] tokens generated per row
-  done: jax.Array  # [B] bool
+  index: jax.Array  # [B] cache index of the next token
+  out: jax.Array  # [B, C] tokens generated in the current chunk (row i: its first n_i columns)
+  lengths: jax.Array  # [B] tokens generated per row (its sampling step)
+  done: jax.Array  # [B] bool: finished or free
   keys: jax.Array  # [B] PRNG keys
   temperature: jax.Array  # [B] fp32
   top_p: jax.Array  # [B] fp32
   top_k: jax.Array  # [B] int32
   max_new: jax.Array  # [B] int32
-  step: jax.Array  # () int32, tokens generated so far (the loop index)
-  offset: jax.Array  # () int32, P: where generated tokens start in the cache
+  step: jax.Array  # () int32, tokens generated in the current chunk (the loop index)
+
+
+def init_state(cfg: ModelConfig, *, slots: int, length: int, chunk: int) -> DecodeState:
+  """B = `slots` free slots (done) over a zeroed cache of `length` tokens each."""
+  b, dtype = slots, jnp.dtype(cfg.dtype)
+  shape = (cfg.num_layers, b, length, cfg.num_kv_heads, cfg.head_dim)
+  cache = nn.with_logical_constraint(jnp.zeros(shape, dtype), _CACHE_AXES)
+  zeros_i = jnp.zeros((b,), jnp.int32)
+  return DecodeState(
+    cache_k=cache,
+    cache_v=cache,
+    cache_mask=jnp.zeros((b, length), jnp.int32),
+    logits=nn.with_logical_constraint(
+      jnp.zeros((b, cfg.vocab_size), jnp.float32), ("batch", "vocab")
+    ),
+    positions=zeros_i,
+    index=zeros_i,
+    out=jnp.zeros((b, chunk), jnp.int32),
+    lengths=zeros_i,
+    done=jnp.ones((b,), bool),
+    keys=jax.random.split(jax.random.key(0), b),
+    temperature=jnp.zeros((b,), jnp.float32),
+    top_p=jnp.ones((b,), jnp.float32),
+    top_k=zeros_i,
+    max_new=zeros_i,
+    step=jnp.zeros((), jnp.int32),
+  )
+
+
+def admit(
+  params,
+  cfg: ModelConfig,
+  state: DecodeState,
+  tokens,
+  mask,
+  src,
+  dst,
+  count,
+  keys,
+  temperature,
+  top_p,
+  top_k,
+  max_new,
+) -> DecodeState:
+  """Prefills G left-padded prompts (tokens, mask [G, P]) once and starts `count` rows from them:
+  row r (of src, dst, keys, ... [R], padded past `count` with dst = B, which is dropped) copies
+  prompt src[r]'s K/V into slot dst[r] and decodes from its last logits. The n samples of one
+  prompt share its prefill (src repeats). Compiles once per (G, P)."""
+  g, p = tokens.shape
+  seg = mask.astype(jnp.int32)
+  hidden, (k, v) = _model(params, cfg, tokens, seg, positions_from_segments(seg))
+  logits = _head(params, cfg, hidden[:, -1])  # [G, V]
+  lens = seg.sum(-1)
+  # rotate each prompt so its tokens start at index 0 (the padding goes last, masked)
+  order = (jnp.arange(p)[None] + (p - lens)[:, None]) % p  # [G, P]
+  width = min(p, state.cache_mask.shape[1])
+  order = order[:, :width]
+  k = jnp.take_along_axis(k, order[None, :, :, None, None], axis=2)
+  v = jnp.take_along_axis(v, order[None, :, :, None, None], axis=2)
+  rows_mask = jnp.take_along_axis(seg, order, axis=1)  # [G, width]
+  dtype = state.cache_k.dtype
+
+  def copy(r, carry):
+    ck, cv, cm = carry
+    s, d = src[r], dst[r]
+    ck = jax.lax.dynamic_update_slice(
+      ck, jax.lax.dynamic_slice_in_dim(k, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
+    )
+    cv = jax.lax.dynamic_update_slice(
+      cv, jax.lax.dynamic_slice_in_dim(v, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
+    )
+    row = jnp.zeros((1, cm.shape[1]), jnp.int32)
+    row = jax.lax.dynamic_update_slice(row, jax.lax.dynamic_slice_in_dim(rows_mask, s, 1), (0, 0))
+    cm = jax.lax.dynamic_update_slice(cm, row, (d, 0))
+    return ck, cv, cm
+
+  cache_k, cache_v, cache_mask = jax.lax.fori_loop(
+    0, count, copy, (state.cache_k, state.cache_v, state.cache_mask)
+  )
+
+  def put(field, values):
+    return getattr(state, field).at[dst].set(values, mode="drop")
+
+  n = lens[src].astype(jnp.int32)
+  return state.replace(
+    cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
+    cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES),
+    cache_mask=cache_mask,
+    logits=put("logits", logits[src]),
+    positions=put("positions", n),
+    index=put("index", n),
+    lengths=put("lengths", jnp.zeros_like(n)),
+    done=put("done", jnp.zeros(n.shape, bool)),
+    keys=put("keys", keys),
+    temperature=put("temperature", temperature),
+    top_p=put("top_p", top_p),
+    top_k=put("top_k", top_k),
+    max_new=put("max_new", max_new),
+  )
+
+
+def window_mask(cache_mask, idx, window: int | None):
+  """The cache mask [B, S] a new token at cache index `idx` (scalar or [B]) attends through:
+  with a sliding window, only slots s with idx - s < window (it sees itself, passed apart from
+  the cache, and the window - 1 tokens before it). A row's cache slots are consecutive positions
+  (its prompt, then its generated tokens), so slot distance is position distance."""
+  if window is None:
+    return cache_mask
+  idx = jnp.asarray(idx).reshape(-1, 1)
+  slots = jnp.arange(cache_mask.shape[1], dtype=jnp.int32)[None]
+  return jnp.where(idx - slots < window, cache_mask, 0)
+
+
+def decode_chunk(
+  params,
+  cfg: ModelConfig,
+  state: DecodeState,
+  *,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+) -> DecodeState:
+  """Generates up to C (= state.out's width) tokens per live row, until the chunk is full or
+  every row is done (a `lax.while_loop`); row i's tokens of this chunk are out[i, :n_i], n_i
+  how much lengths[i] grew. A row ends on any of `eos_ids` (none: only on its token budget)."""
+  b, c = state.out.shape
+  rows = jnp.arange(b)
+
+  def cond(st):
+    return (st.step < c) & ~jnp.all(st.done)
+
+  def body(st):
+    tok = sample_tokens(st.logits, st.keys, st.lengths, st.temperature, st.top_p, st.top_k)
+    live = ~st.done
+    tok = jnp.where(live, tok, pad_id)
+    out = jax.lax.dynamic_update_slice(st.out, tok[:, None], (0, st.step))
+    lengths = st.lengths + live.astype(jnp.int32)
+    done = st.done | (lengths >= st.max_new)
+    for e in eos_ids:
+      done = done | (tok == e)
+    hidden, (k, v) = _model(
+      params,
+      cfg,
+      tok[:, None],
+      jnp.ones((b, 1), jnp.int32),
+      st.positions[:, None],
+      (st.cache_k, st.cache_v, window_mask(st.cache_mask, st.index, cfg.sliding_window)),
+    )
+    # each row writes at its own index; a full row's index is past the cache, and dropped
+    cache_k = st.cache_k.at[:, rows, st.index].set(k[:, :, 0].astype(st.cache_k.dtype), mode="drop")
+    cache_v = st.cache_v.at[:, rows, st.index].set(v[:, :, 0].astype(st.cache_v.dtype), mode="drop")
+    cache_mask = st.cache_mask.at[rows, st.index].set(live.astype(jnp.int32), mode="drop")
+    step_on = live.astype(jnp.int32)
+    return st.replace(
+      cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
+      cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES),
+      cache_mask=cache_mask,
+      logits=_head(params, cfg, hidden[:, 0]),
+      positions=st.positions + step_on,
+      index=st.index + step_on,
+      out=out,
+      lengths=lengths,
+      done=done,
+      step=st.step + 1,
+    )
+
+  return jax.lax.while_loop(cond, body, state.replace(step=jnp.zeros((), jnp.int32)))
 
 
 def sample_tokens(logits, keys, step, temperature, top_p, top_k):
@@ -120,7 +292,8 @@ def sample_tokens(logits, keys, step, temperature, top_p, top_k):
       lambda x: x,
       scaled,
     )
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys.shape)  # per row, or one for all
+    row_keys = jax.vmap(jax.random.fold_in)(keys, steps)
     sampled = jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
     return jnp.where(sampling, sampled, greedy)
 
@@ -223,117 +396,6 @@ def _model(params, cfg: ModelConfig, tokens, segment_ids, positions, cache=None)
   )
 
 
-_CACHE_AXES = ("layers", "batch", "length", "kv", "head_dim")
-
-
-def prefill(
-  params,
-  cfg: ModelConfig,
-  tokens,
-  mask,
-  keys,
-  temperature,
-  top_p,
-  top_k,
-  max_new,
-  done,
-  *,
-  new_tokens: int,
-) -> DecodeState:
-  """Runs the left-padded prompts [B, P] through the model and returns a state whose cache
-  holds them, with room for `new_tokens` more."""
-  b, p = tokens.shape
-  segment_ids = mask.astype(jnp.int32)
-  hidden, (k, v) = _model(params, cfg, tokens, segment_ids, positions_from_segments(segment_ids))
-  pad = ((0, 0), (0, 0), (0, new_tokens), (0, 0), (0, 0))
-  cache_k = nn.with_logical_constraint(jnp.pad(k, pad), _CACHE_AXES)  # [L, B, S, K, H]
-  cache_v = nn.with_logical_constraint(jnp.pad(v, pad), _CACHE_AXES)
-  mask = mask.astype(jnp.int32)
-  return DecodeState(
-    cache_k=cache_k,
-    cache_v=cache_v,
-    cache_mask=jnp.pad(mask, ((0, 0), (0, new_tokens))),
-    logits=_head(params, cfg, hidden[:, -1]),
-    positions=mask.sum(-1).astype(jnp.int32),
-    out=jnp.zeros((b, new_tokens), jnp.int32),
-    lengths=jnp.zeros((b,), jnp.int32),
-    done=done,
-    keys=keys,
-    temperature=temperature,
-    top_p=top_p,
-    top_k=top_k,
-    max_new=max_new,
-    step=jnp.zeros((), jnp.int32),
-    offset=jnp.asarray(p, jnp.int32),
-  )
-
-
-def window_mask(cache_mask, idx, window: int | None):
-  """The cache mask [B, S] a new token at cache index `idx` attends through: with a sliding
-  window, only slots s with idx - s < window (it sees itself, passed apart from the cache, and
-  the window - 1 tokens before it). Cache slots are consecutive positions of each row (left
-  padding, then the prompt, then the generated tokens), so slot distance is position distance."""
-  if window is None:
-    return cache_mask
-  slots = jnp.arange(cache_mask.shape[1], dtype=jnp.int32)[None]
-  return jnp.where(idx - slots < window, cache_mask, 0)
-
-
-def decode_chunk(
-  params,
-  cfg: ModelConfig,
-  state: DecodeState,
-  stop_at,
-  *,
-  eos_ids: tuple[int, ...],
-  pad_id: int,
-) -> DecodeState:
-  """Generates tokens until step == stop_at or every row is done (a `lax.while_loop`). A row
-  ends on any of `eos_ids` (none: only on its token budget)."""
-  b = state.out.shape[0]
-
-  def cond(st):
-    return (st.step < stop_at) & ~jnp.all(st.done)
-
-  def body(st):
-    tok = sample_tokens(st.logits, st.keys, st.step, st.temperature, st.top_p, st.top_k)
-    tok = jnp.where(st.done, pad_id, tok)
-    out = jax.lax.dynamic_update_slice(st.out, tok[:, None], (0, st.step))
-    lengths = st.lengths + (~st.done).astype(jnp.int32)
-    done = st.done | (lengths >= st.max_new)
-    for e in eos_ids:
-      done = done | (tok == e)
-    idx = st.offset + st.step
-    hidden, (k, v) = _model(
-      params,
-      cfg,
-      tok[:, None],
-      jnp.ones((b, 1), jnp.int32),
-      st.positions[:, None],
-      (st.cache_k, st.cache_v, window_mask(st.cache_mask, idx, cfg.sliding_window)),
-    )
-    cache_k = jax.lax.dynamic_update_slice(
-      st.cache_k, k.astype(st.cache_k.dtype), (0, 0, idx, 0, 0)
-    )
-    cache_v = jax.lax.dynamic_update_slice(
-      st.cache_v, v.astype(st.cache_v.dtype), (0, 0, idx, 0, 0)
-    )
-    cache_mask = jax.lax.dynamic_update_slice(st.cache_mask, jnp.ones((b, 1), jnp.int32), (0, idx))
-    return st.replace(
-      cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
-      cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES),
-      cache_mask=cache_mask,
-      logits=_head(params, cfg, hidden[:, 0]),
-      positions=st.positions + 1,
-      out=out,
-      lengths=lengths,
-      done=done,
-      step=st.step + 1,
-    )
-
-  return jax.lax.while_loop(cond, body, state)
-
-
 def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -342,6 +404,196 @@ def _cut(text: str, stop: Sequence[str]) -> int | None:
   """Index of the earliest stop sequence in text, or None."""
   hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
   return min(hits) if hits else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+  """What one decode chunk did for one row: `text` so far (held back where a stop sequence may
+  still begin; "" unless the row streams or has stop sequences), `new_tokens` it generated, and
+  its Generation once it has finished."""
+
+  key: Any
+  text: str
+  new_tokens: int
+  generation: Generation | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+  key: Any
+  req: Request
+  ids: list[int]
+  budget: int
+  stream: bool
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  detok: Any = None  # IncrementalDetokenizer, for rows that stream or have stop sequences
+  slot: int = -1
+
+
+class Batcher:
+  """Continuous batching over a Decoder: `slots` decode slots over one KV cache of `length`
+  tokens per slot. `add` queues a row; each `step` first starts waiting rows in the free slots
+  (rows with the same prompt share one prefill), then runs one decode chunk and returns an
+  Update per row that ran. A row that ends (EOS, a stop sequence, its budget) or is cancelled
+  frees its slot for the next step's waiting rows, so no slot decodes a finished row while
+  work waits. A row's tokens do not depend on the other rows (its sampling key is folded from
+  its own seed and step, and its cache slot holds only its own tokens)."""
+
+  def __init__(self, decoder: "Decoder", *, slots: int, length: int, max_prefill: int = 8192):
+    self.decoder, self.slots, self.length = decoder, int(slots), int(length)
+    self.max_prefill = int(max_prefill)  # prompt tokens (batch x bucket) one prefill may take
+    self.waiting: collections.deque[_Row] = collections.deque()
+    self.running: dict[int, _Row] = {}  # slot -> row
+    self._stale: set[int] = set()  # free slots the device still decodes (stopped or cancelled)
+    with decoder._context():
+      self.state = decoder._init(
+        decoder.config, slots=self.slots, length=self.length, chunk=decoder.chunk
+      )
+    self._base = jax.random.key(decoder.seed)
+
+  @property
+  def busy(self) -> int:
+    return len(self.running)
+
+  def add(self, key, request: Request, ids: list[int] | None = None, *, stream: bool = False):
+    """Queues one row (ValueError for a request the decoder refuses or this cache cannot hold).
+    Its budget is max_new_tokens, capped where the model's context (or the cache) ends."""
+    dec = self.decoder
+    ids = dec.validate(request) if ids is None else ids
+    limit = min(dec.config.max_position_embeddings, self.length)
+    if len(ids) >= limit:
+      raise ValueError(
+        f"prompt of {len(ids)} tokens leaves no room in the decoder's {limit} positions"
+      )
+    budget = min(request.max_new_tokens, limit - len(ids))
+    want_text = stream or bool(request.stop)
+    self.waiting.append(_Row(key, request, list(ids), budget, want_text))
+
+  def cancel(self, keys) -> None:
+    """Drops the rows with these keys: from the queue, or from their slots (freed now, and
+    no longer decoded from the next step)."""
+    keys = set(keys)
+    self.waiting = collections.deque(r for r in self.waiting if r.key not in keys)
+    for slot, row in list(self.running.items()):
+      if row.key in keys:
+        del self.running[slot]
+        self._stale.add(slot)
+
+  def step(self) -> list[Update]:
+    self._admit()
+    if not self.running:
+      return []
+    dec = self.decoder
+    with dec._context():
+      if self._stale:
+        done = np.array(self.state.done)
+        done[list(self._stale)] = True
+        self.state = self.state.replace(done=dec._put(done))
+        self._stale.clear()
+      self.state = dec._decode(
+        dec.layer_params, dec.config, self.state, eos_ids=dec.eos_ids, pad_id=dec.pad_id
+      )
+    out, lengths, done = (
+      np.asarray(x) for x in (self.state.out, self.state.lengths, self.state.done)
+    )
+    updates = []
+    for slot, row in sorted(self.running.items()):
+      new = int(lengths[slot]) - len(row.tokens)
+      row.tokens.extend(out[slot, :new].tolist())
+      updates.append(self._update(row, new, bool(done[slot])))
+      if updates[-1].generation is not None:
+        del self.running[slot]
+        if not done[slot]:
+          self._stale.add(slot)
+    return updates
+
+  def _update(self, row: _Row, new: int, done: bool) -> Update:
+    dec, stop = self.decoder, row.req.stop
+    text = ""
+    if row.stream and dec.tokenizer is not None:
+      if row.detok is None:
+        from data.tokenizer import IncrementalDetokenizer
+
+        row.detok = IncrementalDetokenizer(dec.tokenizer)
+      toks = row.tokens[:-1] if row.tokens and row.tokens[-1] in dec.eos_ids else row.tokens
+      text = row.detok.extend(toks[len(row.detok.ids) :])
+    stopped = None
+    if stop and _cut(text, stop) is not None:
+      stopped = dec._stop_prefix(row.tokens, stop)
+    if not (done or stopped is not None):
+      hold = max((len(s) for s in stop), default=1) - 1
+      safe = text[: len(text) - hold] if hold else text
+      return Update(row.key, safe.rstrip("\ufffd"), new)  # an incomplete character waits too
+    toks = row.tokens if stopped is None else row.tokens[:stopped]
+    full = dec._text(toks)
+    cut = _cut(full, stop) if stop else None
+    ended = stopped is not None or bool(toks and toks[-1] in dec.eos_ids)
+    gen = Generation(
+      tokens=toks,
+      text=full if cut is None else full[:cut],
+      finish_reason="stop" if ended else "length",
+      prompt_tokens=len(row.ids),
+    )
+    return Update(row.key, gen.text, new, gen)
+
+  def _admit(self) -> None:
+    """Starts waiting rows in free slots, in queue order: one prefill per group of distinct
+    prompts (at most max_prefill prompt tokens, unless one prompt alone is longer)."""
+    free = [s for s in range(self.slots) if s not in self.running]
+    while free and self.waiting:
+      prompts: dict[tuple, int] = {}  # prompt ids -> its row in the prefill batch
+      rows: list[tuple[_Row, int]] = []
+      while free and self.waiting:
+        row = self.waiting[0]
+        key = tuple(row.ids)
+        if key not in prompts:
+          longest = max([len(row.ids)] + [len(p) for p in prompts])
+          g = _bucket(len(prompts) + 1, 1)
+          if prompts and g * _bucket(longest, MIN_PROMPT_BUCKET) > self.max_prefill:
+            break
+          prompts[key] = len(prompts)
+        self.waiting.popleft()
+        row.slot = free.pop(0)
+        rows.append((row, prompts[key]))
+      self._prefill(list(prompts), rows)
+      for row, _ in rows:
+        self.running[row.slot] = row
+        self._stale.discard(row.slot)
+
+  def _prefill(self, prompts: list[tuple], rows: list[tuple[_Row, int]]) -> None:
+    dec = self.decoder
+    g = _bucket(len(prompts), 1)
+    p = min(_bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET), dec.config.max_position_embeddings)
+    tokens = np.full((g, p), dec.pad_id, np.int32)
+    mask = np.zeros((g, p), np.int32)
+    for i, ids in enumerate(prompts):
+      tokens[i, p - len(ids) :] = ids
+      mask[i, p - len(ids) :] = 1
+    n = len(rows)
+    r = self.slots  # one shape for every admission: rows past `n` go to slot B (dropped)
+
+    def col(values, dtype, fill=0):
+      return np.array(list(values) + [fill] * (r - n), dtype)
+
+    reqs = [row.req for row, _ in rows]
+    seeds = jnp.asarray(col((q.seed for q in reqs), np.uint32))
+    keys = jax.vmap(lambda s: jax.random.fold_in(self._base, s))(seeds)
+    with dec._context():
+      self.state = dec._admit(
+        dec.layer_params,
+        dec.config,
+        self.state,
+        dec._put(tokens),
+        dec._put(mask),
+        jnp.asarray(col((j for _, j in rows), np.int32)),
+        jnp.asarray(col((row.slot for row, _ in rows), np.int32, fill=self.slots)),
+        jnp.asarray(n, jnp.int32),
+        keys,
+        jnp.asarray(col((q.temperature for q in reqs), np.float32)),
+        jnp.asarray(col((q.top_p for q in reqs), np.float32, fill=1)),
+        jnp.asarray(col((q.top_k for q in reqs), np.int32)),
+        jnp.asarray(col((row.budget for row, _ in rows), np.int32)),
+      )
 
 
 class Decoder:
@@ -390,7 +642,8 @@ class Decoder:
     self.eos_ids = config.eos_ids or (() if tok_eos is None else (int(tok_eos),))
     self.eos_id = self.eos_ids[0] if self.eos_ids else None  # the first: it pads, by default
     self.pad_id = config.replace(eos_token_id=self.eos_id).pad_id
-    self._prefill = jax.jit(prefill, static_argnames=("cfg", "new_tokens"))
+    self._init = jax.jit(init_state, static_argnames=("cfg", "slots", "length", "chunk"))
+    self._admit = jax.jit(admit, static_argnames=("cfg",), donate_argnums=(2,))
     self._decode = jax.jit(
       decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,)
     )
@@ -471,25 +724,37 @@ class Decoder:
     **defaults,
   ) -> list[Generation]:
     """Generations for `requests` (Request objects, or prompts with `defaults` as Request fields),
-    in order. Rows are batched by prompt length. `on_chunk(i, text, finished)` is called after
-    every chunk for each live row i with its text so far, held back where a stop sequence
-    might still begin (for streaming); `on_batch(rows)` after each batch (a progress bar)."""
+    in order, continuously batched (`Batcher`) over min(max_batch, len(requests)) slots, shortest
+    prompts first, identical prompts prefilled once. `on_chunk(i, text, finished)` is called
+    after every chunk for each live row i with its text so far, held back where a stop sequence
+    might still begin (for streaming); `on_batch(rows)` as rows finish (a progress bar)."""
     reqs = [r if isinstance(r, Request) else Request(r, **defaults) for r in requests]
     ids = [self.validate(r) for r in reqs]
-    order = sorted(range(len(reqs)), key=lambda i: (len(ids[i]), i))
+    if not reqs:
+      return []
+    limit = self.config.max_position_embeddings
+    need = max(len(row) + min(r.max_new_tokens, limit - len(row)) for r, row in zip(reqs, ids))
+    batcher = Batcher(
+      self,
+      slots=min(_bucket(len(reqs), 1), self.max_batch),
+      length=min(_bucket(need, MIN_PROMPT_BUCKET), limit),
+    )
+    for i in sorted(range(len(reqs)), key=lambda i: (len(ids[i]), ids[i], i)):
+      batcher.add(i, reqs[i], ids[i], stream=on_chunk is not None)
     results: list[Generation | None] = [None] * len(reqs)
-    for start in range(0, len(order), self.max_batch):
-      rows = order[start : start + self.max_batch]
-      cb = (
-        None if on_chunk is None else (lambda j, text, fin, rows=rows: on_chunk(rows[j], text, fin))
-      )
-      for i, g in zip(rows, self._run_batch([reqs[i] for i in rows], [ids[i] for i in rows], cb)):
-        results[i] = g
-      if on_batch is not None:
-        on_batch(len(rows))
+    while batcher.busy or batcher.waiting:
+      finished = 0
+      for u in batcher.step():
+        if on_chunk is not None:
+          on_chunk(u.key, u.text, u.generation is not None)
+        if u.generation is not None:
+          results[u.key] = u.generation
+          finished += 1
+      if on_batch is not None and finished:
+        on_batch(finished)
     return results
 
-  # ---- one batch ---------------------------------------------------------------------------
+  # ---- device calls ----------------------------------------------------------------------------
   def _put(self, x, batch_axis: bool = True):
     x = jnp.asarray(x)
     if self.mesh is None:
@@ -523,111 +788,6 @@ class Decoder:
     if tokens and tokens[-1] in self.eos_ids:
       tokens = tokens[:-1]
     return self.tokenizer.decode(tokens)
-
-  def _new_text(self, texts: dict, i: int, tokens: list[int]) -> str:
-    """Row i's text so far (`_text(tokens)`), decoding only the tokens it has not seen."""
-    if self.tokenizer is None:
-      return ""
-    from data.tokenizer import IncrementalDetokenizer
-
-    inc = texts.setdefault(i, IncrementalDetokenizer(self.tokenizer))
-    if tokens and tokens[-1] in self.eos_ids:
-      tokens = tokens[:-1]
-    return inc.extend(tokens[len(inc.ids) :])
-
-  def _run_batch(
-    self, reqs: list[Request], ids: list[list[int]], on_chunk=None
-  ) -> list[Generation]:
-    n = len(reqs)
-    b = min(_bucket(n, 1), max(self.max_batch, n))
-    p = min(_bucket(max(map(len, ids)), MIN_PROMPT_BUCKET), self.config.max_position_embeddings)
-    limit = self.config.max_position_embeddings
-    # no row outgrows the model
-    budgets = [min(r.max_new_tokens, limit - len(row)) for r, row in zip(reqs, ids)]
-    m = -(-max(budgets) // self.chunk) * self.chunk
-    tokens = np.full((b, p), self.pad_id, np.int32)
-    mask = np.zeros((b, p), np.int32)
-    for i, row in enumerate(ids):
-      tokens[i, p - len(row) :] = row
-      mask[i, p - len(row) :] = 1
-    max_new = np.zeros((b,), np.int32)
-    max_new[:n] = budgets
-
-    def col(field, dtype):  # [b] of one Request field; padding rows 0
-      return np.array([getattr(r, field) for r in reqs] + [0] * (b - n), dtype)
-
-    row_seeds = col("seed", np.uint32)
-    base = jax.random.key(self.seed)
-    keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(jnp.asarray(row_seeds))
-    done = np.arange(b) >= n  # padding rows are finished from the start
-    with self._context():
-      state = self._prefill(
-        self.layer_params,
-        self.config,
-        self._put(tokens),
-        self._put(mask),
-        keys,
-        self._put(col("temperature", np.float32)),
-        self._put(col("top_p", np.float32)),
-        self._put(col("top_k", np.int32)),
-        self._put(max_new),
-        self._put(done),
-        new_tokens=m,
-      )
-      stopped: dict[int, int] = {}  # row -> tokens through the one that completed a stop sequence
-      texts: dict = {}  # row -> its IncrementalDetokenizer: each chunk decodes only new tokens
-      live = set(range(n))
-      hold = max((len(s) for r in reqs for s in r.stop), default=1) - 1
-      while live:
-        step = int(state.step)
-        state = self._decode(
-          self.layer_params,
-          self.config,
-          state,
-          jnp.asarray(min(step + self.chunk, m), jnp.int32),
-          eos_ids=self.eos_ids,
-          pad_id=self.pad_id,
-        )
-        out, lengths, done = (np.array(x) for x in (state.out, state.lengths, state.done))
-        newly_stopped = []
-        for i in sorted(live):
-          toks = out[i, : lengths[i]].tolist()
-          text = self._new_text(texts, i, toks) if (reqs[i].stop or on_chunk) else ""
-          if reqs[i].stop and _cut(text, reqs[i].stop) is not None:
-            stopped[i] = self._stop_prefix(toks, reqs[i].stop)
-            newly_stopped.append(i)
-          finished = bool(done[i]) or i in stopped
-          if on_chunk is not None:
-            if finished:
-              cut = _cut(text, reqs[i].stop)
-              on_chunk(i, text if cut is None else text[:cut], True)
-            else:
-              safe = text[: len(text) - hold] if hold else text
-              on_chunk(i, safe.rstrip("\ufffd"), False)  # an incomplete UTF-8 character waits too
-          if finished:
-            live.discard(i)
-        if newly_stopped:
-          done[newly_stopped] = True
-          state = state.replace(done=self._put(done))
-        if int(state.step) >= m:
-          break
-    results = []
-    for i, r in enumerate(reqs):
-      toks = out[i, : lengths[i]].tolist()
-      if i in stopped:
-        toks = toks[: stopped[i]]
-      text = self._text(toks)
-      cut = _cut(text, r.stop) if r.stop else None
-      ended = i in stopped or bool(toks and toks[-1] in self.eos_ids)
-      results.append(
-        Generation(
-          tokens=toks,
-          text=text if cut is None else text[:cut],
-          finish_reason="stop" if ended else "length",
-          prompt_tokens=len(ids[i]),
-        )
-      )
-    return results
 
   def _stop_prefix(self, toks: list[int], stop: Sequence[str]) -> int:
     """The fewest leading tokens whose text already contains a stop sequence (binary search:

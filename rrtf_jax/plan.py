@@ -184,7 +184,7 @@ class DecodePlan(_Memory):
   compiled for a topology: one new token per row per loop step against a KV cache."""
 
   batch_size: int  # rows decoded together
-  context: int  # KV-cache length (prompt + new tokens)
+  context: int  # KV-cache length per slot (prompt + new tokens)
   weights: str  # how the linear layers are stored: bfloat16 | int8 | int4 (group G)
   param_bytes: int  # all devices, as stored (int4 two per byte)
   cache_bytes: int  # the K and V caches, all devices
@@ -596,20 +596,21 @@ def plan_decode(
   quant: str = "none",
   group: int | None = None,
   embedding: bool = False,
-  new_tokens: int = 128,
+  chunk: int = 32,
 ) -> DecodePlan:
-  """Compiles the decode step for `topology` with a KV cache of `context` tokens per row (a
-  prompt of context - new_tokens, then new_tokens generated) and reports per-device memory."""
+  """Compiles the decode step for `topology` with a KV cache of `context` tokens per slot
+  (`batch_size` slots, as the continuous batcher keeps them; `chunk` tokens per loop call) and
+  reports per-device memory."""
   from model.checkpoint import param_bytes
-  from model.decode import DecodeState, _CACHE_AXES, decode_chunk, prefill
+  from model.decode import DecodeState, _CACHE_AXES, decode_chunk, init_state
   from model.sharding import logical_to_sharding, replicated
   from model.transformer import abstract_params
 
   cfg = decode_config(ModelConfig.from_dict(config.model), quant, group, embedding)
   context = context or cfg.max_position_embeddings
-  if not new_tokens < context <= cfg.max_position_embeddings:
+  if not 1 < context <= cfg.max_position_embeddings:
     raise PlanError(
-      f"context {context} must exceed {new_tokens} new tokens and be at most "
+      f"context {context} must exceed 1 and be at most "
       f"model.max_position_embeddings={cfg.max_position_embeddings}"
     )
   if batch_size < 1:
@@ -625,31 +626,8 @@ def plan_decode(
   p_abs = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), p_shard
   )
-  b, prompt = batch_size, context - new_tokens
-
-  def i32(*shape):
-    return jax.ShapeDtypeStruct(shape, jax.numpy.int32)
-
-  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
-  state = jax.eval_shape(
-    lambda p, t, m, k: prefill(
-      p,
-      cfg,
-      t,
-      m,
-      k,
-      jax.numpy.zeros(b),
-      jax.numpy.ones(b),
-      jax.numpy.zeros(b, "int32"),
-      jax.numpy.full(b, new_tokens),
-      jax.numpy.zeros(b, bool),
-      new_tokens=new_tokens,
-    ),
-    nn.unbox(boxed),
-    i32(b, prompt),
-    i32(b, prompt),
-    keys,
-  )
+  b = batch_size
+  state = jax.eval_shape(lambda: init_state(cfg, slots=b, length=context, chunk=chunk))
   rep = replicated(mesh)
   state_shard = DecodeState(
     **{f: (cache_shard if f in ("cache_k", "cache_v") else rep) for f in state.__dataclass_fields__}
@@ -681,7 +659,6 @@ def plan_decode(
       p_abs,
       cfg,
       state_abs,
-      jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=rep),
       eos_ids=cfg.eos_ids,
       pad_id=cfg.pad_token_id or 0,
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model import Transformer, load_checkpoint
-from model.decode import Decoder, Request, sample_tokens
+from model.decode import Batcher, Decoder, Request, sample_tokens
 
 PROMPT_LENS = (5, 9, 1, 17)  # 17 crosses the smallest prompt bucket (16)
 NEW = 10
@@ -111,6 +111,112 @@ def test_per_row_limits_and_seeds(decoder):
     0
   ]
   assert other_seed.tokens != gens[3].tokens
+
+
+def _mixed_requests():
+  """Rows of every kind: greedy and sampled (temperature, top-p, top-k), budgets from 1 to 12,
+  and one prompt three times with different seeds (its prefill is shared)."""
+  a, b, c, d = _prompts(2)
+  return [
+    Request(a, max_new_tokens=3),
+    Request(b, max_new_tokens=12, temperature=0.7, seed=5),
+    Request(c, max_new_tokens=5, temperature=1.2, top_p=0.9, seed=6),
+    Request(d, max_new_tokens=9, temperature=1.0, top_k=5, seed=7),
+    Request(b, max_new_tokens=1),
+    Request(d, max_new_tokens=12, temperature=1.0, seed=8),
+    Request(d, max_new_tokens=7, temperature=1.0, seed=9),
+    Request(a, max_new_tokens=12),
+  ]
+
+
+def _recompute_sampled(apply, params, r: Request, seed: int, eos):
+  """A row decoded alone by definition: the whole sequence through the model for every token,
+  sampled with the key the decoder folds from (generator seed, row seed, the row's step)."""
+  sample = jax.jit(sample_tokens)
+  key = jax.random.fold_in(jax.random.key(seed), r.seed)
+  seq, out = list(r.prompt), []
+  for t in range(r.max_new_tokens):
+    logits = apply(params, jnp.asarray([seq + [0] * (32 - len(seq))]), len(seq) - 1)
+    tok = int(
+      sample(
+        logits[None].astype(jnp.float32),
+        key[None],
+        t,
+        jnp.asarray([r.temperature], jnp.float32),
+        jnp.asarray([r.top_p], jnp.float32),
+        jnp.asarray([r.top_k], jnp.int32),
+      )[0]
+    )
+    out.append(tok)
+    seq.append(tok)
+    if tok == eos:
+      break
+  return out
+
+
+def test_continuous_batching_equals_decoding_alone(decoder):
+  """Eight rows through two slots: rows that finish early free their slot for waiting ones at
+  the next chunk boundary, identical prompts prefill once, and every row's tokens equal its
+  tokens decoded alone (one slot), HF generate's (greedy) and full recomputation's (sampled)."""
+  import torch
+
+  model, dec = decoder
+  two = Decoder(dec.config, dec.layer_params, chunk=4, max_batch=2)
+  calls = []
+  jitted = two._admit
+
+  def admit(params, cfg, state, tokens, mask, src, dst, count, *rest):
+    calls.append((tokens.shape[0], int(count), sorted(set(np.asarray(src)[: int(count)].tolist()))))
+    return jitted(params, cfg, state, tokens, mask, src, dst, count, *rest)
+
+  two._admit = admit
+  reqs = _mixed_requests()
+  gens = two.generate(reqs)
+  assert len(calls) > 1  # slots were refilled while others decoded
+  assert any(count > len(srcs) for _, count, srcs in calls)  # n rows from one prefilled prompt
+  one = Decoder(dec.config, dec.layer_params, chunk=4, max_batch=1)
+  apply = jax.jit(lambda p, t, i: Transformer(dec.config).apply({"params": p}, t)[0, i])
+  for r, g in zip(reqs, gens):
+    assert g.tokens == one.generate([r])[0].tokens
+    if r.temperature == 0:
+      with torch.no_grad():
+        ref = model.generate(
+          torch.tensor([r.prompt]),
+          do_sample=False,
+          max_new_tokens=r.max_new_tokens,
+          eos_token_id=dec.eos_id,
+          pad_token_id=0,
+        )[0, len(r.prompt) :].tolist()
+      assert g.tokens == ref
+    else:
+      assert g.tokens == _recompute_sampled(apply, dec.params, r, dec.seed, dec.eos_id)
+    assert len(g.tokens) <= r.max_new_tokens
+
+
+def test_batcher_cancel_frees_the_slot(decoder):
+  """A cancelled row leaves its slot at once; the next step starts a waiting row there, and the
+  rows that stay get the tokens they get alone. When all is done, nothing is busy or waiting."""
+  _, dec = decoder
+  two = Decoder(dec.config, dec.layer_params, chunk=4, max_batch=2)
+  reqs = [Request(p, max_new_tokens=12, temperature=1.0, seed=i) for i, p in enumerate(_prompts())]
+  batcher = Batcher(two, slots=2, length=64)
+  for i, r in enumerate(reqs[:3]):
+    batcher.add(i, r)
+  first = batcher.step()
+  assert {u.key for u in first} == {0, 1} and [r.key for r in batcher.waiting] == [2]
+  batcher.cancel([0])
+  assert batcher.busy == 1
+  results = {}
+  while batcher.busy or batcher.waiting:
+    for u in batcher.step():
+      assert u.key != 0
+      if u.generation is not None:
+        results[u.key] = u.generation.tokens
+  assert sorted(results) == [1, 2]
+  for i in (1, 2):
+    assert results[i] == two.generate([reqs[i]])[0].tokens
+  assert batcher.busy == 0 and not batcher.waiting
+  assert bool(np.all(np.asarray(batcher.state.done)))  # no slot decodes on
 
 
 def test_sample_tokens_filters():
