@@ -204,7 +204,12 @@ def generations(fut: concurrent.futures.Future) -> list[Generation]:
   except ValueError as e:  # the request's fault: bad sampling values, too long, n > slots
     raise ApiError(400, str(e)) from None
   except RuntimeError as e:  # the engine has closed: the server is going away
-    raise ApiError(503, str(e), "server_error", "shutting_down") from None
+    raise shutting_down(str(e)) from None
+
+
+def shutting_down(message: str = "the server is shutting down") -> ApiError:
+  """503: the engine has closed, or the server's drain cancelled the request."""
+  return ApiError(503, message, "server_error", "shutting_down")
 
 
 def usage(gens: list[Generation], n: int) -> dict:

@@ -31,8 +31,9 @@ the decode slots included), 401 for a missing or wrong bearer key when `api_key_
 closed. With `request_log`, every POST appends a JSON line (time, path, status, sha256 of the
 body, its model and n; 499 when the client went away first). The key is never logged.
 
-SIGTERM or SIGINT: the listening socket closes (new connections are refused), requests in
-flight finish for up to `drain_timeout` seconds and are then cancelled, the engine closes and
+SIGTERM or SIGINT: the listening socket closes (new connections are refused) and idle
+keep-alive connections close; requests in flight get up to `drain_timeout` seconds to finish,
+then those left are cancelled and answered 503 (a stream's last event); the engine closes and
 `serve_main` returns (exit 0). A second signal acts at once.
 """
 
@@ -57,13 +58,22 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.decode import Generation, Request
-from rrtf_jax.serving.api import MAX_BODY, ApiError, choice, generations, parse_request, usage
+from rrtf_jax.serving.api import (
+  MAX_BODY,
+  ApiError,
+  choice,
+  generations,
+  parse_request,
+  shutting_down,
+  usage,
+)
 from rrtf_jax.serving.engine import Engine
 from rrtf_jax.serving.stream import Stream
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get after SIGTERM
+_CLOSE_TIMEOUT = 5.0  # seconds handlers get to end once their submissions are cancelled
 _COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -127,6 +137,8 @@ class Server:
     self._lock = threading.Lock()  # the three below, between serve_forever and shutdown
     self._entered = self._stopping = False
     self._finished = threading.Event()
+    self._active = 0  # POST handlers running (the event loop's)
+    self._pending: set[concurrent.futures.Future] = set()  # their engine submissions
 
   @property
   def url(self) -> str:
@@ -171,8 +183,9 @@ class Server:
       self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
       if self._stopping:
         self._stop.set()
-    # handler_cancellation: a client that disconnects cancels its handler (and so its rows)
-    runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self.drain_timeout)
+    # handler_cancellation: a client that disconnects cancels its handler (and so its rows).
+    # The drain is ours (_drain); aiohttp's shutdown then only closes connections.
+    runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=_CLOSE_TIMEOUT)
     await runner.setup()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
     try:
@@ -185,9 +198,24 @@ class Server:
     finally:
       for sig in signals:  # a second signal acts at once
         self.loop.remove_signal_handler(sig)
-      log.info("stopping: draining requests in flight for up to %.0f s", self.drain_timeout)
-      # Closes the listening socket, then waits for the handlers, then cancels those left.
+      await self._drain(runner)
       await runner.cleanup()
+
+  async def _drain(self, runner: web.AppRunner) -> None:
+    """Stops accepting (the listening socket closes; keep-alive connections close once idle),
+    waits up to drain_timeout for the requests in flight, then cancels the submissions left:
+    their clients get a 503 (as JSON, or as a stream's last event)."""
+    for site in list(runner.sites):
+      await site.stop()
+    runner.server.pre_shutdown()
+    log.info("draining %d requests for up to %.1f s", self._active, self.drain_timeout)
+    deadline = self.loop.time() + self.drain_timeout
+    while self._active and self.loop.time() < deadline:
+      await asyncio.sleep(0.02)
+    if self._pending:
+      log.warning("the drain timed out: cancelling %d requests", len(self._pending))
+    for fut in list(self._pending):
+      self.engine.cancel(fut)
 
   def _on_signal(self, sig: int) -> None:
     log.warning(
@@ -232,6 +260,13 @@ class Server:
       )
 
   async def _post(self, request: web.Request, post: _Post) -> web.StreamResponse:
+    self._active += 1
+    try:
+      return await self._answer(request, post)
+    finally:
+      self._active -= 1
+
+  async def _answer(self, request: web.Request, post: _Post) -> web.StreamResponse:
     try:
       if (request.content_length or 0) > MAX_BODY:
         raise ApiError(413, f"the body must be at most {MAX_BODY} bytes")
@@ -287,7 +322,10 @@ class Server:
     if opts["stream"]:
       return await Stream(self, rows, n, chat, meta, opts["include_usage"]).run(request, post)
     fut = await self.submit(rows)
-    gens = await self._wait(fut)
+    try:
+      gens = await self._wait(fut)
+    finally:
+      self._pending.discard(fut)
     choices = [choice(i, g.text, g.finish_reason, chat) for i, g in enumerate(gens)]
     obj = "chat.completion" if chat else "text_completion"
     post.done(200)
@@ -309,6 +347,7 @@ class Server:
       raise
     if fut.done() and not fut.cancelled():
       generations(fut)  # refused at once: answered as JSON (a stream's before it starts)
+    self._pending.add(fut)  # the caller discards it when done with it
     return fut
 
   async def _wait(self, fut: concurrent.futures.Future) -> list[Generation]:
@@ -319,7 +358,7 @@ class Server:
       if asyncio.current_task().cancelling():
         self.engine.cancel(fut)
         raise
-      raise ApiError(503, "the request was cancelled by the server", "server_error") from None
+      raise shutting_down() from None
     except Exception:  # noqa: BLE001  (generations below says which)
       pass
     return generations(fut)

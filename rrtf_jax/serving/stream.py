@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from rrtf_jax.serving.api import ApiError, generations, usage
+from rrtf_jax.serving.api import ApiError, generations, shutting_down, usage
 
 if TYPE_CHECKING:
   from rrtf_jax.serving.server import Server, _Post
@@ -71,6 +71,8 @@ class Stream:
     except BaseException:  # the client went away (or a bug): free the rows' slots
       server.engine.cancel(fut)
       raise
+    finally:
+      server._pending.discard(fut)
     post.done(status)
     await self._event(resp, "[DONE]")
     await resp.write_eof()
@@ -83,9 +85,8 @@ class Stream:
     except ApiError as e:  # the engine refused it late: say so in the stream
       await self._event(resp, e.body())
       return e.status
-    except concurrent.futures.CancelledError:
-      e = ApiError(503, "the request was cancelled by the server", "server_error")
-      await self._event(resp, e.body())
+    except concurrent.futures.CancelledError:  # by the server's drain
+      await self._event(resp, shutting_down().body())
       return 503
     except Exception as e:  # noqa: BLE001  (a generation bug: say so in the stream)
       log.exception("generation failed")
