@@ -4,19 +4,24 @@
     [g] = dec.generate(["def add(a, b):\\n"], max_new_tokens=64, stop=["\\ndef "])
     g.text, g.finish_reason
 
-Letters: L layers, B batch, P prompt bucket, S = P + M cache length, M new-token bucket,
-K kv heads (1 for StarCoder: the cache is N times smaller than multi-head's), H head dim.
+Letters: L layers, B decode slots, S cache length per slot, C tokens per decode chunk, G
+prompts in one prefill, P their prompt bucket, K kv heads (1 for StarCoder: the cache is N
+times smaller than multi-head's), H head dim.
 
-Prompts are left-padded to a power-of-two length bucket, so prefill compiles once per
-(batch bucket, prompt bucket, M) and the decode loop once per (batch bucket, S): never per
-prompt. Positions come from the mask (real tokens count from 0, whatever the padding).
-One jitted prefill fills the cache; then a jitted `lax.while_loop` generates up to `chunk`
-tokens per call, every row finishing on any of the EOS ids (config.eos_ids: Llama 3 and chat
-models have several) or its own max_new_tokens, and the loop ends early when every row has.
-Between chunks the host extends each live row's text by its new tokens (an incremental
-detokenizer, data/tokenizer.py: never the whole row again) and checks the stop sequences (they
-are strings, and may span tokens and chunks); a row that hit one is marked done, and its text
-is cut exactly before the first stop sequence.
+Continuous batching (`Batcher`; `Decoder.generate` and `rrtf serve`'s engine run on it): B
+slots over one KV cache [L, B, S, K, H]. Each step of the host loop (1) starts waiting rows
+in free slots: their distinct prompts are left-padded to a power-of-two bucket and prefilled
+together (`admit`, compiled once per (G, P), never per prompt; positions come from the mask),
+and each row copies its prompt's K/V into its slot, so the n samples of one prompt prefill
+once; (2) runs one jitted `lax.while_loop` of up to C tokens (`decode_chunk`), every row
+finishing on any of the EOS ids (config.eos_ids: Llama 3 and chat models have several) or its
+own budget, the loop ending early when every row has; (3) extends each live row's text by its
+new tokens (an incremental detokenizer, data/tokenizer.py: never the whole row again) and
+checks the stop sequences (strings, which may span tokens and chunks); a row that hit one is
+done, its text cut exactly before the first stop sequence. A finished row frees its slot at
+that chunk boundary and the next step refills it, so no slot decodes a finished row while
+work waits. A slot's tokens sit from cache index 0 (its prompt, then what it generated) with
+its own write index and position, so a row decodes exactly as it would alone.
 
 Every family of model/families.py decodes here: RoPE rotates by the same mask-derived
 positions learned tables look up, a sliding window hides the cache slots a new token may no
@@ -24,15 +29,15 @@ longer see (`window_mask`; prefill applies it inside the model), and the logits 
 model's own LM head when it has one (`head_weights`).
 
 Sampling per row: greedy (temperature 0), or temperature then top-k then top-p, with a key
-folded from (seed, row seed, step): a row's tokens depend on its own seed, not on which
-other rows share its batch.
+folded from (seed, row seed, the row's own step): a row's tokens depend on its own seed, not
+on which other rows share its batch or when it joined.
 
 On CPU the decoder keeps each layer's parameters as separate arrays (`split_layers`) and runs
 the layers as one unrolled call each (so its compile time grows with depth, unlike the scanned
 model's): a layer sliced out of the stacked [L, ...] arrays inside the loop is a copy of its
 weights at every step there (XLA's CPU backend makes it; benchmarks/decode_step.py). Elsewhere
 the layers stay stacked and scanned (`Decoder(split=)`). Under a mesh
-(`Decoder(..., mesh=)`), parameters keep their sharding, the batch and cache shard over the
+(`Decoder(..., mesh=)`), parameters keep their sharding, the slots and cache shard over the
 batch axes and the model's logical constraints apply, so a 15B model decodes with its weights
 spread over a host's chips.
 """
