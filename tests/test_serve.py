@@ -263,12 +263,8 @@ def test_errors(stack):
     == "model_not_found"
   )
   for stream in (False, True):  # more rows than decode slots (4): refused, never queued
-    assert (
-      "slots"
-      in error(_post(stack, "/completions", {"prompt": PROMPT, "n": 5, "stream": stream}), 400)[
-        "message"
-      ]
-    )
+    r = _post(stack, "/completions", {"prompt": PROMPT, "n": 5, "stream": stream})
+    assert "slots" in error(r, 400)["message"]
   error(_post(stack, "/nope", {"prompt": PROMPT}), 404)
   error(requests.get(stack.url + "/nope", timeout=10), 404)
   error(requests.put(url, json={"prompt": PROMPT}, timeout=10), 405)
