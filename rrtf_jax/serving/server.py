@@ -139,6 +139,7 @@ class Server:
     self._finished = threading.Event()
     self._active = 0  # POST handlers running (the event loop's)
     self._pending: set[concurrent.futures.Future] = set()  # their engine submissions
+    self._cut = False  # the drain's time is up: later submissions are cancelled at once
 
   @property
   def url(self) -> str:
@@ -212,6 +213,7 @@ class Server:
     deadline = self.loop.time() + self.drain_timeout
     while self._active and self.loop.time() < deadline:
       await asyncio.sleep(0.02)
+    self._cut = True
     if self._pending:
       log.warning("the drain timed out: cancelling %d requests", len(self._pending))
     for fut in list(self._pending):
@@ -347,6 +349,9 @@ class Server:
       raise
     if fut.done() and not fut.cancelled():
       generations(fut)  # refused at once: answered as JSON (a stream's before it starts)
+    if self._cut:  # submitted while the drain was cancelling the rest
+      self.engine.cancel(fut)
+      raise shutting_down()
     self._pending.add(fut)  # the caller discards it when done with it
     return fut
 
