@@ -116,7 +116,7 @@ QUICK = dict(
   batches=[1, 4],
   new_tokens=16,
   repeats=1,
-  chunks=[8, 32],
+  chunks=[32],
   prompts=4,
   samples=4,
   prompt_range=[48, 64],
@@ -161,6 +161,13 @@ def parse_args():
     "--static-rev",
     default="d01333f",
     help="the revision before continuous batching (workload, step)",
+  )
+  p.add_argument(
+    "--also-static",
+    nargs="*",
+    default=["9376587"],
+    help="workload: more static-batching revisions (9376587: the parent of continuous batching, "
+    "with per-layer weights and incremental detokenisation)",
   )
   p.add_argument("--step-batches", type=int, nargs="+", default=[1, 4], help="step: batch sizes")
   p.add_argument("--step-repeats", type=int, default=15, help="step: paired timings per batch")
@@ -580,9 +587,10 @@ def _count_admits(dec, log: list):
   return lambda: setattr(dec, "_admit", jitted)
 
 
-def run_workload(a, static_mod) -> dict:
-  """Section 2: continuous batching (this checkout) vs static batching (--static-rev)."""
-  from data.tokenizer import train_sentencepiece, builtin_corpus
+def run_workload(a, static_mods: dict) -> dict:
+  """Section 2: continuous batching (this checkout) vs static batching: {arm name: model/decode.py
+  module of a revision} ("static": --static-rev's, the headline)."""
+  from data.tokenizer import builtin_corpus, train_sentencepiece
 
   t_start = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
@@ -600,52 +608,53 @@ def run_workload(a, static_mod) -> dict:
   params = init_params(cfg, jax.random.key(a.seed))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   chunk = 32  # Decoder's default, both arms
-  arms = {
-    "continuous": (decode, Decoder(cfg, params, tok, chunk=chunk, max_batch=a.slots)),
-    "static": (static_mod, static_mod.Decoder(cfg, params, tok, chunk=chunk, max_batch=a.slots)),
+  arms = {"continuous": (decode, None)} | {k: (m, rev) for k, (m, rev) in static_mods.items()}
+  decs = {
+    k: m.Decoder(cfg, params, tok, chunk=chunk, max_batch=a.slots) for k, (m, _) in arms.items()
   }
   fields = workload_requests(tok, a)
   print(
     f"[workload {a.size}] L={cfg.num_layers} D={cfg.embed_dim} N={cfg.num_heads} K=1 "
     f"F={cfg.mlp_dim} V={cfg.vocab_size}; {n_params / 1e6:.2f}M params; {a.prompts} prompts x "
     f"{a.samples} samples, {a.max_new} new tokens at most, stop {STOP}, {a.slots} slots, "
-    f"{a.rounds} rounds; static = {a.static_rev}; load {_load()}",
+    f"{a.rounds} rounds; arms {list(arms)}; load {_load()}",
     flush=True,
   )
   warm = {}
-  for name, (mod, dec) in arms.items():
+  for name, (mod, _) in arms.items():
     t0 = time.perf_counter()
     for call in warmup_requests(tok, a):
-      dec.generate([mod.Request(**f) for f in call])
-    warm[name] = {"s": time.perf_counter() - t0, "jit_caches": _jit_caches(dec)}
+      decs[name].generate([mod.Request(**f) for f in call])
+    warm[name] = {"s": time.perf_counter() - t0, "jit_caches": _jit_caches(decs[name])}
   per_round = len(fields) // a.samples // a.rounds * a.samples
   rounds, gens = [], {k: [] for k in arms}
   admits: list = []
   load_before = _load()
   for r in range(a.rounds):
     part = fields[r * per_round : (r + 1) * per_round if r < a.rounds - 1 else len(fields)]
-    order = list(arms) if r % 2 == 0 else list(arms)[::-1]
-    row = {"rows": len(part), "order": order}
+    order = list(arms)[r % len(arms) :] + list(arms)[: r % len(arms)]  # who goes first rotates
+    row = {"rows": len(part), "order": order, "s": {}, "tokens": {}}
     for name in order:
-      mod, dec = arms[name]
+      mod, dec = arms[name][0], decs[name]
       reqs = [mod.Request(**f) for f in part]
       restore = _count_admits(dec, admits) if name == "continuous" else (lambda: None)
       try:
         t0 = time.perf_counter()
         out = dec.generate(reqs)
-        row[f"{name}_s"] = time.perf_counter() - t0
+        row["s"][name] = time.perf_counter() - t0
       finally:
         restore()
-      row[f"{name}_tokens"] = sum(len(g.tokens) for g in out)
+      row["tokens"][name] = sum(len(g.tokens) for g in out)
       gens[name] += out
-    row["ratio"] = (row["continuous_tokens"] / row["continuous_s"]) / (
-      row["static_tokens"] / row["static_s"]
-    )
+    rate = {k: row["tokens"][k] / row["s"][k] for k in arms}
+    row["ratio_continuous_over"] = {
+      k: rate["continuous"] / rate[k] for k in arms if k != "continuous"
+    }
     rounds.append(row)
     print(
-      f"[workload round {r}] {row['rows']} rows: continuous {row['continuous_tokens']} tokens "
-      f"{row['continuous_s']:.1f} s, static {row['static_tokens']} tokens {row['static_s']:.1f} s, "
-      f"ratio {row['ratio']:.2f}x; load {_load()}",
+      f"[workload round {r}] {row['rows']} rows: "
+      + ", ".join(f"{k} {row['tokens'][k]} tokens {row['s'][k]:.1f} s" for k in arms)
+      + f"; continuous over {row['ratio_continuous_over']}; load {_load()}",
       flush=True,
     )
   res = {
@@ -666,38 +675,37 @@ def run_workload(a, static_mod) -> dict:
       "slots": a.slots,
       "chunk": chunk,
       "rounds": a.rounds,
-      "static_rev": _short(a.static_rev),
+      "static_revs": {k: rev for k, (_, rev) in arms.items() if rev},
       "seed": a.seed,
     },
     "warmup": warm,
     "rounds": rounds,
     "load_before": load_before,
     "load_after": _load(),
+    "arms": {},
   }
-  for name, (_, dec) in arms.items():
-    n_tok = sum(r[f"{name}_tokens"] for r in rounds)
-    wall = sum(r[f"{name}_s"] for r in rounds)
-    caches = _jit_caches(dec)
-    res[name] = {
+  c = gens["continuous"]
+  for name in arms:
+    n_tok = sum(r["tokens"][name] for r in rounds)
+    wall = sum(r["s"][name] for r in rounds)
+    caches = _jit_caches(decs[name])
+    res["arms"][name] = {
+      "rev": arms[name][1],
       "generated_tokens": n_tok,
       "wall_s": wall,
       "tokens_per_s": n_tok / wall,
       "compiles_in_timed_calls": sum(caches.values()) - sum(warm[name]["jit_caches"].values()),
+      "prompts_prefilled": len(fields),  # static: one prefill row per row
+      "identical_rows": sum(x.tokens == y.tokens for x, y in zip(c, gens[name])),
+      "identical_texts": sum(x.text == y.text for x, y in zip(c, gens[name])),
     }
-  res["continuous"]["prefills"] = len(admits)
-  res["continuous"]["prompts_prefilled"] = sum(p for _, p, _ in admits)
-  res["continuous"]["prefill_groups"] = dict(
-    sorted(collections.Counter(str(g) for g, _, _ in admits).items())
-  )
-  res["static"]["prompts_prefilled"] = len(fields)  # one prefill row per row
-  res["ratio_continuous_over_static"] = (
-    res["continuous"]["tokens_per_s"] / res["static"]["tokens_per_s"]
-  )
-  ratios = [r["ratio"] for r in rounds]
-  res["ratio_per_round"] = ratios
-  c, st = gens["continuous"], gens["static"]
-  res["identical_rows"] = sum(x.tokens == y.tokens for x, y in zip(c, st))
-  res["identical_texts"] = sum(x.text == y.text for x, y in zip(c, st))
+  cont = res["arms"]["continuous"]
+  cont["prefills"] = len(admits)
+  cont["prompts_prefilled"] = sum(p for _, p, _ in admits)
+  cont["prefill_groups"] = dict(sorted(collections.Counter(str(g) for g, _, _ in admits).items()))
+  res["ratio_continuous_over"] = {
+    k: cont["tokens_per_s"] / v["tokens_per_s"] for k, v in res["arms"].items() if k != "continuous"
+  }
   res["rows"] = len(c)
   lengths = sorted(len(g.tokens) for g in c)
   res["generated_lengths"] = {
@@ -711,9 +719,11 @@ def run_workload(a, static_mod) -> dict:
   res["finish_reasons"] = dict(collections.Counter(g.finish_reason for g in c))
   res["section_wall_s"] = time.perf_counter() - t_start
   print(
-    f"[workload] continuous {res['continuous']['tokens_per_s']:,.1f} tok/s vs static "
-    f"{res['static']['tokens_per_s']:,.1f}: {res['ratio_continuous_over_static']:.2f}x; identical "
-    f"rows {res['identical_rows']}/{res['rows']}; lengths {res['generated_lengths']}",
+    "[workload] tok/s "
+    + ", ".join(f"{k} {v['tokens_per_s']:,.1f}" for k, v in res["arms"].items())
+    + f"; continuous over {res['ratio_continuous_over']}; identical rows "
+    + ", ".join(f"{k} {v['identical_rows']}/{res['rows']}" for k, v in res["arms"].items())
+    + f"; lengths {res['generated_lengths']}",
     flush=True,
   )
   return res
@@ -767,13 +777,12 @@ def run(a) -> dict:
     "vs static batching; the decode step and detokenisation before/after; fp32 CPU",
     "load_at_start": _load(),
   }
-  static_mod = None
-  if {"workload", "step"} & set(a.sections):
-    static_mod = decode_step.load_rev(a.static_rev, "decode_static")
   if "hf" in a.sections:
     out["hf"] = run_hf(a)
   if "workload" in a.sections:
-    out["workload"] = run_workload(a, static_mod)
+    revs = {"static": a.static_rev} | {f"static_{_short(r)}": r for r in a.also_static}
+    mods = {k: (decode_step.load_rev(r, f"decode_{k}"), _short(r)) for k, r in revs.items()}
+    out["workload"] = run_workload(a, mods)
   if "step" in a.sections:
     out["step"] = run_step(a)
   out["run_wall_s"] = time.perf_counter() - t0
@@ -908,11 +917,12 @@ def _md_workload(w: dict) -> list[str]:
   s, m = w["settings"], w["settings"]["model"]
   t0, t1 = s["temperatures"][0], s["temperatures"][-1]
   gl = w["generated_lengths"]
-  c, st = w["continuous"], w["static"]
-  rounds = w["rounds"]
+  arms, rounds, revs = w["arms"], w["rounds"], s["static_revs"]
+  head = revs["static"]
+  extra = [k for k in arms if k not in ("continuous", "static")]
   lines = [
     "",
-    f"## 2. Sampling workload: continuous batching vs static batching ({s['static_rev']})",
+    f"## 2. Sampling workload: continuous batching vs static batching ({head})",
     "",
     f"As RRTF samples: {s['prompts']} prompts of {s['prompt_range'][0]}-{s['prompt_range'][1]} "
     f"tokens (slices of this project's source), {s['samples']} rows each (seeds 0-"
@@ -921,34 +931,58 @@ def _md_workload(w: dict) -> list[str]:
     + ", ".join(f"`{x!r}`" for x in s["stop"])
     + f" and the tokenizer's EOS ({s['tokenizer']}). Model `{s['size']}`: random, "
     f"D{m['embed_dim']} L{m['num_layers']} N{m['num_heads']} K{m['num_kv_heads']} "
-    f"F{m['mlp_dim']} V{m['vocab_size']}, {s['params'] / 1e6:.2f}M params, fp32. Both arms "
-    f"`Decoder.generate` with max_batch {s['slots']}, chunk {s['chunk']}, on the same params: "
-    f"continuous = this commit's (rows join free slots at chunk boundaries, a prompt's rows "
-    f"share its prefill); static = `model/decode.py` as of {s['static_rev']} (batches of "
-    f"{s['slots']} rows, each decoded until its longest row ends, every row prefilled, stacked "
-    f"layers, every row's text re-decoded whole at each stop check). {s['rounds']} rounds of "
-    f"{rounds[0]['rows']} rows, one `generate` call per arm each, the arms alternating first; "
-    "compilation in untimed warm-up calls before. Generated tokens are the tokens returned.",
+    f"F{m['mlp_dim']} V{m['vocab_size']}, {s['params'] / 1e6:.2f}M params, fp32. Every arm is "
+    f"`Decoder.generate` with max_batch {s['slots']}, chunk {s['chunk']}, on the same params. "
+    "Continuous: this commit's (rows join free slots at chunk boundaries, a prompt's rows share "
+    f"its prefill). Static: `model/decode.py` as of {head}, the issue's baseline (batches of "
+    f"{s['slots']} rows in prompt-length order, each decoded until its longest row ends, every "
+    "row prefilled, layers sliced out of the stacked weights at every step, every row's text "
+    "re-decoded whole at each stop check)"
+    + "".join(
+      f"; and as of {revs[k]} (static batching as above, with per-layer weights and incremental "
+      "detokenisation: the parent of continuous batching, so its ratio is continuous batching's "
+      "own)"
+      for k in extra
+    )
+    + f". {s['rounds']} rounds of {rounds[0]['rows']} rows, one `generate` call per arm each, "
+    "who goes first rotating; compilation in untimed warm-up calls before. Generated tokens are "
+    "the tokens returned.",
     "",
     f"Generated lengths: min {gl['min']}, quartiles {gl['q25']:g} / {gl['median']:g} / "
     f"{gl['q75']:g}, max {gl['max']} ({gl['at_max_new_tokens']} rows at max_new_tokens); finish "
     "reasons " + ", ".join(f"{k} {v}" for k, v in sorted(w["finish_reasons"].items())) + ".",
     "",
-    "| arm | generated tokens | wall s | tok/s | prompt rows prefilled | compiles in timed calls |",
-    "|---|---|---|---|---|---|",
-    f"| continuous | {c['generated_tokens']:,} | {c['wall_s']:.1f} | {c['tokens_per_s']:,.1f} | "
-    f"{c['prompts_prefilled']} in {c['prefills']} calls | {c['compiles_in_timed_calls']} |",
-    f"| static ({s['static_rev']}) | {st['generated_tokens']:,} | {st['wall_s']:.1f} | "
-    f"{st['tokens_per_s']:,.1f} | {st['prompts_prefilled']} | {st['compiles_in_timed_calls']} |",
+    "| arm | generated tokens | wall s | tok/s | continuous / arm | per round | prompt rows "
+    "prefilled | rows identical to continuous | compiles in timed calls |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for k, v in arms.items():
+    name = "continuous" if k == "continuous" else f"static ({v['rev']})"
+    ratio = per_round = ""
+    if k != "continuous":
+      ratio = f"**{w['ratio_continuous_over'][k]:.2f}x**"
+      per_round = ", ".join(f"{r['ratio_continuous_over'][k]:.2f}x" for r in rounds)
+    prefilled = f"{v['prompts_prefilled']}" + (
+      f" in {v['prefills']} calls" if "prefills" in v else ""
+    )
+    lines.append(
+      f"| {name} | {v['generated_tokens']:,} | {v['wall_s']:.1f} | {v['tokens_per_s']:,.1f} | "
+      f"{ratio} | {per_round} | {prefilled} | {v['identical_rows']}/{w['rows']} | "
+      f"{v['compiles_in_timed_calls']} |"
+    )
+  r0 = w["ratio_continuous_over"]["static"]
+  lines += [
     "",
-    f"Continuous / static: **{w['ratio_continuous_over_static']:.2f}x** tokens/s (target 2x: "
-    f"{'met' if w['ratio_continuous_over_static'] >= 2 else 'not met'}); per round "
-    + ", ".join(f"{r:.2f}x" for r in w["ratio_per_round"])
-    + f". Rows whose tokens are identical between the arms: {w['identical_rows']}/{w['rows']} "
-    f"(texts: {w['identical_texts']}/{w['rows']}). The section took "
-    f"{w['section_wall_s'] / 60:.1f} min (warm-up: continuous {w['warmup']['continuous']['s']:.0f}"
-    f" s, static {w['warmup']['static']['s']:.0f} s); load {w['load_before']} before the rounds, "
-    f"{w['load_after']} after.",
+    f"Target (the issue): continuous / static ({head}) at least 2x: "
+    f"{'met' if r0 >= 2 else 'not met'} ({r0:.2f}x). Texts identical to continuous's: "
+    + ", ".join(
+      f"{v['rev'] or k} {v['identical_texts']}/{w['rows']}"
+      for k, v in arms.items()
+      if k != "continuous"
+    )
+    + f". The section took {w['section_wall_s'] / 60:.1f} min (warm-up "
+    + ", ".join(f"{k} {v['s']:.0f} s" for k, v in w["warmup"].items())
+    + f"); load {w['load_before']} before the rounds, {w['load_after']} after.",
   ]
   return lines
 
