@@ -14,7 +14,9 @@ ours  `Decoder.generate` (continuous batching over min(batch, max_batch) slots: 
       loaded with `Decoder.from_checkpoint(dir, dtype="float32")`; JAX_PLATFORMS=cpu. Timed at
       every `--chunks` value (Decoder's default is 32).
 HF    `GPTBigCodeForCausalLM.generate(do_sample=False, use_cache=True)`, torch CPU, with
-      torch.set_num_threads(os.cpu_count()) (XLA's CPU client uses every core by default).
+      torch.set_num_threads(cores), cores = the CPUs this process may run on (XLA's CPU client
+      uses every one of them by default; `taskset -c 0 python benchmarks/decode.py` gives both
+      sides one core).
 
 The model is a random HF GPTBigCode, multi-query (StarCoder's shape), its weights perturbed as
 tests/conftest.py `make_hf_model` does (so no bias or norm is trivial), saved with safetensors
@@ -197,6 +199,11 @@ def _ver(pkg: str) -> str | None:
     return None
 
 
+def _cores() -> int:
+  """CPUs this process may run on (taskset narrows them; os.cpu_count() does not see it)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _load() -> str | None:
   try:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -233,6 +240,7 @@ def env_info() -> dict:
     "platform": platform.platform(),
     "processor": platform.processor(),
     "cpu_count": os.cpu_count(),
+    "cpus_usable": _cores(),
     "jax": jax.__version__,
     "jaxlib": _ver("jaxlib"),
     "flax": _ver("flax"),
@@ -424,7 +432,7 @@ def sampling_cost(batch: int, vocab: int, reps: int = 20) -> dict:
 
 def run_hf(a) -> dict:
   """Section 1: ours vs HF generate, greedy, per batch size."""
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(_cores())
   chunks = list(dict.fromkeys(a.chunks))
   with tempfile.TemporaryDirectory() as tmp:
     hf, decoders = build(a.size, a.seed, tmp, chunks, max(a.batches))
@@ -833,7 +841,8 @@ def markdown(result: dict) -> str:
   lines = [
     "# Decoding on CPU, fp32",
     "",
-    f"{env['cpu_count']} CPUs, JAX {env['jax']}, {env['date']}; the whole run took "
+    f"{env.get('cpus_usable', env['cpu_count'])} of {env['cpu_count']} CPUs, JAX {env['jax']}, "
+    f"{env['date']}; the whole run took "
     f"{result['run_wall_s'] / 60:.1f} min, load (1/5/15-minute averages, this benchmark's own "
     f"threads included: about 2 while it runs) {result['load_at_start']} at its start and "
     f"{result['load_at_end']} at its end. {_code_line(env.get('code'))} Every ratio compares "
