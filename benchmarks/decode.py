@@ -884,7 +884,8 @@ def _md_hf(res: dict, env: dict) -> list[str]:
     f"Ours: `model.decode.Decoder.generate` (continuous batching, max_batch "
     f"{s.get('max_batch', max(s['batches']))}); HF: `GPTBigCodeForCausalLM.generate` "
     f"(transformers {env['transformers']}, torch {env['torch']}, {env['torch_num_threads']} "
-    f"threads, attention {s['hf_attn_implementation']}). Model `{s['size']}`: D{m['n_embd']} "
+    f"thread{'s' if env['torch_num_threads'] != 1 else ''}, attention "
+    f"{s['hf_attn_implementation']}). Model `{s['size']}`: D{m['n_embd']} "
     f"L{m['n_layer']} N{m['n_head']} MQA V{m['vocab_size']}, {s['params'] / 1e6:.1f}M params, "
     f"same random weights; prompts up to {s['prompt_len']} tokens, {s['new_tokens']} new tokens "
     f"per row, EOS off. Median of {s['repeats']} interleaved calls after one untimed call; tok/s "
@@ -913,6 +914,17 @@ def _md_hf(res: dict, env: dict) -> list[str]:
       f"{ag['identical_rows']}/{ag['rows']} | "
       f"{r[f'ours_chunk{c0}']['first_call_s']:.1f} | {r['load_after']} |"
     )
+  slow = {b: r["hf"]["s_median"] / r["hf"]["first_call_s"] for b, r in res["batches"].items()}
+  slow = {b: x for b, x in slow.items() if x > 1.3}
+  if slow:
+    lines += [
+      "",
+      "**Background load distorts this table**: HF's timed calls took "
+      + ", ".join(f"{x:.1f}x its untimed first call at batch {b}" for b, x in slow.items())
+      + " (other work held the cores; torch's threads then also wait on one another). Compare the "
+      "sides in a quieter run or with one core each (`taskset -c 0 python "
+      "benchmarks/decode.py --sections hf`) before reading the ratios as ours/HF.",
+    ]
   prof = [(b, r["profile"]) for b, r in res["batches"].items() if "profile" in r]
   if prof:
     lines += [
