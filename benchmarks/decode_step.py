@@ -8,11 +8,16 @@ tokens, per token, and the in-loop instructions that write a layer-weight-sized 
 dynamic-slice out of a stacked parameter, or a transposing copy of one). `--baseline REV` also
 times decode_chunk as of git revision REV in the same process (interleaved, and the ratio of
 each back-to-back pair), so the two share the machine's load, and checks that the greedy
-tokens are identical. `detokenize`: the host seconds to keep one row's text current, chunk
-after chunk, by decoding the whole row (before) or incrementally
-(data/tokenizer.IncrementalDetokenizer).
+tokens of the chunk are identical. Each version's state comes from its own prefill: `admit`
+into `init_state`'s slots (a chunk of C = `--chunk` tokens per call, the state's `out` width)
+where the module has it, else the static `prefill` (and decode_chunk's `stop_at` argument).
+`detokenize`: the host seconds to keep one row's text current, chunk after chunk, by decoding
+the whole row (before) or incrementally (data/tokenizer.IncrementalDetokenizer).
 
-  python benchmarks/decode_step.py --baseline f4fd5c5 --out benchmarks/results/decode_step.json
+benchmarks/decode.py runs this (against d01333f, whose layers are stacked and whose rows are
+re-decoded whole) and reports it in benchmarks/results/decode.md; alone:
+
+  python benchmarks/decode_step.py --baseline d01333f
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -49,38 +55,44 @@ CFG = ModelConfig(
 )
 
 
-def _load_rev(rev: str):
-  """model/decode.py as of git `rev`, imported as a separate module."""
-  src = subprocess.check_output(["git", "show", f"{rev}:model/decode.py"], text=True)
-  path = os.path.join(tempfile.mkdtemp(), "decode_baseline.py")
+def load_rev(rev: str, name: str = "decode_baseline"):
+  """model/decode.py as of git `rev`, imported as the separate module `name` (on this
+  checkout's model/transformer.py and the rest)."""
+  src = subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:model/decode.py"], text=True)
+  path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
   with open(path, "w") as f:
     f.write(src)
-  spec = importlib.util.spec_from_file_location("decode_baseline", path)
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
-  sys.modules["decode_baseline"] = mod  # dataclasses look their module up
+  sys.modules[name] = mod  # dataclasses look their module up
   spec.loader.exec_module(mod)
   return mod
 
 
-def _state(mod, params, b: int, p: int, m: int):
+def _state(mod, cfg, params, b: int, p: int, m: int, chunk: int):
+  """The state after prefilling b random prompts of p tokens, with room for m new tokens."""
   rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, (b, p)), jnp.int32)
+  tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (b, p)), jnp.int32)
   mask = jnp.ones((b, p), jnp.int32)
   keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(jnp.arange(b))
-  z = jnp.zeros((b,), jnp.float32)
+  z, zi = jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)
+  max_new = jnp.full((b,), m, jnp.int32)
+  if hasattr(mod, "admit"):  # continuous batching: b slots of p + m tokens, chunk-wide `out`
+    st = mod.init_state(cfg, slots=b, length=p + m, chunk=chunk)
+    rows = jnp.arange(b, dtype=jnp.int32)
+    admit = jax.jit(mod.admit, static_argnames=("cfg",))
+    return admit(params, cfg, st, tokens, mask, rows, rows, b, keys, z, z + 1, zi, max_new)
   return jax.jit(mod.prefill, static_argnames=("cfg", "new_tokens"))(
-    params,
-    CFG,
-    tokens,
-    mask,
-    keys,
-    z,
-    z + 1,
-    jnp.zeros((b,), jnp.int32),
-    jnp.full((b,), m, jnp.int32),
-    jnp.zeros((b,), bool),
-    new_tokens=m,
+    params, cfg, tokens, mask, keys, z, z + 1, zi, max_new, jnp.zeros((b,), bool), new_tokens=m
   )
+
+
+def _chunk_call(mod, chunk: int):
+  """-> (jitted decode_chunk, its positional arguments after the state): one call of `chunk`
+  tokens from the state's start, as the module's signature has it (the continuous-batching
+  one takes the chunk from the state; the one before took `stop_at`)."""
+  fn = jax.jit(mod.decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"))
+  return fn, (() if hasattr(mod, "admit") else (jnp.int32(chunk),))
 
 
 def weight_copies(hlo: str, params) -> list[str]:
@@ -125,29 +137,30 @@ def detok_cost(tokens: int, chunk: int) -> dict:
 
 
 def run(a) -> dict:
-  params = init_params(CFG, jax.random.key(0))
+  cfg = getattr(a, "cfg", None) or CFG
+  params = init_params(cfg, jax.random.key(0))
   mods = {"this": decode}
   if a.baseline:
-    mods["baseline"] = _load_rev(a.baseline)
+    mods["baseline"] = load_rev(a.baseline)
   b, p, m = a.batch, a.prompt, a.new_tokens
   fns, hlos, toks = {}, {}, {}
   for name, mod in mods.items():
-    fn = jax.jit(mod.decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"))
+    fn, extra = _chunk_call(mod, a.chunk)
     # the params as each version's Decoder passes them (split per layer where it does that)
     mp = getattr(mod, "split_layers", lambda x: x)(params)
-    st = _state(mod, mp, b, p, m)
-    hlos[name] = fn.lower(mp, CFG, st, jnp.int32(a.chunk), eos_ids=(), pad_id=0).compile().as_text()
-    out = fn(mp, CFG, st, jnp.int32(m), eos_ids=(), pad_id=0)
-    toks[name] = np.asarray(out.out)
-    fns[name] = (fn, st, mp)
+    st = _state(mod, cfg, mp, b, p, m, a.chunk)
+    kw = dict(eos_ids=(), pad_id=0)
+    hlos[name] = fn.lower(mp, cfg, st, *extra, **kw).compile().as_text()
+    toks[name] = np.asarray(fn(mp, cfg, st, *extra, **kw).out)[:, : a.chunk]
+    fns[name] = (fn, st, mp, extra)
   times = {k: [] for k in mods}
   for _ in range(a.repeats):
-    for name, (fn, st, mp) in fns.items():
+    for name, (fn, st, mp, extra) in fns.items():
       t = time.perf_counter()
-      jax.block_until_ready(fn(mp, CFG, st, jnp.int32(a.chunk), eos_ids=(), pad_id=0).out)
+      jax.block_until_ready(fn(mp, cfg, st, *extra, eos_ids=(), pad_id=0).out)
       times[name].append(time.perf_counter() - t)
   res = {
-    "config": "L4 D512 N8 K1 F2048 V8192 fp32",
+    "config": _describe(cfg),
     "batch": b,
     "prompt_bucket": p,
     "new_tokens_bucket": m,
@@ -169,7 +182,7 @@ def run(a) -> dict:
     }
   if a.baseline:
     res["baseline_rev"] = subprocess.check_output(
-      ["git", "rev-parse", "--short", a.baseline], text=True
+      ["git", "rev-parse", "--short", a.baseline], text=True, cwd=REPO
     ).strip()
     res["ratio_this_over_baseline"] = (
       res["this"]["chunk_s_median"] / res["baseline"]["chunk_s_median"]
@@ -183,11 +196,30 @@ def run(a) -> dict:
     }
     res["tokens_identical"] = bool(np.array_equal(toks["this"], toks["baseline"]))
   res["detokenize"] = detok_cost(a.detok_tokens, a.chunk)
+  res["detokenize"]["ratio_full_over_incremental"] = (
+    res["detokenize"]["full_redecode_s"] / res["detokenize"]["incremental_s"]
+  )
   if a.dump:
     for name, h in hlos.items():
       with open(os.path.join(a.dump, f"decode_{name}.hlo.txt"), "w") as f:
         f.write(h)
   return res
+
+
+def _describe(cfg) -> str:
+  return (
+    f"L{cfg.num_layers} D{cfg.embed_dim} N{cfg.num_heads} K{cfg.num_kv_heads} F{cfg.mlp_dim} "
+    f"V{cfg.vocab_size} {'fp32' if cfg.dtype == 'float32' else cfg.dtype}"
+  )
+
+
+def run_all(batches, **kw) -> dict:
+  """{f"batch{b}": run(...)} for each batch size; `kw` as main's flags (baseline, prompt,
+  new_tokens, chunk, repeats, detok_tokens, dump; cfg: another model config)."""
+  defaults = dict(baseline=None, prompt=64, new_tokens=64, chunk=32, repeats=15)
+  defaults |= dict(detok_tokens=4096, dump=None)
+  a = argparse.Namespace(**(defaults | kw))
+  return {f"batch{b}": run(argparse.Namespace(**{**vars(a), "batch": b})) for b in batches}
 
 
 def main():
@@ -202,9 +234,7 @@ def main():
   ap.add_argument("--dump", default=None, help="folder for the optimized HLO texts")
   ap.add_argument("--out", default=None)
   a = ap.parse_args()
-  res = {}
-  for b in a.batch:
-    res[f"batch{b}"] = run(argparse.Namespace(**{**vars(a), "batch": b}))
+  res = run_all(**{**vars(a), "batches": a.batch, "batch": None})
   text = json.dumps(res, indent=2)
   print(text)
   if a.out:
