@@ -71,6 +71,50 @@ MIN_PROMPT_BUCKET = 16
 _CACHE_AXES = ("layers", "batch", "length", "kv", "head_dim")
 
 
+# The KV cache is one [L, B, S, K, H] array per K and V, or, with the layers' parameters split
+# (split_layers), a tuple of L [B, S, K, H] arrays: then no layer's cache is sliced out of the
+# stack at every step either (a copy on CPU, like the weights', and S-sized).
+def _per_layer(cache) -> bool:
+  return isinstance(cache, (tuple, list))
+
+
+def _constrain(cache):
+  if _per_layer(cache):
+    return tuple(nn.with_logical_constraint(c, _CACHE_AXES[1:]) for c in cache)
+  return nn.with_logical_constraint(cache, _CACHE_AXES)
+
+
+def _put_rows(cache, new, rows, index):
+  """new [L, B, K, H]: row b's entry at cache index index[b] (past the cache: dropped)."""
+  if _per_layer(cache):
+    return tuple(
+      c.at[rows, index].set(new[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache)
+    )
+  return cache.at[:, rows, index].set(new.astype(cache.dtype), mode="drop")
+
+
+def _put_slot(cache, slab, slot):
+  """slab [L, 1, W, K, H]: slot `slot`'s first W entries."""
+  if _per_layer(cache):
+    return tuple(
+      jax.lax.dynamic_update_slice(c, slab[i].astype(c.dtype), (slot, 0, 0, 0))
+      for i, c in enumerate(cache)
+    )
+  return jax.lax.dynamic_update_slice(cache, slab.astype(cache.dtype), (0, slot, 0, 0, 0))
+
+
+def _window(cache, rows: int, length: int):
+  if _per_layer(cache):
+    return tuple(c[:rows, :length] for c in cache)
+  return cache[:, :rows, :length]
+
+
+def _put_window(cache, part):
+  if _per_layer(cache):
+    return tuple(jax.lax.dynamic_update_slice(c, x, (0,) * c.ndim) for c, x in zip(cache, part))
+  return jax.lax.dynamic_update_slice(cache, part, (0,) * cache.ndim)
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
   tokens: list[int]  # generated ids, through the one that ended the row (EOS or a stop sequence)
@@ -97,8 +141,8 @@ class DecodeState(struct.PyTreeNode):
   sit from cache index 0: its prompt (as prefill left it, rotated so the padding comes last,
   masked), then what it generated; `index` is where its next token's K/V go."""
 
-  cache_k: jax.Array  # [L, B, S, K, H]
-  cache_v: jax.Array  # [L, B, S, K, H]
+  cache_k: jax.Array  # [L, B, S, K, H], or L arrays [B, S, K, H] (split layers)
+  cache_v: jax.Array  # as cache_k
   cache_mask: jax.Array  # [B, S] int32, 1 where the cache holds a real token
   logits: jax.Array  # [B, V] fp32, for the next token
   positions: jax.Array  # [B] position of the next token
@@ -115,11 +159,17 @@ class DecodeState(struct.PyTreeNode):
   refill: jax.Array  # () bool: rows wait for a slot, so a chunk ends as soon as a row finishes
 
 
-def init_state(cfg: ModelConfig, *, slots: int, length: int, chunk: int) -> DecodeState:
-  """B = `slots` free slots (done) over a zeroed cache of `length` tokens each."""
+def init_state(
+  cfg: ModelConfig, *, slots: int, length: int, chunk: int, per_layer: bool = False
+) -> DecodeState:
+  """B = `slots` free slots (done) over a zeroed cache of `length` tokens each (`per_layer`:
+  a tuple of L arrays, for split layers)."""
   b, dtype = slots, jnp.dtype(cfg.dtype)
-  shape = (cfg.num_layers, b, length, cfg.num_kv_heads, cfg.head_dim)
-  cache = nn.with_logical_constraint(jnp.zeros(shape, dtype), _CACHE_AXES)
+  shape = (b, length, cfg.num_kv_heads, cfg.head_dim)
+  if per_layer:
+    cache = _constrain(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+  else:
+    cache = _constrain(jnp.zeros((cfg.num_layers, *shape), dtype))
   zeros_i = jnp.zeros((b,), jnp.int32)
   return DecodeState(
     cache_k=cache,
@@ -178,17 +228,12 @@ def insert(
   """Starts `count` rows: row r (of src, dst, keys, ... [R], padded past `count` with dst = B,
   which is dropped) copies prompt src[r]'s K/V into slot dst[r] and decodes from its logits.
   The n samples of one prompt share its prefill (src repeats)."""
-  dtype = state.cache_k.dtype
 
   def copy(r, carry):
     ck, cv, cm = carry
     s, d = src[r], dst[r]
-    ck = jax.lax.dynamic_update_slice(
-      ck, jax.lax.dynamic_slice_in_dim(pre.k, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
-    )
-    cv = jax.lax.dynamic_update_slice(
-      cv, jax.lax.dynamic_slice_in_dim(pre.v, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
-    )
+    ck = _put_slot(ck, jax.lax.dynamic_slice_in_dim(pre.k, s, 1, axis=1), d)
+    cv = _put_slot(cv, jax.lax.dynamic_slice_in_dim(pre.v, s, 1, axis=1), d)
     row = jnp.zeros((1, cm.shape[1]), jnp.int32)
     row = jax.lax.dynamic_update_slice(row, jax.lax.dynamic_slice_in_dim(pre.mask, s, 1), (0, 0))
     cm = jax.lax.dynamic_update_slice(cm, row, (d, 0))
@@ -203,8 +248,8 @@ def insert(
 
   n = pre.lens[src]
   return state.replace(
-    cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
-    cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES),
+    cache_k=_constrain(cache_k),
+    cache_v=_constrain(cache_v),
     cache_mask=cache_mask,
     logits=put("logits", pre.logits[src]),
     positions=put("positions", n),
@@ -279,13 +324,13 @@ def decode_chunk(
       (st.cache_k, st.cache_v, window_mask(st.cache_mask, st.index, cfg.sliding_window)),
     )
     # each row writes at its own index; a full row's index is past the cache, and dropped
-    cache_k = st.cache_k.at[:, rows, st.index].set(k[:, :, 0].astype(st.cache_k.dtype), mode="drop")
-    cache_v = st.cache_v.at[:, rows, st.index].set(v[:, :, 0].astype(st.cache_v.dtype), mode="drop")
+    cache_k = _put_rows(st.cache_k, k[:, :, 0], rows, st.index)
+    cache_v = _put_rows(st.cache_v, v[:, :, 0], rows, st.index)
     cache_mask = st.cache_mask.at[rows, st.index].set(live.astype(jnp.int32), mode="drop")
     step_on = live.astype(jnp.int32)
     return st.replace(
-      cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
-      cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES),
+      cache_k=_constrain(cache_k),
+      cache_v=_constrain(cache_v),
       cache_mask=cache_mask,
       logits=_head(params, cfg, hidden[:, 0]),
       positions=st.positions + step_on,
@@ -441,8 +486,8 @@ def decode_window(
     return x if x.ndim == 0 else x[:rows]
 
   sub = jax.tree.map(part, state).replace(
-    cache_k=state.cache_k[:, :rows, :length],
-    cache_v=state.cache_v[:, :rows, :length],
+    cache_k=_window(state.cache_k, rows, length),
+    cache_v=_window(state.cache_v, rows, length),
     cache_mask=state.cache_mask[:rows, :length],
   )
   sub = decode_chunk(params, cfg, sub, eos_ids=eos_ids, pad_id=pad_id)
@@ -456,8 +501,8 @@ def decode_window(
     sub.replace(cache_k=None, cache_v=None, cache_mask=None),
   )
   return out.replace(
-    cache_k=jax.lax.dynamic_update_slice(state.cache_k, sub.cache_k, (0, 0, 0, 0, 0)),
-    cache_v=jax.lax.dynamic_update_slice(state.cache_v, sub.cache_v, (0, 0, 0, 0, 0)),
+    cache_k=_put_window(state.cache_k, sub.cache_k),
+    cache_v=_put_window(state.cache_v, sub.cache_v),
     cache_mask=jax.lax.dynamic_update_slice(state.cache_mask, sub.cache_mask, (0, 0)),
   )
 
@@ -513,7 +558,11 @@ class Batcher:
     self._stale: set[int] = set()  # free slots the device still decodes (stopped or cancelled)
     with decoder._context():
       self.state = decoder._init(
-        decoder.config, slots=self.slots, length=self.length, chunk=decoder.chunk
+        decoder.config,
+        slots=self.slots,
+        length=self.length,
+        chunk=decoder.chunk,
+        per_layer=isinstance(decoder.layer_params["h"], tuple),
       )
     self._base = jax.random.key(decoder.seed)
     self._kept = None  # (prompt ids -> row, Prefill) of the last prefill
@@ -744,7 +793,9 @@ class Decoder:
     self.eos_ids = config.eos_ids or (() if tok_eos is None else (int(tok_eos),))
     self.eos_id = self.eos_ids[0] if self.eos_ids else None  # the first: it pads, by default
     self.pad_id = config.replace(eos_token_id=self.eos_id).pad_id
-    self._init = jax.jit(init_state, static_argnames=("cfg", "slots", "length", "chunk"))
+    self._init = jax.jit(
+      init_state, static_argnames=("cfg", "slots", "length", "chunk", "per_layer")
+    )
     self._admit = jax.jit(admit, static_argnames=("cfg",), donate_argnums=(2,))
     self._insert = jax.jit(insert, donate_argnums=(0,))
     self._decode = jax.jit(

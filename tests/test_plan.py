@@ -169,8 +169,8 @@ BAD_INPUTS = [
   (["--topology", "v5e:2x2", "--config.model.num_layerz=1"], "no field 'model.num_layerz'"),
   (["--topology", "v5e:2x2", "--quant", "int8"], "plan the decode step: add --decode"),
   (
-    ["--topology", "v5e:1x1", "--decode", "--seq-len", "100"],
-    "context 100 must exceed 128 new tokens",
+    ["--topology", "v5e:1x1", "--decode", "--seq-len", "600"],
+    "be at most model.max_position_embeddings=512",
   ),
   (
     ["--topology", "v5e:1x1", "--decode", "--quant", "int4", "--quant-group", "48"],
