@@ -20,8 +20,11 @@ new tokens (an incremental detokenizer, data/tokenizer.py: never the whole row a
 checks the stop sequences (strings, which may span tokens and chunks); a row that hit one is
 done, its text cut exactly before the first stop sequence. A finished row frees its slot at
 that chunk boundary and the next step refills it, so no slot decodes a finished row while
-work waits. A slot's tokens sit from cache index 0 (its prompt, then what it generated) with
-its own write index and position, so a row decodes exactly as it would alone.
+work waits; while rows wait, a chunk also ends as soon as a row hits EOS or its budget
+(`DecodeState.refill`). The last prefill is kept (`Prefill`), so samples of a prompt that find
+slots later start from it. A chunk runs on the busy slots and the filled cache only
+(`decode_window`). A slot's tokens sit from cache index 0 (its prompt, then what it
+generated) with its own write index and position, so a row decodes exactly as it would alone.
 
 Every family of model/families.py decodes here: RoPE rotates by the same mask-derived
 positions learned tables look up, a sliding window hides the cache slots a new token may no
@@ -32,10 +35,10 @@ Sampling per row: greedy (temperature 0), or temperature then top-k then top-p, 
 folded from (seed, row seed, the row's own step): a row's tokens depend on its own seed, not
 on which other rows share its batch or when it joined.
 
-On CPU the decoder keeps each layer's parameters as separate arrays (`split_layers`) and runs
-the layers as one unrolled call each (so its compile time grows with depth, unlike the scanned
-model's): a layer sliced out of the stacked [L, ...] arrays inside the loop is a copy of its
-weights at every step there (XLA's CPU backend makes it; benchmarks/decode_step.py). Elsewhere
+On CPU the decoder keeps each layer's parameters and KV cache as separate arrays
+(`split_layers`, `init_state(per_layer=True)`) and runs the layers as one unrolled call each
+(so its compile time grows with depth, unlike the scanned model's): a layer sliced out of the
+stacked [L, ...] arrays inside the loop is a copy of its weights (or cache) at every step there (XLA's CPU backend makes it; benchmarks/decode_step.py). Elsewhere
 the layers stay stacked and scanned (`Decoder(split=)`). Under a mesh
 (`Decoder(..., mesh=)`), parameters keep their sharding, the slots and cache shard over the
 batch axes and the model's logical constraints apply, so a 15B model decodes with its weights
