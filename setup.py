@@ -28,6 +28,10 @@ INSTALL_REQUIRES = [
   "matplotlib==3.11.2",  # rrtf evaluate --compare (a Venn diagram, Agg canvas)
   "qwix==0.1.8",  # rrtf quantize: round-to-nearest and GPTQ's steps (model/quantize.py)
   "Jinja2==3.1.6",  # checkpoints' chat templates in rrtf serve (data/chat_template.py)
+  # rrtf serve's HTTP server: asyncio, streamed responses, graceful shutdown (serving/server.py);
+  # the version gcsfs already brings
+  "aiohttp==3.14.5",
+  "prometheus_client==0.26.0",  # rrtf serve's /metrics (queue, busy slots, tokens, TTFT)
 ]
 
 EXTRAS_REQUIRE = {

@@ -112,6 +112,7 @@ class DecodeState(struct.PyTreeNode):
   top_k: jax.Array  # [B] int32
   max_new: jax.Array  # [B] int32
   step: jax.Array  # () int32, tokens generated in the current chunk (the loop index)
+  refill: jax.Array  # () bool: rows wait for a slot, so a chunk ends as soon as a row finishes
 
 
 def init_state(cfg: ModelConfig, *, slots: int, length: int, chunk: int) -> DecodeState:
@@ -138,53 +139,58 @@ def init_state(cfg: ModelConfig, *, slots: int, length: int, chunk: int) -> Deco
     top_k=zeros_i,
     max_new=zeros_i,
     step=jnp.zeros((), jnp.int32),
+    refill=jnp.zeros((), bool),
   )
 
 
-def admit(
-  params,
-  cfg: ModelConfig,
-  state: DecodeState,
-  tokens,
-  mask,
-  src,
-  dst,
-  count,
-  keys,
-  temperature,
-  top_p,
-  top_k,
-  max_new,
-) -> DecodeState:
-  """Prefills G left-padded prompts (tokens, mask [G, P]) once and starts `count` rows from them:
-  row r (of src, dst, keys, ... [R], padded past `count` with dst = B, which is dropped) copies
-  prompt src[r]'s K/V into slot dst[r] and decodes from its last logits. The n samples of one
-  prompt share its prefill (src repeats). Compiles once per (G, P)."""
-  g, p = tokens.shape
+class Prefill(struct.PyTreeNode):
+  """G prompts run through the model (`prefill_prompts`), kept so that later rows of the same
+  prompts start without running them again: each prompt's K/V rotated so its tokens start at
+  index 0 (the padding last, masked), its last logits and its length."""
+
+  k: jax.Array  # [L, G, W, K, H], W = min(P, S)
+  v: jax.Array  # [L, G, W, K, H]
+  mask: jax.Array  # [G, W] int32
+  logits: jax.Array  # [G, V] fp32
+  lens: jax.Array  # [G] int32
+
+
+def prefill_prompts(params, cfg: ModelConfig, tokens, mask, *, width: int) -> Prefill:
+  """Runs G left-padded prompts (tokens, mask [G, P]) through the model; keeps the first `width`
+  cache entries of each (its tokens and no more need fit). Compiles once per (G, P)."""
+  p = tokens.shape[1]
   seg = mask.astype(jnp.int32)
   hidden, (k, v) = _model(params, cfg, tokens, seg, positions_from_segments(seg))
-  logits = _head(params, cfg, hidden[:, -1])  # [G, V]
-  lens = seg.sum(-1)
-  # rotate each prompt so its tokens start at index 0 (the padding goes last, masked)
-  order = (jnp.arange(p)[None] + (p - lens)[:, None]) % p  # [G, P]
-  width = min(p, state.cache_mask.shape[1])
-  order = order[:, :width]
-  k = jnp.take_along_axis(k, order[None, :, :, None, None], axis=2)
-  v = jnp.take_along_axis(v, order[None, :, :, None, None], axis=2)
-  rows_mask = jnp.take_along_axis(seg, order, axis=1)  # [G, width]
+  lens = seg.sum(-1).astype(jnp.int32)
+  order = ((jnp.arange(p)[None] + (p - lens)[:, None]) % p)[:, :width]  # [G, W]
+  return Prefill(
+    k=jnp.take_along_axis(k, order[None, :, :, None, None], axis=2),
+    v=jnp.take_along_axis(v, order[None, :, :, None, None], axis=2),
+    mask=jnp.take_along_axis(seg, order, axis=1),
+    logits=_head(params, cfg, hidden[:, -1]),
+    lens=lens,
+  )
+
+
+def insert(
+  state: DecodeState, pre: Prefill, src, dst, count, keys, temperature, top_p, top_k, max_new
+) -> DecodeState:
+  """Starts `count` rows: row r (of src, dst, keys, ... [R], padded past `count` with dst = B,
+  which is dropped) copies prompt src[r]'s K/V into slot dst[r] and decodes from its logits.
+  The n samples of one prompt share its prefill (src repeats)."""
   dtype = state.cache_k.dtype
 
   def copy(r, carry):
     ck, cv, cm = carry
     s, d = src[r], dst[r]
     ck = jax.lax.dynamic_update_slice(
-      ck, jax.lax.dynamic_slice_in_dim(k, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
+      ck, jax.lax.dynamic_slice_in_dim(pre.k, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
     )
     cv = jax.lax.dynamic_update_slice(
-      cv, jax.lax.dynamic_slice_in_dim(v, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
+      cv, jax.lax.dynamic_slice_in_dim(pre.v, s, 1, axis=1).astype(dtype), (0, d, 0, 0, 0)
     )
     row = jnp.zeros((1, cm.shape[1]), jnp.int32)
-    row = jax.lax.dynamic_update_slice(row, jax.lax.dynamic_slice_in_dim(rows_mask, s, 1), (0, 0))
+    row = jax.lax.dynamic_update_slice(row, jax.lax.dynamic_slice_in_dim(pre.mask, s, 1), (0, 0))
     cm = jax.lax.dynamic_update_slice(cm, row, (d, 0))
     return ck, cv, cm
 
@@ -195,12 +201,12 @@ def admit(
   def put(field, values):
     return getattr(state, field).at[dst].set(values, mode="drop")
 
-  n = lens[src].astype(jnp.int32)
+  n = pre.lens[src]
   return state.replace(
     cache_k=nn.with_logical_constraint(cache_k, _CACHE_AXES),
     cache_v=nn.with_logical_constraint(cache_v, _CACHE_AXES),
     cache_mask=cache_mask,
-    logits=put("logits", logits[src]),
+    logits=put("logits", pre.logits[src]),
     positions=put("positions", n),
     index=put("index", n),
     lengths=put("lengths", jnp.zeros_like(n)),
@@ -211,6 +217,14 @@ def admit(
     top_k=put("top_k", top_k),
     max_new=put("max_new", max_new),
   )
+
+
+def admit(params, cfg: ModelConfig, state: DecodeState, tokens, mask, *rows):
+  """prefill_prompts then insert, in one call: -> (state, the Prefill, for later rows)."""
+  pre = prefill_prompts(
+    params, cfg, tokens, mask, width=min(tokens.shape[1], state.cache_mask.shape[1])
+  )
+  return insert(state, pre, *rows), pre
 
 
 def window_mask(cache_mask, idx, window: int | None):
@@ -233,14 +247,19 @@ def decode_chunk(
   eos_ids: tuple[int, ...],
   pad_id: int,
 ) -> DecodeState:
-  """Generates up to C (= state.out's width) tokens per live row, until the chunk is full or
-  every row is done (a `lax.while_loop`); row i's tokens of this chunk are out[i, :n_i], n_i
-  how much lengths[i] grew. A row ends on any of `eos_ids` (none: only on its token budget)."""
+  """Generates up to C (= state.out's width) tokens per live row, until the chunk is full,
+  every row is done, or (state.refill: rows wait for a slot) a row finishes (a
+  `lax.while_loop`); row i's tokens of this chunk are out[i, :n_i], n_i how much lengths[i]
+  grew. A row ends on any of `eos_ids` (none: only on its token budget)."""
   b, c = state.out.shape
   rows = jnp.arange(b)
 
+  started = state.done
+
   def cond(st):
-    return (st.step < c) & ~jnp.all(st.done)
+    # with rows waiting, a row that finishes ends the chunk, so its slot is refilled at once
+    ended = st.refill & jnp.any(st.done & ~started)
+    return (st.step < c) & ~jnp.all(st.done) & ~ended
 
   def body(st):
     tok = sample_tokens(st.logits, st.keys, st.lengths, st.temperature, st.top_p, st.top_k)
@@ -401,6 +420,48 @@ def _model(params, cfg: ModelConfig, tokens, segment_ids, positions, cache=None)
   )
 
 
+def decode_window(
+  params,
+  cfg: ModelConfig,
+  state: DecodeState,
+  *,
+  rows: int,
+  length: int,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+) -> DecodeState:
+  """decode_chunk on the first `rows` slots and `length` cache entries only (every live row
+  in them, its next chunk fitting), written back in place: a step then costs what the busy
+  slots and their lengths need, not the whole cache. Compiles once per (rows, length)."""
+  b, s = state.cache_mask.shape
+  if (rows, length) == (b, s):
+    return decode_chunk(params, cfg, state, eos_ids=eos_ids, pad_id=pad_id)
+
+  def part(x):
+    return x if x.ndim == 0 else x[:rows]
+
+  sub = jax.tree.map(part, state).replace(
+    cache_k=state.cache_k[:, :rows, :length],
+    cache_v=state.cache_v[:, :rows, :length],
+    cache_mask=state.cache_mask[:rows, :length],
+  )
+  sub = decode_chunk(params, cfg, sub, eos_ids=eos_ids, pad_id=pad_id)
+
+  def back(full, x):
+    return x if full.ndim == 0 else jax.lax.dynamic_update_slice(full, x, (0,) * full.ndim)
+
+  out = jax.tree.map(
+    back,
+    state.replace(cache_k=None, cache_v=None, cache_mask=None),
+    sub.replace(cache_k=None, cache_v=None, cache_mask=None),
+  )
+  return out.replace(
+    cache_k=jax.lax.dynamic_update_slice(state.cache_k, sub.cache_k, (0, 0, 0, 0, 0)),
+    cache_v=jax.lax.dynamic_update_slice(state.cache_v, sub.cache_v, (0, 0, 0, 0, 0)),
+    cache_mask=jax.lax.dynamic_update_slice(state.cache_mask, sub.cache_mask, (0, 0)),
+  )
+
+
 def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -455,6 +516,8 @@ class Batcher:
         decoder.config, slots=self.slots, length=self.length, chunk=decoder.chunk
       )
     self._base = jax.random.key(decoder.seed)
+    self._kept = None  # (prompt ids -> row, Prefill) of the last prefill
+    self._refill = False  # the state's refill flag, as last set
 
   @property
   def busy(self) -> int:
@@ -490,13 +553,21 @@ class Batcher:
       return []
     dec = self.decoder
     with dec._context():
+      if self._refill != bool(self.waiting):
+        self._refill = bool(self.waiting)
+        self.state = self.state.replace(refill=dec._put(np.asarray(self._refill), False))
       if self._stale:
         done = np.array(self.state.done)
         done[list(self._stale)] = True
         self.state = self.state.replace(done=dec._put(done))
         self._stale.clear()
       self.state = dec._decode(
-        dec.layer_params, dec.config, self.state, eos_ids=dec.eos_ids, pad_id=dec.pad_id
+        dec.layer_params,
+        dec.config,
+        self.state,
+        **self._window(),
+        eos_ids=dec.eos_ids,
+        pad_id=dec.pad_id,
       )
     out, lengths, done = (
       np.asarray(x) for x in (self.state.out, self.state.lengths, self.state.done)
@@ -511,6 +582,17 @@ class Batcher:
         if not done[slot]:
           self._stale.add(slot)
     return updates
+
+  def _window(self) -> dict:
+    """The slots and cache entries the next chunk needs: through the highest busy slot, and
+    through the longest busy row's next chunk, each a power of two (so few compile). Under a
+    mesh every slot runs (a slice of the sharded batch axis would move rows between devices)."""
+    dec = self.decoder
+    rows = self.slots
+    if dec.mesh is None:
+      rows = min(self.slots, _bucket(max(self.running) + 1, 1))
+    need = max(len(r.ids) + len(r.tokens) for r in self.running.values()) + dec.chunk
+    return {"rows": rows, "length": min(self.length, _bucket(need, MIN_PROMPT_BUCKET))}
 
   def _update(self, row: _Row, new: int, done: bool) -> Update:
     dec, stop = self.decoder, row.req.stop
@@ -542,12 +624,22 @@ class Batcher:
     return Update(row.key, gen.text, new, gen)
 
   def _admit(self) -> None:
-    """Starts waiting rows in free slots, in queue order: one prefill per group of distinct
-    prompts (at most max_prefill prompt tokens, unless one prompt alone is longer)."""
+    """Starts waiting rows in free slots, in queue order. Rows whose prompt the last prefill
+    ran start from it (the n samples of a prompt that do not all find a slot at once still
+    prefill it once); the others are prefilled together, one group of distinct prompts per call
+    (at most max_prefill prompt tokens, unless one prompt alone is longer)."""
     free = [s for s in range(self.slots) if s not in self.running]
     while free and self.waiting:
-      prompts: dict[tuple, int] = {}  # prompt ids -> its row in the prefill batch
+      kept, pre = self._kept if self._kept is not None else ({}, None)
       rows: list[tuple[_Row, int]] = []
+      if tuple(self.waiting[0].ids) in kept:
+        while free and self.waiting and tuple(self.waiting[0].ids) in kept:
+          row = self.waiting.popleft()
+          row.slot = free.pop(0)
+          rows.append((row, kept[tuple(row.ids)]))
+        self._start(rows, pre=pre)
+        continue
+      prompts: dict[tuple, int] = {}  # prompt ids -> its row in the prefill batch
       while free and self.waiting:
         row = self.waiting[0]
         key = tuple(row.ids)
@@ -560,45 +652,50 @@ class Batcher:
         self.waiting.popleft()
         row.slot = free.pop(0)
         rows.append((row, prompts[key]))
-      self._prefill(list(prompts), rows)
-      for row, _ in rows:
-        self.running[row.slot] = row
-        self._stale.discard(row.slot)
+      self._start(rows, prompts=list(prompts))
 
-  def _prefill(self, prompts: list[tuple], rows: list[tuple[_Row, int]]) -> None:
+  def _start(self, rows: list[tuple[_Row, int]], *, prompts=None, pre=None) -> None:
+    """Rows (row, its prompt's index) into their slots: from `pre` (a kept Prefill), or from a
+    prefill of `prompts`, which is then kept."""
     dec = self.decoder
-    g = _bucket(len(prompts), 1)
-    p = min(_bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET), dec.config.max_position_embeddings)
-    tokens = np.full((g, p), dec.pad_id, np.int32)
-    mask = np.zeros((g, p), np.int32)
-    for i, ids in enumerate(prompts):
-      tokens[i, p - len(ids) :] = ids
-      mask[i, p - len(ids) :] = 1
     n = len(rows)
     r = self.slots  # one shape for every admission: rows past `n` go to slot B (dropped)
 
     def col(values, dtype, fill=0):
-      return np.array(list(values) + [fill] * (r - n), dtype)
+      return jnp.asarray(np.array(list(values) + [fill] * (r - n), dtype))
 
     reqs = [row.req for row, _ in rows]
-    seeds = jnp.asarray(col((q.seed for q in reqs), np.uint32))
-    keys = jax.vmap(lambda s: jax.random.fold_in(self._base, s))(seeds)
+    seeds = col((q.seed for q in reqs), np.uint32)
+    args = (
+      col((j for _, j in rows), np.int32),
+      col((row.slot for row, _ in rows), np.int32, fill=self.slots),
+      jnp.asarray(n, jnp.int32),
+      jax.vmap(lambda s: jax.random.fold_in(self._base, s))(seeds),
+      col((q.temperature for q in reqs), np.float32),
+      col((q.top_p for q in reqs), np.float32, fill=1),
+      col((q.top_k for q in reqs), np.int32),
+      col((row.budget for row, _ in rows), np.int32),
+    )
     with dec._context():
-      self.state = dec._admit(
-        dec.layer_params,
-        dec.config,
-        self.state,
-        dec._put(tokens),
-        dec._put(mask),
-        jnp.asarray(col((j for _, j in rows), np.int32)),
-        jnp.asarray(col((row.slot for row, _ in rows), np.int32, fill=self.slots)),
-        jnp.asarray(n, jnp.int32),
-        keys,
-        jnp.asarray(col((q.temperature for q in reqs), np.float32)),
-        jnp.asarray(col((q.top_p for q in reqs), np.float32, fill=1)),
-        jnp.asarray(col((q.top_k for q in reqs), np.int32)),
-        jnp.asarray(col((row.budget for row, _ in rows), np.int32)),
-      )
+      if pre is not None:
+        self.state = dec._insert(self.state, pre, *args)
+      else:
+        g = _bucket(len(prompts), 1)
+        p = min(
+          _bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET), dec.config.max_position_embeddings
+        )
+        tokens = np.full((g, p), dec.pad_id, np.int32)
+        mask = np.zeros((g, p), np.int32)
+        for i, ids in enumerate(prompts):
+          tokens[i, p - len(ids) :] = ids
+          mask[i, p - len(ids) :] = 1
+        self.state, pre = dec._admit(
+          dec.layer_params, dec.config, self.state, dec._put(tokens), dec._put(mask), *args
+        )
+        self._kept = ({key: i for i, key in enumerate(prompts)}, pre)
+    for row, _ in rows:
+      self.running[row.slot] = row
+      self._stale.discard(row.slot)
 
 
 class Decoder:
@@ -649,8 +746,11 @@ class Decoder:
     self.pad_id = config.replace(eos_token_id=self.eos_id).pad_id
     self._init = jax.jit(init_state, static_argnames=("cfg", "slots", "length", "chunk"))
     self._admit = jax.jit(admit, static_argnames=("cfg",), donate_argnums=(2,))
+    self._insert = jax.jit(insert, donate_argnums=(0,))
     self._decode = jax.jit(
-      decode_chunk, static_argnames=("cfg", "eos_ids", "pad_id"), donate_argnums=(2,)
+      decode_window,
+      static_argnames=("cfg", "rows", "length", "eos_ids", "pad_id"),
+      donate_argnums=(2,),
     )
 
   @property

@@ -517,6 +517,8 @@ def _serve(args, overrides):
     dtype=args.dtype,
     mesh=args.mesh,
     seed=args.seed,
+    max_queue=args.max_queue,
+    drain_timeout=args.drain_timeout,
   )
 
 
@@ -546,6 +548,18 @@ def _add_serve_command(sub) -> None:
   )
   s.add_argument(
     "--request-log", default=None, help="append one JSON line per request (path, status, body hash)"
+  )
+  s.add_argument(
+    "--max-queue",
+    type=int,
+    default=None,
+    help="rows waiting for a decode slot before new requests get 429 (default: the engine's)",
+  )
+  s.add_argument(
+    "--drain-timeout",
+    type=float,
+    default=None,
+    help="seconds requests in flight get to finish after SIGTERM (default: 30)",
   )
   s.add_argument("--seed", type=int, default=0)
   s.set_defaults(func=_serve)

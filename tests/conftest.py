@@ -1,6 +1,10 @@
 """Test setup: CPU JAX with 8 fake devices, quiet libtpu, and tiny HF GPTBigCode checkpoints."""
 
 import os
+import queue
+import re
+import threading
+import time
 
 # Before anything imports jax.
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -263,6 +267,30 @@ def serve_teacher(tiny_ckpt, tmp_path_factory):
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def serving_url(proc, deadline: float) -> str:
+  """The base URL from a server process's 'serving NAME on URL' line; its output so far if none.
+  A thread reads the lines (a selector on the pipe misses lines already in the file's buffer)
+  and goes on draining the pipe afterwards."""
+  lines = queue.Queue()
+
+  def read():
+    for line in proc.stdout:
+      lines.put(line)
+    lines.put("")  # the end of the output
+
+  threading.Thread(target=read, daemon=True).start()
+  seen = []
+  try:
+    while line := lines.get(timeout=max(0.0, deadline - time.time())):
+      seen.append(line)
+      m = re.fullmatch(r"serving \S+ on (http://127\.0\.0\.1:\d+/v1)\n", line)
+      if m:
+        return m.group(1)
+  except queue.Empty:
+    pass
+  raise AssertionError(f"no 'serving' line (exit code {proc.poll()}): {''.join(seen)[-2000:]}")
 
 
 _INIT_FNS = {}

@@ -162,18 +162,24 @@ def test_continuous_batching_equals_decoding_alone(decoder):
 
   model, dec = decoder
   two = Decoder(dec.config, dec.layer_params, chunk=4, max_batch=2)
-  calls = []
-  jitted = two._admit
+  prefilled, inserted = [], []  # prompts per prefill; rows started from a kept prefill
+  admit, insert = two._admit, two._insert
 
-  def admit(params, cfg, state, tokens, mask, src, dst, count, *rest):
-    calls.append((tokens.shape[0], int(count), sorted(set(np.asarray(src)[: int(count)].tolist()))))
-    return jitted(params, cfg, state, tokens, mask, src, dst, count, *rest)
+  def counting_admit(params, cfg, state, tokens, mask, src, dst, count, *rest):
+    prefilled.append(len(set(np.asarray(src)[: int(count)].tolist())))
+    return admit(params, cfg, state, tokens, mask, src, dst, count, *rest)
 
-  two._admit = admit
+  def counting_insert(state, pre, src, dst, count, *rest):
+    inserted.append(int(count))
+    return insert(state, pre, src, dst, count, *rest)
+
+  two._admit, two._insert = counting_admit, counting_insert
   reqs = _mixed_requests()
   gens = two.generate(reqs)
-  assert len(calls) > 1  # slots were refilled while others decoded
-  assert any(count > len(srcs) for _, count, srcs in calls)  # n rows from one prefilled prompt
+  assert len(prefilled) + len(inserted) > 1  # slots were refilled while others decoded
+  # every prompt ran through the model once, whichever slot and time its rows started
+  assert sum(prefilled) == len({tuple(r.prompt) for r in reqs}) < len(reqs)
+  assert inserted  # later rows of a prompt started from its kept prefill
   one = Decoder(dec.config, dec.layer_params, chunk=4, max_batch=1)
   apply = jax.jit(lambda p, t, i: Transformer(dec.config).apply({"params": p}, t)[0, i])
   for r, g in zip(reqs, gens):

@@ -12,8 +12,6 @@ import hashlib
 import http.client
 import json
 import os
-import queue
-import re
 import signal
 import socket
 import subprocess
@@ -24,8 +22,11 @@ import types
 
 import pytest
 import requests
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
-from model.decode import Decoder, Generation, Request
+from conftest import serving_url
+from model.decode import Decoder, Request
 from rrtf_jax.serving import api
 from rrtf_jax.serving.server import make_server
 from rrtf_jax.serving.engine import Engine
@@ -38,14 +39,14 @@ QUESTION = "Reverse a string."  # 12 tokens once in prompt_text
 
 
 def _serve(server) -> str:
-  threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-  return f"http://127.0.0.1:{server.server_address[1]}/v1"
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server.url
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_ckpt, tmp_path_factory):
   decoder = Decoder.from_checkpoint(tiny_ckpt, chunk=4, max_batch=4)
-  engine = Engine(decoder, max_batch_wait=0.05)
+  engine = Engine(decoder)
   log_path = tmp_path_factory.mktemp("serve") / "requests.jsonl"
   server = make_server(
     engine, "127.0.0.1", 0, model_name=NAME, request_log=str(log_path), default_max_tokens=NEW
@@ -138,80 +139,14 @@ def test_chat_template():
       api.chat_prompt(bad)
 
 
-class _FakeDecoder:
-  """Decoder's interface without a model: answers prompt.upper(), fails on "boom", and can be
-  held."""
-
-  max_batch = 4
-  config = types.SimpleNamespace(max_position_embeddings=64, vocab_size=100)
-  tokenizer = None
-
-  def __init__(self):
-    self.calls, self.entered, self.gate = [], threading.Event(), threading.Event()
-
-  validate = Decoder.validate  # the real checks, on this fake's encode
-
-  def encode(self, prompt):
-    return [5] * len(prompt)
-
-  def generate(self, rows, on_chunk=None):
-    self.entered.set()
-    assert self.gate.wait(10)
-    self.calls.append(list(rows))
-    if any(r.prompt == "boom" for r in rows):
-      raise RuntimeError("boom")
-    for i, r in enumerate(rows):
-      if on_chunk is not None:
-        on_chunk(i, r.prompt[:1], False)
-    return [Generation([5], r.prompt.upper(), "length", len(r.prompt)) for r in rows]
-
-
-def test_engine_batches_in_order_and_isolates_failures():
-  dec = _FakeDecoder()
-  with Engine(dec, max_batch_wait=0.0) as engine:
-    first = engine.submit([Request("a", max_new_tokens=10**6)])
-    assert dec.entered.wait(10)  # the worker holds "a" in generate while the rest queue up
-
-    def bad_listener(j, text, finished):
-      raise OSError("client gone")
-
-    subs = [
-      engine.submit([Request("b")]),
-      engine.submit([Request("boom")]),
-      engine.submit([Request("c"), Request("d")], on_chunk=bad_listener),
-      engine.submit([Request("e")]),
-    ]
-    refused = engine.submit([Request("f", temperature=-1.0)])
-    assert isinstance(refused.exception(timeout=1), ValueError)  # at once, never batched
-    dec.gate.set()
-    assert [g.text for g in first.result(10)] == ["A"]
-    assert [g.text for g in subs[0].result(10)] == ["B"]
-    assert isinstance(subs[1].exception(10), RuntimeError)  # only the failing request fails
-    assert [g.text for g in subs[2].result(10)] == ["C", "D"]  # its listener's error is its own
-    assert [g.text for g in subs[3].result(10)] == ["E"]
-  # Batches of at most 4 rows, first come first served; the failed batch is rerun one request at a
-  # time.
-  assert [[r.prompt for r in rows] for rows in dec.calls] == [
-    ["a"],
-    ["b", "boom", "c", "d"],
-    ["b"],
-    ["boom"],
-    ["c", "d"],
-    ["e"],
-  ]
-  assert engine.batches == 6
-  assert dec.calls[0][0].max_new_tokens == 64  # capped at the model's context
-  assert isinstance(engine.submit([Request("g")]).exception(1), RuntimeError)  # closed
-
-
-def test_concurrent_requests_share_batches(stack):
+def test_concurrent_requests_answer_as_alone(stack):
+  """Requests decoded together (joining one another's batch) answer as each does alone."""
   prompts = ["import os\n", "class A:\n", "x = 1\n", PROMPT]
 
   def body(prompt):
     return {"model": NAME, "prompt": prompt, "temperature": 0, "max_tokens": NEW}
 
   alone = [_post(stack, "/completions", body(p)).json()["choices"][0]["text"] for p in prompts]
-  before = stack.engine.batches
   barrier, together = threading.Barrier(len(prompts)), [None] * len(prompts)
 
   def send(i):
@@ -224,7 +159,6 @@ def test_concurrent_requests_share_batches(stack):
   for t in threads:
     t.join()
   assert together == alone
-  assert stack.engine.batches - before < len(prompts)  # fewer generate calls than requests
 
 
 def test_streamed_completions_equal_the_unstreamed(stack):
@@ -328,8 +262,12 @@ def test_errors(stack):
     error(_post(stack, "/completions", {"model": "gpt-4", "prompt": PROMPT}), 404)["code"]
     == "model_not_found"
   )
+  for stream in (False, True):  # more rows than decode slots (4): refused, never queued
+    r = _post(stack, "/completions", {"prompt": PROMPT, "n": 5, "stream": stream})
+    assert "slots" in error(r, 400)["message"]
   error(_post(stack, "/nope", {"prompt": PROMPT}), 404)
   error(requests.get(stack.url + "/nope", timeout=10), 404)
+  error(requests.put(url, json={"prompt": PROMPT}, timeout=10), 405)
   with pytest.raises(TeacherError, match="404"):
     TeacherClient(stack.url, "other", api="completions", max_retries=0).complete(
       PROMPT, max_tokens=NEW
@@ -343,6 +281,36 @@ def test_errors(stack):
     stack, "/completions", {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
   )
   assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
+  _assert_idle(stack.engine)
+
+
+def _assert_idle(engine, within: float = 5.0) -> None:
+  """No row waits or holds a slot (within a few seconds: cancelled rows free theirs at the next
+  chunk boundary)."""
+  deadline = time.time() + within
+  while (stats := engine.stats())["queue"] or stats["busy"]:
+    assert time.time() < deadline, stats
+    time.sleep(0.05)
+
+
+def test_health_and_metrics(stack):
+  base = stack.url.removesuffix("/v1")
+  r = requests.get(base + "/health", timeout=10)
+  assert r.status_code == 200 and r.json() == {"status": "ok"}
+  body = {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
+  assert _post(stack, "/completions", body).status_code == 200
+  r = requests.get(base + "/metrics", timeout=10)
+  assert r.status_code == 200 and r.headers["Content-Type"] == CONTENT_TYPE_LATEST
+  samples = {
+    s.name: s.value
+    for family in text_string_to_metric_families(r.text)
+    for s in family.samples
+    if not s.labels
+  }
+  assert samples["rrtf_queue_length"] == 0 and samples["rrtf_busy_slots"] == 0
+  assert samples["rrtf_slots"] == 4
+  assert samples["rrtf_generated_tokens_total"] >= 1
+  assert samples["rrtf_time_to_first_token_seconds_count"] >= 1
 
 
 def test_api_key(stack, monkeypatch):
@@ -369,6 +337,19 @@ def test_api_key(stack, monkeypatch):
       TeacherClient(
         url, NAME, api="completions", api_key_env="RRTF_WRONG_KEY", max_retries=0
       ).complete(PROMPT)
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def test_ipv6_host(stack):
+  server = make_server(stack.engine, "::1", 0, model_name=NAME)
+  try:
+    url = _serve(server)
+    assert url == f"http://[::1]:{server.server_address[1]}/v1"
+    body = {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
+    r = requests.post(url + "/completions", json=body, timeout=60)
+    assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
   finally:
     server.shutdown()
     server.server_close()
@@ -407,34 +388,11 @@ def test_client_gone_mid_stream(stack):
   assert resp.status == 200 and resp.fp.readline()  # the first event's chunk size
   conn.sock.close()  # gone, with the stream unfinished
   conn.close()
+  _assert_idle(stack.engine)  # its rows freed their slots
   r = _post(
     stack, "/completions", {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": NEW}
   )
   assert r.json()["choices"][0]["text"] == _greedy(stack, PROMPT).text
-
-
-def _serving_url(proc, deadline: float) -> str:
-  """The base URL from a server process's 'serving NAME on URL' line; its output so far if none.
-  A thread reads the lines (a selector on the pipe misses lines already in the file's buffer)
-  and goes on draining the pipe afterwards."""
-  lines = queue.Queue()
-
-  def read():
-    for line in proc.stdout:
-      lines.put(line)
-    lines.put("")  # the end of the output
-
-  threading.Thread(target=read, daemon=True).start()
-  seen = []
-  try:
-    while line := lines.get(timeout=max(0.0, deadline - time.time())):
-      seen.append(line)
-      m = re.fullmatch(r"serving \S+ on (http://127\.0\.0\.1:\d+/v1)\n", line)
-      if m:
-        return m.group(1)
-  except queue.Empty:
-    pass
-  raise AssertionError(f"no 'serving' line (exit code {proc.poll()}): {''.join(seen)[-2000:]}")
 
 
 def test_serve_main_subprocess(tiny_ckpt, tmp_path):
@@ -447,7 +405,7 @@ def test_serve_main_subprocess(tiny_ckpt, tmp_path):
     [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
   try:
-    url = _serving_url(proc, time.time() + 120)
+    url = serving_url(proc, time.time() + 120)
     with TeacherClient(url, "sub", api="completions", max_retries=0) as client:
       [text] = client.complete(PROMPT, temperature=0.0, max_tokens=4)
     assert isinstance(text, str)
@@ -504,7 +462,7 @@ def test_serve_in_a_two_process_job_uses_its_own_devices(tiny_ckpt):
   ]
   try:
     deadline = time.time() + 120
-    urls = [_serving_url(proc, deadline) for proc in procs]
+    urls = [serving_url(proc, deadline) for proc in procs]
     texts = []
     for url in urls:
       with TeacherClient(url, "sub", api="completions", max_retries=0) as client:

@@ -18,17 +18,20 @@ any assistant messages follow, concatenated, as the start of the answer to conti
 order is not kept: it is a template for one question (the teacher's use), not for a
 conversation.
 
-Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` (`ApiError`).
+Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` (`ApiError`);
+`generations` maps the engine's refusals onto them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import math
 import secrets
 
 from data.prepared import prompt_text
 from model.decode import Generation, Request
+from rrtf_jax.serving.engine import QueueFull
 
 MAX_N = 128  # OpenAI's limit on choices per prompt
 MAX_BODY = 16 << 20  # bytes
@@ -189,6 +192,24 @@ def parse_request(
 def choice(i: int, text: str, finish: str, chat: bool) -> dict:
   body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
   return {"index": i, **body, "logprobs": None, "finish_reason": finish}
+
+
+def generations(fut: concurrent.futures.Future) -> list[Generation]:
+  """A finished engine submission's generations; its refusals as ApiErrors (a full queue 429,
+  a row the decoder refuses 400, a closed engine 503)."""
+  try:
+    return fut.result(timeout=0)
+  except QueueFull as e:
+    raise ApiError(429, str(e) or "the queue is full", "rate_limit_error", "queue_full") from None
+  except ValueError as e:  # the request's fault: bad sampling values, too long, n > slots
+    raise ApiError(400, str(e)) from None
+  except RuntimeError as e:  # the engine has closed: the server is going away
+    raise shutting_down(str(e)) from None
+
+
+def shutting_down(message: str = "the server is shutting down") -> ApiError:
+  """503: the engine has closed, or the server's drain cancelled the request."""
+  return ApiError(503, message, "server_error", "shutting_down")
 
 
 def usage(gens: list[Generation], n: int) -> dict:

@@ -4,310 +4,374 @@
     client = TeacherClient("http://127.0.0.1:8000/v1", "rrtf-1b", api="completions")
     client.complete("def add(a, b):\\n")
 
-Endpoints (stdlib `http.server`, JSON shaped like OpenAI's): `GET /health`, `GET /v1/models`,
-`POST /v1/completions` and `POST /v1/chat/completions`; the request and response shapes are
-rrtf_jax/serving/api.py's, the batching rrtf_jax/serving/engine.py's. Chat messages go through
-the chat template of the checkpoint's tokenizer when it ships one (api.chat_prompt).
+Endpoints (JSON shaped like OpenAI's): `GET /health`, `GET /metrics` (Prometheus text: the
+engine's queue length, busy slots, generated tokens, time to first token; neither needs the
+key), `GET /v1/models`, `POST /v1/completions` and `POST /v1/chat/completions`; the request and
+response shapes are rrtf_jax/serving/api.py's, the batching rrtf_jax/serving/engine.py's (rows
+join the running batch at its next chunk boundary). Chat messages go through the chat template
+of the checkpoint's tokenizer when it ships one (api.chat_prompt).
 
-Streaming sends the new suffix of a row's text after every decode chunk (the decoder holds
-back text where a stop sequence may begin), so the deltas concatenate to the non-streamed
-text. A client that goes away mid-stream stops receiving; its rows run to the end of their
-batch.
+Why aiohttp (pinned in setup.py): the server holds one open request per queued or decoding row,
+most of them waiting on the engine, and streams; one asyncio loop holds thousands of those where
+`http.server` spent a thread on each, and it notices a client going away (the handler is
+cancelled), which threads blocked on a future never did. aiohttp is asyncio-native, already
+installed (gcsfs's HTTP stack), has a streamed response for server-sent events and a graceful
+shutdown with a timeout; ASGI stacks (uvicorn + starlette) would add two dependencies for the
+same.
 
-Errors: 400 for a bad body or value (a prompt longer than the model's context included), 401
-for a missing or wrong bearer key when `api_key_env` names one, 404 for an unknown path or
-model. With `request_log`, every POST appends a JSON line (time, path, status, sha256 of the
-body, its model and n). The key is never logged.
+Streaming (rrtf_jax/serving/stream.py) sends the new suffix of a row's text after each decode
+chunk, so the deltas concatenate to the non-streamed text. A client that disconnects, streaming
+or not, cancels its request: its rows leave the queue, or their slots free at the next chunk
+boundary. The engine's prompt checks and tokenizing run off the event loop.
+
+Errors: 400 for a bad body or value (a prompt longer than the model's context and n larger than
+the decode slots included), 401 for a missing or wrong bearer key when `api_key_env` names one,
+404 for an unknown path or model, 405 for another method, 413 for a body over api.MAX_BODY,
+429 (with Retry-After) when `max_queue` rows already wait for a slot, 503 once the engine has
+closed. With `request_log`, every POST appends a JSON line (time, path, status, sha256 of the
+body, its model and n; 499 when the client went away first). The key is never logged.
+
+SIGTERM or SIGINT: the listening socket closes (new connections are refused) and idle
+keep-alive connections close; requests in flight get up to `drain_timeout` seconds to finish,
+then those left are cancelled and answered 503 (a stream's last event); the engine closes and
+`serve_main` returns (exit 0). A second signal acts at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from typing import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.decode import Generation, Request
-from rrtf_jax.serving.api import MAX_BODY, ApiError, choice, parse_request, usage
+from rrtf_jax.serving.api import (
+  MAX_BODY,
+  ApiError,
+  choice,
+  generations,
+  parse_request,
+  shutting_down,
+  usage,
+)
 from rrtf_jax.serving.engine import Engine
+from rrtf_jax.serving.stream import Stream
 
 log = logging.getLogger(__name__)
 
+DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get after SIGTERM
+_CLOSE_TIMEOUT = 5.0  # seconds handlers get to end once their submissions are cancelled
+_COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
 
-# ---- HTTP -------------------------------------------------------------------------------------
+
+class _Post:
+  """One POST's request-log line, written once, with the first status given."""
+
+  def __init__(self, server: Server, path: str):
+    self.server, self.path, self.raw, self.logged = server, path, b"", False
+    self.streaming = False  # once a stream's headers are sent
+
+  def done(self, status: int) -> None:
+    if self.logged or self.server.log_file is None:
+      return
+    self.logged = True
+    try:
+      body = json.loads(self.raw)
+    except ValueError:
+      body = None
+    body = body if isinstance(body, dict) else {}
+    entry = {
+      "time": round(time.time(), 3),
+      "path": self.path,
+      "status": status,
+      "sha256": hashlib.sha256(self.raw).hexdigest(),
+      "model": body.get("model"),
+      "n": body.get("n", 1) if body else None,
+    }
+    self.server.log_file.write(json.dumps(entry) + "\n")  # only the event loop writes
+    self.server.log_file.flush()
 
 
-class _Server(ThreadingHTTPServer):
-  daemon_threads = True  # a stuck client never holds up shutdown
-  engine: Engine
-  model_name: str
-  api_key: str | None
-  default_max_tokens: int
-  chat_template = None  # the checkpoint tokenizer's (data/chat_template.py), if it has one
-  log_file = None
-  log_lock: threading.Lock
+class Server:
+  """The HTTP side of `rrtf serve` over `engine`, bound at construction (`server_address`
+  holds the port); `serve_forever()` runs its event loop in the calling thread until
+  `shutdown()` (from another thread) or, with `handle_signals`, SIGTERM/SIGINT."""
+
+  def __init__(
+    self,
+    engine: Engine,
+    host: str,
+    port: int,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    request_log: str | None = None,
+    default_max_tokens: int = 256,
+    drain_timeout: float = DRAIN_TIMEOUT,
+  ):
+    self.engine, self.model_name, self.api_key = engine, model_name, api_key
+    self.default_max_tokens, self.drain_timeout = int(default_max_tokens), float(drain_timeout)
+    tokenizer = getattr(getattr(engine, "decoder", None), "tokenizer", None)
+    self.chat_template = getattr(tokenizer, "chat_template", None)  # data/chat_template.py's
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    self.socket = socket.create_server((host, port), family=family, backlog=1024)
+    self.server_address = self.socket.getsockname()
+    self.log_file = open(request_log, "a", encoding="utf-8") if request_log else None  # noqa: SIM115
+    self.app = web.Application(client_max_size=MAX_BODY)
+    self.app.router.add_route("*", "/{path:.*}", self._dispatch)
+    self.loop: asyncio.AbstractEventLoop | None = None
+    self._stop: asyncio.Event | None = None
+    self._lock = threading.Lock()  # the three below, between serve_forever and shutdown
+    self._entered = self._stopping = False
+    self._finished = threading.Event()
+    self._active = 0  # POST handlers running (the event loop's)
+    self._pending: set[concurrent.futures.Future] = set()  # their engine submissions
+    self._cut = False  # the drain's time is up: later submissions are cancelled at once
+
+  @property
+  def url(self) -> str:
+    host, port = self.server_address[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+  # ---- running and stopping ----
+
+  def serve_forever(
+    self, *, ready: Callable[[], None] | None = None, handle_signals: bool = False
+  ) -> None:
+    """Serves until stopped, then drains (see the module docstring); `ready()` is called once
+    listening."""
+    with self._lock:
+      if self._stopping:
+        return
+      self._entered = True
+    try:
+      asyncio.run(self._serve(ready, handle_signals))
+    finally:
+      self._finished.set()
+
+  def shutdown(self) -> None:
+    """Stops `serve_forever` as SIGTERM does and waits for it to return."""
+    with self._lock:
+      self._stopping = True
+      entered, loop = self._entered, self.loop
+    if loop is not None:
+      with contextlib.suppress(RuntimeError):  # the loop has already closed
+        loop.call_soon_threadsafe(self._stop.set)
+    if entered:
+      self._finished.wait()
 
   def server_close(self) -> None:
-    super().server_close()
+    self.socket.close()
     if self.log_file is not None:
-      with self.log_lock:
-        self.log_file.close()
-        self.log_file = None
+      self.log_file.close()
+      self.log_file = None
 
+  async def _serve(self, ready, handle_signals: bool) -> None:
+    with self._lock:
+      self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+      if self._stopping:
+        self._stop.set()
+    # handler_cancellation: a client that disconnects cancels its handler (and so its rows).
+    # The drain is ours (_drain); aiohttp's shutdown then only closes connections.
+    runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=_CLOSE_TIMEOUT)
+    await runner.setup()
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    try:
+      await web.SockSite(runner, self.socket).start()
+      for sig in signals:
+        self.loop.add_signal_handler(sig, self._on_signal, sig)
+      if ready is not None:
+        ready()
+      await self._stop.wait()
+    finally:
+      for sig in signals:  # a second signal acts at once
+        self.loop.remove_signal_handler(sig)
+      await self._drain(runner)
+      await runner.cleanup()
 
-class _Server6(_Server):
-  address_family = socket.AF_INET6
+  async def _drain(self, runner: web.AppRunner) -> None:
+    """Stops accepting (the listening socket closes; keep-alive connections close once idle),
+    waits up to drain_timeout for the requests in flight, then cancels the submissions left:
+    their clients get a 503 (as JSON, or as a stream's last event)."""
+    for site in list(runner.sites):
+      await site.stop()
+    runner.server.pre_shutdown()
+    log.info("draining %d requests for up to %.1f s", self._active, self.drain_timeout)
+    deadline = self.loop.time() + self.drain_timeout
+    while self._active and self.loop.time() < deadline:
+      await asyncio.sleep(0.02)
+    self._cut = True
+    if self._pending:
+      log.warning("the drain timed out: cancelling %d requests", len(self._pending))
+    for fut in list(self._pending):
+      self.engine.cancel(fut)
 
+  def _on_signal(self, sig: int) -> None:
+    log.warning(
+      "%s: no new connections; finishing the requests in flight", signal.Signals(sig).name
+    )
+    self._stop.set()
 
-_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+  # ---- routing ----
 
+  async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+    path = request.path.rstrip("/") or "/"
+    if request.method == "POST":
+      return await self._post(request, _Post(self, path))
+    try:
+      if request.method != "GET":
+        raise ApiError(405, f"Invalid method ({request.method} {path})", code="method_not_allowed")
+      if path == "/health":
+        return web.json_response({"status": "ok"})
+      if path == "/metrics":
+        text = generate_latest(self.engine.registry)
+        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+      self._auth(request)
+      card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "rrtf"}
+      if path == "/v1/models":
+        return web.json_response({"object": "list", "data": [card]})
+      if path == f"/v1/models/{self.model_name}":
+        return web.json_response(card)
+      raise ApiError(404, f"Invalid URL (GET {path})", code="unknown_url")
+    except ApiError as e:
+      return _error(e)
 
-class _Handler(BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
-  server_version = "rrtf-serve"
-  timeout = 600  # an idle keep-alive connection closes after this many seconds
-  server: _Server
-
-  def log_message(self, format, *args):  # noqa: A002  (the base class's name)
-    log.info("%s " + format, self.address_string(), *args)
-
-  # --- plumbing ---
-
-  def _send(self, status: int, obj: dict) -> int:
-    data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    self._log_request(status)  # before the answer: a client that has it can read its line
-    self.send_response(status)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    self.wfile.write(data)
-    return status
-
-  def _auth(self) -> None:
-    key = self.server.api_key
-    if key is None:
+  def _auth(self, request: web.Request) -> None:
+    if self.api_key is None:
       return
-    header = self.headers.get("Authorization", "")
+    header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    if not hmac.compare_digest(token.encode("utf-8"), key.encode("utf-8")):
+    if not hmac.compare_digest(token.encode("utf-8"), self.api_key.encode("utf-8")):
       raise ApiError(
         401,
         "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
         code="invalid_api_key",
       )
 
-  def _route(self) -> str:
-    return urlsplit(self.path).path.rstrip("/") or "/"
-
-  def _model_card(self) -> dict:
-    return {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "rrtf"}
-
-  # --- methods ---
-
-  def do_GET(self):  # noqa: N802
-    path, self._pending_log = self._route(), None
+  async def _post(self, request: web.Request, post: _Post) -> web.StreamResponse:
+    self._active += 1
     try:
-      if path == "/health":
-        self._send(200, {"status": "ok"})
-        return
-      self._auth()
-      if path == "/v1/models":
-        self._send(200, {"object": "list", "data": [self._model_card()]})
-      elif path == f"/v1/models/{self.server.model_name}":
-        self._send(200, self._model_card())
-      else:
-        raise ApiError(404, f"Invalid URL (GET {path})", code="unknown_url")
-    except ApiError as e:
-      self._send(e.status, e.body())
-    except _GONE:
-      self.close_connection = True
-
-  def do_POST(self):  # noqa: N802
-    path, raw, status = self._route(), b"", 500
-    self._pending_log, self._streaming = [path, raw], False
-    try:
-      try:
-        length = int(self.headers.get("Content-Length", ""))
-      except ValueError:
-        self.close_connection = True  # the rest of the stream cannot be parsed
-        raise ApiError(411, "a Content-Length header is required") from None
-      if not 0 <= length <= MAX_BODY:
-        self.close_connection = True
-        raise ApiError(
-          413 if length > 0 else 400, f"Content-Length must be in [0, {MAX_BODY}], got {length}"
-        )
-      raw = self.rfile.read(length)
-      self._pending_log = [path, raw]
-      self._auth()
-      if path not in ("/v1/completions", "/v1/chat/completions"):
-        raise ApiError(404, f"Invalid URL (POST {path})", code="unknown_url")
-      status = self._complete(raw, chat=path == "/v1/chat/completions")
-    except ApiError as e:
-      status = e.status
-      try:
-        self._send(e.status, e.body())
-      except _GONE:
-        self.close_connection = True
-    except _GONE:
-      status, self.close_connection = 499, True  # the client went away
-    except Exception:  # noqa: BLE001  (answer 500, keep serving)
-      log.exception("%s failed", path)
-      status = 500
-      if self._streaming:  # too late for a status: end the connection instead
-        self.close_connection = True
-      else:
-        self._send(500, ApiError(500, "internal server error", "server_error").body())
+      return await self._answer(request, post)
     finally:
-      self._log_request(status)
+      self._active -= 1
 
-  def _log_request(self, status: int) -> None:
-    """The request log's line for this POST, once (GETs are not logged)."""
-    entry, self._pending_log = getattr(self, "_pending_log", None), None
-    if entry is None or self.server.log_file is None:
-      return
-    path, raw = entry
+  async def _answer(self, request: web.Request, post: _Post) -> web.StreamResponse:
     try:
-      body = json.loads(raw)
-    except ValueError:
-      body = None
-    body = body if isinstance(body, dict) else {}
-    line = json.dumps(
-      {
-        "time": round(time.time(), 3),
-        "path": path,
-        "status": status,
-        "sha256": hashlib.sha256(raw).hexdigest(),
-        "model": body.get("model"),
-        "n": body.get("n", 1) if body else None,
-      }
-    )
-    with self.server.log_lock:
-      if self.server.log_file is not None:
-        self.server.log_file.write(line + "\n")
-        self.server.log_file.flush()
+      if (request.content_length or 0) > MAX_BODY:
+        raise ApiError(413, f"the body must be at most {MAX_BODY} bytes")
+      try:
+        post.raw = await request.read()
+      except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"the body must be at most {MAX_BODY} bytes") from None
+      self._auth(request)
+      if post.path not in _COMPLETIONS:
+        raise ApiError(404, f"Invalid URL (POST {post.path})", code="unknown_url")
+      return await self._complete(request, post, chat=post.path == _COMPLETIONS[1])
+    except ApiError as e:
+      post.done(e.status)  # before the answer: a client that has it can read its line
+      return _error(e)
+    except (asyncio.CancelledError, ConnectionError):
+      post.done(499)  # the client went away (or the drain ran out)
+      raise
+    except Exception:  # noqa: BLE001  (answer 500, keep serving)
+      log.exception("%s failed", post.path)
+      post.done(500)
+      if post.streaming:  # aiohttp ends the connection
+        raise
+      return _error(ApiError(500, "internal server error", "server_error"))
 
-  # --- completions ---
+  # ---- completions ----
 
-  def _complete(self, raw: bytes, *, chat: bool) -> int:
+  async def _complete(self, request: web.Request, post: _Post, *, chat: bool):
     try:
-      body = json.loads(raw)
+      body = json.loads(post.raw)
     except ValueError as e:
       raise ApiError(400, f"the body is not valid JSON: {e}") from None
     model = body.get("model") if isinstance(body, dict) else None
-    if model is not None and model != self.server.model_name:
+    if model is not None and model != self.model_name:
       raise ApiError(
         404,
-        f"the model {model!r} does not exist; this server serves {self.server.model_name!r}",
+        f"the model {model!r} does not exist; this server serves {self.model_name!r}",
         code="model_not_found",
       )
     try:
       rows, n, opts = parse_request(
         body,
         chat=chat,
-        default_max_tokens=self.server.default_max_tokens,
-        chat_template=self.server.chat_template,
+        default_max_tokens=self.default_max_tokens,
+        chat_template=self.chat_template,
       )
     except ValueError as e:
       raise ApiError(400, str(e)) from None
     meta = {
       "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
       "created": int(time.time()),
-      "model": self.server.model_name,
+      "model": self.model_name,
     }
     if opts["stream"]:
-      return self._stream(rows, n, chat, meta, opts["include_usage"])
-    gens = self._result(self.server.engine.submit(rows))
+      return await Stream(self, rows, n, chat, meta, opts["include_usage"]).run(request, post)
+    fut = await self.submit(rows)
+    try:
+      gens = await self._wait(fut)
+    finally:
+      self._pending.discard(fut)
     choices = [choice(i, g.text, g.finish_reason, chat) for i, g in enumerate(gens)]
     obj = "chat.completion" if chat else "text_completion"
-    return self._send(200, {**meta, "object": obj, "choices": choices, "usage": usage(gens, n)})
+    post.done(200)
+    return web.json_response(
+      {**meta, "object": obj, "choices": choices, "usage": usage(gens, n)},
+      dumps=lambda o: json.dumps(o, ensure_ascii=False),
+    )
 
-  @staticmethod
-  def _result(fut: concurrent.futures.Future) -> list[Generation]:
+  async def submit(self, rows: list[Request], on_chunk=None) -> concurrent.futures.Future:
+    """`engine.submit` off the event loop (it tokenizes the prompts); a refusal raises ApiError.
+    A handler cancelled meanwhile still cancels the submission once it is made."""
+    task = self.loop.run_in_executor(None, self.engine.submit, rows, on_chunk)
     try:
-      return fut.result()
-    except ValueError as e:  # what the decoder refuses: the request's fault
-      raise ApiError(400, str(e)) from None
-
-  def _stream(
-    self, rows: list[Request], n: int, chat: bool, meta: dict, include_usage: bool
-  ) -> int:
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    fut = self.server.engine.submit(rows, on_chunk=lambda i, text, finished: events.put((i, text)))
-    if fut.done():
-      self._result(fut)  # a refused request is answered as JSON, before the stream starts
-    fut.add_done_callback(lambda _: events.put(None))
-    self.send_response(200)
-    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-    self.send_header("Cache-Control", "no-cache")
-    self.send_header("Transfer-Encoding", "chunked")
-    self.end_headers()
-    self._streaming = True
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(payload) -> None:
-      text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-      data = f"data: {text}\n\n"
-      data = data.encode("utf-8")
-      self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
-      self.wfile.flush()
-
-    def chunk(i, text=None, finish=None, role=False) -> None:
-      if chat:
-        delta = ({"role": "assistant", "content": ""} if role else {}) | (
-          {} if text is None else {"content": text}
-        )
-        choice = {"index": i, "delta": delta}
-      else:
-        choice = {"index": i, "text": text or ""}
-      event(
-        {**meta, "object": obj, "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
+      fut = await asyncio.shield(task)
+    except asyncio.CancelledError:
+      task.add_done_callback(
+        lambda t: t.cancelled() or t.exception() is not None or self.engine.cancel(t.result())
       )
-
-    sent = [""] * len(rows)
-
-    def advance(i: int, text: str) -> None:
-      if not text.startswith(sent[i]):  # the decoder's held-back text makes this impossible
-        log.warning("row %d text changed after it was streamed; the stream will differ", i)
-      elif len(text) > len(sent[i]):
-        chunk(i, text[len(sent[i]) :])
-        sent[i] = text
-
-    if chat:
-      for i in range(len(rows)):
-        chunk(i, role=True)
-    while (ev := events.get()) is not None:
-      advance(*ev)
-    status = 200
-    try:
-      gens = self._result(fut)
-      for i, g in enumerate(gens):
-        advance(i, g.text)
-        chunk(i, finish=g.finish_reason)
-      if include_usage:
-        event({**meta, "object": obj, "choices": [], "usage": usage(gens, n)})
-    except ApiError as e:  # the decoder refused it in a batch: say so in the stream
-      status = e.status
-      event(e.body())
-    except _GONE:
       raise
-    except Exception as e:  # noqa: BLE001  (a generation bug: say so in the stream)
-      log.exception("generation failed")
-      status = 500
-      event(ApiError(500, f"generation failed: {type(e).__name__}", "server_error").body())
-    self._log_request(status)
-    event("[DONE]")
-    self.wfile.write(b"0\r\n\r\n")  # the chunked body's end
-    return status
+    if fut.done() and not fut.cancelled():
+      generations(fut)  # refused at once: answered as JSON (a stream's before it starts)
+    if self._cut:  # submitted while the drain was cancelling the rest
+      self.engine.cancel(fut)
+      raise shutting_down()
+    self._pending.add(fut)  # the caller discards it when done with it
+    return fut
+
+  async def _wait(self, fut: concurrent.futures.Future) -> list[Generation]:
+    """The submission's generations; a cancelled handler (the client gone) cancels it."""
+    try:
+      await asyncio.shield(asyncio.wrap_future(fut))
+    except asyncio.CancelledError:
+      if asyncio.current_task().cancelling():
+        self.engine.cancel(fut)
+        raise
+      raise shutting_down() from None
+    except Exception:  # noqa: BLE001  (generations below says which)
+      pass
+    return generations(fut)
+
+
+def _error(e: ApiError) -> web.Response:
+  headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+  return web.json_response(e.body(), status=e.status, headers=headers)
 
 
 def make_server(
@@ -319,7 +383,8 @@ def make_server(
   api_key_env: str | None = None,
   request_log: str | None = None,
   default_max_tokens: int = 256,
-) -> ThreadingHTTPServer:
+  drain_timeout: float = DRAIN_TIMEOUT,
+) -> Server:
   """A bound (not yet serving) server over `engine`; call `serve_forever()`. With `api_key_env`,
   requests need `Authorization: Bearer $api_key_env` (the variable must be set)."""
   key = None
@@ -327,15 +392,16 @@ def make_server(
     key = os.environ.get(api_key_env)
     if not key:
       raise ValueError(f"${api_key_env} is not set: it should hold the API key clients must send")
-  server = (_Server6 if ":" in host else _Server)((host, port), _Handler)
-  server.engine, server.model_name, server.api_key = engine, model_name, key
-  server.default_max_tokens = int(default_max_tokens)
-  tokenizer = getattr(getattr(engine, "decoder", None), "tokenizer", None)
-  server.chat_template = getattr(tokenizer, "chat_template", None)
-  server.log_lock = threading.Lock()
-  if request_log:
-    server.log_file = open(request_log, "a", encoding="utf-8")  # noqa: SIM115  (server_close closes it)
-  return server
+  return Server(
+    engine,
+    host,
+    port,
+    model_name=model_name,
+    api_key=key,
+    request_log=request_log,
+    default_max_tokens=default_max_tokens,
+    drain_timeout=drain_timeout,
+  )
 
 
 def load_decoder(
@@ -375,37 +441,32 @@ def serve_main(
   dtype: str | None = None,
   mesh: str | None = None,
   seed: int = 0,
+  max_queue: int | None = None,
+  drain_timeout: float | None = None,
 ) -> None:
   """Loads `ckpt` and serves it until SIGINT or SIGTERM (see the module docstring). Prints one
-  line, "serving NAME on http://HOST:PORT/v1", once listening (port 0 picks a free one)."""
+  line, "serving NAME on http://HOST:PORT/v1", once listening (port 0 picks a free one).
+  `max_queue`: rows waiting for a decode slot before requests get 429 (None: the engine's
+  default); `drain_timeout`: seconds in-flight requests get after SIGTERM (None: DRAIN_TIMEOUT)."""
   decoder = load_decoder(ckpt, mesh=mesh, dtype=dtype, chunk=chunk, max_batch=max_batch, seed=seed)
   name = model_name or os.path.basename(ckpt.rstrip("/")) or "rrtf"
-  engine = Engine(decoder)
+  engine = Engine(decoder) if max_queue is None else Engine(decoder, max_queue=max_queue)
   try:
     server = make_server(
-      engine, host, port, model_name=name, api_key_env=api_key_env, request_log=request_log
+      engine,
+      host,
+      port,
+      model_name=name,
+      api_key_env=api_key_env,
+      request_log=request_log,
+      drain_timeout=DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
     )
-  except BaseException:
-    engine.close()
-    raise
-  stop = threading.Event()
-  previous = {}
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      previous[sig] = signal.signal(sig, lambda *_: stop.set())
-  thread = threading.Thread(
-    target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="rrtf-http", daemon=True
-  )
-  thread.start()
-  url_host = f"[{host}]" if ":" in host else host
-  print(f"serving {name} on http://{url_host}:{server.server_address[1]}/v1", flush=True)
-  try:
-    while not stop.wait(1.0):
-      pass
-    log.info("shutting down")
+    try:
+      server.serve_forever(
+        ready=lambda: print(f"serving {name} on {server.url}", flush=True),
+        handle_signals=threading.current_thread() is threading.main_thread(),
+      )
+    finally:
+      server.server_close()
   finally:
-    for sig, handler in previous.items():  # a second Ctrl-C acts at once
-      signal.signal(sig, handler)
-    server.shutdown()
-    server.server_close()
-    engine.close()
+    engine.close(drain=False)  # the drain is over: nobody waits for what is left
