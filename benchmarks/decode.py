@@ -379,7 +379,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 def profile_ours(dec: Decoder, prompts, new_tokens: int) -> dict:
   """One call with every `admit` (prefill into the slots) and decode-loop call blocked on and
   timed; the rest is host work."""
-  calls = {"admit": [], "decode": []}
+  calls = {"admit": [], "insert": [], "decode": []}
 
   def timed(fn, name):
     def wrapped(*args, **kw):
@@ -390,23 +390,28 @@ def profile_ours(dec: Decoder, prompts, new_tokens: int) -> dict:
 
     return wrapped
 
-  # instance attributes (jax.jit objects): wrapped for this call only
-  jitted = dec._admit, dec._decode
-  dec._admit, dec._decode = timed(dec._admit, "admit"), timed(dec._decode, "decode")
+  # instance attributes (jax.jit objects): wrapped for this call only (`_insert`: rows started
+  # from a kept prefill, where the decoder has one)
+  names = [n for n in ("_admit", "_insert", "_decode") if hasattr(dec, n)]
+  jitted = {n: getattr(dec, n) for n in names}
+  for n in names:
+    setattr(dec, n, timed(jitted[n], n[1:]))
   try:
     t0 = time.perf_counter()
     dec.generate(prompts, max_new_tokens=new_tokens)
     total = time.perf_counter() - t0
   finally:
-    dec._admit, dec._decode = jitted
+    for n in names:
+      setattr(dec, n, jitted[n])
   return {
     "total_s": total,
     "admit_calls": len(calls["admit"]),
-    "admit_s": sum(calls["admit"]),
+    "admit_s": sum(calls["admit"]) + sum(calls["insert"]),
+    "insert_calls": len(calls["insert"]),
     "decode_calls_s": calls["decode"],
     "decode_s": sum(calls["decode"]),
     "decode_s_per_step": sum(calls["decode"]) / new_tokens,
-    "host_s": total - sum(calls["admit"]) - sum(calls["decode"]),
+    "host_s": total - sum(calls["admit"]) - sum(calls["insert"]) - sum(calls["decode"]),
   }
 
 
@@ -589,8 +594,8 @@ def warmup_requests(tok, a) -> list[list[dict]]:
 
 
 def _jit_caches(dec) -> dict:
-  names = ("_admit", "_decode") if hasattr(dec, "_admit") else ("_prefill", "_decode")
-  return {n: getattr(dec, n)._cache_size() for n in names}
+  names = ("_admit", "_insert", "_decode", "_prefill")
+  return {n: getattr(dec, n)._cache_size() for n in names if hasattr(dec, n)}
 
 
 def _count_admits(dec, log: list):
