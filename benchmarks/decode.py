@@ -39,8 +39,9 @@ temperatures evenly spread over 0.2-1.2), 256 new tokens at most, stop strings "
 reported), EOS the tokenizer's. A random multi-query model (WORKLOAD_MODELS) whose vocabulary
 is the tokenizer's. The arms run on the same params, `max_batch` = --slots, chunk 32:
 
-continuous  this checkout's `Decoder.generate`: rows join free slots at chunk boundaries, the n
-            rows of one prompt share its prefill.
+continuous  this checkout's `Decoder.generate`: rows take free slots between decode calls (a
+            call ends early when a row finishes while others wait), the n rows of one prompt
+            share its prefill.
 static      `Decoder.generate` of model/decode.py as of --static-rev (d01333f: batches of
             max_batch rows in prompt-length order, each decoded until its longest row ends;
             every row prefilled; the layers stacked and every row's text re-decoded whole for
@@ -961,7 +962,8 @@ def _md_hf(res: dict, env: dict) -> list[str]:
     lines += [
       "",
       "Profile of ours (one extra call, each jitted call blocked on): seconds of the call, of the "
-      "`admit` calls (prefill into the slots), of the decode-loop calls (and per generated step), "
+      "`admit` calls (prefill into the slots; with `insert`, rows started from a kept prefill), "
+      "of the decode-loop calls (and per generated step), "
       "and of host work between them; and the jitted greedy sampling step `sample_tokens` alone "
       "against a bare argmax on the same logits.",
       "",
@@ -1001,8 +1003,8 @@ def _md_workload(w: dict) -> list[str]:
     f"D{m['embed_dim']} L{m['num_layers']} N{m['num_heads']} K{m['num_kv_heads']} "
     f"F{m['mlp_dim']} V{m['vocab_size']}, {s['params'] / 1e6:.2f}M params, fp32. Every arm is "
     f"`Decoder.generate` with max_batch {s['slots']}, chunk {s['chunk']}, on the same params. "
-    "Continuous: this commit's (rows join free slots at chunk boundaries, a prompt's rows share "
-    "its prefill; on CPU the layers are separate arrays)"
+    "Continuous: this commit's (rows take free slots between decode calls, a prompt's rows "
+    "share its prefill; on CPU the layers are separate arrays)"
     + (
       "; continuous, stacked: the same with `Decoder(split=False)` (the layers kept stacked, as "
       "off CPU)"
