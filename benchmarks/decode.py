@@ -39,26 +39,28 @@ temperatures evenly spread over 0.2-1.2), 256 new tokens at most, stop strings "
 reported), EOS the tokenizer's. A random multi-query model (WORKLOAD_MODELS) whose vocabulary
 is the tokenizer's. The arms run on the same params, `max_batch` = --slots, chunk 32:
 
-continuous  this checkout's `Decoder.generate`: rows join free slots at chunk boundaries, the n
-            rows of one prompt share its prefill.
+continuous  this checkout's `Decoder.generate`: rows take free slots between decode calls (a
+            call ends early when a row finishes while others wait), the n rows of one prompt
+            share its prefill.
 static      `Decoder.generate` of model/decode.py as of --static-rev (d01333f: batches of
             max_batch rows in prompt-length order, each decoded until its longest row ends;
             every row prefilled; the layers stacked and every row's text re-decoded whole for
             the stop check), imported from `git show` beside this checkout's model code.
 static_*    the same for each --also-static revision (9376587: static batching with per-layer
-            weights and incremental detokenisation, the parent of continuous batching, so
-            continuous / it is what continuous batching alone gains).
+            weights and incremental detokenisation, the parent of continuous batching).
+continuous_stacked  continuous with `Decoder(split=False)`: the layers stacked and scanned, as
+            the decoder keeps them off CPU (on CPU it splits them per layer by default).
 
 The prompts are split into --rounds rounds, each one `generate` call per arm, rotating which
 arm goes first. Before them each arm runs untimed warm-up calls that compile every shape the
 rounds use (the jit caches are checked after the rounds: `compiles_in_timed_calls`). Reported:
-generated tokens (the ones returned), wall seconds, tokens/s, continuous / each static arm (the
-issue's target: 2x over d01333f), per round too, and how many rows' tokens are identical to
+generated tokens (the ones returned), wall seconds, tokens/s, each arm over static (d01333f;
+the issue's target for continuous: 2x), per round too, and how many rows' tokens are identical to
 continuous's (they should all be: every arm folds each row's sampling key from (seed, row seed,
 row step)).
 
 3. decode step and detokenisation before/after (`step`): benchmarks/decode_step.py's
-decode_chunk timing at batch 1 and 4 against --static-rev (its stacked layers copied out at
+decode_chunk timing at batch 1, 4 and 16 against --static-rev (its stacked layers copied out at
 every step, against per-layer arrays) and the host cost of keeping a 4096-token row's text
 current (the whole row re-decoded after every chunk, against the incremental detokenizer).
 
@@ -175,7 +177,13 @@ def parse_args():
     help="workload: more static-batching revisions (9376587: the parent of continuous batching, "
     "with per-layer weights and incremental detokenisation)",
   )
-  p.add_argument("--step-batches", type=int, nargs="+", default=[1, 4], help="step: batch sizes")
+  p.add_argument(
+    "--no-stacked-arm",
+    dest="stacked_arm",
+    action="store_false",
+    help="workload: skip the continuous arm with stacked layers (Decoder(split=False))",
+  )
+  p.add_argument("--step-batches", type=int, nargs="+", default=[1, 4, 16], help="step: batches")
   p.add_argument("--step-repeats", type=int, default=15, help="step: paired timings per batch")
   p.add_argument("--detok-tokens", type=int, default=4096, help="step: tokens of the detok row")
   p.add_argument("--quick", action="store_true", help="smoke run: --size tiny, every section small")
@@ -372,7 +380,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 def profile_ours(dec: Decoder, prompts, new_tokens: int) -> dict:
   """One call with every `admit` (prefill into the slots) and decode-loop call blocked on and
   timed; the rest is host work."""
-  calls = {"admit": [], "decode": []}
+  calls = {"admit": [], "insert": [], "decode": []}
 
   def timed(fn, name):
     def wrapped(*args, **kw):
@@ -383,23 +391,28 @@ def profile_ours(dec: Decoder, prompts, new_tokens: int) -> dict:
 
     return wrapped
 
-  # instance attributes (jax.jit objects): wrapped for this call only
-  jitted = dec._admit, dec._decode
-  dec._admit, dec._decode = timed(dec._admit, "admit"), timed(dec._decode, "decode")
+  # instance attributes (jax.jit objects): wrapped for this call only (`_insert`: rows started
+  # from a kept prefill, where the decoder has one)
+  names = [n for n in ("_admit", "_insert", "_decode") if hasattr(dec, n)]
+  jitted = {n: getattr(dec, n) for n in names}
+  for n in names:
+    setattr(dec, n, timed(jitted[n], n[1:]))
   try:
     t0 = time.perf_counter()
     dec.generate(prompts, max_new_tokens=new_tokens)
     total = time.perf_counter() - t0
   finally:
-    dec._admit, dec._decode = jitted
+    for n in names:
+      setattr(dec, n, jitted[n])
   return {
     "total_s": total,
     "admit_calls": len(calls["admit"]),
-    "admit_s": sum(calls["admit"]),
+    "admit_s": sum(calls["admit"]) + sum(calls["insert"]),
+    "insert_calls": len(calls["insert"]),
     "decode_calls_s": calls["decode"],
     "decode_s": sum(calls["decode"]),
     "decode_s_per_step": sum(calls["decode"]) / new_tokens,
-    "host_s": total - sum(calls["admit"]) - sum(calls["decode"]),
+    "host_s": total - sum(calls["admit"]) - sum(calls["insert"]) - sum(calls["decode"]),
   }
 
 
@@ -582,8 +595,8 @@ def warmup_requests(tok, a) -> list[list[dict]]:
 
 
 def _jit_caches(dec) -> dict:
-  names = ("_admit", "_decode") if hasattr(dec, "_admit") else ("_prefill", "_decode")
-  return {n: getattr(dec, n)._cache_size() for n in names}
+  names = ("_admit", "_insert", "_decode", "_prefill")
+  return {n: getattr(dec, n)._cache_size() for n in names if hasattr(dec, n)}
 
 
 def _count_admits(dec, log: list):
@@ -619,10 +632,21 @@ def run_workload(a, static_mods: dict) -> dict:
   )
   params = init_params(cfg, jax.random.key(a.seed))
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  chunk = 32  # Decoder's default, both arms
-  arms = {"continuous": (decode, None)} | {k: (m, rev) for k, (m, rev) in static_mods.items()}
+  chunk = 32  # Decoder's default, every arm
+  arms = {"continuous": (decode, None)}
+  if a.stacked_arm:
+    arms["continuous_stacked"] = (decode, None)
+  arms |= {k: (m, rev) for k, (m, rev) in static_mods.items()}
   decs = {
-    k: m.Decoder(cfg, params, tok, chunk=chunk, max_batch=a.slots) for k, (m, _) in arms.items()
+    k: m.Decoder(
+      cfg,
+      params,
+      tok,
+      chunk=chunk,
+      max_batch=a.slots,
+      **({"split": False} if k == "continuous_stacked" else {}),  # the layers kept stacked
+    )
+    for k, (m, _) in arms.items()
   }
   fields = workload_requests(tok, a)
   print(
@@ -637,10 +661,12 @@ def run_workload(a, static_mods: dict) -> dict:
     t0 = time.perf_counter()
     for call in warmup_requests(tok, a):
       decs[name].generate([mod.Request(**f) for f in call])
-    warm[name] = {"s": time.perf_counter() - t0, "jit_caches": _jit_caches(decs[name])}
+    warm[name] = {"s": time.perf_counter() - t0}
+  for name in arms:  # after every warm-up: arms of one module share jax.jit's caches
+    warm[name]["jit_caches"] = _jit_caches(decs[name])
   per_round = len(fields) // a.samples // a.rounds * a.samples
   rounds, gens = [], {k: [] for k in arms}
-  admits: list = []
+  admits: dict = {k: [] for k in arms if k.startswith("continuous")}
   load_before = _load()
   for r in range(a.rounds):
     part = fields[r * per_round : (r + 1) * per_round if r < a.rounds - 1 else len(fields)]
@@ -649,7 +675,7 @@ def run_workload(a, static_mods: dict) -> dict:
     for name in order:
       mod, dec = arms[name][0], decs[name]
       reqs = [mod.Request(**f) for f in part]
-      restore = _count_admits(dec, admits) if name == "continuous" else (lambda: None)
+      restore = _count_admits(dec, admits[name]) if name in admits else (lambda: None)
       try:
         t0 = time.perf_counter()
         out = dec.generate(reqs)
@@ -659,14 +685,12 @@ def run_workload(a, static_mods: dict) -> dict:
       row["tokens"][name] = sum(len(g.tokens) for g in out)
       gens[name] += out
     rate = {k: row["tokens"][k] / row["s"][k] for k in arms}
-    row["ratio_continuous_over"] = {
-      k: rate["continuous"] / rate[k] for k in arms if k != "continuous"
-    }
+    row["ratio_over_static"] = {k: rate[k] / rate["static"] for k in arms}
     rounds.append(row)
     print(
       f"[workload round {r}] {row['rows']} rows: "
       + ", ".join(f"{k} {row['tokens'][k]} tokens {row['s'][k]:.1f} s" for k in arms)
-      + f"; continuous over {row['ratio_continuous_over']}; load {_load()}",
+      + f"; over static {row['ratio_over_static']}; load {_load()}",
       flush=True,
     )
   res = {
@@ -711,10 +735,15 @@ def run_workload(a, static_mods: dict) -> dict:
       "identical_rows": sum(x.tokens == y.tokens for x, y in zip(c, gens[name])),
       "identical_texts": sum(x.text == y.text for x, y in zip(c, gens[name])),
     }
+  for name, log in admits.items():
+    arm = res["arms"][name]
+    arm["prefills"] = len(log)
+    arm["prompts_prefilled"] = sum(p for _, p, _ in log)
+    arm["prefill_groups"] = dict(sorted(collections.Counter(str(g) for g, _, _ in log).items()))
+  res["ratio_over_static"] = {
+    k: v["tokens_per_s"] / res["arms"]["static"]["tokens_per_s"] for k, v in res["arms"].items()
+  }
   cont = res["arms"]["continuous"]
-  cont["prefills"] = len(admits)
-  cont["prompts_prefilled"] = sum(p for _, p, _ in admits)
-  cont["prefill_groups"] = dict(sorted(collections.Counter(str(g) for g, _, _ in admits).items()))
   res["ratio_continuous_over"] = {
     k: cont["tokens_per_s"] / v["tokens_per_s"] for k, v in res["arms"].items() if k != "continuous"
   }
@@ -914,13 +943,16 @@ def _md_hf(res: dict, env: dict) -> list[str]:
       f"{ag['identical_rows']}/{ag['rows']} | "
       f"{r[f'ours_chunk{c0}']['first_call_s']:.1f} | {r['load_after']} |"
     )
-  slow = {b: r["hf"]["s_median"] / r["hf"]["first_call_s"] for b, r in res["batches"].items()}
-  slow = {b: x for b, x in slow.items() if x > 1.3}
-  if slow:
+  spread = {}  # batch -> (fastest, slowest) of HF's calls, the untimed first one included
+  for b, r in res["batches"].items():
+    calls = [r["hf"]["first_call_s"], *r["hf"]["s_all"]]
+    if max(calls) > 1.3 * min(calls):
+      spread[b] = (min(calls), max(calls))
+  if spread:
     lines += [
       "",
-      "**Background load distorts this table**: HF's timed calls took "
-      + ", ".join(f"{x:.1f}x its untimed first call at batch {b}" for b, x in slow.items())
+      "**Background load distorts this table**: HF's calls of one batch took from "
+      + "; ".join(f"{lo:.1f} to {hi:.1f} s at batch {b}" for b, (lo, hi) in spread.items())
       + " (other work held the cores; torch's threads then also wait on one another). Compare the "
       "sides in a quieter run or with one core each (`taskset -c 0 python "
       "benchmarks/decode.py --sections hf`) before reading the ratios as ours/HF.",
@@ -930,7 +962,8 @@ def _md_hf(res: dict, env: dict) -> list[str]:
     lines += [
       "",
       "Profile of ours (one extra call, each jitted call blocked on): seconds of the call, of the "
-      "`admit` calls (prefill into the slots), of the decode-loop calls (and per generated step), "
+      "`admit` calls (prefill into the slots; with `insert`, rows started from a kept prefill), "
+      "of the decode-loop calls (and per generated step), "
       "and of host work between them; and the jitted greedy sampling step `sample_tokens` alone "
       "against a bare argmax on the same logits.",
       "",
@@ -956,7 +989,7 @@ def _md_workload(w: dict) -> list[str]:
   gl = w["generated_lengths"]
   arms, rounds, revs = w["arms"], w["rounds"], s["static_revs"]
   head = revs["static"]
-  extra = [k for k in arms if k not in ("continuous", "static")]
+  extra = [k for k in arms if k.startswith("static_")]
   lines = [
     "",
     f"## 2. Sampling workload: continuous batching vs static batching ({head})",
@@ -970,15 +1003,20 @@ def _md_workload(w: dict) -> list[str]:
     f"D{m['embed_dim']} L{m['num_layers']} N{m['num_heads']} K{m['num_kv_heads']} "
     f"F{m['mlp_dim']} V{m['vocab_size']}, {s['params'] / 1e6:.2f}M params, fp32. Every arm is "
     f"`Decoder.generate` with max_batch {s['slots']}, chunk {s['chunk']}, on the same params. "
-    "Continuous: this commit's (rows join free slots at chunk boundaries, a prompt's rows share "
-    f"its prefill). Static: `model/decode.py` as of {head}, the issue's baseline (batches of "
+    "Continuous: this commit's (rows take free slots between decode calls, a prompt's rows "
+    "share its prefill; on CPU the layers are separate arrays)"
+    + (
+      "; continuous, stacked: the same with `Decoder(split=False)` (the layers kept stacked, as "
+      "off CPU)"
+      if "continuous_stacked" in arms
+      else ""
+    )
+    + f". Static: `model/decode.py` as of {head}, the issue's baseline (batches of "
     f"{s['slots']} rows in prompt-length order, each decoded until its longest row ends, every "
-    "row prefilled, layers sliced out of the stacked weights at every step, every row's text "
-    "re-decoded whole at each stop check)"
+    "row prefilled, the layers stacked, every row's text re-decoded whole at each stop check)"
     + "".join(
       f"; and as of {revs[k]} (static batching as above, with per-layer weights and incremental "
-      "detokenisation: the parent of continuous batching, so its ratio is continuous batching's "
-      "own)"
+      "detokenisation: the parent of continuous batching)"
       for k in extra
     )
     + f". {s['rounds']} rounds of {rounds[0]['rows']} rows, one `generate` call per arm each, "
@@ -989,16 +1027,17 @@ def _md_workload(w: dict) -> list[str]:
     f"{gl['q75']:g}, max {gl['max']} ({gl['at_max_new_tokens']} rows at max_new_tokens); finish "
     "reasons " + ", ".join(f"{k} {v}" for k, v in sorted(w["finish_reasons"].items())) + ".",
     "",
-    "| arm | generated tokens | wall s | tok/s | continuous / arm | per round | prompt rows "
+    f"| arm | generated tokens | wall s | tok/s | over static ({head}) | per round | prompt rows "
     "prefilled | rows identical to continuous | compiles in timed calls |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
+  names = {"continuous": "continuous", "continuous_stacked": "continuous, stacked"}
   for k, v in arms.items():
-    name = "continuous" if k == "continuous" else f"static ({v['rev']})"
-    ratio = per_round = ""
-    if k != "continuous":
-      ratio = f"**{w['ratio_continuous_over'][k]:.2f}x**"
-      per_round = ", ".join(f"{r['ratio_continuous_over'][k]:.2f}x" for r in rounds)
+    name = names.get(k, f"static ({v['rev']})")
+    ratio = f"{w['ratio_over_static'][k]:.2f}x"
+    if k == "continuous":
+      ratio = f"**{ratio}**"
+    per_round = ", ".join(f"{r['ratio_over_static'][k]:.2f}x" for r in rounds)
     prefilled = f"{v['prompts_prefilled']}" + (
       f" in {v['prefills']} calls" if "prefills" in v else ""
     )
@@ -1007,13 +1046,13 @@ def _md_workload(w: dict) -> list[str]:
       f"{ratio} | {per_round} | {prefilled} | {v['identical_rows']}/{w['rows']} | "
       f"{v['compiles_in_timed_calls']} |"
     )
-  r0 = w["ratio_continuous_over"]["static"]
+  r0 = w["ratio_over_static"]["continuous"]
   lines += [
     "",
     f"Target (the issue): continuous / static ({head}) at least 2x: "
     f"{'met' if r0 >= 2 else 'not met'} ({r0:.2f}x). Texts identical to continuous's: "
     + ", ".join(
-      f"{v['rev'] or k} {v['identical_texts']}/{w['rows']}"
+      f"{names.get(k, v['rev'])} {v['identical_texts']}/{w['rows']}"
       for k, v in arms.items()
       if k != "continuous"
     )

@@ -81,7 +81,8 @@ def _state(mod, cfg, params, b: int, p: int, m: int, chunk: int):
     st = mod.init_state(cfg, slots=b, length=p + m, chunk=chunk)
     rows = jnp.arange(b, dtype=jnp.int32)
     admit = jax.jit(mod.admit, static_argnames=("cfg",))
-    return admit(params, cfg, st, tokens, mask, rows, rows, b, keys, z, z + 1, zi, max_new)
+    st = admit(params, cfg, st, tokens, mask, rows, rows, b, keys, z, z + 1, zi, max_new)
+    return st[0] if isinstance(st, tuple) else st  # later admit also returns the kept prefill
   return jax.jit(mod.prefill, static_argnames=("cfg", "new_tokens"))(
     params, cfg, tokens, mask, keys, z, z + 1, zi, max_new, jnp.zeros((b,), bool), new_tokens=m
   )
