@@ -38,11 +38,11 @@ on which other rows share its batch or when it joined.
 On CPU the decoder keeps each layer's parameters and KV cache as separate arrays
 (`split_layers`, `init_state(per_layer=True)`) and runs the layers as one unrolled call each
 (so its compile time grows with depth, unlike the scanned model's): a layer sliced out of the
-stacked [L, ...] arrays inside the loop is a copy of its weights (or cache) at every step there (XLA's CPU backend makes it; benchmarks/decode_step.py). Elsewhere
-the layers stay stacked and scanned (`Decoder(split=)`). Under a mesh
-(`Decoder(..., mesh=)`), parameters keep their sharding, the slots and cache shard over the
-batch axes and the model's logical constraints apply, so a 15B model decodes with its weights
-spread over a host's chips.
+stacked [L, ...] arrays inside the loop is a copy of its weights (or cache) at every step
+there (XLA's CPU backend makes it; benchmarks/decode_step.py). Elsewhere the layers stay
+stacked and scanned (`Decoder(split=)`). Under a mesh (`Decoder(..., mesh=)`), parameters keep
+their sharding, the slots and cache shard over the batch axes and the model's logical
+constraints apply, so a 15B model decodes with its weights spread over a host's chips.
 """
 
 from __future__ import annotations
