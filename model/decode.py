@@ -575,17 +575,20 @@ class Batcher:
   def busy(self) -> int:
     return len(self.running)
 
-  def add(self, key, request: Request, ids: list[int] | None = None, *, stream: bool = False):
-    """Queues one row (ValueError for a request the decoder refuses or this cache cannot hold).
-    Its budget is max_new_tokens, capped where the model's context (or the cache) ends."""
-    dec = self.decoder
-    ids = dec.validate(request) if ids is None else ids
-    limit = min(dec.config.max_position_embeddings, self.length)
+  def room(self, request: Request, ids: Sequence[int]) -> int:
+    """The row's budget: max_new_tokens, capped where the model's context (or the cache) ends;
+    ValueError when its prompt leaves no room."""
+    limit = min(self.decoder.config.max_position_embeddings, self.length)
     if len(ids) >= limit:
       raise ValueError(
         f"prompt of {len(ids)} tokens leaves no room in the decoder's {limit} positions"
       )
-    budget = min(request.max_new_tokens, limit - len(ids))
+    return min(request.max_new_tokens, limit - len(ids))
+
+  def add(self, key, request: Request, ids: list[int] | None = None, *, stream: bool = False):
+    """Queues one row (ValueError for a request the decoder refuses or this cache cannot hold)."""
+    ids = self.decoder.validate(request) if ids is None else ids
+    budget = self.room(request, ids)
     want_text = stream or bool(request.stop)
     self.waiting.append(_Row(key, request, list(ids), budget, want_text))
 

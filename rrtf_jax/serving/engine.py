@@ -87,8 +87,11 @@ class Engine:
     )
     self._incoming: collections.deque[_Submission] = collections.deque()
     self._cancelled: list[_Submission] = []
-    self._queued = 0  # rows submitted and not yet in a slot
+    # what the worker last saw of its batcher (read by callers under the lock): rows waiting in
+    # it and busy slots; the queue is those rows and the submissions not yet moved into it
+    self._waiting = 0
     self._busy = 0
+    self._drop_all = False  # close(drain=False): cancel what runs too
     self._generated = 0
     self._cv = threading.Condition()
     self._closed = False
@@ -115,15 +118,15 @@ class Engine:
       if self._closed:
         fut.set_exception(RuntimeError("the engine is shutting down"))
         return fut
-      if self._queued + len(rows) > self.max_queue:
+      queued = self._queued()
+      if queued + len(rows) > self.max_queue:
         self._requests.labels("queue_full").inc()
         fut.set_exception(
-          QueueFull(f"the queue is full ({self._queued} rows wait for {self.slots} decode slots)")
+          QueueFull(f"the queue is full ({queued} rows wait for {self.slots} decode slots)")
         )
         return fut
-      self._queued += len(rows)
-      self._queue_gauge.set(self._queued)
       self._incoming.append(sub)
+      self._queue_gauge.set(queued + len(rows))
       self._cv.notify()
     return fut
 
@@ -137,7 +140,7 @@ class Engine:
   def stats(self) -> dict:
     with self._cv:
       return {
-        "queue": self._queued,
+        "queue": self._queued(),
         "busy": self._busy,
         "slots": self.slots,
         "generated_tokens": self._generated,
@@ -174,15 +177,22 @@ class Engine:
       if not isinstance(r, Request):
         raise TypeError(f"rows must be Request objects, got {type(r).__name__}")
       ids = self.decoder.validate(r)  # ValueError, e.g. a prompt too long for the context
-      if len(ids) >= self.length:
-        raise ValueError(
-          f"prompt of {len(ids)} tokens leaves no room in the server's {self.length}-token cache"
-        )
+      self._batcher.room(r, ids)  # ValueError for a prompt the cache cannot hold
       out.append(ids)
     return out
 
+  def _queued(self) -> int:
+    """Rows submitted and not yet in a slot (the caller holds the lock)."""
+    return self._waiting + sum(len(s.rows) for s in self._incoming)
+
+  def _publish(self, batcher: Batcher) -> None:
+    """Records what the batcher holds now, for stats() and the gauges."""
+    with self._cv:
+      self._waiting, self._busy = len(batcher.waiting), batcher.busy
+      self._queue_gauge.set(self._queued())
+      self._busy_gauge.set(self._busy)
+
   # ---- the worker ----------------------------------------------------------------------------
-  _drop_all = False
 
   def _loop(self) -> None:
     batcher = self._batcher
@@ -204,22 +214,18 @@ class Engine:
         while self._incoming:
           sub = self._incoming.popleft()
           if id(sub.future) in cancelled:
-            self._queued -= len(sub.rows)
             self._requests.labels("cancelled").inc()
             continue
           for key, r, ids in zip(sub.row_keys(), sub.rows, sub.ids):
             batcher.add(key, r, ids, stream=sub.on_chunk is not None)
           subs.add(sub)
+        self._waiting = len(batcher.waiting)
       gone = [s for s in subs if id(s.future) in cancelled]
       if gone:
-        waiting_before = len(batcher.waiting)
         batcher.cancel(k for s in gone for k in s.row_keys())
-        with self._cv:
-          self._queued -= waiting_before - len(batcher.waiting)
         for s in gone:
           subs.discard(s)
           self._requests.labels("cancelled").inc()
-      waiting_before = len(batcher.waiting)
       try:
         updates = batcher.step()
       except Exception as e:  # noqa: BLE001  (the worker must survive anything the device raises)
@@ -229,15 +235,9 @@ class Engine:
             self._finish(s, exc=e)
         subs.clear()
         batcher = self._batcher = Batcher(self.decoder, slots=self.slots, length=self.length)
-        with self._cv:
-          self._queued = sum(len(s.rows) for s in self._incoming)
-          self._busy = 0
+        self._publish(batcher)
         continue
-      with self._cv:
-        self._queued -= waiting_before - len(batcher.waiting)
-        self._busy = batcher.busy
-        self._queue_gauge.set(self._queued)
-        self._busy_gauge.set(self._busy)
+      self._publish(batcher)
       self._deliver(updates, subs)
 
   def _deliver(self, updates, subs: set[_Submission]) -> None:
@@ -258,6 +258,7 @@ class Engine:
           log.exception("on_chunk failed; the request is cancelled")
           sub.future.cancel()
           self._batcher.cancel(sub.row_keys())
+          self._publish(self._batcher)
           subs.discard(sub)
           self._requests.labels("cancelled").inc()
           continue

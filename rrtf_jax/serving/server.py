@@ -375,33 +375,17 @@ def _error(e: ApiError) -> web.Response:
 
 
 def make_server(
-  engine: Engine,
-  host: str,
-  port: int,
-  *,
-  model_name: str,
-  api_key_env: str | None = None,
-  request_log: str | None = None,
-  default_max_tokens: int = 256,
-  drain_timeout: float = DRAIN_TIMEOUT,
+  engine: Engine, host: str, port: int, *, api_key_env: str | None = None, **kw
 ) -> Server:
-  """A bound (not yet serving) server over `engine`; call `serve_forever()`. With `api_key_env`,
-  requests need `Authorization: Bearer $api_key_env` (the variable must be set)."""
+  """A bound (not yet serving) server over `engine` (`kw`: Server's keyword arguments); call
+  `serve_forever()`. With `api_key_env`, requests need `Authorization: Bearer $api_key_env`
+  (the variable must be set)."""
   key = None
   if api_key_env:
     key = os.environ.get(api_key_env)
     if not key:
       raise ValueError(f"${api_key_env} is not set: it should hold the API key clients must send")
-  return Server(
-    engine,
-    host,
-    port,
-    model_name=model_name,
-    api_key=key,
-    request_log=request_log,
-    default_max_tokens=default_max_tokens,
-    drain_timeout=drain_timeout,
-  )
+  return Server(engine, host, port, api_key=key, **kw)
 
 
 def load_decoder(
